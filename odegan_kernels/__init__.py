@@ -1,0 +1,12 @@
+"""odegan-kernels: fused kernels and a complete trainer for ODE-GAN (Qin et al., NeurIPS 2020)."""
+
+from . import ops
+from .flat import FlatParams
+from .integrators import TABLEAUS, ODEStepper, Stage, Tableau, compile_tableau
+from .losses import d_loss, g_loss, game_gradients
+from .penalty import generator_grad_sqnorm, regulariser_grad
+
+__version__ = "0.1.0"
+
+__all__ = ["FlatParams", "ODEStepper", "Stage", "Tableau", "TABLEAUS", "compile_tableau", "ops", "d_loss",
+           "g_loss", "game_gradients", "generator_grad_sqnorm", "regulariser_grad", "__version__"]

@@ -1,0 +1,34 @@
+"""MLPs for the toy problems (the 16-Gaussian colab: two hidden layers of 25 ReLU units)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .init import truncated_normal_init_
+
+
+class MLP(nn.Sequential):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 25, depth: int = 2) -> None:
+        layers: list[nn.Module] = []
+        d = in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(d, hidden), nn.ReLU()]
+            d = hidden
+        layers.append(nn.Linear(d, out_dim))
+        super().__init__(*layers)
+
+
+class Squeeze(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.squeeze(-1)
+
+
+def mog_pair(z_dim: int = 32, hidden: int = 25, data_dim: int = 2, seed: int = 0):
+    """(D, G) for the mixture of Gaussians, initialised as the references do, deterministically."""
+    gen = torch.Generator().manual_seed(seed)
+    D = nn.Sequential(MLP(data_dim, 1, hidden), Squeeze())
+    G = MLP(z_dim, data_dim, hidden)
+    truncated_normal_init_(D, gen)
+    truncated_normal_init_(G, gen)
+    return D, G

@@ -1,0 +1,101 @@
+"""The fused ops, one public function each, dispatched by backend.
+
+``backend="auto" | "triton" | "cuda" | "foreach" | "reference"``; auto picks the fastest backend available
+for the buffers' device (override with the environment variable ODEGAN_BACKEND) and records its choice.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from . import foreach, reference
+from .utils import check_stage_args, check_tensor_list
+
+BACKENDS = ("reference", "foreach", "triton", "cuda")
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "foreach"), "cpu": ("cuda", "foreach")}
+_modules = {"reference": reference, "foreach": foreach}
+_unavailable: dict[str, str] = {}
+choices: dict[tuple[str, str], str] = {}  # (op, device type) -> backend auto picked
+
+
+def _module(name: str):
+    if name in _modules:
+        return _modules[name]
+    if name in _unavailable:
+        return None
+    modname = {"triton": ".triton_kernels", "cuda": ".cuda"}[name]
+    try:
+        mod = importlib.import_module(modname, __name__)
+        ok, why = mod.available()
+    except Exception as exc:  # a broken optional backend must not break the package
+        ok, why = False, f"import failed: {exc}"
+    if not ok:
+        _unavailable[name] = why
+        return None
+    _modules[name] = mod
+    return mod
+
+
+def why_unavailable(backend: str) -> str | None:
+    """None if the backend is usable, else one line saying why not."""
+    _module(backend)
+    return _unavailable.get(backend)
+
+
+def _supports(mod, device: torch.device) -> bool:
+    return getattr(mod, "supports", lambda dev: True)(device)
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if backend == "auto":
+        forced = os.environ.get("ODEGAN_BACKEND")
+        if forced:
+            if forced not in BACKENDS:
+                raise ValueError(f"ODEGAN_BACKEND={forced!r} is not one of {BACKENDS}")
+            backend = forced
+        else:
+            for name in _AUTO_ORDER.get(device.type, ("foreach",)):
+                mod = _module(name)
+                if mod is not None and _supports(mod, device) and hasattr(mod, op):
+                    choices[(op, device.type)] = name
+                    return name
+            choices[(op, device.type)] = "foreach"
+            return "foreach"
+    mod = _module(backend)
+    if mod is None:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {_unavailable[backend]}")
+    if not _supports(mod, device):
+        raise RuntimeError(f"backend {backend!r} does not run on {device.type} tensors")
+    return backend
+
+
+def rk_stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0: bool = False,
+             backend: str = "auto") -> None:
+    """One fused stage of a low-storage explicit Runge-Kutta step, in place over flat buffers.
+
+    Per segment s with scalars ``coeffs[s] = (a, b, c, d, e)``::
+
+        k = g + e*r;  acc <- a*acc + b*k;  params <- x0 + c*k + d*acc;  x0 <- params if write_x0
+
+    ``reg`` (optional) covers a prefix of the buffer (D's segment); beyond its length r counts as zero.
+    ``acc`` is not read where a == 0. ``coeffs`` is an ``[nseg, 5]`` tensor on the buffers' device (a
+    captured CUDA graph replays with whatever it holds) or a nested sequence of floats.
+    """
+    coeffs, segs = check_stage_args(params, grads, x0, acc, coeffs, segments, reg, write_x0)
+    name = resolve(backend, params.device, "stage")
+    _modules[name].stage(params, grads, x0, acc, coeffs, segs, reg=reg, write_x0=write_x0)
+
+
+def sqnorm(tensors, backend: str = "auto") -> torch.Tensor:
+    """Sum of squared L2 norms over a list of tensors, in one reduction; differentiable twice."""
+    tensors = check_tensor_list(tensors)
+    name = resolve(backend, tensors[0].device, "sqnorm")
+    return _modules[name].sqnorm(tensors)
+
+
+__all__ = ["rk_stage", "sqnorm", "resolve", "why_unavailable", "BACKENDS", "choices"]

@@ -1,0 +1,58 @@
+"""torch._foreach_* implementations: the fast CPU path and the honest GPU baseline.
+
+Per-segment scalars stay 0-dim device tensors (foreach broadcasts them), so nothing reads back to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .utils import reg_slices
+
+
+def stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0=False):
+    ks, accs, xs, x0s = [], [], [], []
+    for lo, hi in segments:
+        ks.append(grads[lo:hi])
+        accs.append(acc[lo:hi])
+        xs.append(params[lo:hi])
+        x0s.append(x0[lo:hi])
+    cols = [list(col.unbind(0)) for col in coeffs.unbind(1)]
+    a, b, c, d, e = cols
+    if reg is not None:
+        ks = list(ks)
+        for s, (lo, hi) in enumerate(segments):
+            r, m = reg_slices(reg, lo, hi)
+            if r is not None:
+                k = ks[s].clone()
+                k[:m].add_(r * e[s])
+                ks[s] = k
+    # acc = a*acc + b*k, with acc unread where a == 0
+    for s in range(len(segments)):
+        accs[s].masked_fill_(a[s] == 0, 0.0)
+    torch._foreach_mul_(accs, a)
+    torch._foreach_addcmul_(accs, ks, b)
+    # p = x0 + c*k + d*acc
+    torch._foreach_copy_(xs, x0s)
+    torch._foreach_addcmul_(xs, ks, c)
+    torch._foreach_addcmul_(xs, accs, d)
+    if write_x0:
+        torch._foreach_copy_(x0s, xs)
+
+
+class _SqNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *tensors):
+        ctx.save_for_backward(*tensors)
+        norms = torch._foreach_norm(tensors)
+        return torch.stack(norms).square().sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tensors = ctx.saved_tensors
+        # Written with differentiable ops, so the backward itself has a gradient (gradgradcheck).
+        return tuple(t * (2 * grad_out) for t in tensors)
+
+
+def sqnorm(tensors):
+    return _SqNorm.apply(*tensors)

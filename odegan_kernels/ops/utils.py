@@ -1,0 +1,113 @@
+"""Input validation shared by every backend of the fused ops, so each op fails the same clear way."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+STAGE_COEFFS = ("a", "b", "c", "d", "e")
+
+
+def _overlaps(x: torch.Tensor, y: torch.Tensor) -> bool:
+    if x.numel() == 0 or y.numel() == 0:
+        return False
+    xs, ys = x.data_ptr(), y.data_ptr()
+    xe = xs + x.numel() * x.element_size()
+    ye = ys + y.numel() * y.element_size()
+    return xs < ye and ys < xe
+
+
+def as_coeffs(coeffs, nseg: int, like: torch.Tensor) -> torch.Tensor:
+    """Per-segment stage scalars as an ``[nseg, 5]`` tensor (a, b, c, d, e) on the buffers' device."""
+    if not isinstance(coeffs, torch.Tensor):
+        coeffs = torch.tensor(coeffs, dtype=like.dtype, device=like.device)
+    if coeffs.dim() == 1 and nseg == 1:
+        coeffs = coeffs.unsqueeze(0)
+    if coeffs.shape != (nseg, 5):
+        raise ValueError(f"coeffs must have shape [{nseg}, 5] (a, b, c, d, e per segment), got "
+                         f"{tuple(coeffs.shape)}")
+    if coeffs.device != like.device:
+        raise ValueError(f"coeffs is on {coeffs.device} but the buffers are on {like.device}")
+    if coeffs.dtype != like.dtype:
+        raise TypeError(f"coeffs is {coeffs.dtype} but the buffers are {like.dtype}")
+    return coeffs.contiguous()
+
+
+def check_segments(segments: Sequence[tuple[int, int]], n: int) -> tuple[tuple[int, int], ...]:
+    segs = tuple((int(a), int(b)) for a, b in segments)
+    if not segs:
+        raise ValueError("segments is empty: give at least one (start, end) range")
+    pos = 0
+    for i, (a, b) in enumerate(segs):
+        if a != pos or b < a:
+            raise ValueError(f"segments must be contiguous ascending ranges covering [0, {n}); segment {i} "
+                             f"is [{a}, {b}) after position {pos}")
+        pos = b
+    if pos != n:
+        raise ValueError(f"segments cover [0, {pos}) but the buffers have {n} elements")
+    return segs
+
+
+def check_stage_args(params, grads, x0, acc, coeffs, segments, reg, write_x0,
+                     dtypes=(torch.float32, torch.float64)):
+    """Validate the stage op's arguments; return (coeffs tensor, segments tuple)."""
+    named = {"params": params, "grads": grads, "x0": x0, "acc": acc}
+    if reg is not None:
+        named["reg"] = reg
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be a flat 1-D buffer, got shape {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} is {t.dtype}; this backend supports {', '.join(map(str, dtypes))}")
+        if t.dtype != params.dtype:
+            raise TypeError(f"{name} is {t.dtype} but params is {params.dtype}")
+        if t.device != params.device:
+            raise ValueError(f"{name} is on {t.device} but params is on {params.device}")
+    n = params.numel()
+    if n == 0:
+        raise ValueError("params is empty: nothing to integrate")
+    for name in ("grads", "x0", "acc"):
+        if named[name].numel() != n:
+            raise ValueError(f"{name} has {named[name].numel()} elements but params has {n}")
+    if reg is not None and reg.numel() > n:
+        raise ValueError(f"reg has {reg.numel()} elements, more than params ({n})")
+    outs = ["params", "acc"] + (["x0"] if write_x0 else [])
+    for o in outs:
+        for name, t in named.items():
+            if name != o and _overlaps(named[o], t):
+                raise ValueError(f"{o} (an output) overlaps {name} in memory; the stage op needs "
+                                 "separate buffers")
+    segs = check_segments(segments, n)
+    return as_coeffs(coeffs, len(segs), params), segs
+
+
+def check_tensor_list(tensors, name: str = "tensors", dtypes=(torch.float32, torch.float64)):
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"{name} is empty: give at least one tensor")
+    dev, dt = tensors[0].device, tensors[0].dtype
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] is a {type(t).__name__}, not a tensor")
+        if t.device != dev:
+            raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {dev}")
+        if t.dtype != dt:
+            raise TypeError(f"{name}[{i}] is {t.dtype} but {name}[0] is {dt}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name}[{i}] is {t.dtype}; supported: {', '.join(map(str, dtypes))}")
+    return tensors
+
+
+def reg_slices(reg: torch.Tensor | None, lo: int, hi: int):
+    """The part of segment [lo, hi) that ``reg`` covers, as (reg slice, length) or (None, 0)."""
+    if reg is None or reg.numel() <= lo:
+        return None, 0
+    m = min(hi, reg.numel())
+    return reg[lo:m], m - lo
