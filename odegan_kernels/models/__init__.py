@@ -1,7 +1,9 @@
 """Generator/discriminator pairs: the toy MLPs and the CIFAR-10 DCGAN of the reference code."""
 
 from .dcgan import DCGANDiscriminator, DCGANGenerator
+from .dirac import DiracDiscriminator, DiracGenerator, dirac_pair
 from .init import truncated_normal_init_
 from .mlp import MLP, mog_pair
 
-__all__ = ["MLP", "mog_pair", "DCGANGenerator", "DCGANDiscriminator", "truncated_normal_init_"]
+__all__ = ["MLP", "mog_pair", "DCGANGenerator", "DCGANDiscriminator", "truncated_normal_init_", "DiracDiscriminator",
+           "DiracGenerator", "dirac_pair"]

@@ -1,0 +1,39 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels are checked on the CPU through the interpreter; must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str = ""):
+    """allclose that never lets NaN pass and says how many elements differ, and where."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{what}: {int(torch.isnan(actual).sum())} NaN in result"
+    assert not torch.isnan(expected).any(), f"{what}: NaN in the reference"
+    diff = (actual.double() - expected.double()).abs()
+    bad = diff > atol + rtol * expected.double().abs()
+    if bad.any():
+        idx = bad.nonzero()[:5].flatten().tolist()
+        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} elements differ; max abs diff "
+                             f"{diff.max().item():.3e}; first at {idx}: {actual.flatten()[idx].tolist()} vs "
+                             f"{expected.flatten()[idx].tolist()}")
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan"))
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh)")
