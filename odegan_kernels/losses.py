@@ -45,18 +45,23 @@ def g_loss(fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
 
 def game_gradients(D: nn.Module, G: nn.Module, real: torch.Tensor, z: torch.Tensor, loss: str = "ns",
                    players: Sequence[int] = (0, 1), penalty: bool = False,
-                   g_params: Sequence[torch.Tensor] | None = None) -> dict:
+                   g_params: Sequence[torch.Tensor] | None = None, fake: torch.Tensor | None = None) -> dict:
     """Accumulate dl_D/dtheta (player 0) and dl_G/dphi (player 1) into .grad.
 
     One forward of D on the fakes is shared by both losses; two restricted backward passes. With
     ``penalty``, dl_G/dphi is taken with create_graph and the returned dict carries
-    ``penalty = ||dl_G/dphi||^2``, differentiable w.r.t. D's parameters.
+    ``penalty = ||dl_G/dphi||^2``, differentiable w.r.t. D's parameters. ``fake`` (D-only calls) reuses
+    generator samples already drawn at the current G, skipping G's forward; the dict's ``fake`` holds
+    the samples used, detached.
     """
     need_d, need_g = 0 in players, 1 in players
     if penalty and not need_g:
         raise ValueError("the penalty needs the generator's gradient (players must include 1)")
-    fake = G(z)
-    out: dict = {}
+    if fake is not None and need_g:
+        raise ValueError("fake= can only be reused when the generator's gradient is not needed")
+    if fake is None:
+        fake = G(z) if need_g else _no_grad_forward(G, z)
+    out: dict = {"fake": fake.detach()}
     d_fake = D(fake if need_g else fake.detach())
     lg = g_loss(d_fake, loss) if need_g else None
     if need_d:
@@ -74,3 +79,8 @@ def game_gradients(D: nn.Module, G: nn.Module, real: torch.Tensor, z: torch.Tens
             torch.autograd.backward(lg, inputs=gp)
         out["loss_g"] = lg.detach()
     return out
+
+
+def _no_grad_forward(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return G(z)

@@ -1,0 +1,181 @@
+"""Training problems: the players, where real data comes from, and how samples are judged and drawn.
+
+The trainer is generic over these; each problem owns its data pipeline, its metrics and its plots.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import MixtureOfGaussians
+from .metrics import mode_metrics
+
+
+class Problem:
+    z_dim: int
+    D: nn.Module
+    G: nn.Module
+
+    def real_batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:  # data-pipeline state beyond the trainer's generators
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self, samples: torch.Tensor) -> dict:
+        return {}
+
+    def plot(self, samples: torch.Tensor, path: Path, title: str = "") -> None:
+        pass
+
+
+class MoGProblem(Problem):
+    """The 16-Gaussian mixture of the paper's colab: MLPs with two hidden layers of 25 ReLU units."""
+
+    def __init__(self, z_dim: int = 32, hidden: int = 25, seed: int = 0, device="cpu") -> None:
+        from .models.mlp import mog_pair
+
+        self.z_dim = z_dim
+        self.mog = MixtureOfGaussians(device=device)
+        self.D, self.G = (m.to(device) for m in mog_pair(z_dim, hidden, seed=seed))
+
+    def real_batch(self, n, generator):
+        return self.mog.sample(n, generator)
+
+    def evaluate(self, samples):
+        return mode_metrics(samples, self.mog.centres, self.mog.std)
+
+    def plot(self, samples, path, title=""):
+        plot_2d_samples(samples, self.mog.centres, path, title)
+
+
+class DiracProblem(Problem):
+    """DiracGAN: real data is the point 0, G is a point, D is linear. Metrics: distance to equilibrium."""
+
+    def __init__(self, psi: float = 1.0, theta: float = 1.0, device="cpu", **_) -> None:
+        from .models.dirac import dirac_pair
+
+        self.z_dim = 1
+        self.D, self.G = (m.to(device) for m in dirac_pair(psi, theta))
+        self.device = device
+
+    def real_batch(self, n, generator):
+        return torch.zeros(n, 1, device=self.device)
+
+    def evaluate(self, samples):
+        psi, theta = self.D.psi.item(), self.G.theta.item()
+        return {"psi": psi, "theta": theta, "radius": math.hypot(psi, theta)}
+
+
+class ImageProblem(Problem):
+    """32x32 images (CIFAR-10 through torchvision, or any ImageFolder) with the reference DCGAN."""
+
+    def __init__(self, data: str, dataset: str = "cifar10", z_dim: int = 128, batch: int = 64, seed: int = 0,
+                 device="cpu", workers: int = 2) -> None:
+        from .data import image_loader
+        from .models.dcgan import DCGANDiscriminator, DCGANGenerator
+
+        torch.manual_seed(seed)
+        self.z_dim = z_dim
+        self.D, self.G = DCGANDiscriminator().to(device), DCGANGenerator(z_dim).to(device)
+        self.device = device
+        self.loader = image_loader(data, dataset, batch, seed=seed, workers=workers)
+        self._it = None
+        self.epoch = 0
+        self.seed = seed
+
+    def real_batch(self, n, generator):
+        while True:
+            if self._it is None:
+                # each epoch's order depends on (seed, epoch) only, so a resumed run restarts its epoch
+                # in the same order
+                self.loader.sampler.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+                self._it = iter(self.loader)
+            try:
+                x = next(self._it)
+            except StopIteration:
+                self._it = None
+                self.epoch += 1
+                continue
+            x = x[0] if isinstance(x, (list, tuple)) else x
+            if x.shape[0] != n:
+                raise ValueError(f"the loader gave a batch of {x.shape[0]} but {n} were asked for")
+            return x.to(self.device, non_blocking=True)
+
+    def state_dict(self):
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        self.epoch = int(state.get("epoch", 0))
+        self._it = None
+
+    def plot(self, samples, path, title=""):
+        plot_image_grid(samples, path, title)
+
+
+def plot_2d_samples(samples: torch.Tensor, centres: torch.Tensor, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = samples.detach().float().cpu().numpy()
+    c = centres.cpu().numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    lim = (-2.5, 2.5)
+    axes[0].scatter(s[:, 0], s[:, 1], s=2, alpha=0.4)
+    axes[0].scatter(c[:, 0], c[:, 1], s=20, c="red", marker="x")
+    axes[0].set_title("samples")
+    finite = s[(abs(s) < 10).all(1)]
+    axes[1].hist2d(finite[:, 0], finite[:, 1], bins=120, range=[lim, lim], cmap="magma")
+    axes[1].set_title("density")
+    for ax in axes:
+        ax.set_xlim(*lim)
+        ax.set_ylim(*lim)
+        ax.set_aspect("equal")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_image_grid(samples: torch.Tensor, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = samples[:64].detach().float().cpu().clamp(-1, 1).add(1).div(2)
+    n = int(math.ceil(math.sqrt(x.shape[0])))
+    c, h, w = x.shape[1:]
+    grid = torch.ones(c, n * (h + 2), n * (w + 2))
+    for i in range(x.shape[0]):
+        r, q = divmod(i, n)
+        grid[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, q * (w + 2) + 1: q * (w + 2) + 1 + w] = x[i]
+    fig = plt.figure(figsize=(6, 6))
+    plt.imshow(grid.permute(1, 2, 0).numpy())
+    plt.axis("off")
+    plt.title(title)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+
+
+def build_problem(name: str, cfg) -> Problem:
+    if name == "mog":
+        return MoGProblem(cfg.z_dim, cfg.hidden, seed=cfg.seed, device=cfg.device)
+    if name == "dirac":
+        return DiracProblem(device=cfg.device)
+    if name in ("cifar10", "imagefolder"):
+        if not cfg.data:
+            raise ValueError(f"problem {name!r} needs --data PATH (a local folder; nothing is downloaded)")
+        return ImageProblem(cfg.data, name, cfg.z_dim, cfg.batch, seed=cfg.seed, device=cfg.device,
+                            workers=cfg.workers)
+    raise ValueError(f"unknown problem {name!r}; choose mog, dirac, cifar10 or imagefolder")

@@ -1,0 +1,335 @@
+"""The training loop: presets, ODE steps (or Adam/SGD baselines), logging, evaluation, checkpoints.
+
+A run folder holds config.json (the resolved options), metrics.jsonl, sample plots and checkpoint.pt,
+which is written atomically and resumed from automatically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .flat import FlatParams
+from .integrators import ODEStepper
+from .losses import game_gradients
+from .problems import build_problem
+
+
+@dataclass
+class Config:
+    problem: str = "mog"
+    optimizer: str = "ode"  # ode | adam | sgd
+    method: str = "rk4"
+    h: float = 0.1  # D's step size (and G's unless h_g is set)
+    h_g: float | None = None
+    reg: float = 0.07
+    penalty: str = "after_step"
+    coupling: str = "decoupled"
+    data_per_stage: str = "shared"  # shared | fresh
+    schedule: str = "constant"
+    loss: str = "ns"
+    lr: float = 1e-4  # adam / sgd
+    betas: tuple[float, float] = (0.5, 0.999)
+    steps: int = 30_000
+    batch: int = 512
+    z_dim: int = 32
+    hidden: int = 25
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"
+    threads: int = 1  # CPU threads; the toy's tiny matrices run fastest on one
+    data: str | None = None
+    workers: int = 2
+    eval_every: int = 2_000
+    eval_samples: int = 5_120
+    log_every: int = 100
+    plot_every: int = 10_000
+    ckpt_every: int = 5_000
+    ckpt_minutes: float = 10.0
+    out: str = "runs/mog"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.optimizer not in ("ode", "adam", "sgd"):
+            raise ValueError(f"optimizer must be ode, adam or sgd, got {self.optimizer!r}")
+        if self.data_per_stage not in ("shared", "fresh"):
+            raise ValueError(f"data_per_stage must be shared or fresh, got {self.data_per_stage!r}")
+        for name in ("steps", "batch", "z_dim", "eval_every", "log_every", "eval_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's colab: decoupled players, one batch per step, penalty after the step, h 0.1, lambda 0.07.
+    "mog": dict(problem="mog"),
+    # The CIFAR-10 code's choices on the toy problem.
+    "mog-joint": dict(problem="mog", coupling="joint", data_per_stage="fresh", penalty="first_stage"),
+    "mog-adam": dict(problem="mog", optimizer="adam", lr=1e-4, reg=0.0),
+    "dirac": dict(problem="dirac", method="rk4", h=0.2, reg=1.0, batch=1, z_dim=1, steps=600, eval_every=50,
+                  log_every=50, plot_every=10**9, out="runs/dirac"),
+    # The CIFAR-10 reference: joint RK4, a fresh batch per stage, penalty in stage 1, h 0.04, lambda 0.02.
+    "cifar10": dict(problem="cifar10", h=0.04, reg=0.02, penalty="first_stage", coupling="joint",
+                    data_per_stage="fresh", schedule="cifar", batch=64, z_dim=128, steps=1_000_000,
+                    eval_every=10_000, log_every=500, plot_every=10_000, ckpt_every=10_000, out="runs/cifar10",
+                    device="cuda" if torch.cuda.is_available() else "cpu", threads=0),
+    "imagefolder": dict(problem="imagefolder", h=0.04, reg=0.02, penalty="first_stage", coupling="joint",
+                        data_per_stage="fresh", schedule="cifar", batch=64, z_dim=128, steps=1_000_000,
+                        eval_every=10_000, log_every=500, plot_every=10_000, ckpt_every=10_000,
+                        out="runs/imagefolder", device="cuda" if torch.cuda.is_available() else "cpu", threads=0),
+}
+
+
+def make_config(preset: str = "mog", **overrides) -> Config:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    bad = set(overrides) - fields
+    if bad:
+        raise ValueError(f"unknown option(s) {sorted(bad)}; options are {sorted(fields)}")
+    cfg = Config(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    cfg.validate()
+    return cfg
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over the target.
+
+    A crash at any point leaves either the old checkpoint or the new one, never a torn file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Builds the problem and the optimiser from a Config and runs (or resumes) training."""
+
+    RESUME_KEYS = ("problem", "optimizer", "method", "h", "h_g", "reg", "penalty", "coupling",
+                   "data_per_stage", "schedule", "loss", "batch", "z_dim", "hidden", "seed")
+
+    def __init__(self, cfg: Config) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        if cfg.threads > 0 and cfg.device == "cpu":
+            torch.set_num_threads(cfg.threads)
+        self.out = Path(cfg.out)
+        self.problem = build_problem(cfg.problem, cfg)
+        self.D, self.G = self.problem.D, self.problem.G
+        self.flat = FlatParams([self.D, self.G])
+        dev = torch.device(cfg.device)
+        self.data_gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 2 + 1)
+        self.z_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 2 + 2)
+        eval_gen = torch.Generator(device=dev).manual_seed(10_000 + cfg.seed)
+        self.fixed_z = torch.randn(cfg.eval_samples, self.problem.z_dim, generator=eval_gen, device=dev)
+        self.step = 0
+        if cfg.optimizer == "ode":
+            h = cfg.h if cfg.h_g is None else [cfg.h, cfg.h_g]
+            self.opt = ODEStepper(self.flat, cfg.method, h=h, reg=cfg.reg, penalty=cfg.penalty,
+                                  coupling=cfg.coupling, schedule=cfg.schedule, backend=cfg.backend)
+        else:
+            groups = [{"params": self.flat.parameters(i)} for i in range(2)]
+            if cfg.optimizer == "adam":
+                self.opt = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
+            else:
+                self.opt = torch.optim.SGD(groups, lr=cfg.lr)
+        self._batch: dict = {}
+
+    # -- data and gradients ----------------------------------------------------------------------------
+    def _draw(self) -> None:
+        cfg = self.cfg
+        x = self.problem.real_batch(cfg.batch, self.data_gen)
+        z = torch.randn(cfg.batch, self.problem.z_dim, generator=self.z_gen, device=cfg.device)
+        self._batch = {"x": x.to(cfg.device), "z": z, "fake0": None}
+
+    def closure(self, stage):
+        """Fill the players' gradients at the current point (the stepper's closure)."""
+        cfg = self.cfg
+        if stage.index == 0 or cfg.data_per_stage == "fresh":
+            self._draw()
+        b = self._batch
+        # Decoupled D-only stages see G frozen at the step's start: with shared data, the samples G drew
+        # at stage 0 are exactly the ones it would draw again, so reuse them.
+        reuse = stage.players == (0,) and cfg.data_per_stage == "shared" and b["fake0"] is not None
+        out = game_gradients(self.D, self.G, b["x"], b["z"], cfg.loss, players=stage.players,
+                             penalty=stage.penalty, fake=b["fake0"] if reuse else None)
+        if stage.index == 0:
+            b["fake0"] = out["fake"]
+        del out["fake"]
+        return out
+
+    def train_step(self) -> dict:
+        if isinstance(self.opt, ODEStepper):
+            stats = self.opt.step(self.closure)
+        else:
+            from .integrators import Stage
+
+            self.flat.zero_grad()
+            pen = self.cfg.reg > 0
+            stats = self.closure(Stage(0, self.step, (0, 1), pen))
+            if pen:
+                (stats.pop("penalty") * self.cfg.reg).backward(inputs=self.flat.parameters(0))
+            self.opt.step()
+        self.step += 1
+        return stats
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def samples(self) -> torch.Tensor:
+        was = self.G.training
+        self.G.eval()  # BN running statistics for evaluation samples
+        try:
+            return torch.cat([self.G(z) for z in self.fixed_z.split(1024)])
+        finally:
+            self.G.train(was)
+
+    def evaluate(self) -> dict:
+        return {"step": self.step, **self.problem.evaluate(self.samples())}
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "D": self.D.state_dict(), "G": self.G.state_dict(),
+            "opt": self.opt.state_dict(), "problem": self.problem.state_dict(),
+            "rng": {"data": self.data_gen.get_state(), "z": self.z_gen.get_state()},
+            "config": dataclasses.asdict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("config", {})
+        for key in self.RESUME_KEYS:
+            if key in saved and _norm(saved[key]) != _norm(getattr(self.cfg, key)):
+                raise ValueError(f"checkpoint was trained with {key}={saved[key]!r} but this run asks for "
+                                 f"{key}={getattr(self.cfg, key)!r}; use another --out or match the option")
+        self.D.load_state_dict(state["D"])
+        self.G.load_state_dict(state["G"])
+        self.flat.check_modules(self.D, self.G)
+        self.opt.load_state_dict(state["opt"])
+        self.problem.load_state_dict(state.get("problem", {}))
+        self.data_gen.set_state(state["rng"]["data"])
+        self.z_gen.set_state(state["rng"]["z"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> Path:
+        path = self.out / "checkpoint.pt"
+        atomic_save(self.state_dict(), path)
+        return path
+
+    def maybe_resume(self) -> bool:
+        path = self.out / "checkpoint.pt"
+        if not path.exists():
+            return False
+        self.load_state_dict(torch.load(path, map_location=self.cfg.device, weights_only=False))
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def run(self, resume: bool = True) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = resume and self.maybe_resume()
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if not resumed:
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            self.log(self.evaluate())
+        last_ckpt = time.monotonic()
+        t0, s0 = time.perf_counter(), self.step
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 30,
+                   desc=f"{cfg.problem} {cfg.optimizer}:{cfg.method}")
+        result: dict = {}
+        acc: dict[str, torch.Tensor] = {}
+        try:
+            while self.step < cfg.steps:
+                stats = self.train_step()
+                for k, v in stats.items():
+                    if isinstance(v, torch.Tensor):
+                        acc[k] = acc[k] + v if k in acc else v.clone()
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
+                    rec = {k: v.item() / n for k, v in acc.items()}  # one host sync per log interval
+                    acc = {}
+                    bad = [k for k, v in rec.items() if not math.isfinite(v)]
+                    if bad or not bool(torch.isfinite(self.flat.params).all()):
+                        raise NonFiniteError(
+                            f"non-finite {'values in ' + ', '.join(bad) if bad else 'parameters'} by step "
+                            f"{self.step}; the last good checkpoint (if any) is {self.out / 'checkpoint.pt'}. "
+                            "Lower the step size h or raise reg.")
+                    rate = (self.step - s0) / (time.perf_counter() - t0)
+                    self.log({"step": self.step, **rec, "steps_per_s": rate})
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    result = self.evaluate()
+                    self.log(result)
+                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in result.items()))
+                if self.step % cfg.plot_every == 0 or self.step == cfg.steps:
+                    self.problem.plot(self.samples(), self.out / f"samples_{self.step:07d}.png",
+                                      f"{cfg.problem} {cfg.method} step {self.step}")
+                if (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+                        or time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes):
+                    self.save_checkpoint()
+                    last_ckpt = time.monotonic()
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        summary = {**result, "seconds": elapsed, "steps_per_s": (self.step - s0) / max(elapsed, 1e-9)}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_metrics(self.out)
+        return summary
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def plot_metrics(out: Path) -> None:
+    """metrics.png: losses and evaluation metrics over training, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    keys = [k for k in ("loss_d", "loss_g", "penalty", "modes", "high_quality", "kl", "radius", "fid")
+            if any(k in r for r in rows)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
+    axes = [axes] if len(keys) == 1 else axes
+    for ax, k in zip(axes, keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=80)
+    plt.close(fig)

@@ -1,0 +1,152 @@
+"""The trainer: resume exactness, atomic checkpoints, NaN handling, the CLI, image data on disk."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from odegan_kernels import cli
+from odegan_kernels.trainer import NonFiniteError, Trainer, atomic_save, make_config
+
+FAST = dict(eval_every=10, log_every=5, plot_every=10, ckpt_every=10, eval_samples=256, progress=False)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    a = Trainer(make_config("mog", steps=20, out=str(tmp_path / "a"), **FAST))
+    a.run()
+    b = Trainer(make_config("mog", steps=10, out=str(tmp_path / "b"), **FAST))
+    b.run()
+    c = Trainer(make_config("mog", steps=20, out=str(tmp_path / "b"), **FAST))  # resumes at step 10
+    c.run()
+    assert c.step == 20
+    assert torch.equal(a.flat.params, c.flat.params)
+    assert a.opt.steps == c.opt.steps == 20
+
+
+@pytest.mark.parametrize("preset", ["mog-joint", "mog-adam"])
+def test_resume_other_optimisers(tmp_path, preset):
+    a = Trainer(make_config(preset, steps=12, out=str(tmp_path / "a"), **FAST))
+    a.run()
+    Trainer(make_config(preset, steps=6, out=str(tmp_path / "b"), **FAST)).run()
+    c = Trainer(make_config(preset, steps=12, out=str(tmp_path / "b"), **FAST))
+    c.run()
+    assert torch.equal(a.flat.params, c.flat.params)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    Trainer(make_config("mog", steps=10, out=str(tmp_path), **FAST)).run()
+    with pytest.raises(ValueError, match="checkpoint was trained with method='rk4'"):
+        Trainer(make_config("mog", steps=20, method="heun", out=str(tmp_path), **FAST)).run()
+
+
+def test_atomic_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"v": 1}, path)
+
+    def broken(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"v": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["v"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_nan_stops_with_a_clear_error(tmp_path):
+    cfg = make_config("mog", steps=40, out=str(tmp_path), **FAST)
+    tr = Trainer(cfg)
+    sample = tr.problem.real_batch
+
+    def corrupt_after_step_12(n, gen):  # a corrupt batch arrives mid-run
+        x = sample(n, gen)
+        return x * float("nan") if tr.step >= 12 else x
+
+    tr.problem.real_batch = corrupt_after_step_12
+    with pytest.raises(NonFiniteError, match="non-finite values in loss_d.* by step 15"):
+        tr.run()
+    # the last good checkpoint (step 10) is intact and resumable
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 10 and all(torch.isfinite(v).all() for v in state["D"].values())
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("mnist")
+    with pytest.raises(ValueError, match="unknown option"):
+        make_config("mog", stepz=3)
+    with pytest.raises(ValueError, match="data_per_stage"):
+        make_config("mog", data_per_stage="sometimes")
+    with pytest.raises(ValueError, match="needs --data"):
+        Trainer(make_config("cifar10", device="cpu", out="unused"))
+
+
+def test_cli_main_job_end_to_end(tmp_path):
+    """The README's main command with a tiny step count, as a user runs it."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "odegan_kernels.cli", "train", "mog", "--steps", "30", "--out", str(out),
+           "--set", "eval_every=15", "--set", "plot_every=15", "--set", "eval_samples=512"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 30 and summary["steps_per_s"] > 0
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "metrics.png",
+                 "samples_0000015.png", "samples_0000030.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "modes" in r] == [0, 15, 30]
+    assert json.loads((out / "config.json").read_text())["coupling"] == "decoupled"
+
+
+def test_cli_errors_and_dry_run(capsys):
+    assert cli.main(["train", "mog", "--set", "nope=1"]) == 2
+    assert "unknown option 'nope'" in capsys.readouterr().err
+    assert cli.main(["train", "mog", "--dry-run", "--set", "coupling=joint"]) == 0
+    assert json.loads(capsys.readouterr().out)["coupling"] == "joint"
+    assert cli.main(["backends"]) == 0
+    assert "foreach" in capsys.readouterr().out
+
+
+def write_cifar10(root, n=128):
+    """A tiny CIFAR-10 in the real on-disk format (pickled batches in cifar-10-batches-py)."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, n).tolist()}
+        with open(base / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+
+
+def test_cifar10_training_from_local_files(tmp_path):
+    pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
+    write_cifar10(tmp_path / "data")
+    cfg = make_config("cifar10", data=str(tmp_path / "data"), device="cpu", steps=2, batch=8,
+                      out=str(tmp_path / "run"), workers=0, eval_samples=16, threads=2,
+                      **{k: v for k, v in FAST.items() if k != "eval_samples"})
+    tr = Trainer(cfg)
+    x = tr.problem.real_batch(8, tr.data_gen)
+    assert x.shape == (8, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    summary = tr.run()
+    assert summary["step"] == 2 and (tmp_path / "run" / "samples_0000002.png").is_file()
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
+    from odegan_kernels.data import image_loader
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        image_loader(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="no cifar-10-batches-py"):
+        image_loader(str(tmp_path))
