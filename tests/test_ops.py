@@ -86,7 +86,7 @@ def test_stage_every_tableau_schedule(backend, method, rng):
                       write_x0=i == len(stages) - 1)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("foreach", "cuda")])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_stage_float64(backend, rng):
     run_stage(backend, 1021, 3, rand_coeffs(rng), torch.float64, rng, reg_len=500, write_x0=True)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import reg_slices
+from .utils import reg_slices, sqnorm_backward
 
 
 def stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0=False):
@@ -52,9 +52,7 @@ class _SqNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        tensors = ctx.saved_tensors
-        # Written with differentiable ops, so the backward itself has a gradient (gradgradcheck).
-        return tuple(t * (2 * grad_out) for t in tensors)
+        return sqnorm_backward(ctx.saved_tensors, grad_out)
 
 
 def sqnorm(tensors):

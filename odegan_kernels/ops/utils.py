@@ -111,3 +111,8 @@ def reg_slices(reg: torch.Tensor | None, lo: int, hi: int):
         return None, 0
     m = min(hi, reg.numel())
     return reg[lo:m], m - lo
+
+
+def sqnorm_backward(tensors, grad_out):
+    """d/dt sum ||t||^2 = 2 t, written with differentiable ops so the backward has a gradient too."""
+    return tuple(t * (2 * grad_out) for t in tensors)

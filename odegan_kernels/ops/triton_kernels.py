@@ -1,0 +1,227 @@
+"""Triton kernels: the RK stage over all segments in one launch, and a multi-tensor sqnorm.
+
+Both are torch.library custom ops (``odegan_kernels::triton_stage``, ``odegan_kernels::triton_sqnorm``), so
+they run under torch.compile and inside CUDA graphs. Scalars come from device tensors: a captured graph
+replays with whatever the coefficient tensor holds. On a CPU they run under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+
+from .utils import sqnorm_backward
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without triton; the dispatch says why this backend is off
+    triton = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available() -> tuple[bool, str]:
+    if triton is None:
+        return False, "triton is not installed"
+    if torch.cuda.is_available() or _interpreting():
+        return True, ""
+    return False, "no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on the CPU, slowly, for tests)"
+
+
+def supports(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+
+
+def launch_settings(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for an elementwise pass over n elements: big blocks amortise index math once
+    there are enough of them to fill the machine; small problems keep more programs in flight."""
+    if n >= 1 << 22:
+        return 4096, 8
+    if n >= 1 << 16:
+        return 2048, 8
+    return 1024, 4
+
+
+if triton is not None:
+
+    @triton.jit
+    def _stage_kernel(p_ptr, g_ptr, x0_ptr, acc_ptr, r_ptr, coef_ptr, seg_ptr, n, r_len,
+                      NSEG: tl.constexpr, HAS_REG: tl.constexpr, WRITE_X0: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        if NSEG == 1:
+            a = tl.load(coef_ptr + 0)
+            b = tl.load(coef_ptr + 1)
+            c = tl.load(coef_ptr + 2)
+            d = tl.load(coef_ptr + 3)
+            e = tl.load(coef_ptr + 4)
+        else:
+            seg = tl.zeros([BLOCK], dtype=tl.int32)
+            for i in tl.static_range(1, NSEG):
+                seg += (offs >= tl.load(seg_ptr + i)).to(tl.int32)
+            row = coef_ptr + seg * 5  # a 5-float row per segment: gathers hit the same cache line
+            a = tl.load(row + 0, mask=mask, other=0.0)
+            b = tl.load(row + 1, mask=mask, other=0.0)
+            c = tl.load(row + 2, mask=mask, other=0.0)
+            d = tl.load(row + 3, mask=mask, other=0.0)
+            e = tl.load(row + 4, mask=mask, other=0.0)
+        k = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        if HAS_REG:
+            r = tl.load(r_ptr + offs, mask=mask & (offs < r_len), other=0.0)
+            k = k + e * r
+        # acc is not read where a == 0 (stage 1): saves a fifth of the traffic there, and a stale or
+        # uninitialised acc cannot leak in.
+        read_acc = (a + tl.zeros([BLOCK], dtype=a.dtype)) != 0  # a is a scalar when NSEG == 1
+        acc = tl.load(acc_ptr + offs, mask=mask & read_acc, other=0.0)
+        acc = a * acc + b * k
+        x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0)
+        p = x0 + c * k + d * acc
+        tl.store(acc_ptr + offs, acc, mask=mask)
+        tl.store(p_ptr + offs, p, mask=mask)
+        if WRITE_X0:
+            tl.store(x0_ptr + offs, p, mask=mask)
+
+    @triton.jit
+    def _sqnorm_partials_kernel(addr_ptr, len_ptr, part_ptr, IS_F64: tl.constexpr, BLOCK: tl.constexpr,
+                                ITERS: tl.constexpr):
+        pid = tl.program_id(0)
+        addr = tl.load(addr_ptr + pid)
+        length = tl.load(len_ptr + pid)
+        if IS_F64:
+            ptr = addr.to(tl.pointer_type(tl.float64))
+            total = tl.zeros([BLOCK], dtype=tl.float64)
+        else:
+            ptr = addr.to(tl.pointer_type(tl.float32))
+            total = tl.zeros([BLOCK], dtype=tl.float32)
+        for it in tl.static_range(ITERS):
+            offs = it * BLOCK + tl.arange(0, BLOCK)
+            x = tl.load(ptr + offs, mask=offs < length, other=0.0)
+            total += x * x
+        tl.store(part_ptr + pid, tl.sum(total, axis=0))
+
+    @triton.jit
+    def _sum_kernel(part_ptr, out_ptr, m, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        # one program, fixed order: the result does not depend on scheduling (deterministic)
+        if IS_F64:
+            total = tl.zeros([BLOCK], dtype=tl.float64)
+        else:
+            total = tl.zeros([BLOCK], dtype=tl.float32)
+        # ITERS is a constexpr: the interpreter cannot run a loop whose bound is a runtime scalar
+        for i in range(ITERS):
+            offs = i * BLOCK + tl.arange(0, BLOCK)
+            total += tl.load(part_ptr + offs, mask=offs < m, other=0.0)
+        tl.store(out_ptr, tl.sum(total, axis=0))
+
+
+_seg_cache: dict = {}
+
+
+def _segment_table(segments: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    key = (segments, device)
+    tab = _seg_cache.get(key)
+    if tab is None:
+        tab = torch.tensor([s for s, _ in segments], dtype=torch.int64, device=device)
+        _seg_cache[key] = tab
+    return tab
+
+
+def _launch_stage(params, grads, x0, acc, coeffs, starts: list[int], reg, write_x0: bool) -> None:
+    n = params.numel()
+    segments = tuple(zip(starts, starts[1:] + [n]))
+    block, warps = launch_settings(n)
+    _stage_kernel[(triton.cdiv(n, block),)](
+        params, grads, x0, acc, reg if reg is not None else grads, coeffs, _segment_table(segments, params.device),
+        n, reg.numel() if reg is not None else 0,
+        NSEG=len(segments), HAS_REG=reg is not None, WRITE_X0=write_x0, BLOCK=block, num_warps=warps)
+
+
+SQ_BLOCK, SQ_ITERS = 1024, 4
+SQ_CHUNK = SQ_BLOCK * SQ_ITERS
+_table_cache: OrderedDict = OrderedDict()
+
+
+def _chunk_table(tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(address, length) of every CHUNK-sized piece of every tensor, cached by the tensors' addresses so
+    steady-state calls (and a graph's replays, whose pool addresses are fixed) build nothing."""
+    key = tuple((t.data_ptr(), t.numel()) for t in tensors)
+    hit = _table_cache.get(key)
+    if hit is not None:
+        _table_cache.move_to_end(key)
+        return hit
+    addrs, lens = [], []
+    for t in tensors:
+        size = t.element_size()
+        for start in range(0, t.numel(), SQ_CHUNK):
+            addrs.append(t.data_ptr() + start * size)
+            lens.append(min(SQ_CHUNK, t.numel() - start))
+    dev = tensors[0].device
+    hit = (torch.tensor(addrs, dtype=torch.int64, device=dev), torch.tensor(lens, dtype=torch.int64, device=dev))
+    _table_cache[key] = hit
+    if len(_table_cache) > 32:
+        _table_cache.popitem(last=False)
+    return hit
+
+
+def _launch_sqnorm(tensors) -> torch.Tensor:
+    tensors = [t for t in tensors if t.numel() > 0]
+    dtype = tensors[0].dtype if tensors else torch.float32
+    out = torch.zeros((), dtype=dtype, device=tensors[0].device if tensors else None)
+    if not tensors:
+        return out
+    addrs, lens = _chunk_table(tensors)
+    m = addrs.numel()
+    partials = torch.empty(m, dtype=dtype, device=out.device)
+    _sqnorm_partials_kernel[(m,)](addrs, lens, partials, IS_F64=dtype == torch.float64, BLOCK=SQ_BLOCK,
+                                  ITERS=SQ_ITERS, num_warps=4)
+    _sum_kernel[(1,)](partials, out, m, IS_F64=dtype == torch.float64, BLOCK=1024, ITERS=triton.cdiv(m, 1024),
+                      num_warps=4)
+    return out
+
+
+# -- torch.library registration ---------------------------------------------------------------------------
+@torch.library.custom_op("odegan_kernels::triton_stage", mutates_args=("params", "x0", "acc"))
+def triton_stage(params: torch.Tensor, grads: torch.Tensor, x0: torch.Tensor, acc: torch.Tensor,
+                 coeffs: torch.Tensor, starts: list[int], reg: torch.Tensor | None, write_x0: bool) -> None:
+    _launch_stage(params, grads, x0, acc, coeffs, list(starts), reg, write_x0)
+
+
+@triton_stage.register_fake
+def _(params, grads, x0, acc, coeffs, starts, reg, write_x0):
+    return None
+
+
+@torch.library.custom_op("odegan_kernels::triton_sqnorm", mutates_args=())
+def triton_sqnorm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return _launch_sqnorm([t.contiguous() for t in tensors])
+
+
+@triton_sqnorm.register_fake
+def _(tensors):
+    return tensors[0].new_empty(())
+
+
+def _sqnorm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[0])
+
+
+def _sqnorm_bwd(ctx, grad_out):
+    return (list(sqnorm_backward(ctx.saved_tensors, grad_out)),)
+
+
+torch.library.register_autograd("odegan_kernels::triton_sqnorm", _sqnorm_bwd, setup_context=_sqnorm_setup)
+
+
+# -- the backend interface used by ops.dispatch ------------------------------------------------------------
+def stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0=False):
+    torch.ops.odegan_kernels.triton_stage(params, grads, x0, acc, coeffs, [s for s, _ in segments], reg,
+                                          write_x0)
+
+
+def sqnorm(tensors):
+    return torch.ops.odegan_kernels.triton_sqnorm(list(tensors))
