@@ -34,3 +34,44 @@ def test_triton_sqnorm_is_deterministic_and_handles_empty_tensors():
     b = ops.sqnorm(ts, backend="triton")
     assert torch.equal(a, b)
     assert torch.allclose(a, sum(t.double().square().sum() for t in ts).float(), rtol=1e-6)
+
+
+CSRC = ops.why_unavailable("cuda")
+needs_csrc = pytest.mark.skipif(CSRC is not None, reason=f"csrc (cuda backend) library unavailable: {CSRC}")
+
+
+@needs_csrc
+def test_opcheck_csrc_ops():
+    gen = torch.Generator().manual_seed(0)
+    bufs = [torch.randn(300, generator=gen) for _ in range(4)]
+    coeffs = torch.randn(2, 5, generator=gen)
+    for reg, write in ((None, False), (torch.randn(120, generator=gen), True)):
+        torch.library.opcheck(torch.ops.odegan_kernels.stage, (*[b.clone() for b in bufs], coeffs, [0, 100], reg, write))
+    ts = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in ((3, 4), (40000,), (1,))]
+    torch.library.opcheck(torch.ops.odegan_kernels.sqnorm, (ts,))
+
+
+@needs_csrc
+def test_csrc_checks_its_own_arguments():
+    """The C++ entry points validate with TORCH_CHECK even when called without the Python wrapper."""
+    p, g, x0, acc = (torch.zeros(16) for _ in range(4))
+    c = torch.zeros(1, 5)
+    stage = torch.ops.odegan_kernels.stage
+    with pytest.raises(RuntimeError, match="grads is Double but params is Float"):
+        stage(p, g.double(), x0, acc, c, [0], None, False)
+    with pytest.raises(RuntimeError, match="acc has 15 elements"):
+        stage(p, g, x0, acc[:15], c, [0], None, False)
+    with pytest.raises(RuntimeError, match="x0 must be contiguous"):
+        stage(p, g, torch.zeros(32)[::2], acc, c, [0], None, False)
+    with pytest.raises(RuntimeError, match=r"coeffs must be \[2, 5\]"):
+        stage(p, g, x0, acc, c, [0, 8], None, False)
+    with pytest.raises(RuntimeError, match="starts must be ascending"):
+        stage(p, g, x0, acc, torch.zeros(2, 5), [0, 20], None, False)
+    with pytest.raises(RuntimeError, match="params is empty"):
+        stage(*(torch.zeros(0) for _ in range(4)), c, [0], None, False)
+    with pytest.raises(RuntimeError, match="reg has 17 elements"):
+        stage(p, g, x0, acc, c, [0], torch.zeros(17), False)
+    with pytest.raises(RuntimeError, match="no tensor arguments"):  # the dispatcher refuses before us
+        torch.ops.odegan_kernels.sqnorm([])
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is Double"):
+        torch.ops.odegan_kernels.sqnorm([torch.ones(2), torch.ones(2, dtype=torch.float64)])

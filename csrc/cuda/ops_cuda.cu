@@ -1,0 +1,240 @@
+// CUDA kernels: the fused RK stage (16-byte vector access) and a multi-tensor deterministic squared norm.
+// Everything launches on the current stream with its metadata passed by value, so both ops can be
+// captured in a CUDA graph and replayed with new coefficient values.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../ops.h"
+
+namespace odegan {
+
+namespace {
+
+struct Segments {
+  int64_t start[kMaxSegments];
+  int n;
+};
+
+__device__ __forceinline__ int segment_of(const Segments& segs, int64_t i) {
+  int s = 0;
+#pragma unroll
+  for (int j = 1; j < kMaxSegments; ++j) s += (j < segs.n && i >= segs.start[j]) ? 1 : 0;
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ void stage_one(T* p, const T* g, T* x0, T* acc, const T* r, int64_t rlen, const T* coef,
+                                          const Segments& segs, int64_t i, bool write_x0) {
+  const T* cf = coef + 5 * segment_of(segs, i);
+  const T a = __ldg(cf), b = __ldg(cf + 1), c = __ldg(cf + 2), d = __ldg(cf + 3), e = __ldg(cf + 4);
+  T k = g[i];
+  if (r != nullptr && i < rlen) k = k + e * r[i];
+  const T old = (a == T(0)) ? T(0) : a * acc[i];
+  const T na = old + b * k;
+  const T pv = (x0[i] + c * k) + d * na;
+  acc[i] = na;
+  p[i] = pv;
+  if (write_x0) x0[i] = pv;
+}
+
+template <typename T>
+__global__ void stage_scalar_kernel(T* p, const T* g, T* x0, T* acc, const T* r, int64_t rlen, const T* coef,
+                                    Segments segs, int64_t n, bool write_x0) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    stage_one(p, g, x0, acc, r, rlen, coef, segs, i, write_x0);
+  }
+}
+
+// float4 path: every buffer is 16-byte aligned (FlatParams guarantees it; the host checks).
+__global__ void stage_vec4_kernel(float* p, const float* g, float* x0, float* acc, const float* r, int64_t rlen,
+                                  const float* coef, Segments segs, int64_t n, bool write_x0) {
+  const int64_t nvec = n / 4;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < nvec;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = 4 * v;
+    float4 gk = reinterpret_cast<const float4*>(g)[v];
+    float kv[4] = {gk.x, gk.y, gk.z, gk.w};
+    float av[4], bv[4], cv[4], dv[4];
+    bool read_acc = false;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float* cf = coef + 5 * segment_of(segs, i + j);
+      av[j] = __ldg(cf);
+      bv[j] = __ldg(cf + 1);
+      cv[j] = __ldg(cf + 2);
+      dv[j] = __ldg(cf + 3);
+      if (r != nullptr && i + j < rlen) kv[j] += __ldg(cf + 4) * r[i + j];
+      read_acc |= av[j] != 0.f;
+    }
+    float accv[4] = {0.f, 0.f, 0.f, 0.f};
+    if (read_acc) {  // stage 1 (a == 0) skips acc's read: a fifth of the traffic
+      float4 a4 = reinterpret_cast<const float4*>(acc)[v];
+      accv[0] = a4.x; accv[1] = a4.y; accv[2] = a4.z; accv[3] = a4.w;
+    }
+    const float4 x4 = reinterpret_cast<const float4*>(x0)[v];
+    const float xv[4] = {x4.x, x4.y, x4.z, x4.w};
+    float na[4], pv[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float old = av[j] == 0.f ? 0.f : av[j] * accv[j];
+      na[j] = old + bv[j] * kv[j];
+      pv[j] = (xv[j] + cv[j] * kv[j]) + dv[j] * na[j];
+    }
+    reinterpret_cast<float4*>(acc)[v] = make_float4(na[0], na[1], na[2], na[3]);
+    const float4 p4 = make_float4(pv[0], pv[1], pv[2], pv[3]);
+    reinterpret_cast<float4*>(p)[v] = p4;
+    if (write_x0) reinterpret_cast<float4*>(x0)[v] = p4;
+  }
+  // tail (n % 4 elements), handled by the first threads of block 0
+  if (blockIdx.x == 0 && threadIdx.x < n % 4) {
+    stage_one(p, g, x0, acc, r, rlen, coef, segs, 4 * nvec + threadIdx.x, write_x0);
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+int grid_for(int64_t work, int threads) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = (work + threads - 1) / threads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 32LL * sms)));
+}
+
+// -- sqnorm -------------------------------------------------------------------------------------------------
+constexpr int kSqThreads = 512;
+constexpr int64_t kSqChunk = 16384;  // elements per block
+constexpr int kMaxTensors = 48;
+constexpr int kMaxBlocks = 320;
+
+struct SqMeta {
+  const void* ptr[kMaxTensors];
+  int64_t len[kMaxTensors];
+  int tensor_of[kMaxBlocks];
+  int chunk_of[kMaxBlocks];
+};
+
+template <typename T>
+__device__ T block_sum(T v) {
+  __shared__ T warp_sums[32];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? warp_sums[lane] : T(0);
+  if (warp == 0) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  }
+  return v;
+}
+
+template <typename T>
+__global__ void sqnorm_partial_kernel(SqMeta meta, T* partials, int64_t first_block) {
+  const int t = meta.tensor_of[blockIdx.x];
+  const T* x = static_cast<const T*>(meta.ptr[t]);
+  const int64_t lo = meta.chunk_of[blockIdx.x] * kSqChunk;
+  const int64_t hi = min(meta.len[t], lo + kSqChunk);
+  T s = T(0);
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    const T v = x[i];
+    s += v * v;
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) partials[first_block + blockIdx.x] = s;
+}
+
+template <typename T>
+__global__ void sum_kernel(const T* partials, int64_t m, T* out) {
+  T s = T(0);
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) s += partials[i];  // fixed order: deterministic
+  s = block_sum(s);
+  if (threadIdx.x == 0) *out = s;
+}
+
+}  // namespace
+
+void stage_cuda(at::Tensor params, const at::Tensor& grads, at::Tensor x0, at::Tensor acc, const at::Tensor& coeffs,
+                at::IntArrayRef starts, const c10::optional<at::Tensor>& reg, bool write_x0) {
+  check_stage_args(params, grads, x0, acc, coeffs, starts, reg);
+  const c10::cuda::CUDAGuard guard(params.device());
+  const int64_t n = params.numel();
+  Segments segs{};
+  segs.n = static_cast<int>(starts.size());
+  for (int i = 0; i < segs.n; ++i) segs.start[i] = starts[i];
+  auto stream = at::cuda::getCurrentCUDAStream();
+  constexpr int threads = 256;
+  if (params.scalar_type() == at::kFloat) {
+    const float* r = reg.has_value() ? reg->data_ptr<float>() : nullptr;
+    const int64_t rlen = reg.has_value() ? reg->numel() : 0;
+    const bool vec = aligned16(params.data_ptr()) && aligned16(grads.data_ptr()) && aligned16(x0.data_ptr()) &&
+                     aligned16(acc.data_ptr()) && (r == nullptr || aligned16(r));
+    if (vec) {
+      stage_vec4_kernel<<<grid_for(std::max<int64_t>(n / 4, 1), threads), threads, 0, stream>>>(
+          params.data_ptr<float>(), grads.data_ptr<float>(), x0.data_ptr<float>(), acc.data_ptr<float>(), r, rlen,
+          coeffs.data_ptr<float>(), segs, n, write_x0);
+    } else {
+      stage_scalar_kernel<float><<<grid_for(n, threads), threads, 0, stream>>>(
+          params.data_ptr<float>(), grads.data_ptr<float>(), x0.data_ptr<float>(), acc.data_ptr<float>(), r, rlen,
+          coeffs.data_ptr<float>(), segs, n, write_x0);
+    }
+  } else {
+    const double* r = reg.has_value() ? reg->data_ptr<double>() : nullptr;
+    stage_scalar_kernel<double><<<grid_for(n, threads), threads, 0, stream>>>(
+        params.data_ptr<double>(), grads.data_ptr<double>(), x0.data_ptr<double>(), acc.data_ptr<double>(), r,
+        reg.has_value() ? reg->numel() : 0, coeffs.data_ptr<double>(), segs, n, write_x0);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor sqnorm_cuda(at::TensorList tensors) {
+  check_sqnorm_args(tensors);
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  std::vector<at::Tensor> cont;
+  int64_t total_blocks = 0;
+  for (const auto& t : tensors) {
+    if (t.numel() == 0) continue;
+    cont.push_back(t.contiguous());
+    total_blocks += (t.numel() + kSqChunk - 1) / kSqChunk;
+  }
+  auto out = at::zeros({}, tensors[0].options());
+  if (cont.empty()) return out;
+  auto partials = at::empty({total_blocks}, tensors[0].options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(tensors[0].scalar_type(), "odegan_sqnorm_cuda", [&] {
+    SqMeta meta{};
+    int nt = 0, nb = 0;
+    int64_t done = 0;
+    auto flush = [&] {
+      if (nb == 0) return;
+      sqnorm_partial_kernel<scalar_t><<<nb, kSqThreads, 0, stream>>>(meta, partials.data_ptr<scalar_t>(), done);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      done += nb;
+      nt = 0;
+      nb = 0;
+    };
+    for (const auto& t : cont) {
+      const int64_t chunks = (t.numel() + kSqChunk - 1) / kSqChunk;
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (nt == kMaxTensors || nb == kMaxBlocks) flush();
+        if (c == 0 || nb == 0) {  // (re)register the tensor in this launch's table
+          meta.ptr[nt] = t.data_ptr();
+          meta.len[nt] = t.numel();
+          ++nt;
+        }
+        meta.tensor_of[nb] = nt - 1;
+        meta.chunk_of[nb] = static_cast<int>(c);
+        ++nb;
+      }
+    }
+    flush();
+    sum_kernel<scalar_t><<<1, 1024, 0, stream>>>(partials.data_ptr<scalar_t>(), total_blocks,
+                                                 out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace odegan
