@@ -1,0 +1,243 @@
+"""Kernel throughput: the RK stage op, a full RK4 combination, and sqnorm, for every backend and baseline.
+
+    python bench/kernels.py                 # CPU: a small sweep of the CPU backends
+    python bench/kernels.py --device cuda   # GPU: P from 1e4 to 1e9 (or what fits), every backend
+
+Bytes counted per element (fp32, 4 bytes each): stage op with a != 0: reads g, x0, acc; writes acc, p
+= 5 accesses. RK4 combination: stage 1 (a = 0, acc unread) 4 + stages 2-3 5 each + stage 4 (also
+writes x0) 6 = 20. sqnorm: 1 read. Copy bandwidth (read + write) is measured in the same run and every
+GB/s is also given as a percentage of it. Baselines: the same stage over ~100 parameter tensors
+(per-tensor eager, as public ODE-GAN ports do it; the best torch._foreach formulation), and
+torch.compile of the flat formulation. Rows are appended to a CSV; a markdown table and a PNG plot
+are written next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import RESULTS, append_csv, bench, environment, markdown_table, sync  # noqa: E402
+from odegan_kernels import ops  # noqa: E402
+from odegan_kernels.integrators import TABLEAUS, compile_tableau  # noqa: E402
+
+RK4 = compile_tableau(TABLEAUS["rk4"])
+H = 0.04
+
+
+def rk4_coeffs(device) -> list[torch.Tensor]:
+    """The four stages' [2, 5] coefficient tensors (D and G segments, same h)."""
+    return [torch.tensor([[s.a, s.b, -H * s.c, -H * s.d, 0.0]] * 2, device=device) for s in RK4]
+
+
+def param_sizes(total: int, count: int = 100) -> list[int]:
+    """~count tensors summing to total, shaped like a conv net: a few big weights, many small biases."""
+    weights = count // 2
+    w = [2.0 ** (i % 7) for i in range(weights)]  # a spread of weight sizes
+    scale = total * 0.99 / sum(w)
+    sizes = [max(1, int(x * scale)) for x in w] + [max(1, total // (200 * count))] * (count - weights)
+    sizes[0] += total - sum(sizes)
+    return sizes
+
+
+class Buffers:
+    def __init__(self, n: int, device, gen):
+        self.n = n
+        self.g = torch.randn(n, device=device, generator=gen)
+        self.x0 = torch.randn(n, device=device, generator=gen)
+        self.acc = torch.randn(n, device=device, generator=gen)
+        self.p = torch.empty(n, device=device)
+        half = (n // 2) // 4 * 4
+        self.segments = [(0, half), (half, n)]
+        sizes = param_sizes(n)
+        cut = [0]
+        for s in sizes:
+            cut.append(cut[-1] + s)
+        self.lists = {name: [buf[a:b] for a, b in zip(cut, cut[1:])]
+                      for name, buf in (("g", self.g), ("x0", self.x0), ("acc", self.acc), ("p", self.p))}
+
+
+def per_tensor_stage(B: Buffers, s) -> None:
+    a, b, c, d = s.a, s.b, -H * s.c, -H * s.d
+    for g, x0, acc, p in zip(B.lists["g"], B.lists["x0"], B.lists["acc"], B.lists["p"]):
+        acc.mul_(a).add_(g, alpha=b)
+        p.copy_(x0).add_(g, alpha=c).add_(acc, alpha=d)
+
+
+def foreach_list_stage(B: Buffers, s) -> None:
+    a, b, c, d = s.a, s.b, -H * s.c, -H * s.d
+    L = B.lists
+    torch._foreach_mul_(L["acc"], a)
+    torch._foreach_add_(L["acc"], L["g"], alpha=b)
+    torch._foreach_copy_(L["p"], L["x0"])
+    torch._foreach_add_(L["p"], L["g"], alpha=c)
+    torch._foreach_add_(L["p"], L["acc"], alpha=d)
+
+
+def _flat_stage(p, g, x0, acc, a, b, c, d):
+    new_acc = a * acc + b * g
+    acc.copy_(new_acc)
+    p.copy_(x0 + c * g + d * new_acc)
+
+
+_compiled = None
+
+
+def compiled_stage(B: Buffers, s, scalars) -> None:
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_flat_stage, dynamic=False)
+    _compiled(B.p, B.g, B.x0, B.acc, *scalars)
+
+
+def run(device: torch.device, sizes: list[int], providers: list[str], out: Path) -> list[dict]:
+    env = environment(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    coeffs = rk4_coeffs(device)
+    rows = []
+
+    def record(op, provider, n, ms, bytes_per_el, copy_gbs):
+        med, p20, p80 = ms
+        gbs = bytes_per_el * n / (med * 1e-3) / 1e9
+        row = {"op": op, "provider": provider, "P": n, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+               "GB_s": gbs, "pct_copy": 100 * gbs / copy_gbs if copy_gbs else float("nan"),
+               "device": env["device"], "torch": env["torch"], "triton": env["triton"], "date": env["date"]}
+        rows.append(row)
+        print(f"{op:10s} {provider:14s} P={n:>11,d} {med:9.4f} ms {gbs:8.1f} GB/s {row['pct_copy']:6.1f}% of copy",
+              flush=True)
+
+    for n in sizes:
+        B = Buffers(n, device, gen)
+        src, dst = B.x0, B.p
+        copy_ms = bench(lambda: dst.copy_(src), device)
+        copy_gbs = 8 * n / (copy_ms[0] * 1e-3) / 1e9
+        record("copy", "torch", n, copy_ms, 8, copy_gbs)
+        st = RK4[1]  # a representative stage with a != 0 (reads acc)
+        c1 = coeffs[1]
+        scal = [torch.tensor(v, device=device) for v in (st.a, st.b, -H * st.c, -H * st.d)]
+        stage_fns = {}
+        for prov in providers:
+            if prov in ("reference", "foreach", "triton", "cuda"):
+                if ops.why_unavailable(prov) is not None or not ops._supports(ops._module(prov), device):
+                    continue
+                if prov == "reference" and n > 2**22:
+                    continue
+                stage_fns[prov] = (lambda prov=prov: ops.rk_stage(B.p, B.g, B.x0, B.acc, c1, B.segments,
+                                                                  backend=prov),
+                                   lambda prov=prov: [ops.rk_stage(B.p, B.g, B.x0, B.acc, c, B.segments,
+                                                                   write_x0=i == 3, backend=prov)
+                                                      for i, c in enumerate(coeffs)])
+            elif prov == "per_tensor":
+                if device.type == "cpu" and n > 2**22:
+                    continue
+                stage_fns[prov] = (lambda: per_tensor_stage(B, st),
+                                   lambda: [per_tensor_stage(B, s) for s in RK4])
+            elif prov == "foreach_list":
+                stage_fns[prov] = (lambda: foreach_list_stage(B, st),
+                                   lambda: [foreach_list_stage(B, s) for s in RK4])
+            elif prov == "compile":
+                rk4_scal = [[torch.tensor(v, device=device) for v in (s.a, s.b, -H * s.c, -H * s.d)] for s in RK4]
+                stage_fns[prov] = (lambda: compiled_stage(B, st, scal),
+                                   lambda: [compiled_stage(B, s, sc) for s, sc in zip(RK4, rk4_scal)])
+        for prov, (one, four) in stage_fns.items():
+            try:
+                record("stage", prov, n, bench(one, device), 20, copy_gbs)
+                record("rk4", prov, n, bench(four, device), 80, copy_gbs)
+            except Exception as exc:  # a baseline that cannot run here is reported, not fatal
+                print(f"stage/rk4 {prov} failed at P={n}: {type(exc).__name__}: {exc}", flush=True)
+        for prov in ("reference", "foreach", "triton", "cuda"):
+            if prov not in providers or ops.why_unavailable(prov) is not None:
+                continue
+            if not ops._supports(ops._module(prov), device) or (prov == "reference" and n > 2**22):
+                continue
+            ts = B.lists["g"]
+            record("sqnorm", prov, n, bench(lambda prov=prov: ops.sqnorm(ts, backend=prov), device), 4, copy_gbs / 2)
+        del B
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    append_csv(out, rows)
+    write_report(rows, out, env)
+    return rows
+
+
+def write_report(rows: list[dict], out: Path, env: dict) -> None:
+    md = out.with_suffix(".md")
+    head = (f"# Kernel benchmark\n\n{env['device']} · torch {env['torch']} · triton {env['triton']} · "
+            f"{env['date']}\n\nCommand: `{env['command']}`\n\nBytes per element: stage 20, rk4 80, sqnorm 4 "
+            "(sqnorm's % is of read bandwidth = half the copy's read+write rate).\n\n")
+    cols = ["op", "provider", "P", "median_ms", "p20_ms", "p80_ms", "GB_s", "pct_copy"]
+    md.write_text(head + markdown_table(rows, cols) + "\n" + speedups(rows))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, op in zip(axes, ("stage", "rk4", "sqnorm")):
+            for prov in sorted({r["provider"] for r in rows if r["op"] == op}):
+                pts = [(r["P"], r["GB_s"]) for r in rows if r["op"] == op and r["provider"] == prov]
+                ax.plot([p for p, _ in pts], [g for _, g in pts], marker="o", label=prov)
+            cp = [(r["P"], r["GB_s"]) for r in rows if r["op"] == "copy"]
+            ax.plot([p for p, _ in cp], [g for _, g in cp], "k--", label="copy")
+            ax.set_xscale("log")
+            ax.set_title(op)
+            ax.set_xlabel("P (fp32 elements)")
+            ax.set_ylabel("GB/s")
+            ax.legend(fontsize=7)
+        fig.suptitle(env["device"])
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=80)
+        plt.close(fig)
+    except Exception as exc:
+        print(f"plot skipped: {exc}")
+
+
+def speedups(rows: list[dict]) -> str:
+    """Ratios at the largest P where both sides ran: ours against the baselines."""
+    lines = ["\n## Ratios (same run, largest P each pair shares)\n"]
+    for op in ("rk4",):
+        for ours in ("triton", "cuda", "foreach"):
+            for base in ("foreach_list", "per_tensor", "compile"):
+                mine = {r["P"]: r["median_ms"] for r in rows if r["op"] == op and r["provider"] == ours}
+                theirs = {r["P"]: r["median_ms"] for r in rows if r["op"] == op and r["provider"] == base}
+                common = sorted(set(mine) & set(theirs))
+                if common:
+                    p = common[-1]
+                    lines.append(f"- {op}: {ours} is {theirs[p] / mine[p]:.2f}x faster than {base} at P={p:,}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-p", type=float, default=None, help="largest P (default: 1e9 or what memory allows)")
+    ap.add_argument("--providers", default="reference,foreach,triton,cuda,per_tensor,foreach_list,compile")
+    ap.add_argument("--out", default=None, help="CSV path (default bench/results/kernels_<device>.csv)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        top = min(args.max_p or 1e9, free * 0.7 / (5 * 4))  # five fp32 buffers
+        sizes = [int(10 ** e) for e in range(4, 10) if 10 ** e <= top]
+        sizes += [2**23] if 2**23 <= top else []
+    else:
+        top = args.max_p or 4e6
+        sizes = [n for n in (10**4, 10**5, 10**6, 4 * 10**6) if n <= top]
+    sizes = sorted(set(sizes))
+    out = Path(args.out) if args.out else RESULTS / f"kernels_{device.type}.csv"
+    run(device, sizes, args.providers.split(","), out)
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
