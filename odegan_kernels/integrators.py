@@ -163,6 +163,8 @@ class ODEStepper:
         schedule: str | Callable[[int], float] = "constant",
         regularised: int | str = 0,
         backend: str = "auto",
+        cuda_graph: bool = False,
+        graph_warmup: int = 3,
     ) -> None:
         self.flat = flat
         self.tableau = get_tableau(method)
@@ -210,6 +212,12 @@ class ODEStepper:
         self._versions = None
         self._scratch = None
         self._closure_takes_stage: dict[int, bool] = {}
+        self.graph = None
+        if cuda_graph:
+            from .graphs import StepGraph, check_capturable
+
+            check_capturable(flat)
+            self.graph = StepGraph(self._run_stages, warmup=graph_warmup)
 
     # -- coefficients -------------------------------------------------------------------------------------
     @property
@@ -225,7 +233,7 @@ class ODEStepper:
     def _refresh_coeffs(self) -> None:
         scale = float(self.schedule(self.steps))
         if scale == self._scale:
-            return
+            return  # nothing to copy: the common case costs no device work
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"schedule returned {scale} at step {self.steps}; it must be positive")
         rows = []
@@ -239,6 +247,7 @@ class ODEStepper:
                     e = self.penalty_weight
                 seg_rows.append((st.a, st.b, -hh * st.c, -hh * st.d, e))
             rows.append(seg_rows)
+        # In place: a captured graph holds this tensor's address and replays with its new values.
         self._coeffs.copy_(torch.tensor(rows, dtype=self._coeffs.dtype))
         self._scale = scale
 
@@ -248,7 +257,7 @@ class ODEStepper:
 
     def sync(self) -> None:
         """Take the parameters as they are now as the next step's start point."""
-        self.x0.copy_(self.flat.params)
+        self.x0.copy_(self.flat.params)  # outside any graph: the captured step never reads params first
         self._versions = self._param_versions()
 
     # -- the step --------------------------------------------------------------------------------------
@@ -295,12 +304,23 @@ class ODEStepper:
         return [item for item in self.flat._layout if lo <= item[1] < hi]
 
     def step(self, closure) -> dict:
-        """Advance one step; returns what the closure returned at stage 0 (detached)."""
-        flat = self.flat
-        flat.check()
+        """Advance one step; returns what the closure returned at stage 0 (detached).
+
+        With ``cuda_graph=True`` the returned tensors are the graph's static outputs: the next replay
+        overwrites them (clone what you keep).
+        """
+        self.flat.check()
         if self._versions is None or self._param_versions() != self._versions:
             self.sync()
-        self._refresh_coeffs()
+        self._refresh_coeffs()  # outside any graph: replays read the coefficient tensor
+        first = self.graph(closure) if self.graph is not None else self._run_stages(closure)
+        self.steps += 1
+        self._versions = self._param_versions()
+        return first
+
+    def _run_stages(self, closure) -> dict:
+        """The device work of one step: every stage's closure call and fused stage op."""
+        flat = self.flat
         nstages = len(self._stages)
         nplayers = len(flat.segments)
         everyone = tuple(range(nplayers))
@@ -321,8 +341,6 @@ class ODEStepper:
             last = i == nstages - 1
             ops.rk_stage(flat.params, flat.grads, self.x0, self.acc, self._coeffs[i], flat.segments,
                          reg=self._reg_buf if last else None, write_x0=last, backend=self.backend)
-        self.steps += 1
-        self._versions = self._param_versions()
         return first
 
     def _decoupled_gradients(self, closure, i: int) -> None:

@@ -47,6 +47,7 @@ class Config:
     device: str = "cpu"
     backend: str = "auto"
     threads: int = 1  # CPU threads; the toy's tiny matrices run fastest on one
+    cuda_graph: bool = False  # capture the whole ODE step in one CUDA graph (CUDA only)
     data: str | None = None
     workers: int = 2
     eval_every: int = 2_000
@@ -150,27 +151,45 @@ class Trainer:
         if cfg.optimizer == "ode":
             h = cfg.h if cfg.h_g is None else [cfg.h, cfg.h_g]
             self.opt = ODEStepper(self.flat, cfg.method, h=h, reg=cfg.reg, penalty=cfg.penalty,
-                                  coupling=cfg.coupling, schedule=cfg.schedule, backend=cfg.backend)
+                                  coupling=cfg.coupling, schedule=cfg.schedule, backend=cfg.backend,
+                                  cuda_graph=cfg.cuda_graph)
         else:
+            if cfg.cuda_graph:
+                raise ValueError("cuda_graph applies to the ODE stepper (optimizer='ode') only")
             groups = [{"params": self.flat.parameters(i)} for i in range(2)]
             if cfg.optimizer == "adam":
                 self.opt = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
             else:
                 self.opt = torch.optim.SGD(groups, lr=cfg.lr)
         self._batch: dict = {}
+        self._static_x = None  # graph mode: every stage's real batch, refilled before each replay
+        if cfg.cuda_graph:
+            n = len(self.opt.tableau.b) if cfg.data_per_stage == "fresh" else 1
+            x = self.problem.real_batch(cfg.batch, self.data_gen)
+            self._static_x = torch.empty((n, *x.shape), dtype=x.dtype, device=cfg.device)
 
     # -- data and gradients ----------------------------------------------------------------------------
-    def _draw(self) -> None:
+    def _fill_static(self) -> None:
+        for i in range(self._static_x.shape[0]):
+            self._static_x[i].copy_(self.problem.real_batch(self.cfg.batch, self.data_gen), non_blocking=True)
+
+    def _draw(self, stage_index: int = 0) -> None:
         cfg = self.cfg
-        x = self.problem.real_batch(cfg.batch, self.data_gen)
-        z = torch.randn(cfg.batch, self.problem.z_dim, generator=self.z_gen, device=cfg.device)
-        self._batch = {"x": x.to(cfg.device), "z": z, "fake0": None}
+        if self._static_x is not None:
+            # graph mode: the batch comes from the static buffer; z is drawn in the graph from the device's
+            # default generator, which CUDA graphs advance on every replay
+            x = self._static_x[stage_index if cfg.data_per_stage == "fresh" else 0]
+            z = torch.randn(cfg.batch, self.problem.z_dim, device=cfg.device)
+        else:
+            x = self.problem.real_batch(cfg.batch, self.data_gen).to(cfg.device)
+            z = torch.randn(cfg.batch, self.problem.z_dim, generator=self.z_gen, device=cfg.device)
+        self._batch = {"x": x, "z": z, "fake0": None}
 
     def closure(self, stage):
         """Fill the players' gradients at the current point (the stepper's closure)."""
         cfg = self.cfg
         if stage.index == 0 or cfg.data_per_stage == "fresh":
-            self._draw()
+            self._draw(stage.index)
         b = self._batch
         # Decoupled D-only stages see G frozen at the step's start: with shared data, the samples G drew
         # at stage 0 are exactly the ones it would draw again, so reuse them.
@@ -184,6 +203,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         if isinstance(self.opt, ODEStepper):
+            if self._static_x is not None:
+                self._fill_static()
             stats = self.opt.step(self.closure)
         else:
             from .integrators import Stage
@@ -215,7 +236,8 @@ class Trainer:
         return {
             "step": self.step, "D": self.D.state_dict(), "G": self.G.state_dict(),
             "opt": self.opt.state_dict(), "problem": self.problem.state_dict(),
-            "rng": {"data": self.data_gen.get_state(), "z": self.z_gen.get_state()},
+            "rng": {"data": self.data_gen.get_state(), "z": self.z_gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state(self.flat.device) if self.flat.device.type == "cuda" else None},
             "config": dataclasses.asdict(self.cfg),
         }
 
@@ -232,6 +254,8 @@ class Trainer:
         self.problem.load_state_dict(state.get("problem", {}))
         self.data_gen.set_state(state["rng"]["data"])
         self.z_gen.set_state(state["rng"]["z"])
+        if state["rng"].get("cuda") is not None and self.flat.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.flat.device)
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> Path:

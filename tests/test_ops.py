@@ -6,7 +6,7 @@ import torch
 from odegan_kernels import TABLEAUS, compile_tableau, ops
 from odegan_kernels.ops import reference
 
-from .conftest import TOL, assert_close, poison
+from .conftest import DEVICE, TOL, assert_close, poison
 
 BACKENDS = [b for b in ("foreach", "triton", "cuda") if ops.why_unavailable(b) is None]
 # Large sizes only where a backend runs natively (the Triton interpreter is slow).
@@ -23,18 +23,19 @@ def make_segments(n: int, nseg: int, gen) -> list[tuple[int, int]]:
 
 def run_stage(backend, n, nseg, coeffs_fn, dtype, gen, reg_len=None, write_x0=False, poison_acc=False):
     segs = make_segments(n, nseg, gen)
-    g = torch.randn(n, generator=gen, dtype=dtype)
-    x0 = torch.randn(n, generator=gen, dtype=dtype)
-    acc = torch.randn(n, generator=gen, dtype=dtype)
-    reg = None if reg_len is None else torch.randn(reg_len, generator=gen, dtype=dtype)
+    g = torch.randn(n, generator=gen, dtype=dtype).to(DEVICE)
+    x0 = torch.randn(n, generator=gen, dtype=dtype).to(DEVICE)
+    acc = torch.randn(n, generator=gen, dtype=dtype).to(DEVICE)
+    reg = None if reg_len is None else torch.randn(reg_len, generator=gen, dtype=dtype).to(DEVICE)
     coeffs = coeffs_fn(len(segs)).to(dtype)
     if poison_acc:
         coeffs[:, 0] = 0.0
         poison(acc)
-    want = dict(p=torch.empty(n, dtype=dtype), acc=acc.clone(), x0=x0.clone())
+    coeffs = coeffs.to(DEVICE)
+    want = dict(p=torch.empty(n, dtype=dtype, device=DEVICE), acc=acc.clone(), x0=x0.clone())
     poison(want["p"])
     reference.stage(want["p"], g.clone(), want["x0"], want["acc"], coeffs, segs, reg=reg, write_x0=write_x0)
-    got = dict(p=poison(torch.empty(n, dtype=dtype)), acc=acc.clone(), x0=x0.clone())
+    got = dict(p=poison(torch.empty(n, dtype=dtype, device=DEVICE)), acc=acc.clone(), x0=x0.clone())
     ops.rk_stage(got["p"], g, got["x0"], got["acc"], coeffs, segs, reg=reg, write_x0=write_x0, backend=backend)
     for key in ("p", "acc", "x0"):
         assert_close(got[key], want[key], what=f"{backend} {key} n={n} segs={segs[:3]}", **TOL[dtype])
@@ -93,13 +94,13 @@ def test_stage_float64(backend, rng):
 
 # -- bad inputs: one clear error each, for every backend ------------------------------------------------
 def _bufs(n=16, dtype=torch.float32):
-    return [torch.zeros(n, dtype=dtype) for _ in range(4)]
+    return [torch.zeros(n, dtype=dtype, device=DEVICE) for _ in range(4)]
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 def test_stage_bad_inputs(backend):
     p, g, x0, acc = _bufs()
-    c = torch.zeros(1, 5)
+    c = torch.zeros(1, 5, device=DEVICE)
     seg = [(0, 16)]
     with pytest.raises(TypeError, match="grads is torch.float64"):
         ops.rk_stage(p, g.double(), x0, acc, c, seg, backend=backend)
@@ -108,7 +109,7 @@ def test_stage_bad_inputs(backend):
     with pytest.raises(ValueError, match="acc has 15 elements"):
         ops.rk_stage(p, g, x0, acc[:15], c, seg, backend=backend)
     with pytest.raises(ValueError, match="x0 must be contiguous"):
-        ops.rk_stage(p, g, torch.zeros(32)[::2], acc, c, seg, backend=backend)
+        ops.rk_stage(p, g, torch.zeros(32, device=DEVICE)[::2], acc, c, seg, backend=backend)
     with pytest.raises(ValueError, match="flat 1-D"):
         ops.rk_stage(p.view(4, 4), g, x0, acc, c, seg, backend=backend)
     with pytest.raises(ValueError, match="params .* overlaps x0"):
@@ -120,23 +121,23 @@ def test_stage_bad_inputs(backend):
     with pytest.raises(ValueError, match="segments cover"):
         ops.rk_stage(p, g, x0, acc, c, [(0, 10)], backend=backend)
     with pytest.raises(ValueError, match="contiguous ascending"):
-        ops.rk_stage(p, g, x0, acc, torch.zeros(2, 5), [(0, 10), (11, 16)], backend=backend)
+        ops.rk_stage(p, g, x0, acc, torch.zeros(2, 5, device=DEVICE), [(0, 10), (11, 16)], backend=backend)
     with pytest.raises(ValueError, match=r"coeffs must have shape \[1, 5\]"):
-        ops.rk_stage(p, g, x0, acc, torch.zeros(1, 4), seg, backend=backend)
+        ops.rk_stage(p, g, x0, acc, torch.zeros(1, 4, device=DEVICE), seg, backend=backend)
     with pytest.raises(ValueError, match="reg has 17 elements"):
-        ops.rk_stage(p, g, x0, acc, c, seg, reg=torch.zeros(17), backend=backend)
+        ops.rk_stage(p, g, x0, acc, c, seg, reg=torch.zeros(17, device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match="is on meta"):
         ops.rk_stage(p, g, x0, torch.zeros(16, device="meta"), c, seg, backend=backend)
 
 
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
-        ops.rk_stage(*_bufs(), torch.zeros(1, 5), [(0, 16)], backend="fast")
+        ops.rk_stage(*_bufs(), torch.zeros(1, 5, device=DEVICE), [(0, 16)], backend="fast")
 
 
 def test_auto_records_its_choice(monkeypatch):
-    ops.rk_stage(*_bufs(), torch.zeros(1, 5), [(0, 16)])
-    assert ops.choices[("stage", "cpu")] in BACKENDS
+    ops.rk_stage(*_bufs(), torch.zeros(1, 5, device=DEVICE), [(0, 16)])
+    assert ops.choices[("stage", DEVICE.type)] in BACKENDS
     monkeypatch.setenv("ODEGAN_BACKEND", "reference")
     assert ops.resolve("auto", torch.device("cpu"), "stage") == "reference"
     monkeypatch.setenv("ODEGAN_BACKEND", "nope")
@@ -146,7 +147,7 @@ def test_auto_records_its_choice(monkeypatch):
 
 # -- sqnorm ----------------------------------------------------------------------------------------
 def _tensors(gen, dtype, shapes=((3, 5), (1,), (7,), (2, 3, 4), (1021,))):
-    return [torch.randn(*s, generator=gen, dtype=dtype) for s in shapes]
+    return [torch.randn(*s, generator=gen, dtype=dtype).to(DEVICE) for s in shapes]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,7 +162,7 @@ def test_sqnorm_matches_reference(backend, dtype, rng):
 
 @pytest.mark.parametrize("backend", NATIVE)
 def test_sqnorm_large(backend, rng):
-    ts = [torch.randn(2**20 + 3, generator=rng), torch.randn(17, generator=rng)]
+    ts = [torch.randn(2**20 + 3, generator=rng).to(DEVICE), torch.randn(17, generator=rng).to(DEVICE)]
     want = sum(t.double().square().sum() for t in ts)
     got = ops.sqnorm(ts, backend=backend)
     assert abs(got.item() - want.item()) <= 1e-5 * want.item()
@@ -182,6 +183,6 @@ def test_sqnorm_bad_inputs(backend):
     with pytest.raises(TypeError, match=r"tensors\[1\] is torch.float64"):
         ops.sqnorm([torch.ones(3), torch.ones(3, dtype=torch.float64)], backend=backend)
     with pytest.raises(ValueError, match=r"tensors\[1\] is on meta"):
-        ops.sqnorm([torch.ones(3), torch.ones(3, device="meta")], backend=backend)
+        ops.sqnorm([torch.ones(3, device=DEVICE), torch.ones(3, device="meta")], backend=backend)
     with pytest.raises(TypeError, match="torch.int64"):
         ops.sqnorm([torch.ones(3, dtype=torch.int64)], backend=backend)

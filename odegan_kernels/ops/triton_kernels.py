@@ -120,13 +120,28 @@ if triton is not None:
 
 
 _seg_cache: dict = {}
+_pinned_for_graphs: list = []  # host sources of tables copied inside a graph capture: replays read them
+
+
+def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 table on the device, made safely inside a CUDA graph capture too.
+
+    During capture a pageable host-to-device copy is illegal; a copy from pinned memory is recorded in
+    the graph, whose replays read that host buffer again, so it is kept alive for the process.
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    host = torch.tensor(values, dtype=torch.int64).pin_memory()
+    if torch.cuda.is_current_stream_capturing():
+        _pinned_for_graphs.append(host)
+    return host.to(device, non_blocking=True)
 
 
 def _segment_table(segments: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
     key = (segments, device)
     tab = _seg_cache.get(key)
     if tab is None:
-        tab = torch.tensor([s for s, _ in segments], dtype=torch.int64, device=device)
+        tab = _device_table([s for s, _ in segments], device)
         _seg_cache[key] = tab
     return tab
 
@@ -161,10 +176,10 @@ def _chunk_table(tensors) -> tuple[torch.Tensor, torch.Tensor]:
             addrs.append(t.data_ptr() + start * size)
             lens.append(min(SQ_CHUNK, t.numel() - start))
     dev = tensors[0].device
-    hit = (torch.tensor(addrs, dtype=torch.int64, device=dev), torch.tensor(lens, dtype=torch.int64, device=dev))
+    hit = (_device_table(addrs, dev), _device_table(lens, dev))
     _table_cache[key] = hit
     if len(_table_cache) > 32:
-        _table_cache.popitem(last=False)
+        _table_cache.popitem(last=False)  # a graph's tables stay alive through the graph's own references
     return hit
 
 

@@ -1,0 +1,91 @@
+"""Capture of a whole ODE-GAN step (every stage, forward, backward, the penalty's double backward, the
+stage kernels, BN updates, in-graph sampling of z) in one CUDA graph, and its replay.
+
+A step is then: the caller refreshes its static input buffers, the stepper replays. The step size lives
+in the stepper's coefficient tensor, refreshed outside the graph, so replays use new values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class GraphCaptureError(RuntimeError):
+    pass
+
+
+def check_capturable(flat) -> None:
+    """Refuse, with a clear message, what a CUDA graph cannot hold."""
+    if flat.device is None or flat.device.type != "cuda":
+        raise GraphCaptureError(
+            f"cuda_graph=True needs the players' parameters on a CUDA device; they are on {flat.device}. "
+            "Move the models with .cuda() before building FlatParams, or leave cuda_graph off")
+    if not torch.cuda.is_available():
+        raise GraphCaptureError("cuda_graph=True needs CUDA, which this torch build cannot use here")
+
+
+class StepGraph:
+    """Runs ``run_step(closure)`` eagerly ``warmup`` times on a side stream, then captures and replays it.
+
+    The closure is captured once: replays repeat exactly the recorded work, so its inputs must live in
+    static tensors that the caller refills before each step (a different closure, or inputs of another
+    shape, need a new capture: ``reset()``).
+    """
+
+    def __init__(self, run_step: Callable, warmup: int = 3) -> None:
+        if warmup < 1:
+            raise ValueError("warmup must be >= 1: the first eager step builds caches and autograd state")
+        self.run_step = run_step
+        self.warmup = warmup
+        self.warmed = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs = None
+        self.code = None
+        self.stream: torch.cuda.Stream | None = None
+
+    def reset(self) -> None:
+        self.graph, self.outputs, self.code, self.warmed = None, None, None, 0
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, closure):
+        code = getattr(closure, "__code__", None) or type(closure)
+        if self.graph is not None:
+            if code is not self.code:
+                raise GraphCaptureError(
+                    "this stepper replays the closure it captured; a different closure needs a new capture "
+                    "(call stepper.graph.reset())")
+            self.graph.replay()
+            return self.outputs
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        if self.warmed < self.warmup:
+            # Real steps, on a side stream as torch.cuda.graphs asks: they build Triton's compiled kernels,
+            # autograd's state and every cached table before capture.
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                out = self.run_step(closure)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.warmed += 1
+            return out
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                out = self.run_step(closure)
+        except RuntimeError as exc:
+            msg = str(exc)
+            if "captur" in msg or "not permitted" in msg or "synchroniz" in msg:
+                raise GraphCaptureError(
+                    "the step could not be captured: something in it synchronises with the host (.item(), "
+                    "printing or testing a tensor's value, a copy from pageable CPU memory, a data-dependent "
+                    f"shape). cuda_graph=True needs a closure that only launches GPU work. ({msg.splitlines()[0]})"
+                ) from exc
+            raise
+        self.graph, self.outputs, self.code = graph, out, code
+        graph.replay()  # capture records without running: this step still has to happen
+        return out

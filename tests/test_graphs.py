@@ -1,0 +1,147 @@
+"""Whole-step CUDA graph capture: the CPU-side logic here; the GPU tests run in bench/gpu_check.sh."""
+
+import pytest
+import torch
+
+from odegan_kernels import FlatParams, ODEStepper, game_gradients
+from odegan_kernels.graphs import GraphCaptureError, StepGraph
+from odegan_kernels.models import mog_pair
+from odegan_kernels.trainer import Trainer, make_config
+
+from .conftest import gpu
+
+
+def test_refuses_cpu_parameters():
+    D, G = mog_pair()
+    with pytest.raises(GraphCaptureError, match="needs the players' parameters on a CUDA device"):
+        ODEStepper(FlatParams([D, G]), cuda_graph=True)
+
+
+def test_trainer_refuses_graph_for_baselines():
+    with pytest.raises(ValueError, match="cuda_graph applies to the ODE stepper"):
+        Trainer(make_config("mog-adam", cuda_graph=True, out="unused"))
+
+
+def test_warmup_must_be_positive():
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        StepGraph(lambda c: None, warmup=0)
+
+
+def test_static_buffers_feed_each_stage(tmp_path):
+    """Graph mode reads stage i's batch from static buffer slot i (fresh data) or slot 0 (shared)."""
+    for per_stage, expected in (("fresh", [0, 1, 2, 3]), ("shared", [0])):
+        tr = Trainer(make_config("mog-joint", data_per_stage=per_stage, out=str(tmp_path), progress=False))
+        n = 4 if per_stage == "fresh" else 1
+        tr._static_x = torch.zeros(n, 512, 2)
+        tr._fill_static()
+        assert tr._static_x.abs().sum() > 0  # refilled from the data pipeline
+        seen = []
+
+        def spy(stage, inner=tr.closure):
+            out = inner(stage)
+            seen.append(tr._batch["x"].data_ptr())
+            return out
+
+        tr.opt.step(spy)
+        slots = [tr._static_x[i].data_ptr() for i in range(n)]
+        assert [slots.index(p) for p in dict.fromkeys(seen)] == expected
+
+
+# -- on a GPU ------------------------------------------------------------------------------------------
+def _pair_on_cuda(seed=0):
+    D, G = mog_pair(seed=seed)
+    return D.cuda(), G.cuda()
+
+
+def _run(cuda_graph: bool, coupling: str, penalty: str, steps: int, data, zs, schedule):
+    D, G = _pair_on_cuda()
+    flat = FlatParams([D, G])
+    st = ODEStepper(flat, "rk4", h=0.1, reg=0.07, penalty=penalty, coupling=coupling, schedule=schedule,
+                    cuda_graph=cuda_graph, backend="auto")
+    static_x = torch.empty_like(data[0])
+    static_z = torch.empty_like(zs[0])
+
+    def closure(stage):
+        i = stage.index
+        return game_gradients(D, G, static_x[i], static_z[i], "ns", players=stage.players, penalty=stage.penalty)
+
+    history = []
+    for s in range(steps):
+        static_x.copy_(data[s])  # fresh batch per stage: [4, B, 2]
+        static_z.copy_(zs[s])
+        st.step(closure)
+        history.append(flat.params.clone())
+    return history, st
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("coupling,penalty", [("joint", "first_stage"), ("decoupled", "after_step")])
+def test_captured_step_equals_eager_step(coupling, penalty):
+    gen = torch.Generator().manual_seed(0)
+    steps = 8
+    data = [torch.randn(4, 256, 2, generator=gen).cuda() for _ in range(steps)]
+    zs = [torch.randn(4, 256, 32, generator=gen).cuda() for _ in range(steps)]
+    schedule = lambda step: 1.0 + 0.25 * (step % 3)  # noqa: E731  (changes h between replays)
+    eager, _ = _run(False, coupling, penalty, steps, data, zs, schedule)
+    graphed, st = _run(True, coupling, penalty, steps, data, zs, schedule)
+    assert st.graph.captured
+    for e, g in zip(eager, graphed):
+        assert torch.isfinite(g).all()
+        assert ((g - e).norm() / e.norm()).item() <= 1e-6
+
+
+@gpu
+@pytest.mark.gpu
+def test_no_host_sync_inside_the_step():
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 256, 2, generator=gen).cuda() for _ in range(6)]
+    zs = [torch.randn(4, 256, 32, generator=gen).cuda() for _ in range(6)]
+    for cuda_graph in (False, True):
+        D, G = _pair_on_cuda()
+        flat = FlatParams([D, G])
+        st = ODEStepper(flat, "rk4", h=0.1, reg=0.07, cuda_graph=cuda_graph)
+        x, z = data[0].clone(), zs[0].clone()
+
+        def closure(stage):
+            return game_gradients(D, G, x[stage.index], z[stage.index], players=stage.players,
+                                  penalty=stage.penalty)
+
+        for s in range(5):  # warm-up (and capture): caches, tables, Triton compilation
+            st.step(closure)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            st.step(closure)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        assert torch.isfinite(flat.params).all()
+
+
+@gpu
+@pytest.mark.gpu
+def test_closure_that_syncs_is_refused():
+    D, G = _pair_on_cuda()
+    flat = FlatParams([D, G])
+    st = ODEStepper(flat, "euler", h=0.1, cuda_graph=True, graph_warmup=1)
+    x, z = torch.randn(64, 2).cuda(), torch.randn(64, 32).cuda()
+
+    def syncing(stage):
+        out = game_gradients(D, G, x, z, players=stage.players)
+        if out["loss_d"].item() > 1e9:  # reads a value back: cannot be captured
+            pass
+        return out
+
+    st.step(syncing)  # warm-up runs eagerly
+    with pytest.raises(GraphCaptureError, match="synchronises with the host"):
+        st.step(syncing)
+
+
+@gpu
+@pytest.mark.gpu
+def test_trainer_graph_mode_trains(tmp_path):
+    cfg = make_config("mog", device="cuda", cuda_graph=True, steps=300, eval_every=300, log_every=100,
+                      plot_every=10**9, out=str(tmp_path), progress=False)
+    summary = Trainer(cfg).run()
+    assert summary["finite"] and summary["step"] == 300
