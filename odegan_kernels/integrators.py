@@ -277,9 +277,13 @@ class ODEStepper:
         return closure()
 
     def _apply_penalty(self, out) -> None:
+        if isinstance(out, dict) and "penalty_grad" in out:
+            self._apply_penalty_grad(out.pop("penalty_grad"))
+            return
         if not isinstance(out, dict) or "penalty" not in out:
             raise TypeError("with reg > 0 the closure must return a dict with key 'penalty' at stages where "
-                            "stage.penalty is True (the value ||dl_G/dphi||^2, differentiable w.r.t. D)")
+                            "stage.penalty is True (the value ||dl_G/dphi||^2, differentiable w.r.t. D), or "
+                            "'penalty_grad' (its gradient, one tensor per D parameter)")
         pen = out.pop("penalty")
         if not isinstance(pen, torch.Tensor) or pen.dim() != 0 or pen.grad_fn is None:
             raise TypeError("closure's 'penalty' must be a 0-dim tensor with a graph to D's parameters "
@@ -298,6 +302,20 @@ class ODEStepper:
                 else:
                     view.copy_(g.reshape(-1))
         out["penalty"] = pen.detach()
+
+    def _apply_penalty_grad(self, grads) -> None:
+        """The regulariser's gradient given directly (finite-difference or jvp penalty)."""
+        params = self.flat.parameters(self.regularised)
+        grads = list(grads)
+        if len(grads) != len(params) or any(g.shape != p.shape for g, p in zip(grads, params)):
+            raise ValueError("'penalty_grad' must hold one tensor per parameter of the regularised player, "
+                             "shaped like it")
+        if self.penalty == "first_stage":
+            torch._foreach_add_([p.grad for p in params], grads, alpha=self.penalty_weight)
+        else:
+            lo, _ = self.flat.segments[self.regularised]
+            for p, g, (_, off, _) in zip(params, grads, self._layout_of(self.regularised)):
+                self._reg_buf[off - lo: off - lo + p.numel()].copy_(g.reshape(-1))
 
     def _layout_of(self, player: int):
         lo, hi = self.flat.segments[player]

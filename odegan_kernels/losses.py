@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .penalty import generator_grad_sqnorm
+from .penalty import generator_grad_sqnorm, penalty_grad
 
 LOSSES = ("ns", "minimax", "hinge", "wasserstein")
 ZERO_SUM = ("minimax", "wasserstein")  # l_G = -l_D as a function of phi
@@ -45,39 +45,65 @@ def g_loss(fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
 
 def game_gradients(D: nn.Module, G: nn.Module, real: torch.Tensor, z: torch.Tensor, loss: str = "ns",
                    players: Sequence[int] = (0, 1), penalty: bool = False,
-                   g_params: Sequence[torch.Tensor] | None = None, fake: torch.Tensor | None = None) -> dict:
+                   g_params: Sequence[torch.Tensor] | None = None, fake: torch.Tensor | None = None,
+                   penalty_method: str = "double_backward", zero_sum: bool | None = None,
+                   autocast: bool = False) -> dict:
     """Accumulate dl_D/dtheta (player 0) and dl_G/dphi (player 1) into .grad.
 
-    One forward of D on the fakes is shared by both losses; two restricted backward passes. With
-    ``penalty``, dl_G/dphi is taken with create_graph and the returned dict carries
-    ``penalty = ||dl_G/dphi||^2``, differentiable w.r.t. D's parameters. ``fake`` (D-only calls) reuses
-    generator samples already drawn at the current G, skipping G's forward; the dict's ``fake`` holds
-    the samples used, detached.
+    One forward of D on the fakes is shared by both losses; two restricted backward passes, or one when
+    the loss is zero-sum (l_G = -l_D in phi: minimax, wasserstein), whose phi part is then negated
+    (``zero_sum=None`` picks it automatically). With ``penalty`` the dict carries the regulariser: with
+    ``penalty_method="double_backward"`` as ``penalty = ||dl_G/dphi||^2`` (differentiable w.r.t. D),
+    otherwise as ``penalty_grad`` (its gradient per D parameter, penalty.METHODS). ``fake`` (D-only calls)
+    reuses generator samples drawn at the current G; the dict's ``fake`` holds the samples used.
+    ``autocast`` runs forward and backward in bfloat16 (parameters, gradients and stage math stay fp32).
     """
     need_d, need_g = 0 in players, 1 in players
     if penalty and not need_g:
         raise ValueError("the penalty needs the generator's gradient (players must include 1)")
     if fake is not None and need_g:
         raise ValueError("fake= can only be reused when the generator's gradient is not needed")
-    if fake is None:
-        fake = G(z) if need_g else _no_grad_forward(G, z)
+    if zero_sum is None:
+        zero_sum = loss in ZERO_SUM and need_d and need_g and not penalty
+    elif zero_sum and loss not in ZERO_SUM:
+        raise ValueError(f"zero_sum=True needs a zero-sum loss {ZERO_SUM}, not {loss!r}")
+    dev_type = real.device.type
+    amp = torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast)
+    with amp:
+        if fake is None:
+            fake = G(z) if need_g else _no_grad_forward(G, z)
+        d_fake = D(fake if need_g else fake.detach())
+        lg = g_loss(d_fake, loss) if need_g else None
+        ld = d_loss(D(real), d_fake, loss) if need_d else None
     out: dict = {"fake": fake.detach()}
-    d_fake = D(fake if need_g else fake.detach())
-    lg = g_loss(d_fake, loss) if need_g else None
+    d_par = [p for p in D.parameters() if p.requires_grad]
+    gp = (list(g_params) if g_params is not None else [p for p in G.parameters() if p.requires_grad]) \
+        if need_g else []
+    if zero_sum and need_d and need_g:
+        torch.autograd.backward(ld, inputs=d_par + gp)
+        torch._foreach_neg_([p.grad for p in gp])
+    else:
+        if need_d:
+            torch.autograd.backward(ld, inputs=d_par, retain_graph=need_g)
+        if need_g:
+            if penalty and penalty_method == "double_backward":
+                with amp:
+                    pen, g_phi = generator_grad_sqnorm(lg, gp)
+                torch._foreach_add_([p.grad for p in gp], g_phi)
+                out["penalty"] = pen
+            elif penalty:
+                g_phi = torch.autograd.grad(lg, gp)
+                torch._foreach_add_([p.grad for p in gp], g_phi)
+                with amp:
+                    out["penalty_grad"] = penalty_grad(D, G, lambda logits: g_loss(logits, loss), z,
+                                                       penalty_method, g_phi=g_phi)
+                out["penalty"] = sum(g.double().square().sum() for g in g_phi).to(g_phi[0].dtype)
+            else:
+                torch.autograd.backward(lg, inputs=gp)
     if need_d:
-        ld = d_loss(D(real), d_fake, loss)
-        d_par = [p for p in D.parameters() if p.requires_grad]
-        torch.autograd.backward(ld, inputs=d_par, retain_graph=need_g)
-        out["loss_d"] = ld.detach()
+        out["loss_d"] = ld.detach().float()
     if need_g:
-        gp = list(g_params) if g_params is not None else [p for p in G.parameters() if p.requires_grad]
-        if penalty:
-            pen, g_phi = generator_grad_sqnorm(lg, gp)
-            torch._foreach_add_([p.grad for p in gp], g_phi)
-            out["penalty"] = pen
-        else:
-            torch.autograd.backward(lg, inputs=gp)
-        out["loss_g"] = lg.detach()
+        out["loss_g"] = lg.detach().float()
     return out
 
 

@@ -1,12 +1,31 @@
-"""The gradient-norm regulariser of ODE-GAN: g_reg = grad_theta ||dl_G/dphi||^2 (squared L2, no 1/2)."""
+"""The gradient-norm regulariser of ODE-GAN: g_reg = grad_theta ||dl_G/dphi||^2 (squared L2, no 1/2).
+
+Three ways to compute it, all exact in the limit:
+
+* ``double_backward`` (the paper's): dl_G/dphi with create_graph, the fused sqnorm, one more backward.
+* ``finite_difference``: g_reg = 2 (d^2 l_G / dtheta dphi) g_phi is a directional derivative of
+  grad_theta l_G along g_phi; a central difference with unit direction u = g_phi / |g_phi| gives
+  g_reg ~= |g_phi| * (grad_theta l_G(phi + eps u) - grad_theta l_G(phi - eps u)) / eps. No double backward,
+  so it works where that cannot (torch.compile, graph partitions). eps = cbrt(machine eps of the dtype)
+  * max(1, rms(phi)): truncation O(eps^2) balanced against rounding O(machine eps / eps). That rule
+  assumes a smooth game. With a ReLU/LeakyReLU discriminator grad_theta l_G jumps wherever D's activation
+  pattern switches, so the difference is exact only while eps stays below the nearest switch. Measured on
+  the toy MLP pair (64 samples, 16 units): float64 with the rule (eps 6e-6) 1e-9 relative error, but
+  eps = 1e-3 gives 3.5; float32 at best 1e-2 (eps 1e-5). Use it in float64, or with smooth networks.
+* ``jvp``: the same directional derivative by forward-over-reverse (torch.func.jvp of grad_theta l_G).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from . import ops
+
+METHODS = ("double_backward", "finite_difference", "jvp")
 
 
 def generator_grad_sqnorm(loss_g: torch.Tensor, g_params: Sequence[torch.Tensor], backend: str = "auto"):
@@ -15,9 +34,92 @@ def generator_grad_sqnorm(loss_g: torch.Tensor, g_params: Sequence[torch.Tensor]
     return ops.sqnorm(g_phi, backend=backend), [g.detach() for g in g_phi]
 
 
+def fd_epsilon(params: Sequence[torch.Tensor]) -> float:
+    """cbrt(machine eps) * max(1, rms of the parameters): the central difference's step."""
+    n = sum(p.numel() for p in params)
+    rms = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params) / max(n, 1))
+    return float(torch.finfo(params[0].dtype).eps) ** (1 / 3) * max(1.0, rms)
+
+
+def _buffers_of(module: nn.Module) -> list[torch.Tensor]:
+    return [b for b in module.buffers()]
+
+
+def penalty_grad(D: nn.Module, G: nn.Module, loss_g_fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
+                 method: str = "double_backward", g_phi: Sequence[torch.Tensor] | None = None,
+                 eps: float | None = None, backend: str = "auto") -> list[torch.Tensor]:
+    """g_reg (one tensor per trainable parameter of D) at the current parameters.
+
+    ``loss_g_fn(fake_logits)`` is the generator's batch-mean loss; ``g_phi`` (optional) is dl_G/dphi
+    already computed at this point. G's buffers (BN running statistics) are left as they were.
+    """
+    if method not in METHODS:
+        raise ValueError(f"penalty method must be one of {METHODS}, got {method!r}")
+    d_par = [p for p in D.parameters() if p.requires_grad]
+    g_par = [p for p in G.parameters() if p.requires_grad]
+    saved = [b.detach().clone() for b in _buffers_of(G)]
+    try:
+        if method == "double_backward":
+            sq, _ = generator_grad_sqnorm(loss_g_fn(D(G(z))), g_par, backend)
+            return list(torch.autograd.grad(sq, d_par, allow_unused=True, materialize_grads=True))
+        if g_phi is None:
+            g_phi = torch.autograd.grad(loss_g_fn(D(G(z))), g_par)
+        g_phi = [g.detach() for g in g_phi]
+        if method == "finite_difference":
+            return _finite_difference(D, G, loss_g_fn, z, d_par, g_par, g_phi, eps)
+        return _jvp(D, G, loss_g_fn, z, d_par, g_par, g_phi)
+    finally:
+        with torch.no_grad():
+            for b, s in zip(_buffers_of(G), saved):
+                b.copy_(s)
+
+
+def _finite_difference(D, G, loss_g_fn, z, d_par, g_par, g_phi, eps):
+    norm = torch.sqrt(sum(g.double().square().sum() for g in g_phi)).to(g_phi[0].dtype)
+    if eps is None:
+        eps = fd_epsilon(g_par)
+    direction = [g / norm.clamp_min(torch.finfo(norm.dtype).tiny) for g in g_phi]
+    start = [p.detach().clone() for p in g_par]
+    grads = []
+    try:
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for p, p0, u in zip(g_par, start, direction):
+                    p.copy_(p0 + sign * eps * u)
+            grads.append(torch.autograd.grad(loss_g_fn(D(G(z))), d_par, allow_unused=True, materialize_grads=True))
+    finally:
+        with torch.no_grad():
+            for p, p0 in zip(g_par, start):
+                p.copy_(p0)
+    return [(gp - gm) * (norm / eps) for gp, gm in zip(*grads)]
+
+
+def _jvp(D, G, loss_g_fn, z, d_par, g_par, g_phi):
+    from torch.func import functional_call, grad, jvp
+
+    for m in G.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            raise ValueError("the jvp penalty cannot trace BatchNorm's running-statistic updates in G; use "
+                             "method='double_backward' or 'finite_difference'")
+    d_names = [n for n, p in D.named_parameters() if p.requires_grad]
+    g_names = [n for n, p in G.named_parameters() if p.requires_grad]
+    d_vals = {n: p.detach() for n, p in zip(d_names, d_par)}
+
+    def grad_theta(phi: dict) -> dict:
+        def lg(theta: dict):
+            return loss_g_fn(functional_call(D, theta, (functional_call(G, phi, (z,)),)))
+
+        return grad(lg)(d_vals)
+
+    phi = {n: p.detach() for n, p in zip(g_names, g_par)}
+    tangent = {n: g for n, g in zip(g_names, g_phi)}
+    _, dgrad = jvp(grad_theta, (phi,), (tangent,))
+    return [2 * dgrad[n] for n in d_names]
+
+
 def regulariser_grad(loss_g: torch.Tensor, d_params: Sequence[torch.Tensor], g_params: Sequence[torch.Tensor],
                      out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """g_reg = grad_theta ||dl_G/dphi||^2 by double backward, written into a flat buffer (returned).
+    """g_reg by double backward from a generator loss already computed, written into a flat buffer.
 
     ``out`` (optional) is a flat buffer with at least as many elements as D's parameters; tensors
     are laid out back to back in ``d_params`` order.
@@ -29,13 +131,9 @@ def regulariser_grad(loss_g: torch.Tensor, d_params: Sequence[torch.Tensor], g_p
     elif out.dim() != 1 or out.numel() < n:
         raise ValueError(f"out must be a flat buffer of at least {n} elements, got shape {tuple(out.shape)}")
     sq, _ = generator_grad_sqnorm(loss_g, g_params, backend=backend)
-    grads = torch.autograd.grad(sq, d_params, allow_unused=True)
+    grads = torch.autograd.grad(sq, d_params, allow_unused=True, materialize_grads=True)
     off = 0
     for p, g in zip(d_params, grads):
-        view = out[off:off + p.numel()]
-        if g is None:
-            view.zero_()
-        else:
-            view.copy_(g.reshape(-1))
+        out[off:off + p.numel()].copy_(g.reshape(-1))
         off += p.numel()
     return out
