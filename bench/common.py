@@ -25,8 +25,9 @@ def bench(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) 
     if device.type == "cuda":
         import triton.testing
 
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8],
-                                                return_mode="median")
+        med, p20, p80 = triton.testing.do_bench(
+            fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median"
+        )
         return float(med), float(p20), float(p80)
     fn()
     t0 = time.perf_counter()
@@ -46,9 +47,12 @@ def bench(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) 
 
 
 def environment(device: torch.device) -> dict:
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    }
     try:
         import triton
 

@@ -15,7 +15,6 @@ are written next to it.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -59,8 +58,10 @@ class Buffers:
         cut = [0]
         for s in sizes:
             cut.append(cut[-1] + s)
-        self.lists = {name: [buf[a:b] for a, b in zip(cut, cut[1:])]
-                      for name, buf in (("g", self.g), ("x0", self.x0), ("acc", self.acc), ("p", self.p))}
+        self.lists = {
+            name: [buf[a:b] for a, b in zip(cut, cut[1:])]
+            for name, buf in (("g", self.g), ("x0", self.x0), ("acc", self.acc), ("p", self.p))
+        }
 
 
 def per_tensor_stage(B: Buffers, s) -> None:
@@ -105,14 +106,27 @@ def run(device: torch.device, sizes: list[int], providers: list[str], out: Path)
     def record(op, provider, n, ms, bytes_per_el, copy_gbs):
         med, p20, p80 = ms
         gbs = bytes_per_el * n / (med * 1e-3) / 1e9
-        row = {"op": op, "provider": provider, "P": n, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-               "GB_s": gbs, "pct_copy": 100 * gbs / copy_gbs if copy_gbs else float("nan"),
-               "device": env["device"], "torch": env["torch"], "triton": env["triton"], "date": env["date"]}
+        row = {
+            "op": op,
+            "provider": provider,
+            "P": n,
+            "median_ms": med,
+            "p20_ms": p20,
+            "p80_ms": p80,
+            "GB_s": gbs,
+            "pct_copy": 100 * gbs / copy_gbs if copy_gbs else float("nan"),
+            "device": env["device"],
+            "torch": env["torch"],
+            "triton": env["triton"],
+            "date": env["date"],
+        }
         rows.append(row)
-        print(f"{op:10s} {provider:14s} P={n:>11,d} {med:9.4f} ms {gbs:8.1f} GB/s {row['pct_copy']:6.1f}% of copy",
-              flush=True)
+        print(
+            f"{op:10s} {provider:14s} P={n:>11,d} {med:9.4f} ms {gbs:8.1f} GB/s {row['pct_copy']:6.1f}% of copy",
+            flush=True,
+        )
 
-    for n in sizes:
+    def measure(n: int) -> None:
         B = Buffers(n, device, gen)
         src, dst = B.x0, B.p
         copy_ms = bench(lambda: dst.copy_(src), device)
@@ -128,23 +142,25 @@ def run(device: torch.device, sizes: list[int], providers: list[str], out: Path)
                     continue
                 if prov == "reference" and n > 2**22:
                     continue
-                stage_fns[prov] = (lambda prov=prov: ops.rk_stage(B.p, B.g, B.x0, B.acc, c1, B.segments,
-                                                                  backend=prov),
-                                   lambda prov=prov: [ops.rk_stage(B.p, B.g, B.x0, B.acc, c, B.segments,
-                                                                   write_x0=i == 3, backend=prov)
-                                                      for i, c in enumerate(coeffs)])
+                stage_fns[prov] = (
+                    lambda prov=prov: ops.rk_stage(B.p, B.g, B.x0, B.acc, c1, B.segments, backend=prov),
+                    lambda prov=prov: [
+                        ops.rk_stage(B.p, B.g, B.x0, B.acc, c, B.segments, write_x0=i == 3, backend=prov)
+                        for i, c in enumerate(coeffs)
+                    ],
+                )
             elif prov == "per_tensor":
                 if device.type == "cpu" and n > 2**22:
                     continue
-                stage_fns[prov] = (lambda: per_tensor_stage(B, st),
-                                   lambda: [per_tensor_stage(B, s) for s in RK4])
+                stage_fns[prov] = (lambda: per_tensor_stage(B, st), lambda: [per_tensor_stage(B, s) for s in RK4])
             elif prov == "foreach_list":
-                stage_fns[prov] = (lambda: foreach_list_stage(B, st),
-                                   lambda: [foreach_list_stage(B, s) for s in RK4])
+                stage_fns[prov] = (lambda: foreach_list_stage(B, st), lambda: [foreach_list_stage(B, s) for s in RK4])
             elif prov == "compile":
                 rk4_scal = [[torch.tensor(v, device=device) for v in (s.a, s.b, -H * s.c, -H * s.d)] for s in RK4]
-                stage_fns[prov] = (lambda: compiled_stage(B, st, scal),
-                                   lambda: [compiled_stage(B, s, sc) for s, sc in zip(RK4, rk4_scal)])
+                stage_fns[prov] = (
+                    lambda: compiled_stage(B, st, scal),
+                    lambda: [compiled_stage(B, s, sc) for s, sc in zip(RK4, rk4_scal)],
+                )
         for prov, (one, four) in stage_fns.items():
             try:
                 record("stage", prov, n, bench(one, device), 20, copy_gbs)
@@ -158,7 +174,12 @@ def run(device: torch.device, sizes: list[int], providers: list[str], out: Path)
                 continue
             ts = B.lists["g"]
             record("sqnorm", prov, n, bench(lambda prov=prov: ops.sqnorm(ts, backend=prov), device), 4, copy_gbs / 2)
-        del B
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    for n in sizes:
+        measure(n)
         sync(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -170,9 +191,11 @@ def run(device: torch.device, sizes: list[int], providers: list[str], out: Path)
 
 def write_report(rows: list[dict], out: Path, env: dict) -> None:
     md = out.with_suffix(".md")
-    head = (f"# Kernel benchmark\n\n{env['device']} · torch {env['torch']} · triton {env['triton']} · "
-            f"{env['date']}\n\nCommand: `{env['command']}`\n\nBytes per element: stage 20, rk4 80, sqnorm 4 "
-            "(sqnorm's % is of read bandwidth = half the copy's read+write rate).\n\n")
+    head = (
+        f"# Kernel benchmark\n\n{env['device']} · torch {env['torch']} · triton {env['triton']} · "
+        f"{env['date']}\n\nCommand: `{env['command']}`\n\nBytes per element: stage 20, rk4 80, sqnorm 4 "
+        "(sqnorm's % is of read bandwidth = half the copy's read+write rate).\n\n"
+    )
     cols = ["op", "provider", "P", "median_ms", "p20_ms", "p80_ms", "GB_s", "pct_copy"]
     md.write_text(head + markdown_table(rows, cols) + "\n" + speedups(rows))
     try:
@@ -227,7 +250,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         top = min(args.max_p or 1e9, free * 0.7 / (5 * 4))  # five fp32 buffers
-        sizes = [int(10 ** e) for e in range(4, 10) if 10 ** e <= top]
+        sizes = [int(10**e) for e in range(4, 10) if 10**e <= top]
         sizes += [2**23] if 2**23 <= top else []
     else:
         top = args.max_p or 4e6

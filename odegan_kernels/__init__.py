@@ -8,5 +8,18 @@ from .penalty import generator_grad_sqnorm, regulariser_grad
 
 __version__ = "0.1.0"
 
-__all__ = ["FlatParams", "ODEStepper", "Stage", "Tableau", "TABLEAUS", "compile_tableau", "ops", "d_loss",
-           "g_loss", "game_gradients", "generator_grad_sqnorm", "regulariser_grad", "__version__"]
+__all__ = [
+    "FlatParams",
+    "ODEStepper",
+    "Stage",
+    "Tableau",
+    "TABLEAUS",
+    "compile_tableau",
+    "ops",
+    "d_loss",
+    "g_loss",
+    "game_gradients",
+    "generator_grad_sqnorm",
+    "regulariser_grad",
+    "__version__",
+]

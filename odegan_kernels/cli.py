@@ -32,8 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device")
     t.add_argument("--backend", choices=["auto", "triton", "cuda", "foreach", "reference"])
     t.add_argument("--data", help="local dataset path (cifar10: the folder holding cifar-10-batches-py)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any Config field, e.g. --set coupling=joint --set eval_every=500")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any Config field, e.g. --set coupling=joint --set eval_every=500",
+    )
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.add_argument("--no-progress", action="store_true")
@@ -55,8 +60,9 @@ def main(argv=None) -> int:
             why = ops.why_unavailable(b)
             print(f"{b:10s} {'available' if why is None else 'unavailable: ' + why}")
         return 0
-    overrides = {k: getattr(args, k) for k in ("steps", "out", "seed", "method", "h", "h_g", "reg", "device",
-                                                "backend", "data")}
+    overrides = {
+        k: getattr(args, k) for k in ("steps", "out", "seed", "method", "h", "h_g", "reg", "device", "backend", "data")
+    }
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for item in args.set:
         key, sep, value = item.partition("=")

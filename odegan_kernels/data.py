@@ -36,8 +36,9 @@ def latents(n: int, dim: int, generator: torch.Generator | None = None, device="
     return torch.randn(n, dim, generator=generator, device=device)
 
 
-def image_loader(root: str, dataset: str = "cifar10", batch: int = 64, seed: int = 0, workers: int = 2,
-                 image_size: int = 32):
+def image_loader(
+    root: str, dataset: str = "cifar10", batch: int = 64, seed: int = 0, workers: int = 2, image_size: int = 32
+):
     """An infinite-epoch DataLoader of images scaled to [-1, 1], from a local path (never downloads).
 
     ``cifar10``: the torchvision CIFAR10 layout (``root/cifar-10-batches-py``); ``imagefolder``: any
@@ -47,8 +48,9 @@ def image_loader(root: str, dataset: str = "cifar10", batch: int = 64, seed: int
         import torchvision
         from torchvision import transforms
     except Exception as exc:  # torchvision loads only with a matching torch build
-        raise RuntimeError("image data needs torchvision: pip install 'odegan-kernels[vision]' "
-                           f"({type(exc).__name__}: {exc})") from exc
+        raise RuntimeError(
+            f"image data needs torchvision: pip install 'odegan-kernels[vision]' ({type(exc).__name__}: {exc})"
+        ) from exc
     from pathlib import Path
 
     path = Path(root)
@@ -57,8 +59,10 @@ def image_loader(root: str, dataset: str = "cifar10", batch: int = 64, seed: int
     norm = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     if dataset == "cifar10":
         if not (path / "cifar-10-batches-py").is_dir():
-            raise FileNotFoundError(f"{root!r} has no cifar-10-batches-py folder: point --data at the folder "
-                                    "holding the extracted CIFAR-10 python archive")
+            raise FileNotFoundError(
+                f"{root!r} has no cifar-10-batches-py folder: point --data at the folder "
+                "holding the extracted CIFAR-10 python archive"
+            )
 
         class LocalCIFAR10(torchvision.datasets.CIFAR10):
             # torchvision checks the official archive's MD5s; a local copy (or a subset made for tests)
@@ -77,17 +81,28 @@ def image_loader(root: str, dataset: str = "cifar10", batch: int = 64, seed: int
                     self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
                 self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
-        ds = LocalCIFAR10(str(path), train=True, download=False,
-                          transform=transforms.Compose([transforms.ToTensor(), norm]))
+        ds = LocalCIFAR10(
+            str(path), train=True, download=False, transform=transforms.Compose([transforms.ToTensor(), norm])
+        )
     elif dataset == "imagefolder":
-        ds = torchvision.datasets.ImageFolder(str(path), transform=transforms.Compose([
-            transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(), norm]))
+        ds = torchvision.datasets.ImageFolder(
+            str(path),
+            transform=transforms.Compose(
+                [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(), norm]
+            ),
+        )
     else:
         raise ValueError(f"unknown image dataset {dataset!r}; choose cifar10 or imagefolder")
     if len(ds) < batch:
         raise ValueError(f"{root!r} holds {len(ds)} images, fewer than one batch of {batch}")
     gen = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.RandomSampler(ds, generator=gen)
-    return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True,
-                                       num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )

@@ -45,8 +45,11 @@ class FlatParams:
     ) -> None:
         if len(players) == 0:
             raise ValueError("FlatParams needs at least one player")
-        names = list(names) if names is not None else (["D", "G"] if len(players) == 2 else
-                                                       [f"player{i}" for i in range(len(players))])
+        names = (
+            list(names)
+            if names is not None
+            else (["D", "G"] if len(players) == 2 else [f"player{i}" for i in range(len(players))])
+        )
         if len(names) != len(players):
             raise ValueError(f"got {len(names)} names for {len(players)} players")
         self.names = names
@@ -66,19 +69,22 @@ class FlatParams:
                     if where.split(".", 1)[0] != pname:
                         raise ValueError(
                             f"parameter {pname}.{name} is shared with {where}: a tensor must belong to one "
-                            "player only (each player is integrated with its own step size)")
+                            "player only (each player is integrated with its own step size)"
+                        )
                     raise ValueError(f"parameter {pname}.{name} appears twice in player {pname!r}")
                 owner[key] = f"{pname}.{name}"
                 if p.dtype != dtype:
                     raise TypeError(
                         f"parameter {pname}.{name} is {p.dtype}; FlatParams holds {dtype} "
-                        f"(convert the module, e.g. module.to({dtype}), or pass dtype=)")
+                        f"(convert the module, e.g. module.to({dtype}), or pass dtype=)"
+                    )
                 if device is None:
                     device = p.device
                 elif p.device != device:
                     raise ValueError(
                         f"parameter {pname}.{name} is on {p.device} but earlier ones are on {device}: "
-                        "move every player to one device before flattening")
+                        "move every player to one device before flattening"
+                    )
 
         # Lay out: each tensor starts aligned; padding stays zero in both buffers.
         layout: list[tuple[nn.Parameter, int, str]] = []
@@ -98,15 +104,15 @@ class FlatParams:
         self._layout = layout
         with torch.no_grad():
             for p, off, _ in layout:
-                self.params[off:off + p.numel()].copy_(p.detach().reshape(-1))
+                self.params[off : off + p.numel()].copy_(p.detach().reshape(-1))
         self._attach()
 
     # -- views ------------------------------------------------------------------------------------------
     def _attach(self) -> None:
         for p, off, _ in self._layout:
             n = p.numel()
-            p.data = self.params[off:off + n].view_as(p)
-            p.grad = self.grads[off:off + n].view_as(p)
+            p.data = self.params[off : off + n].view_as(p)
+            p.grad = self.grads[off : off + n].view_as(p)
 
     def parameters(self, player: int | str | None = None) -> list[nn.Parameter]:
         """The flattened parameters, all of them or one player's (by index or name)."""
@@ -147,7 +153,7 @@ class FlatParams:
             self.player_grads(player).zero_()
         for p, off, _ in self._layout:
             if p.grad is None:
-                p.grad = self.grads[off:off + p.numel()].view_as(p)
+                p.grad = self.grads[off : off + p.numel()].view_as(p)
 
     def check(self) -> None:
         """Raise if a parameter or gradient no longer lives in the flat buffers.
@@ -162,12 +168,14 @@ class FlatParams:
             if p.data_ptr() != base_p + off * size:
                 raise RuntimeError(
                     f"parameter {name} no longer lives in the flat buffer (it was replaced or re-assigned "
-                    "after flattening); build a new FlatParams after changing the model")
+                    "after flattening); build a new FlatParams after changing the model"
+                )
             if p.grad is not None and p.grad.data_ptr() != base_g + off * size:
                 raise RuntimeError(
                     f"gradient of {name} was replaced by a tensor outside the flat buffer (out-of-place "
                     "accumulation, e.g. backward(create_graph=True)); use torch.autograd.grad for "
-                    "higher-order terms, or call FlatParams.zero_grad() before backward")
+                    "higher-order terms, or call FlatParams.zero_grad() before backward"
+                )
 
     def check_modules(self, *modules: nn.Module) -> None:
         """Raise if a module now holds parameters that were not flattened (replaced after flattening)."""
@@ -177,7 +185,8 @@ class FlatParams:
                 if p.requires_grad and id(p) not in known:
                     raise RuntimeError(
                         f"module parameter {name!r} was not flattened (replaced after FlatParams was "
-                        "built); build a new FlatParams after changing the model")
+                        "built); build a new FlatParams after changing the model"
+                    )
         self.check()
 
     def grad_list(self, player: int | str | None = None) -> list[torch.Tensor]:

@@ -21,7 +21,8 @@ def check_capturable(flat) -> None:
     if flat.device is None or flat.device.type != "cuda":
         raise GraphCaptureError(
             f"cuda_graph=True needs the players' parameters on a CUDA device; they are on {flat.device}. "
-            "Move the models with .cuda() before building FlatParams, or leave cuda_graph off")
+            "Move the models with .cuda() before building FlatParams, or leave cuda_graph off"
+        )
     if not torch.cuda.is_available():
         raise GraphCaptureError("cuda_graph=True needs CUDA, which this torch build cannot use here")
 
@@ -58,7 +59,8 @@ class StepGraph:
             if code is not self.code:
                 raise GraphCaptureError(
                     "this stepper replays the closure it captured; a different closure needs a new capture "
-                    "(call stepper.graph.reset())")
+                    "(call stepper.graph.reset())"
+                )
             self.graph.replay()
             return self.outputs
         if self.stream is None:

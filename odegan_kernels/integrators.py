@@ -185,10 +185,11 @@ class ODEStepper:
             if schedule not in SCHEDULES:
                 raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
             schedule = SCHEDULES[schedule]
-        b_first, b_last = self.tableau.b[0], self.tableau.b[-1]
-        if reg > 0 and penalty == "first_stage" and b_first == 0:
-            raise ValueError(f"method {self.tableau.name!r} gives the first stage no weight (b1 = 0), so the "
-                             "penalty cannot be folded into it; use penalty='after_step'")
+        if reg > 0 and penalty == "first_stage" and self.tableau.b[0] == 0:
+            raise ValueError(
+                f"method {self.tableau.name!r} gives the first stage no weight (b1 = 0), so the "
+                "penalty cannot be folded into it; use penalty='after_step'"
+            )
         self.h = hs
         self.reg = float(reg)
         self.penalty = penalty
@@ -272,8 +273,10 @@ class ODEStepper:
         if self._closure_takes_stage[key]:
             return closure(stage)
         if stage.penalty:
-            raise TypeError("the penalty needs a closure that takes the Stage argument and returns "
-                            "{'penalty': ...} when stage.penalty is set")
+            raise TypeError(
+                "the penalty needs a closure that takes the Stage argument and returns "
+                "{'penalty': ...} when stage.penalty is set"
+            )
         return closure()
 
     def _apply_penalty(self, out) -> None:
@@ -281,13 +284,17 @@ class ODEStepper:
             self._apply_penalty_grad(out.pop("penalty_grad"))
             return
         if not isinstance(out, dict) or "penalty" not in out:
-            raise TypeError("with reg > 0 the closure must return a dict with key 'penalty' at stages where "
-                            "stage.penalty is True (the value ||dl_G/dphi||^2, differentiable w.r.t. D), or "
-                            "'penalty_grad' (its gradient, one tensor per D parameter)")
+            raise TypeError(
+                "with reg > 0 the closure must return a dict with key 'penalty' at stages where "
+                "stage.penalty is True (the value ||dl_G/dphi||^2, differentiable w.r.t. D), or "
+                "'penalty_grad' (its gradient, one tensor per D parameter)"
+            )
         pen = out.pop("penalty")
         if not isinstance(pen, torch.Tensor) or pen.dim() != 0 or pen.grad_fn is None:
-            raise TypeError("closure's 'penalty' must be a 0-dim tensor with a graph to D's parameters "
-                            "(compute dl_G/dphi with torch.autograd.grad(create_graph=True))")
+            raise TypeError(
+                "closure's 'penalty' must be a 0-dim tensor with a graph to D's parameters "
+                "(compute dl_G/dphi with torch.autograd.grad(create_graph=True))"
+            )
         params = self.flat.parameters(self.regularised)
         if self.penalty == "first_stage":
             # Accumulates in place into the flat gradient buffer (no graph is built by this backward).
@@ -296,7 +303,7 @@ class ODEStepper:
             grads = torch.autograd.grad(pen, params, allow_unused=True)
             lo, _ = self.flat.segments[self.regularised]
             for p, g, (_, off, _) in zip(params, grads, self._layout_of(self.regularised)):
-                view = self._reg_buf[off - lo: off - lo + p.numel()]
+                view = self._reg_buf[off - lo : off - lo + p.numel()]
                 if g is None:
                     view.zero_()
                 else:
@@ -308,14 +315,15 @@ class ODEStepper:
         params = self.flat.parameters(self.regularised)
         grads = list(grads)
         if len(grads) != len(params) or any(g.shape != p.shape for g, p in zip(grads, params)):
-            raise ValueError("'penalty_grad' must hold one tensor per parameter of the regularised player, "
-                             "shaped like it")
+            raise ValueError(
+                "'penalty_grad' must hold one tensor per parameter of the regularised player, shaped like it"
+            )
         if self.penalty == "first_stage":
             torch._foreach_add_([p.grad for p in params], grads, alpha=self.penalty_weight)
         else:
             lo, _ = self.flat.segments[self.regularised]
             for p, g, (_, off, _) in zip(params, grads, self._layout_of(self.regularised)):
-                self._reg_buf[off - lo: off - lo + p.numel()].copy_(g.reshape(-1))
+                self._reg_buf[off - lo : off - lo + p.numel()].copy_(g.reshape(-1))
 
     def _layout_of(self, player: int):
         lo, hi = self.flat.segments[player]
@@ -354,11 +362,23 @@ class ODEStepper:
                 self._decoupled_gradients(closure, i)
                 out = None
             if i == 0:
-                first = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
-                         for k, v in (out or {}).items()} if isinstance(out, dict) else {}
+                first = (
+                    {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in (out or {}).items()}
+                    if isinstance(out, dict)
+                    else {}
+                )
             last = i == nstages - 1
-            ops.rk_stage(flat.params, flat.grads, self.x0, self.acc, self._coeffs[i], flat.segments,
-                         reg=self._reg_buf if last else None, write_x0=last, backend=self.backend)
+            ops.rk_stage(
+                flat.params,
+                flat.grads,
+                self.x0,
+                self.acc,
+                self._coeffs[i],
+                flat.segments,
+                reg=self._reg_buf if last else None,
+                write_x0=last,
+                backend=self.backend,
+            )
         return first
 
     def _decoupled_gradients(self, closure, i: int) -> None:
@@ -379,14 +399,22 @@ class ODEStepper:
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "h": list(self.h), "reg": self.reg, "method": self.tableau.name,
-                "penalty": self.penalty, "coupling": self.coupling}
+        return {
+            "steps": self.steps,
+            "h": list(self.h),
+            "reg": self.reg,
+            "method": self.tableau.name,
+            "penalty": self.penalty,
+            "coupling": self.coupling,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("method", "penalty", "coupling"):
             if key in state and state[key] != self.state_dict()[key]:
-                raise ValueError(f"checkpoint was made with {key}={state[key]!r} but this stepper has "
-                                 f"{key}={self.state_dict()[key]!r}")
+                raise ValueError(
+                    f"checkpoint was made with {key}={state[key]!r} but this stepper has "
+                    f"{key}={self.state_dict()[key]!r}"
+                )
         self.steps = int(state["steps"])
         self.h = [float(x) for x in state["h"]]
         self.reg = float(state["reg"])

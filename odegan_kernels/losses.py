@@ -43,11 +43,20 @@ def g_loss(fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
     return -fake_logits.mean()
 
 
-def game_gradients(D: nn.Module, G: nn.Module, real: torch.Tensor, z: torch.Tensor, loss: str = "ns",
-                   players: Sequence[int] = (0, 1), penalty: bool = False,
-                   g_params: Sequence[torch.Tensor] | None = None, fake: torch.Tensor | None = None,
-                   penalty_method: str = "double_backward", zero_sum: bool | None = None,
-                   autocast: bool = False) -> dict:
+def game_gradients(
+    D: nn.Module,
+    G: nn.Module,
+    real: torch.Tensor,
+    z: torch.Tensor,
+    loss: str = "ns",
+    players: Sequence[int] = (0, 1),
+    penalty: bool = False,
+    g_params: Sequence[torch.Tensor] | None = None,
+    fake: torch.Tensor | None = None,
+    penalty_method: str = "double_backward",
+    zero_sum: bool | None = None,
+    autocast: bool = False,
+) -> dict:
     """Accumulate dl_D/dtheta (player 0) and dl_G/dphi (player 1) into .grad.
 
     One forward of D on the fakes is shared by both losses; two restricted backward passes, or one when
@@ -77,8 +86,7 @@ def game_gradients(D: nn.Module, G: nn.Module, real: torch.Tensor, z: torch.Tens
         ld = d_loss(D(real), d_fake, loss) if need_d else None
     out: dict = {"fake": fake.detach()}
     d_par = [p for p in D.parameters() if p.requires_grad]
-    gp = (list(g_params) if g_params is not None else [p for p in G.parameters() if p.requires_grad]) \
-        if need_g else []
+    gp = (list(g_params) if g_params is not None else [p for p in G.parameters() if p.requires_grad]) if need_g else []
     if zero_sum and need_d and need_g:
         torch.autograd.backward(ld, inputs=d_par + gp)
         torch._foreach_neg_([p.grad for p in gp])
@@ -95,8 +103,9 @@ def game_gradients(D: nn.Module, G: nn.Module, real: torch.Tensor, z: torch.Tens
                 g_phi = torch.autograd.grad(lg, gp)
                 torch._foreach_add_([p.grad for p in gp], g_phi)
                 with amp:
-                    out["penalty_grad"] = penalty_grad(D, G, lambda logits: g_loss(logits, loss), z,
-                                                       penalty_method, g_phi=g_phi)
+                    out["penalty_grad"] = penalty_grad(
+                        D, G, lambda logits: g_loss(logits, loss), z, penalty_method, g_phi=g_phi
+                    )
                 out["penalty"] = sum(g.double().square().sum() for g in g_phi).to(g_phi[0].dtype)
             else:
                 torch.autograd.backward(lg, inputs=gp)

@@ -30,12 +30,23 @@ def mode_metrics(samples: torch.Tensor, centres: torch.Tensor, std: float, min_c
         nz = p > 0
         kl = float((p[nz] * (p[nz] * k).log()).sum())
     finite = bool(torch.isfinite(samples).all())
-    return {"modes": int((counts >= min_count).sum()), "high_quality": n_hq / samples.shape[0],
-            "kl": kl, "finite": finite}
+    return {
+        "modes": int((counts >= min_count).sum()),
+        "high_quality": n_hq / samples.shape[0],
+        "kl": kl,
+        "finite": finite,
+    }
 
 
-def fid_is(generate, real: str, num_samples: int = 50_000, batch: int = 500, device="cuda",
-           feature_extractor_weights_path: str | None = None, isc: bool = True) -> dict:
+def fid_is(
+    generate,
+    real: str,
+    num_samples: int = 50_000,
+    batch: int = 500,
+    device="cuda",
+    feature_extractor_weights_path: str | None = None,
+    isc: bool = True,
+) -> dict:
     """FID against a folder of real images (or a torch-fidelity input name) and the Inception Score.
 
     ``generate(n)`` returns n images in [-1, 1], NCHW. torch-fidelity is imported here, not at package
@@ -66,6 +77,7 @@ def fid_is(generate, real: str, num_samples: int = 50_000, batch: int = 500, dev
     kwargs = {}
     if feature_extractor_weights_path:
         kwargs["feature_extractor_weights_path"] = feature_extractor_weights_path
-    res = torch_fidelity.calculate_metrics(input1=_Fake(), input2=real, fid=True, isc=isc,
-                                           cuda=str(device).startswith("cuda"), verbose=False, **kwargs)
+    res = torch_fidelity.calculate_metrics(
+        input1=_Fake(), input2=real, fid=True, isc=isc, cuda=str(device).startswith("cuda"), verbose=False, **kwargs
+    )
     return {"fid": res.get("frechet_inception_distance"), "is": res.get("inception_score_mean")}

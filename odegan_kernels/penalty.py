@@ -45,9 +45,16 @@ def _buffers_of(module: nn.Module) -> list[torch.Tensor]:
     return [b for b in module.buffers()]
 
 
-def penalty_grad(D: nn.Module, G: nn.Module, loss_g_fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
-                 method: str = "double_backward", g_phi: Sequence[torch.Tensor] | None = None,
-                 eps: float | None = None, backend: str = "auto") -> list[torch.Tensor]:
+def penalty_grad(
+    D: nn.Module,
+    G: nn.Module,
+    loss_g_fn: Callable[[torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    method: str = "double_backward",
+    g_phi: Sequence[torch.Tensor] | None = None,
+    eps: float | None = None,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
     """g_reg (one tensor per trainable parameter of D) at the current parameters.
 
     ``loss_g_fn(fake_logits)`` is the generator's batch-mean loss; ``g_phi`` (optional) is dl_G/dphi
@@ -99,8 +106,10 @@ def _jvp(D, G, loss_g_fn, z, d_par, g_par, g_phi):
 
     for m in G.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
-            raise ValueError("the jvp penalty cannot trace BatchNorm's running-statistic updates in G; use "
-                             "method='double_backward' or 'finite_difference'")
+            raise ValueError(
+                "the jvp penalty cannot trace BatchNorm's running-statistic updates in G; use "
+                "method='double_backward' or 'finite_difference'"
+            )
     d_names = [n for n, p in D.named_parameters() if p.requires_grad]
     g_names = [n for n, p in G.named_parameters() if p.requires_grad]
     d_vals = {n: p.detach() for n, p in zip(d_names, d_par)}
@@ -117,8 +126,13 @@ def _jvp(D, G, loss_g_fn, z, d_par, g_par, g_phi):
     return [2 * dgrad[n] for n in d_names]
 
 
-def regulariser_grad(loss_g: torch.Tensor, d_params: Sequence[torch.Tensor], g_params: Sequence[torch.Tensor],
-                     out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+def regulariser_grad(
+    loss_g: torch.Tensor,
+    d_params: Sequence[torch.Tensor],
+    g_params: Sequence[torch.Tensor],
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """g_reg by double backward from a generator loss already computed, written into a flat buffer.
 
     ``out`` (optional) is a flat buffer with at least as many elements as D's parameters; tensors
@@ -134,6 +148,6 @@ def regulariser_grad(loss_g: torch.Tensor, d_params: Sequence[torch.Tensor], g_p
     grads = torch.autograd.grad(sq, d_params, allow_unused=True, materialize_grads=True)
     off = 0
     for p, g in zip(d_params, grads):
-        out[off:off + p.numel()].copy_(g.reshape(-1))
+        out[off : off + p.numel()].copy_(g.reshape(-1))
         off += p.numel()
     return out

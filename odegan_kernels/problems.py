@@ -78,8 +78,16 @@ class DiracProblem(Problem):
 class ImageProblem(Problem):
     """32x32 images (CIFAR-10 through torchvision, or any ImageFolder) with the reference DCGAN."""
 
-    def __init__(self, data: str, dataset: str = "cifar10", z_dim: int = 128, batch: int = 64, seed: int = 0,
-                 device="cpu", workers: int = 2) -> None:
+    def __init__(
+        self,
+        data: str,
+        dataset: str = "cifar10",
+        z_dim: int = 128,
+        batch: int = 64,
+        seed: int = 0,
+        device="cpu",
+        workers: int = 2,
+    ) -> None:
         from .data import image_loader
         from .models.dcgan import DCGANDiscriminator, DCGANGenerator
 
@@ -159,7 +167,7 @@ def plot_image_grid(samples: torch.Tensor, path: Path, title: str = "") -> None:
     grid = torch.ones(c, n * (h + 2), n * (w + 2))
     for i in range(x.shape[0]):
         r, q = divmod(i, n)
-        grid[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, q * (w + 2) + 1: q * (w + 2) + 1 + w] = x[i]
+        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, q * (w + 2) + 1 : q * (w + 2) + 1 + w] = x[i]
     fig = plt.figure(figsize=(6, 6))
     plt.imshow(grid.permute(1, 2, 0).numpy())
     plt.axis("off")
@@ -176,6 +184,5 @@ def build_problem(name: str, cfg) -> Problem:
     if name in ("cifar10", "imagefolder"):
         if not cfg.data:
             raise ValueError(f"problem {name!r} needs --data PATH (a local folder; nothing is downloaded)")
-        return ImageProblem(cfg.data, name, cfg.z_dim, cfg.batch, seed=cfg.seed, device=cfg.device,
-                            workers=cfg.workers)
+        return ImageProblem(cfg.data, name, cfg.z_dim, cfg.batch, seed=cfg.seed, device=cfg.device, workers=cfg.workers)
     raise ValueError(f"unknown problem {name!r}; choose mog, dirac, cifar10 or imagefolder")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -78,17 +78,58 @@ PRESETS: dict[str, dict] = {
     # The CIFAR-10 code's choices on the toy problem.
     "mog-joint": dict(problem="mog", coupling="joint", data_per_stage="fresh", penalty="first_stage"),
     "mog-adam": dict(problem="mog", optimizer="adam", lr=1e-4, reg=0.0),
-    "dirac": dict(problem="dirac", method="rk4", h=0.2, reg=1.0, batch=1, z_dim=1, steps=600, eval_every=50,
-                  log_every=50, plot_every=10**9, out="runs/dirac"),
+    "dirac": dict(
+        problem="dirac",
+        method="rk4",
+        h=0.2,
+        reg=1.0,
+        batch=1,
+        z_dim=1,
+        steps=600,
+        eval_every=50,
+        log_every=50,
+        plot_every=10**9,
+        out="runs/dirac",
+    ),
     # The CIFAR-10 reference: joint RK4, a fresh batch per stage, penalty in stage 1, h 0.04, lambda 0.02.
-    "cifar10": dict(problem="cifar10", h=0.04, reg=0.02, penalty="first_stage", coupling="joint",
-                    data_per_stage="fresh", schedule="cifar", batch=64, z_dim=128, steps=1_000_000,
-                    eval_every=10_000, log_every=500, plot_every=10_000, ckpt_every=10_000, out="runs/cifar10",
-                    device="cuda" if torch.cuda.is_available() else "cpu", threads=0),
-    "imagefolder": dict(problem="imagefolder", h=0.04, reg=0.02, penalty="first_stage", coupling="joint",
-                        data_per_stage="fresh", schedule="cifar", batch=64, z_dim=128, steps=1_000_000,
-                        eval_every=10_000, log_every=500, plot_every=10_000, ckpt_every=10_000,
-                        out="runs/imagefolder", device="cuda" if torch.cuda.is_available() else "cpu", threads=0),
+    "cifar10": dict(
+        problem="cifar10",
+        h=0.04,
+        reg=0.02,
+        penalty="first_stage",
+        coupling="joint",
+        data_per_stage="fresh",
+        schedule="cifar",
+        batch=64,
+        z_dim=128,
+        steps=1_000_000,
+        eval_every=10_000,
+        log_every=500,
+        plot_every=10_000,
+        ckpt_every=10_000,
+        out="runs/cifar10",
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        threads=0,
+    ),
+    "imagefolder": dict(
+        problem="imagefolder",
+        h=0.04,
+        reg=0.02,
+        penalty="first_stage",
+        coupling="joint",
+        data_per_stage="fresh",
+        schedule="cifar",
+        batch=64,
+        z_dim=128,
+        steps=1_000_000,
+        eval_every=10_000,
+        log_every=500,
+        plot_every=10_000,
+        ckpt_every=10_000,
+        out="runs/imagefolder",
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        threads=0,
+    ),
 }
 
 
@@ -130,8 +171,23 @@ class NonFiniteError(RuntimeError):
 class Trainer:
     """Builds the problem and the optimiser from a Config and runs (or resumes) training."""
 
-    RESUME_KEYS = ("problem", "optimizer", "method", "h", "h_g", "reg", "penalty", "coupling",
-                   "data_per_stage", "schedule", "loss", "batch", "z_dim", "hidden", "seed")
+    RESUME_KEYS = (
+        "problem",
+        "optimizer",
+        "method",
+        "h",
+        "h_g",
+        "reg",
+        "penalty",
+        "coupling",
+        "data_per_stage",
+        "schedule",
+        "loss",
+        "batch",
+        "z_dim",
+        "hidden",
+        "seed",
+    )
 
     def __init__(self, cfg: Config) -> None:
         cfg.validate()
@@ -150,9 +206,17 @@ class Trainer:
         self.step = 0
         if cfg.optimizer == "ode":
             h = cfg.h if cfg.h_g is None else [cfg.h, cfg.h_g]
-            self.opt = ODEStepper(self.flat, cfg.method, h=h, reg=cfg.reg, penalty=cfg.penalty,
-                                  coupling=cfg.coupling, schedule=cfg.schedule, backend=cfg.backend,
-                                  cuda_graph=cfg.cuda_graph)
+            self.opt = ODEStepper(
+                self.flat,
+                cfg.method,
+                h=h,
+                reg=cfg.reg,
+                penalty=cfg.penalty,
+                coupling=cfg.coupling,
+                schedule=cfg.schedule,
+                backend=cfg.backend,
+                cuda_graph=cfg.cuda_graph,
+            )
         else:
             if cfg.cuda_graph:
                 raise ValueError("cuda_graph applies to the ODE stepper (optimizer='ode') only")
@@ -194,8 +258,16 @@ class Trainer:
         # Decoupled D-only stages see G frozen at the step's start: with shared data, the samples G drew
         # at stage 0 are exactly the ones it would draw again, so reuse them.
         reuse = stage.players == (0,) and cfg.data_per_stage == "shared" and b["fake0"] is not None
-        out = game_gradients(self.D, self.G, b["x"], b["z"], cfg.loss, players=stage.players,
-                             penalty=stage.penalty, fake=b["fake0"] if reuse else None)
+        out = game_gradients(
+            self.D,
+            self.G,
+            b["x"],
+            b["z"],
+            cfg.loss,
+            players=stage.players,
+            penalty=stage.penalty,
+            fake=b["fake0"] if reuse else None,
+        )
         if stage.index == 0:
             b["fake0"] = out["fake"]
         del out["fake"]
@@ -234,10 +306,16 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "step": self.step, "D": self.D.state_dict(), "G": self.G.state_dict(),
-            "opt": self.opt.state_dict(), "problem": self.problem.state_dict(),
-            "rng": {"data": self.data_gen.get_state(), "z": self.z_gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state(self.flat.device) if self.flat.device.type == "cuda" else None},
+            "step": self.step,
+            "D": self.D.state_dict(),
+            "G": self.G.state_dict(),
+            "opt": self.opt.state_dict(),
+            "problem": self.problem.state_dict(),
+            "rng": {
+                "data": self.data_gen.get_state(),
+                "z": self.z_gen.get_state(),
+                "cuda": torch.cuda.get_rng_state(self.flat.device) if self.flat.device.type == "cuda" else None,
+            },
             "config": dataclasses.asdict(self.cfg),
         }
 
@@ -245,8 +323,10 @@ class Trainer:
         saved = state.get("config", {})
         for key in self.RESUME_KEYS:
             if key in saved and _norm(saved[key]) != _norm(getattr(self.cfg, key)):
-                raise ValueError(f"checkpoint was trained with {key}={saved[key]!r} but this run asks for "
-                                 f"{key}={getattr(self.cfg, key)!r}; use another --out or match the option")
+                raise ValueError(
+                    f"checkpoint was trained with {key}={saved[key]!r} but this run asks for "
+                    f"{key}={getattr(self.cfg, key)!r}; use another --out or match the option"
+                )
         self.D.load_state_dict(state["D"])
         self.G.load_state_dict(state["G"])
         self.flat.check_modules(self.D, self.G)
@@ -287,9 +367,14 @@ class Trainer:
             self.log(self.evaluate())
         last_ckpt = time.monotonic()
         t0, s0 = time.perf_counter(), self.step
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 30,
-                   desc=f"{cfg.problem} {cfg.optimizer}:{cfg.method}")
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30,
+            desc=f"{cfg.problem} {cfg.optimizer}:{cfg.method}",
+        )
         result: dict = {}
         acc: dict[str, torch.Tensor] = {}
         try:
@@ -308,20 +393,28 @@ class Trainer:
                         raise NonFiniteError(
                             f"non-finite {'values in ' + ', '.join(bad) if bad else 'parameters'} by step "
                             f"{self.step}; the last good checkpoint (if any) is {self.out / 'checkpoint.pt'}. "
-                            "Lower the step size h or raise reg.")
+                            "Lower the step size h or raise reg."
+                        )
                     rate = (self.step - s0) / (time.perf_counter() - t0)
                     self.log({"step": self.step, **rec, "steps_per_s": rate})
                     bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     result = self.evaluate()
                     self.log(result)
-                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in result.items()))
+                    bar.write(
+                        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+                    )
                 if self.step % cfg.plot_every == 0 or self.step == cfg.steps:
-                    self.problem.plot(self.samples(), self.out / f"samples_{self.step:07d}.png",
-                                      f"{cfg.problem} {cfg.method} step {self.step}")
-                if (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
-                        or time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes):
+                    self.problem.plot(
+                        self.samples(),
+                        self.out / f"samples_{self.step:07d}.png",
+                        f"{cfg.problem} {cfg.method} step {self.step}",
+                    )
+                if (
+                    self.step % cfg.ckpt_every == 0
+                    or self.step == cfg.steps
+                    or time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes
+                ):
                     self.save_checkpoint()
                     last_ckpt = time.monotonic()
         finally:
@@ -345,8 +438,11 @@ def plot_metrics(out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    keys = [k for k in ("loss_d", "loss_g", "penalty", "modes", "high_quality", "kl", "radius", "fid")
-            if any(k in r for r in rows)]
+    keys = [
+        k
+        for k in ("loss_d", "loss_g", "penalty", "modes", "high_quality", "kl", "radius", "fid")
+        if any(k in r for r in rows)
+    ]
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))

@@ -21,9 +21,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
     bad = diff > atol + rtol * expected.double().abs()
     if bad.any():
         idx = bad.nonzero()[:5].flatten().tolist()
-        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} elements differ; max abs diff "
-                             f"{diff.max().item():.3e}; first at {idx}: {actual.flatten()[idx].tolist()} vs "
-                             f"{expected.flatten()[idx].tolist()}")
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements differ; max abs diff "
+            f"{diff.max().item():.3e}; first at {idx}: {actual.flatten()[idx].tolist()} vs "
+            f"{expected.flatten()[idx].tolist()}"
+        )
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:

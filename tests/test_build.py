@@ -34,13 +34,19 @@ print("CUDA kernels registered:", torch._C._dispatch_has_kernel_for_dispatch_key
 
 def _build(tmp_path, *args):
     env = {**os.environ, "BUILD_DIR": str(tmp_path / "build"), "PYTHON": sys.executable}
-    res = subprocess.run(["bash", str(ROOT / "csrc" / "build.sh"), *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        ["bash", str(ROOT / "csrc" / "build.sh"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lib = tmp_path / "build" / "libodegan_kernels_csrc.so"
     assert lib.is_file()
-    check = subprocess.run([sys.executable, "-c", CHECK], env={**os.environ, "ODEGAN_CSRC_LIB": str(lib)},
-                           capture_output=True, text=True, timeout=300)
+    check = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        env={**os.environ, "ODEGAN_CSRC_LIB": str(lib)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     return check.stdout
 

@@ -15,8 +15,9 @@ def test_opcheck_triton_stage():
     bufs = [torch.randn(n, generator=gen) for _ in range(4)]
     coeffs = torch.randn(2, 5, generator=gen)
     for reg, write in ((None, False), (torch.randn(120, generator=gen), True)):
-        torch.library.opcheck(torch.ops.odegan_kernels.triton_stage,
-                              (*[b.clone() for b in bufs], coeffs, [0, 100], reg, write))
+        torch.library.opcheck(
+            torch.ops.odegan_kernels.triton_stage, (*[b.clone() for b in bufs], coeffs, [0, 100], reg, write)
+        )
 
 
 @pytest.mark.skipif(TRITON is not None, reason=f"triton backend unavailable: {TRITON}")
@@ -46,7 +47,8 @@ def test_opcheck_csrc_ops():
     bufs = [torch.randn(300, generator=gen) for _ in range(4)]
     coeffs = torch.randn(2, 5, generator=gen)
     for reg, write in ((None, False), (torch.randn(120, generator=gen), True)):
-        torch.library.opcheck(torch.ops.odegan_kernels.stage, (*[b.clone() for b in bufs], coeffs, [0, 100], reg, write))
+        args = (*[b.clone() for b in bufs], coeffs, [0, 100], reg, write)
+        torch.library.opcheck(torch.ops.odegan_kernels.stage, args)
     ts = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in ((3, 4), (40000,), (1,))]
     torch.library.opcheck(torch.ops.odegan_kernels.sqnorm, (ts,))
 

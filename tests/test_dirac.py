@@ -20,7 +20,7 @@ def run(method, psi, theta, h, steps, reg=0.0, penalty="first_stage", coupling="
     st = ODEStepper(flat, method, h=h, reg=reg, penalty=penalty, coupling=coupling)
     real = torch.zeros(1, 1, dtype=torch.float64)
     z = torch.zeros(1, 1, dtype=torch.float64)
-    closure = lambda stage: game_gradients(D, G, real, z, loss, players=stage.players, penalty=stage.penalty)  # noqa: E731
+    closure = lambda stage: game_gradients(D, G, real, z, loss, players=stage.players, penalty=stage.penalty)
     radii = [flat.params.norm().item()]
     for _ in range(steps):
         st.step(closure)

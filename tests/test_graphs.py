@@ -56,8 +56,17 @@ def _pair_on_cuda(seed=0):
 def _run(cuda_graph: bool, coupling: str, penalty: str, steps: int, data, zs, schedule):
     D, G = _pair_on_cuda()
     flat = FlatParams([D, G])
-    st = ODEStepper(flat, "rk4", h=0.1, reg=0.07, penalty=penalty, coupling=coupling, schedule=schedule,
-                    cuda_graph=cuda_graph, backend="auto")
+    st = ODEStepper(
+        flat,
+        "rk4",
+        h=0.1,
+        reg=0.07,
+        penalty=penalty,
+        coupling=coupling,
+        schedule=schedule,
+        cuda_graph=cuda_graph,
+        backend="auto",
+    )
     static_x = torch.empty_like(data[0])
     static_z = torch.empty_like(zs[0])
 
@@ -82,7 +91,7 @@ def test_captured_step_equals_eager_step(coupling, penalty):
     steps = 8
     data = [torch.randn(4, 256, 2, generator=gen).cuda() for _ in range(steps)]
     zs = [torch.randn(4, 256, 32, generator=gen).cuda() for _ in range(steps)]
-    schedule = lambda step: 1.0 + 0.25 * (step % 3)  # noqa: E731  (changes h between replays)
+    schedule = lambda step: 1.0 + 0.25 * (step % 3)  # changes h between replays
     eager, _ = _run(False, coupling, penalty, steps, data, zs, schedule)
     graphed, st = _run(True, coupling, penalty, steps, data, zs, schedule)
     assert st.graph.captured
@@ -104,10 +113,9 @@ def test_no_host_sync_inside_the_step():
         x, z = data[0].clone(), zs[0].clone()
 
         def closure(stage):
-            return game_gradients(D, G, x[stage.index], z[stage.index], players=stage.players,
-                                  penalty=stage.penalty)
+            return game_gradients(D, G, x[stage.index], z[stage.index], players=stage.players, penalty=stage.penalty)
 
-        for s in range(5):  # warm-up (and capture): caches, tables, Triton compilation
+        for _ in range(5):  # warm-up (and capture): caches, tables, Triton compilation
             st.step(closure)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -141,7 +149,16 @@ def test_closure_that_syncs_is_refused():
 @gpu
 @pytest.mark.gpu
 def test_trainer_graph_mode_trains(tmp_path):
-    cfg = make_config("mog", device="cuda", cuda_graph=True, steps=300, eval_every=300, log_every=100,
-                      plot_every=10**9, out=str(tmp_path), progress=False)
+    cfg = make_config(
+        "mog",
+        device="cuda",
+        cuda_graph=True,
+        steps=300,
+        eval_every=300,
+        log_every=100,
+        plot_every=10**9,
+        out=str(tmp_path),
+        progress=False,
+    )
     summary = Trainer(cfg).run()
     assert summary["finite"] and summary["step"] == 300

@@ -67,8 +67,9 @@ def test_per_player_step_sizes():
     assert torch.allclose(w.detach(), dense_step_matrix(TABLEAUS["rk4"], B, 0.2) @ w0, atol=1e-13)
 
 
-@pytest.mark.parametrize("method,order", [("euler", 1), ("heun", 2), ("midpoint", 2), ("ralston", 2),
-                                          ("rk3", 3), ("rk4", 4)])
+@pytest.mark.parametrize(
+    "method,order", [("euler", 1), ("heun", 2), ("midpoint", 2), ("ralston", 2), ("rk3", 3), ("rk4", 4)]
+)
 def test_order_of_convergence(method, order):
     """On a rotation with slight damping (a bilinear game's field), error ~ h^p."""
     A = torch.tensor([[-0.1, -1.0], [1.0, -0.1]], dtype=torch.float64)

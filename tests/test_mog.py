@@ -14,8 +14,18 @@ from odegan_kernels.trainer import Trainer, make_config
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_colab_settings_improve_every_metric(seed, tmp_path):
-    cfg = make_config("mog", seed=seed, steps=4000, eval_every=4000, log_every=500, plot_every=10**9,
-                      ckpt_every=10**9, ckpt_minutes=1e9, out=str(tmp_path), progress=False)
+    cfg = make_config(
+        "mog",
+        seed=seed,
+        steps=4000,
+        eval_every=4000,
+        log_every=500,
+        plot_every=10**9,
+        ckpt_every=10**9,
+        ckpt_minutes=1e9,
+        out=str(tmp_path),
+        progress=False,
+    )
     tr = Trainer(cfg)
     before = tr.evaluate()
     after = tr.run()

@@ -80,11 +80,12 @@ def test_stage_every_tableau_schedule(backend, method, rng):
     h = [0.04, 0.1]
     for i, st in enumerate(stages):
         for e in (0.0, 0.42):
+
             def coeffs(nseg, st=st, e=e):
                 rows = [(st.a, st.b, -h[s % 2] * st.c, -h[s % 2] * st.d, e if s == 0 else 0.0) for s in range(nseg)]
                 return torch.tensor(rows, dtype=torch.float64)
-            run_stage(backend, 777, 2, coeffs, torch.float32, rng, reg_len=300,
-                      write_x0=i == len(stages) - 1)
+
+            run_stage(backend, 777, 2, coeffs, torch.float32, rng, reg_len=300, write_x0=i == len(stages) - 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -171,7 +172,7 @@ def test_sqnorm_large(backend, rng):
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 def test_sqnorm_gradcheck(backend, rng):
     ts = [t.requires_grad_() for t in _tensors(rng, torch.float64, ((3, 2), (5,), (1,)))]
-    fn = lambda *xs: ops.sqnorm(list(xs), backend=backend)  # noqa: E731
+    fn = lambda *xs: ops.sqnorm(list(xs), backend=backend)
     assert torch.autograd.gradcheck(fn, ts)
     assert torch.autograd.gradgradcheck(fn, ts)
 

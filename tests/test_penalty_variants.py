@@ -32,14 +32,15 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("dtype,smooth,fd_tol", [(torch.float64, False, 1e-7), (torch.float64, True, 1e-7),
-                                                 (torch.float32, True, 2e-3)])
+@pytest.mark.parametrize(
+    "dtype,smooth,fd_tol", [(torch.float64, False, 1e-7), (torch.float64, True, 1e-7), (torch.float32, True, 2e-3)]
+)
 def test_variants_agree_with_double_backward(dtype, smooth, fd_tol):
     """The eps rule assumes smoothness. A ReLU discriminator makes grad_theta l_G jump where D's activation
     pattern switches, so a central difference is only right while eps stays below the nearest kink: true
     of float64's eps here, not of float32's (measured: 1e-2 relative error at best, see penalty.py)."""
     D, G, z, _ = _setup(dtype, smooth=smooth)
-    lf = lambda logits: g_loss(logits, "ns")  # noqa: E731
+    lf = lambda logits: g_loss(logits, "ns")
     exact = penalty_grad(D, G, lf, z, "double_backward")
     fd = penalty_grad(D, G, lf, z, "finite_difference")
     jv = penalty_grad(D, G, lf, z, "jvp")
@@ -51,7 +52,8 @@ def test_fd_epsilon_rule():
     p = [torch.full((100,), 3.0)]
     assert fd_epsilon(p) == pytest.approx(torch.finfo(torch.float32).eps ** (1 / 3) * 3.0)
     assert fd_epsilon([torch.full((100,), 0.1, dtype=torch.float64)]) == pytest.approx(
-        torch.finfo(torch.float64).eps ** (1 / 3))
+        torch.finfo(torch.float64).eps ** (1 / 3)
+    )
 
 
 def test_variants_leave_parameters_and_bn_statistics_alone():
@@ -60,7 +62,7 @@ def test_variants_leave_parameters_and_bn_statistics_alone():
     D = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 1), nn.Flatten(0))
     z = torch.randn(4, 16)
     before = {k: v.clone() for k, v in G.state_dict().items()}
-    lf = lambda logits: g_loss(logits)  # noqa: E731
+    lf = lambda logits: g_loss(logits)
     exact = penalty_grad(D, G, lf, z, "double_backward")
     fd = penalty_grad(D, G, lf, z, "finite_difference")
     for k, v in G.state_dict().items():
@@ -120,8 +122,15 @@ def test_step_with_penalty_variant_matches_double_backward(method, placement):
         D, G, z, real = _setup(torch.float64)
         flat = FlatParams([D, G], dtype=torch.float64)
         st = ODEStepper(flat, "rk4", h=0.1, reg=0.5, penalty=placement)
-        closure = lambda stage: game_gradients(D, G, real, z, players=stage.players,  # noqa: E731
-                                               penalty=stage.penalty, penalty_method=m)
+        closure = lambda stage: game_gradients(
+            D,
+            G,
+            real,
+            z,
+            players=stage.players,
+            penalty=stage.penalty,
+            penalty_method=m,
+        )
         for _ in range(3):
             st.step(closure)
         results.append(flat.params.clone())

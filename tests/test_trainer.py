@@ -91,14 +91,36 @@ def test_bad_options():
 def test_cli_main_job_end_to_end(tmp_path):
     """The README's main command with a tiny step count, as a user runs it."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "odegan_kernels.cli", "train", "mog", "--steps", "30", "--out", str(out),
-           "--set", "eval_every=15", "--set", "plot_every=15", "--set", "eval_samples=512"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "odegan_kernels.cli",
+        "train",
+        "mog",
+        "--steps",
+        "30",
+        "--out",
+        str(out),
+        "--set",
+        "eval_every=15",
+        "--set",
+        "plot_every=15",
+        "--set",
+        "eval_samples=512",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["step"] == 30 and summary["steps_per_s"] > 0
-    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "metrics.png",
-                 "samples_0000015.png", "samples_0000030.png"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "summary.json",
+        "metrics.png",
+        "samples_0000015.png",
+        "samples_0000030.png",
+    ):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "modes" in r] == [0, 15, 30]
@@ -121,8 +143,7 @@ def write_cifar10(root, n=128):
     rng = np.random.default_rng(0)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, n).tolist()}
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
         with open(base / name, "wb") as f:
             pickle.dump(batch, f)
     with open(base / "batches.meta", "wb") as f:
@@ -132,9 +153,18 @@ def write_cifar10(root, n=128):
 def test_cifar10_training_from_local_files(tmp_path):
     pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
     write_cifar10(tmp_path / "data")
-    cfg = make_config("cifar10", data=str(tmp_path / "data"), device="cpu", steps=2, batch=8,
-                      out=str(tmp_path / "run"), workers=0, eval_samples=16, threads=2,
-                      **{k: v for k, v in FAST.items() if k != "eval_samples"})
+    cfg = make_config(
+        "cifar10",
+        data=str(tmp_path / "data"),
+        device="cpu",
+        steps=2,
+        batch=8,
+        out=str(tmp_path / "run"),
+        workers=0,
+        eval_samples=16,
+        threads=2,
+        **{k: v for k, v in FAST.items() if k != "eval_samples"},
+    )
     tr = Trainer(cfg)
     x = tr.problem.real_batch(8, tr.data_gen)
     assert x.shape == (8, 3, 32, 32) and x.min() >= -1 and x.max() <= 1

@@ -5,5 +5,13 @@ from .dirac import DiracDiscriminator, DiracGenerator, dirac_pair
 from .init import truncated_normal_init_
 from .mlp import MLP, mog_pair
 
-__all__ = ["MLP", "mog_pair", "DCGANGenerator", "DCGANDiscriminator", "truncated_normal_init_", "DiracDiscriminator",
-           "DiracGenerator", "dirac_pair"]
+__all__ = [
+    "MLP",
+    "mog_pair",
+    "DCGANGenerator",
+    "DCGANDiscriminator",
+    "truncated_normal_init_",
+    "DiracDiscriminator",
+    "DiracGenerator",
+    "dirac_pair",
+]

@@ -16,8 +16,11 @@ class DCGANGenerator(nn.Module):
         blocks: list[nn.Module] = []
         c_in = 512
         for c_out in (256, 128, 64):
-            blocks += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1),
-                       nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.001), nn.ReLU()]
+            blocks += [
+                nn.ConvTranspose2d(c_in, c_out, 4, 2, 1),
+                nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.001),
+                nn.ReLU(),
+            ]
             c_in = c_out
         blocks += [nn.Conv2d(c_in, channels, 3, 1, 1), nn.Tanh()]
         self.net = nn.Sequential(*blocks)

@@ -74,8 +74,7 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
     return backend
 
 
-def rk_stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0: bool = False,
-             backend: str = "auto") -> None:
+def rk_stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0: bool = False, backend: str = "auto") -> None:
     """One fused stage of a low-storage explicit Runge-Kutta step, in place over flat buffers.
 
     Per segment s with scalars ``coeffs[s] = (a, b, c, d, e)``::

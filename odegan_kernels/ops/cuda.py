@@ -84,15 +84,16 @@ def load() -> bool:
                 return True
             except Exception as exc:  # a stale or mismatched build: say so, try the next one
                 tried.append(f"{path.name}: {exc}")
-    _state["why"] = ("csrc library not built (run `python -m odegan_kernels.ops.cuda build` or the CMake "
-                     "build in csrc/)" + (f"; failed to load: {'; '.join(tried)}" if tried else ""))
+    _state["why"] = (
+        "csrc library not built (run `python -m odegan_kernels.ops.cuda build` or the CMake "
+        "build in csrc/)" + (f"; failed to load: {'; '.join(tried)}" if tried else "")
+    )
     return False
 
 
 def _has_op(name: str) -> bool:
     try:
-        getattr(torch.ops.odegan_kernels, name).default
-        return True
+        return getattr(torch.ops.odegan_kernels, name).default is not None
     except (AttributeError, RuntimeError):
         return False
 
@@ -109,10 +110,20 @@ def build(verbose: bool = False, with_cuda: bool | None = None) -> str:
     if with_cuda:
         sources.append(str(CSRC / "cuda" / "ops_cuda.cu"))
         cflags.append("-DODEGAN_WITH_CUDA")
-        cuda_flags += ["-DODEGAN_WITH_CUDA", "-gencode=arch=compute_80,code=sm_80",
-                       "-gencode=arch=compute_90,code=sm_90"]
-    cpp_extension.load(name=LIB_NAME, sources=sources, extra_cflags=cflags, extra_cuda_cflags=cuda_flags,
-                       with_cuda=with_cuda, is_python_module=False, verbose=verbose)
+        cuda_flags += [
+            "-DODEGAN_WITH_CUDA",
+            "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_90,code=sm_90",
+        ]
+    cpp_extension.load(
+        name=LIB_NAME,
+        sources=sources,
+        extra_cflags=cflags,
+        extra_cuda_cflags=cuda_flags,
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=verbose,
+    )
     _state["loaded"] = "built by cpp_extension"
     _register_python_side()
     return _state["loaded"]

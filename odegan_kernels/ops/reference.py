@@ -10,10 +10,10 @@ from .utils import reg_slices
 def stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0=False):
     """One low-storage Runge-Kutta stage over flat buffers, segment by segment.
 
-        k   = g + e*r            (r covers a prefix of the buffer; beyond reg's length r = 0)
-        acc = a*acc + b*k        (acc is not read where a == 0, as BLAS treats beta == 0)
-        p   = x0 + c*k + d*acc
-        x0  = p                  (only when write_x0)
+    k   = g + e*r            (r covers a prefix of the buffer; beyond reg's length r = 0)
+    acc = a*acc + b*k        (acc is not read where a == 0, as BLAS treats beta == 0)
+    p   = x0 + c*k + d*acc
+    x0  = p                  (only when write_x0)
     """
     for s, (lo, hi) in enumerate(segments):
         a, b, c, d, e = coeffs[s]

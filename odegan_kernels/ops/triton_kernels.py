@@ -50,8 +50,21 @@ def launch_settings(n: int) -> tuple[int, int]:
 if triton is not None:
 
     @triton.jit
-    def _stage_kernel(p_ptr, g_ptr, x0_ptr, acc_ptr, r_ptr, coef_ptr, seg_ptr, n, r_len,
-                      NSEG: tl.constexpr, HAS_REG: tl.constexpr, WRITE_X0: tl.constexpr, BLOCK: tl.constexpr):
+    def _stage_kernel(
+        p_ptr,
+        g_ptr,
+        x0_ptr,
+        acc_ptr,
+        r_ptr,
+        coef_ptr,
+        seg_ptr,
+        n,
+        r_len,
+        NSEG: tl.constexpr,
+        HAS_REG: tl.constexpr,
+        WRITE_X0: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -88,8 +101,9 @@ if triton is not None:
             tl.store(x0_ptr + offs, p, mask=mask)
 
     @triton.jit
-    def _sqnorm_partials_kernel(addr_ptr, len_ptr, part_ptr, IS_F64: tl.constexpr, BLOCK: tl.constexpr,
-                                ITERS: tl.constexpr):
+    def _sqnorm_partials_kernel(
+        addr_ptr, len_ptr, part_ptr, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr
+    ):
         pid = tl.program_id(0)
         addr = tl.load(addr_ptr + pid)
         length = tl.load(len_ptr + pid)
@@ -151,9 +165,21 @@ def _launch_stage(params, grads, x0, acc, coeffs, starts: list[int], reg, write_
     segments = tuple(zip(starts, starts[1:] + [n]))
     block, warps = launch_settings(n)
     _stage_kernel[(triton.cdiv(n, block),)](
-        params, grads, x0, acc, reg if reg is not None else grads, coeffs, _segment_table(segments, params.device),
-        n, reg.numel() if reg is not None else 0,
-        NSEG=len(segments), HAS_REG=reg is not None, WRITE_X0=write_x0, BLOCK=block, num_warps=warps)
+        params,
+        grads,
+        x0,
+        acc,
+        reg if reg is not None else grads,
+        coeffs,
+        _segment_table(segments, params.device),
+        n,
+        reg.numel() if reg is not None else 0,
+        NSEG=len(segments),
+        HAS_REG=reg is not None,
+        WRITE_X0=write_x0,
+        BLOCK=block,
+        num_warps=warps,
+    )
 
 
 SQ_BLOCK, SQ_ITERS = 1024, 4
@@ -192,17 +218,27 @@ def _launch_sqnorm(tensors) -> torch.Tensor:
     addrs, lens = _chunk_table(tensors)
     m = addrs.numel()
     partials = torch.empty(m, dtype=dtype, device=out.device)
-    _sqnorm_partials_kernel[(m,)](addrs, lens, partials, IS_F64=dtype == torch.float64, BLOCK=SQ_BLOCK,
-                                  ITERS=SQ_ITERS, num_warps=4)
-    _sum_kernel[(1,)](partials, out, m, IS_F64=dtype == torch.float64, BLOCK=1024, ITERS=triton.cdiv(m, 1024),
-                      num_warps=4)
+    _sqnorm_partials_kernel[(m,)](
+        addrs, lens, partials, IS_F64=dtype == torch.float64, BLOCK=SQ_BLOCK, ITERS=SQ_ITERS, num_warps=4
+    )
+    _sum_kernel[(1,)](
+        partials, out, m, IS_F64=dtype == torch.float64, BLOCK=1024, ITERS=triton.cdiv(m, 1024), num_warps=4
+    )
     return out
 
 
 # -- torch.library registration ---------------------------------------------------------------------------
 @torch.library.custom_op("odegan_kernels::triton_stage", mutates_args=("params", "x0", "acc"))
-def triton_stage(params: torch.Tensor, grads: torch.Tensor, x0: torch.Tensor, acc: torch.Tensor,
-                 coeffs: torch.Tensor, starts: list[int], reg: torch.Tensor | None, write_x0: bool) -> None:
+def triton_stage(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    x0: torch.Tensor,
+    acc: torch.Tensor,
+    coeffs: torch.Tensor,
+    starts: list[int],
+    reg: torch.Tensor | None,
+    write_x0: bool,
+) -> None:
     _launch_stage(params, grads, x0, acc, coeffs, list(starts), reg, write_x0)
 
 
@@ -234,8 +270,7 @@ torch.library.register_autograd("odegan_kernels::triton_sqnorm", _sqnorm_bwd, se
 
 # -- the backend interface used by ops.dispatch ------------------------------------------------------------
 def stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0=False):
-    torch.ops.odegan_kernels.triton_stage(params, grads, x0, acc, coeffs, [s for s, _ in segments], reg,
-                                          write_x0)
+    torch.ops.odegan_kernels.triton_stage(params, grads, x0, acc, coeffs, [s for s, _ in segments], reg, write_x0)
 
 
 def sqnorm(tensors):

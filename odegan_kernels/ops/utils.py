@@ -25,8 +25,7 @@ def as_coeffs(coeffs, nseg: int, like: torch.Tensor) -> torch.Tensor:
     if coeffs.dim() == 1 and nseg == 1:
         coeffs = coeffs.unsqueeze(0)
     if coeffs.shape != (nseg, 5):
-        raise ValueError(f"coeffs must have shape [{nseg}, 5] (a, b, c, d, e per segment), got "
-                         f"{tuple(coeffs.shape)}")
+        raise ValueError(f"coeffs must have shape [{nseg}, 5] (a, b, c, d, e per segment), got {tuple(coeffs.shape)}")
     if coeffs.device != like.device:
         raise ValueError(f"coeffs is on {coeffs.device} but the buffers are on {like.device}")
     if coeffs.dtype != like.dtype:
@@ -41,16 +40,17 @@ def check_segments(segments: Sequence[tuple[int, int]], n: int) -> tuple[tuple[i
     pos = 0
     for i, (a, b) in enumerate(segs):
         if a != pos or b < a:
-            raise ValueError(f"segments must be contiguous ascending ranges covering [0, {n}); segment {i} "
-                             f"is [{a}, {b}) after position {pos}")
+            raise ValueError(
+                f"segments must be contiguous ascending ranges covering [0, {n}); segment {i} "
+                f"is [{a}, {b}) after position {pos}"
+            )
         pos = b
     if pos != n:
         raise ValueError(f"segments cover [0, {pos}) but the buffers have {n} elements")
     return segs
 
 
-def check_stage_args(params, grads, x0, acc, coeffs, segments, reg, write_x0,
-                     dtypes=(torch.float32, torch.float64)):
+def check_stage_args(params, grads, x0, acc, coeffs, segments, reg, write_x0, dtypes=(torch.float32, torch.float64)):
     """Validate the stage op's arguments; return (coeffs tensor, segments tuple)."""
     named = {"params": params, "grads": grads, "x0": x0, "acc": acc}
     if reg is not None:
@@ -80,8 +80,7 @@ def check_stage_args(params, grads, x0, acc, coeffs, segments, reg, write_x0,
     for o in outs:
         for name, t in named.items():
             if name != o and _overlaps(named[o], t):
-                raise ValueError(f"{o} (an output) overlaps {name} in memory; the stage op needs "
-                                 "separate buffers")
+                raise ValueError(f"{o} (an output) overlaps {name} in memory; the stage op needs separate buffers")
     segs = check_segments(segments, n)
     return as_coeffs(coeffs, len(segs), params), segs
 

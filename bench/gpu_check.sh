@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU check, one command, well under 10 minutes on an H100: build csrc with its CUDA kernels, run the
+# whole test suite on the GPU (Triton for real, the GPU-marked tests included), the kernel benchmark and
+# the step benchmark, then print a short table. At most 7 files land in the results folder (the device
+# tool returns 8): gpu_check.log and the two benchmarks' csv/md/png.
+#
+#   bash bench/gpu_check.sh            # results into bench/results/gpu_<date>/ (or $OUT when set)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAMP=$(date -u +%Y%m%d-%H%M)
+DEST=${OUT:-bench/results/gpu_$STAMP}
+mkdir -p "$DEST"
+exec > >(tee "$DEST/gpu_check.log") 2>&1
+status=0
+
+echo "== environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || status=1
+$PY - <<'PYEOF'
+import torch, triton, platform
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "triton", triton.__version__, "device", torch.cuda.get_device_name(0))
+PYEOF
+$PY -m pip install -q -e . --no-deps --no-build-isolation || status=1
+
+echo "== build csrc (CMake, CUDA sm_80/sm_90)"
+t0=$(date +%s)
+PYTHON=$PY bash csrc/build.sh --cuda > /tmp/odegan_build.log 2>&1 || { echo "csrc build FAILED"; tail -40 /tmp/odegan_build.log; status=1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+
+echo "== tests on the GPU"
+t0=$(date +%s)
+ODEGAN_SKIP_CSRC_BUILD=1 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
+  $PY -m pytest -q -p no:cacheprovider -k "not test_cmake_build" tests 2>&1 | tail -40 || status=1
+echo "tests: $(( $(date +%s) - t0 )) s"
+
+echo "== kernel benchmark"
+ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
+  $PY bench/kernels.py --device cuda --out "$DEST/kernels_cuda.csv" > /tmp/odegan_kernels.log 2>&1 || status=1
+cat /tmp/odegan_kernels.log
+
+echo "== step benchmark"
+ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
+  $PY bench/step.py --device cuda --out "$DEST/step_cuda.csv" 2>&1 || status=1
+
+echo "== summary"
+grep -E "^(stage|rk4|sqnorm|copy) " /tmp/odegan_kernels.log | grep -E "P= *(1,000,000|8,388,608|100,000,000|1,000,000,000)"
+tail -12 "$DEST/step_cuda.md" 2>/dev/null
+grep -A12 "^## Ratios" "$DEST/kernels_cuda.md" 2>/dev/null
+echo "results in $DEST (status $status)"
+exit $status

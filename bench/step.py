@@ -1,0 +1,341 @@
+"""Step time: what an ODE-GAN RK4 step costs, against its own parts and against the alternatives.
+
+    python bench/step.py                  # CPU: toy MLP pair (batch 512), DCGAN at batch 8
+    python bench/step.py --device cuda    # GPU: toy MLP pair, DCGAN at batch 64, with CUDA graphs
+
+Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into stage 1, lambda 0.02):
+  naive      a straightforward eager RK4 as public ports write it (per-tensor lists, separate forwards)
+  ours       ODEStepper + game_gradients, eager
+  graph      the same step captured in one CUDA graph (GPU)
+  compile    torch.compile'd D and G inside our stepper (double backward through compiled code is
+             reported if it fails; then the finite-difference penalty, which needs none, is used)
+  parts      4 gradient evaluations + the penalty, each timed alone in the step's regime (eager, or each
+             captured in its own graph for 'graph'): the step over this is the overhead ratio
+  adam       one Adam step (one gradient evaluation + the optimizer); euler: an Euler ODE step
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import RESULTS, append_csv, bench, environment, markdown_table, sync  # noqa: E402
+from odegan_kernels import FlatParams, ODEStepper, game_gradients  # noqa: E402
+from odegan_kernels.integrators import Stage  # noqa: E402
+from odegan_kernels.losses import d_loss, g_loss  # noqa: E402
+from odegan_kernels.models import DCGANDiscriminator, DCGANGenerator, mog_pair  # noqa: E402
+
+H, LAM = 0.04, 0.02
+
+
+def make_models(name: str, device, batch: int):
+    gen = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        D, G = mog_pair()
+        real = torch.randn(4, batch, 2, generator=gen)
+        z = torch.randn(4, batch, 32, generator=gen)
+    else:
+        torch.manual_seed(0)
+        D, G = DCGANDiscriminator(), DCGANGenerator()
+        real = torch.rand(4, batch, 3, 32, 32, generator=gen) * 2 - 1
+        z = torch.randn(4, batch, 128, generator=gen)
+    return D.to(device), G.to(device), real.to(device), z.to(device)
+
+
+# -- (a) the straightforward eager RK4 ----------------------------------------------------------------------
+def naive_step(D, G, real, z):
+    dps, gps = list(D.parameters()), list(G.parameters())
+    x0 = [p.detach().clone() for p in dps + gps]
+    ks = []
+    for i in range(4):
+        fake = G(z[i])
+        ld = d_loss(D(real[i]), D(fake.detach()))
+        gd = torch.autograd.grad(ld, dps)
+        lg = g_loss(D(fake))
+        if i == 0:
+            gg = torch.autograd.grad(lg, gps, create_graph=True)
+            pen = sum((g * g).sum() for g in gg)
+            rg = torch.autograd.grad(pen, dps)
+            gd = [a + LAM * 6 * b for a, b in zip(gd, rg)]
+            gg = [g.detach() for g in gg]
+        else:
+            gg = torch.autograd.grad(lg, gps)
+        ks.append(list(gd) + list(gg))
+        frac = (0.5, 0.5, 1.0)[i] if i < 3 else None
+        with torch.no_grad():
+            for p, p0, k in zip(dps + gps, x0, ks[-1]):
+                if frac is not None:
+                    p.copy_(p0 - H * frac * k)
+    with torch.no_grad():
+        for j, (p, p0) in enumerate(zip(dps + gps, x0)):
+            p.copy_(p0 - H / 6 * (ks[0][j] + 2 * ks[1][j] + 2 * ks[2][j] + ks[3][j]))
+
+
+def stepper_for(D, G, method="rk4", cuda_graph=False, penalty_method="double_backward"):
+    flat = FlatParams([D, G])
+    st = ODEStepper(flat, method, h=H, reg=LAM, penalty="first_stage", coupling="joint", cuda_graph=cuda_graph)
+    return flat, st
+
+
+def closure_for(D, G, real, z, penalty_method="double_backward"):
+    def closure(stage):
+        return game_gradients(
+            D,
+            G,
+            real[stage.index],
+            z[stage.index],
+            players=stage.players,
+            penalty=stage.penalty,
+            penalty_method=penalty_method,
+        )
+
+    return closure
+
+
+def graphed(fn, device, warmup=3):
+    """fn captured in its own CUDA graph (after warm-up on a side stream); returns the replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        fn()
+    return g.replay
+
+
+def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: float) -> None:
+    is_cuda = device.type == "cuda"
+
+    def record(variant, fn, note=""):
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            med, p20, p80 = bench(fn, device, warmup_ms=rep_ms / 4, rep_ms=rep_ms)
+        except Exception as exc:
+            print(f"{name:5s} {variant:10s} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
+            rows.append(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "variant": variant,
+                    "median_ms": float("nan"),
+                    "p20_ms": float("nan"),
+                    "p80_ms": float("nan"),
+                    "peak_MB": float("nan"),
+                    "note": f"failed: {type(exc).__name__}",
+                    **env,
+                }
+            )
+            return float("nan")
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if is_cuda else float("nan")
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "variant": variant,
+                "median_ms": med,
+                "p20_ms": p20,
+                "p80_ms": p80,
+                "peak_MB": peak,
+                "note": note,
+                **env,
+            }
+        )
+        print(f"{name:5s} {variant:10s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}]  peak {peak:8.1f} MB {note}", flush=True)
+        return med
+
+    D, G, real, z = make_models(name, device, batch)
+    record("naive", lambda: naive_step(D, G, real, z))
+
+    D, G, real, z = make_models(name, device, batch)
+    flat, st = stepper_for(D, G)
+    closure = closure_for(D, G, real, z)
+    record("ours", lambda: st.step(closure))
+
+    # (e) the parts, eager: 3 plain evaluations + 1 with the penalty (and its backward into D's grads)
+    def eval_plain():
+        flat.zero_grad()
+        closure(Stage(1, 0, (0, 1), False))
+
+    def eval_pen():
+        flat.zero_grad()
+        out = closure(Stage(0, 0, (0, 1), True))
+        (out["penalty"] * st.penalty_weight).backward(inputs=flat.parameters(0))
+
+    t_plain = record("eval", eval_plain, "one gradient evaluation")
+    t_pen = record("eval+pen", eval_pen, "stage-1 evaluation with the penalty")
+    rows.append(
+        {
+            "model": name,
+            "batch": batch,
+            "variant": "parts",
+            "median_ms": 3 * t_plain + t_pen,
+            "p20_ms": float("nan"),
+            "p80_ms": float("nan"),
+            "peak_MB": float("nan"),
+            "note": "3 x eval + eval+pen",
+            **env,
+        }
+    )
+
+    if is_cuda:
+        D, G, real, z = make_models(name, device, batch)
+        flat_g, st_g = stepper_for(D, G, cuda_graph=True)
+        closure_g = closure_for(D, G, real, z)
+        for _ in range(4):  # warm-up and capture, outside the timing
+            st_g.step(closure_g)
+        record("graph", lambda: st_g.step(closure_g))
+
+        def eval_plain_g():
+            flat_g.zero_grad()
+            closure_g(Stage(1, 0, (0, 1), False))
+
+        def eval_pen_g():
+            flat_g.zero_grad()
+            out = closure_g(Stage(0, 0, (0, 1), True))
+            (out["penalty"] * st_g.penalty_weight).backward(inputs=flat_g.parameters(0))
+
+        tp = record("eval_g", graphed(eval_plain_g, device), "one evaluation, own graph")
+        tq = record("eval+pen_g", graphed(eval_pen_g, device), "penalty evaluation, own graph")
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "variant": "parts_g",
+                "median_ms": 3 * tp + tq,
+                "p20_ms": float("nan"),
+                "p80_ms": float("nan"),
+                "peak_MB": float("nan"),
+                "note": "3 x eval_g + eval+pen_g",
+                **env,
+            }
+        )
+
+    # (d) torch.compile: compiled modules in our stepper
+    D, G, real, z = make_models(name, device, batch)
+    flat_c, st_c = stepper_for(D, G)
+    Dc, Gc = torch.compile(D), torch.compile(G)
+    try:
+        cl = closure_for(Dc, Gc, real, z)
+        st_c.step(cl)
+        record("compile", lambda: st_c.step(cl), "double backward through compiled modules")
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:120]
+        print(f"{name:5s} compile    double backward failed: {first}", flush=True)
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "variant": "compile",
+                "median_ms": float("nan"),
+                "p20_ms": float("nan"),
+                "p80_ms": float("nan"),
+                "peak_MB": float("nan"),
+                "note": f"double backward fails: {first}",
+                **env,
+            }
+        )
+        D, G, real, z = make_models(name, device, batch)
+        flat_c, st_c = stepper_for(D, G)
+        Dc, Gc = torch.compile(D), torch.compile(G)
+        cl = closure_for(Dc, Gc, real, z, penalty_method="finite_difference")
+        st_c.step(cl)
+        record("compile_fd", lambda: st_c.step(cl), "compiled modules, finite-difference penalty")
+
+    # (f) Adam and Euler on the same model
+    D, G, real, z = make_models(name, device, batch)
+    flat_a = FlatParams([D, G])
+    adam = torch.optim.Adam(flat_a.parameters(), lr=1e-4, betas=(0.5, 0.999), fused=is_cuda or None)
+
+    def adam_step():
+        flat_a.zero_grad()
+        game_gradients(D, G, real[0], z[0])
+        adam.step()
+
+    record("adam", adam_step)
+    D, G, real, z = make_models(name, device, batch)
+    flat_e, st_e = stepper_for(D, G, method="euler")
+    cl_e = closure_for(D, G, real, z)
+    record("euler", lambda: st_e.step(cl_e))
+    sync(device)
+
+
+def report(rows: list[dict], out: Path, env: dict) -> None:
+    md = [
+        f"# Step benchmark\n\n{env['device']} · torch {env['torch']} · triton {env['triton']} · {env['date']}\n",
+        f"Command: `{env['command']}`\n",
+        markdown_table(rows, ["model", "batch", "variant", "median_ms", "p20_ms", "p80_ms", "peak_MB", "note"]),
+        "\n## Ratios (same run)\n",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        t = {r["variant"]: r["median_ms"] for r in rows if r["model"] == model}
+
+        def ratio(a, b, what):
+            if a in t and b in t and t[a] == t[a] and t[b] == t[b]:
+                md.append(f"- {model}: {what}: {t[a] / t[b]:.3f}")
+
+        ratio("ours", "parts", "eager step / sum of its parts (overhead ratio, eager)")
+        ratio("graph", "parts_g", "graph step / sum of its parts each in its own graph (target <= 1.05)")
+        ratio("naive", "ours", "straightforward eager RK4 / ours eager (speed-up)")
+        ratio("naive", "graph", "straightforward eager RK4 / ours with the graph (speed-up)")
+        ratio("compile", "graph", "torch.compile / ours with the graph")
+        ratio("compile_fd", "ours", "torch.compile (FD penalty) / ours eager")
+        ratio("ours", "adam", "ODE RK4 step / Adam step")
+        ratio("euler", "adam", "ODE Euler step / Adam step")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4))
+        axes = [axes] if len(models) == 1 else axes
+        for ax, m in zip(axes, models):
+            rs = [r for r in rows if r["model"] == m and r["median_ms"] == r["median_ms"]]
+            ax.barh([r["variant"] for r in rs], [r["median_ms"] for r in rs])
+            ax.set_xlabel("ms per call (median)")
+            ax.set_title(f"{m} (batch {rs[0]['batch']})")
+        fig.suptitle(env["device"])
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=80)
+        plt.close(fig)
+    except Exception as exc:
+        print(f"plot skipped: {exc}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default="mlp,dcgan")
+    ap.add_argument("--dcgan-batch", type=int, default=None)
+    ap.add_argument("--rep-ms", type=float, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1 if args.models == "mlp" else torch.get_num_threads())
+    env = environment(device)
+    rows: list[dict] = []
+    rep = args.rep_ms or (300 if device.type == "cuda" else 1500)
+    for m in args.models.split(","):
+        batch = 512 if m == "mlp" else (args.dcgan_batch or (64 if device.type == "cuda" else 8))
+        run_model(m, device, batch, rows, env, rep)
+    out = Path(args.out) if args.out else RESULTS / f"step_{device.type}.csv"
+    append_csv(out, rows)
+    report(rows, out, env)
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
