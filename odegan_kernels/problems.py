@@ -142,9 +142,11 @@ def plot_2d_samples(samples: torch.Tensor, centres: torch.Tensor, path: Path, ti
     axes[0].scatter(s[:, 0], s[:, 1], s=2, alpha=0.4)
     axes[0].scatter(c[:, 0], c[:, 1], s=20, c="red", marker="x")
     axes[0].set_title("samples")
+    from matplotlib.colors import PowerNorm
+
     finite = s[(abs(s) < 10).all(1)]
-    axes[1].hist2d(finite[:, 0], finite[:, 1], bins=120, range=[lim, lim], cmap="magma")
-    axes[1].set_title("density")
+    axes[1].hist2d(finite[:, 0], finite[:, 1], bins=60, range=[lim, lim], cmap="magma", norm=PowerNorm(0.4))
+    axes[1].set_title("density (gamma 0.4)")
     for ax in axes:
         ax.set_xlim(*lim)
         ax.set_ylim(*lim)

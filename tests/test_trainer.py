@@ -94,7 +94,7 @@ def test_cli_main_job_end_to_end(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "odegan_kernels.cli",
+        "odegan_kernels",
         "train",
         "mog",
         "--steps",
