@@ -22,7 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, append_csv, bench, environment, markdown_table, sync  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS,
+    append_csv,
+    bench,
+    environment,
+    markdown_table,
+    save_figure,
+    sync,
+)
 from odegan_kernels import ops  # noqa: E402
 from odegan_kernels.integrators import TABLEAUS, compile_tableau  # noqa: E402
 
@@ -216,10 +224,7 @@ def write_report(rows: list[dict], out: Path, env: dict) -> None:
             ax.set_xlabel("P (fp32 elements)")
             ax.set_ylabel("GB/s")
             ax.legend(fontsize=7)
-        fig.suptitle(env["device"])
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=80)
-        plt.close(fig)
+        save_figure(fig, out.with_suffix(".png"), env["device"])
     except Exception as exc:
         print(f"plot skipped: {exc}")
 

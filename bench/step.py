@@ -24,7 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, append_csv, bench, environment, markdown_table, sync  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS,
+    append_csv,
+    bench,
+    environment,
+    markdown_table,
+    save_figure,
+    sync,
+)
 from odegan_kernels import FlatParams, ODEStepper, game_gradients  # noqa: E402
 from odegan_kernels.integrators import Stage  # noqa: E402
 from odegan_kernels.losses import d_loss, g_loss  # noqa: E402
@@ -305,10 +313,7 @@ def report(rows: list[dict], out: Path, env: dict) -> None:
             ax.barh([r["variant"] for r in rs], [r["median_ms"] for r in rs])
             ax.set_xlabel("ms per call (median)")
             ax.set_title(f"{m} (batch {rs[0]['batch']})")
-        fig.suptitle(env["device"])
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=80)
-        plt.close(fig)
+        save_figure(fig, out.with_suffix(".png"), env["device"])
     except Exception as exc:
         print(f"plot skipped: {exc}")
 
