@@ -77,3 +77,18 @@ def test_csrc_checks_its_own_arguments():
         torch.ops.odegan_kernels.sqnorm([])
     with pytest.raises(RuntimeError, match=r"tensors\[1\] is Double"):
         torch.ops.odegan_kernels.sqnorm([torch.ones(2), torch.ones(2, dtype=torch.float64)])
+
+
+@pytest.mark.skipif(TRITON is not None, reason=f"triton backend unavailable: {TRITON}")
+def test_triton_sqnorm_capture_path_equals_table_path():
+    """The per-tensor launches used under CUDA-graph capture give exactly the table path's result."""
+    from odegan_kernels.ops.triton_kernels import SQ_CHUNK, _launch_sqnorm
+
+    from .conftest import DEVICE
+
+    gen = torch.Generator().manual_seed(3)
+    ts = [torch.randn(n, generator=gen).to(DEVICE) for n in (1, 17, SQ_CHUNK, SQ_CHUNK + 5, 3 * SQ_CHUNK - 1)]
+    a = _launch_sqnorm(ts, per_tensor=False)
+    b = _launch_sqnorm(ts, per_tensor=True)
+    assert torch.equal(a, b)
+    assert torch.allclose(a.double(), sum(t.double().square().sum() for t in ts), rtol=1e-6)

@@ -120,6 +120,20 @@ if triton is not None:
         tl.store(part_ptr + pid, tl.sum(total, axis=0))
 
     @triton.jit
+    def _sqnorm_one_kernel(x_ptr, n, part_ptr, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        # one tensor, one program per CHUNK: the capture-safe path (no address table to build)
+        pid = tl.program_id(0).to(tl.int64)
+        if IS_F64:
+            total = tl.zeros([BLOCK], dtype=tl.float64)
+        else:
+            total = tl.zeros([BLOCK], dtype=tl.float32)
+        for it in tl.static_range(ITERS):
+            offs = pid * (BLOCK * ITERS) + it * BLOCK + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+            total += x * x
+        tl.store(part_ptr + pid, tl.sum(total, axis=0))
+
+    @triton.jit
     def _sum_kernel(part_ptr, out_ptr, m, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
         # one program, fixed order: the result does not depend on scheduling (deterministic)
         if IS_F64:
@@ -209,21 +223,36 @@ def _chunk_table(tensors) -> tuple[torch.Tensor, torch.Tensor]:
     return hit
 
 
-def _launch_sqnorm(tensors) -> torch.Tensor:
+def _launch_sqnorm(tensors, per_tensor: bool | None = None) -> torch.Tensor:
+    """Partial sums per CHUNK, then one fixed-order sum (deterministic).
+
+    Partials come from one launch over an address table or, while a CUDA graph is being captured (where a
+    new table would need a host copy), from one launch per tensor with its pointer as an argument.
+    """
     tensors = [t for t in tensors if t.numel() > 0]
     dtype = tensors[0].dtype if tensors else torch.float32
     out = torch.zeros((), dtype=dtype, device=tensors[0].device if tensors else None)
     if not tensors:
         return out
-    addrs, lens = _chunk_table(tensors)
-    m = addrs.numel()
-    partials = torch.empty(m, dtype=dtype, device=out.device)
-    _sqnorm_partials_kernel[(m,)](
-        addrs, lens, partials, IS_F64=dtype == torch.float64, BLOCK=SQ_BLOCK, ITERS=SQ_ITERS, num_warps=4
-    )
-    _sum_kernel[(1,)](
-        partials, out, m, IS_F64=dtype == torch.float64, BLOCK=1024, ITERS=triton.cdiv(m, 1024), num_warps=4
-    )
+    if per_tensor is None:
+        per_tensor = out.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    is_f64 = dtype == torch.float64
+    if per_tensor:
+        chunks = [triton.cdiv(t.numel(), SQ_CHUNK) for t in tensors]
+        m = sum(chunks)
+        partials = torch.empty(m, dtype=dtype, device=out.device)
+        start = 0
+        for t, c in zip(tensors, chunks):
+            _sqnorm_one_kernel[(c,)](
+                t, t.numel(), partials[start:], IS_F64=is_f64, BLOCK=SQ_BLOCK, ITERS=SQ_ITERS, num_warps=4
+            )
+            start += c
+    else:
+        addrs, lens = _chunk_table(tensors)
+        m = addrs.numel()
+        partials = torch.empty(m, dtype=dtype, device=out.device)
+        _sqnorm_partials_kernel[(m,)](addrs, lens, partials, IS_F64=is_f64, BLOCK=SQ_BLOCK, ITERS=SQ_ITERS, num_warps=4)
+    _sum_kernel[(1,)](partials, out, m, IS_F64=is_f64, BLOCK=1024, ITERS=triton.cdiv(m, 1024), num_warps=4)
     return out
 
 
