@@ -87,6 +87,9 @@ class ImageProblem(Problem):
         seed: int = 0,
         device="cpu",
         workers: int = 2,
+        fid_real: str | None = None,
+        fid_samples: int = 10_000,
+        inception_weights: str | None = None,
     ) -> None:
         from .data import image_loader
         from .models.dcgan import DCGANDiscriminator, DCGANGenerator
@@ -99,6 +102,7 @@ class ImageProblem(Problem):
         self._it = None
         self.epoch = 0
         self.seed = seed
+        self.fid = dict(real=fid_real, num_samples=fid_samples, weights=inception_weights)
 
     def real_batch(self, n, generator):
         while True:
@@ -124,6 +128,27 @@ class ImageProblem(Problem):
     def load_state_dict(self, state):
         self.epoch = int(state.get("epoch", 0))
         self._it = None
+
+    @torch.no_grad()
+    def evaluate(self, samples):
+        """FID and IS against ``fid_real`` when it is set (torch-fidelity, imported only then)."""
+        if not self.fid["real"]:
+            return {}
+        from .metrics import fid_is
+
+        was = self.G.training
+        self.G.eval()  # BN running statistics, as the reference evaluates
+        try:
+            z_dim = self.z_dim
+            return fid_is(
+                lambda n: self.G(torch.randn(n, z_dim, device=self.device)),
+                self.fid["real"],
+                num_samples=self.fid["num_samples"],
+                device=self.device,
+                feature_extractor_weights_path=self.fid["weights"],
+            )
+        finally:
+            self.G.train(was)
 
     def plot(self, samples, path, title=""):
         plot_image_grid(samples, path, title)
@@ -186,5 +211,16 @@ def build_problem(name: str, cfg) -> Problem:
     if name in ("cifar10", "imagefolder"):
         if not cfg.data:
             raise ValueError(f"problem {name!r} needs --data PATH (a local folder; nothing is downloaded)")
-        return ImageProblem(cfg.data, name, cfg.z_dim, cfg.batch, seed=cfg.seed, device=cfg.device, workers=cfg.workers)
+        return ImageProblem(
+            cfg.data,
+            name,
+            cfg.z_dim,
+            cfg.batch,
+            seed=cfg.seed,
+            device=cfg.device,
+            workers=cfg.workers,
+            fid_real=cfg.fid_real,
+            fid_samples=cfg.fid_samples,
+            inception_weights=cfg.inception_weights,
+        )
     raise ValueError(f"unknown problem {name!r}; choose mog, dirac, cifar10 or imagefolder")

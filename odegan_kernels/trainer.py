@@ -50,6 +50,9 @@ class Config:
     cuda_graph: bool = False  # capture the whole ODE step in one CUDA graph (CUDA only)
     data: str | None = None
     workers: int = 2
+    fid_real: str | None = None  # image problems: real images (folder or torch-fidelity input) for FID/IS
+    fid_samples: int = 10_000
+    inception_weights: str | None = None  # a local copy of torch-fidelity's Inception weights (offline)
     eval_every: int = 2_000
     eval_samples: int = 5_120
     log_every: int = 100
