@@ -339,7 +339,13 @@ class ODEStepper:
         if self._versions is None or self._param_versions() != self._versions:
             self.sync()
         self._refresh_coeffs()  # outside any graph: replays read the coefficient tensor
-        first = self.graph(closure) if self.graph is not None else self._run_stages(closure)
+        try:
+            first = self.graph(closure) if self.graph is not None else self._run_stages(closure)
+        except BaseException:
+            # A failure or Ctrl-C mid-step leaves params at a stage point; x0 still holds the step's start
+            # (only the last stage op overwrites it), so put the parameters back there.
+            self.flat.params.copy_(self.x0)
+            raise
         self.steps += 1
         self._versions = self._param_versions()
         return first

@@ -297,6 +297,20 @@ class Trainer:
         return {"step": self.step, **self.problem.evaluate(self.samples())}
 
     # -- checkpoints -----------------------------------------------------------------------------------
+    def rng_state(self) -> dict:
+        cuda = self.flat.device.type == "cuda"
+        return {
+            "data": self.data_gen.get_state(),
+            "z": self.z_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state(self.flat.device) if cuda else None,
+        }
+
+    def set_rng_state(self, rng: dict) -> None:
+        self.data_gen.set_state(rng["data"])
+        self.z_gen.set_state(rng["z"])
+        if rng.get("cuda") is not None and self.flat.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.flat.device)
+
     def state_dict(self) -> dict:
         return {
             "step": self.step,
@@ -304,11 +318,7 @@ class Trainer:
             "G": self.G.state_dict(),
             "opt": self.opt.state_dict(),
             "problem": self.problem.state_dict(),
-            "rng": {
-                "data": self.data_gen.get_state(),
-                "z": self.z_gen.get_state(),
-                "cuda": torch.cuda.get_rng_state(self.flat.device) if self.flat.device.type == "cuda" else None,
-            },
+            "rng": self.rng_state(),
             "config": dataclasses.asdict(self.cfg),
         }
 
@@ -325,10 +335,7 @@ class Trainer:
         self.flat.check_modules(self.D, self.G)
         self.opt.load_state_dict(state["opt"])
         self.problem.load_state_dict(state.get("problem", {}))
-        self.data_gen.set_state(state["rng"]["data"])
-        self.z_gen.set_state(state["rng"]["z"])
-        if state["rng"].get("cuda") is not None and self.flat.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.flat.device)
+        self.set_rng_state(state["rng"])
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> Path:
@@ -370,8 +377,10 @@ class Trainer:
         )
         result: dict = {}
         acc: dict[str, torch.Tensor] = {}
+        rng_before = self.rng_state()
         try:
             while self.step < cfg.steps:
+                rng_before = self.rng_state()  # an interrupted step is replayed exactly on resume
                 stats = self.train_step()
                 for k, v in stats.items():
                     if isinstance(v, torch.Tensor):
@@ -410,6 +419,12 @@ class Trainer:
                 ):
                     self.save_checkpoint()
                     last_ckpt = time.monotonic()
+        except KeyboardInterrupt:
+            # the interrupted step was rolled back by the stepper: save what the completed steps reached
+            bar.write(f"interrupted at step {self.step}: saving {self.out / 'checkpoint.pt'}")
+            self.set_rng_state(rng_before)
+            self.save_checkpoint()
+            raise
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0

@@ -238,3 +238,28 @@ def test_state_dict_round_trip_and_mismatch():
     with pytest.raises(ValueError, match="method='rk4' but this stepper has method='heun'"):
         ODEStepper(flat, "heun").load_state_dict(st.state_dict())
     assert math.isclose(ODEStepper(flat, "rk4", reg=0.02).penalty_weight, 0.12)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_interrupted_step_leaves_the_parameters_at_the_step_start(exc):
+    """A closure that fails mid-step (or Ctrl-C) must not leave the parameters at an RK stage point."""
+    A = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    y, flat, closure = linear_setup(A, torch.tensor([1.0, 0.5], dtype=torch.float64))
+    st = ODEStepper(flat, "rk4", h=0.1)
+    st.step(closure)
+    before = y.detach().clone()
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 3:
+            raise exc("data loader died")
+        closure()
+
+    with pytest.raises(exc, match="data loader died"):
+        st.step(failing)
+    assert torch.equal(y.detach(), before)
+    assert st.steps == 1
+    st.step(closure)  # and the next step starts from there
+    expected = dense_step_matrix(TABLEAUS["rk4"], A, 0.1) @ before
+    assert torch.allclose(y.detach(), expected, atol=1e-14)

@@ -227,3 +227,27 @@ def test_fid_evaluation_hands_torch_fidelity_real_samples(tmp_path, monkeypatch)
     assert 0 <= seen["lo"] < seen["hi"] <= 255
     assert seen["real"] == str(tmp_path / "real") and seen["fid"] and seen["isc"]
     assert seen["feature_extractor_weights_path"] == str(tmp_path / "weights.pth")
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
+    cfg = make_config("mog", steps=40, out=str(tmp_path), **{**FAST, "ckpt_every": 1000})
+    tr = Trainer(cfg)
+    inner = tr.closure
+
+    def interrupt_at_step_13(stage):
+        if tr.step == 13 and stage.index == 2:
+            raise KeyboardInterrupt
+        return inner(stage)
+
+    tr.closure = interrupt_at_step_13
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 13
+    # resuming from it reaches the same parameters as a run that was never interrupted
+    Trainer(make_config("mog", steps=40, out=str(tmp_path), **FAST)).run()
+    a = Trainer(make_config("mog", steps=40, out=str(tmp_path / "ref"), **FAST))
+    a.run()
+    b = Trainer(make_config("mog", steps=40, out=str(tmp_path), **FAST))
+    b.maybe_resume()
+    assert b.step == 40 and torch.equal(a.flat.params, b.flat.params)
