@@ -339,7 +339,13 @@ class Trainer:
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> Path:
+        """Write checkpoint.pt atomically; never over a good checkpoint with non-finite parameters."""
         path = self.out / "checkpoint.pt"
+        if not bool(torch.isfinite(self.flat.params).all()):
+            raise NonFiniteError(
+                f"non-finite parameters at step {self.step}; kept the last good checkpoint {path}. "
+                "Lower the step size h or raise reg."
+            )
         atomic_save(self.state_dict(), path)
         return path
 
@@ -428,6 +434,8 @@ class Trainer:
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
+        if not result:  # resumed at or past cfg.steps: nothing ran, still report where the run stands
+            result = self.evaluate()
         summary = {**result, "seconds": elapsed, "steps_per_s": (self.step - s0) / max(elapsed, 1e-9)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_metrics(self.out)

@@ -251,3 +251,20 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     b = Trainer(make_config("mog", steps=40, out=str(tmp_path), **FAST))
     b.maybe_resume()
     assert b.step == 40 and torch.equal(a.flat.params, b.flat.params)
+
+
+def test_checkpoint_refuses_non_finite_parameters(tmp_path):
+    tr = Trainer(make_config("mog", steps=10, out=str(tmp_path), **FAST))
+    tr.run()
+    good = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    tr.flat.params[3] = float("nan")
+    with pytest.raises(NonFiniteError, match="kept the last good checkpoint"):
+        tr.save_checkpoint()
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert kept["step"] == good["step"] and all(torch.equal(kept["D"][k], good["D"][k]) for k in good["D"])
+
+
+def test_rerun_of_a_finished_run_reports_its_metrics(tmp_path):
+    Trainer(make_config("mog", steps=10, out=str(tmp_path), **FAST)).run()
+    summary = Trainer(make_config("mog", steps=10, out=str(tmp_path), **FAST)).run()
+    assert summary["step"] == 10 and "modes" in summary
