@@ -31,7 +31,7 @@ echo "build: $(( $(date +%s) - t0 )) s"
 echo "== tests on the GPU"
 t0=$(date +%s)
 ODEGAN_SKIP_CSRC_BUILD=1 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
-  $PY -m pytest -q -p no:cacheprovider -k "not test_cmake_build" tests 2>&1 | tail -40 || status=1
+  $PY -m pytest -q -p no:cacheprovider -m "not slow" tests 2>&1 | tail -40 || status=1
 echo "tests: $(( $(date +%s) - t0 )) s"
 
 echo "== kernel benchmark"

@@ -263,3 +263,33 @@ def test_interrupted_step_leaves_the_parameters_at_the_step_start(exc):
     st.step(closure)  # and the next step starts from there
     expected = dense_step_matrix(TABLEAUS["rk4"], A, 0.1) @ before
     assert torch.allclose(y.detach(), expected, atol=1e-14)
+
+
+def _integrator_buffers(st: ODEStepper) -> int:
+    """Elements the stepper holds beyond the model's params and grads (coefficients excluded)."""
+    held = [st.x0, st.acc, st._reg_buf, *(st._scratch or ())]
+    return sum(t.numel() for t in held if t is not None)
+
+
+@pytest.mark.parametrize(
+    "coupling,penalty,expected",
+    [
+        ("joint", "first_stage", 2),  # the CIFAR-10 default: x0 and acc, nothing else
+        ("joint", "after_step", 2),  # + D's regulariser gradient (D-sized)
+        ("decoupled", "after_step", 4),  # + a stage-point copy and a gradient stash
+    ],
+)
+def test_integrator_memory(coupling, penalty, expected):
+    M, th, ph = _bilinear_game()
+    flat = FlatParams([[th], [ph]], dtype=torch.float64)
+    st = ODEStepper(flat, "rk4", h=0.1, reg=0.1, penalty=penalty, coupling=coupling)
+
+    def closure(stage):
+        th.grad.copy_(M @ ph.detach())
+        ph.grad.copy_(-(M.T @ th.detach()))
+        return {"penalty_grad": [torch.zeros_like(th)]} if stage.penalty else {}
+
+    st.step(closure)
+    n, d = flat.numel, flat.segment(0)[1]
+    extra = d if penalty == "after_step" else 0
+    assert _integrator_buffers(st) == expected * n + extra
