@@ -150,21 +150,26 @@ def write_cifar10(root, n=128):
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
 
 
+def tiny_cifar10_config(tmp_path, **overrides):
+    """The cifar10 preset on write_cifar10's data: batch 8, CPU, no loader workers, fast logging."""
+    opts = {
+        **FAST,
+        "eval_samples": 16,
+        "data": str(tmp_path / "data"),
+        "device": "cpu",
+        "batch": 8,
+        "workers": 0,
+        "out": str(tmp_path / "run"),
+        "threads": 2,
+        **overrides,
+    }
+    return make_config("cifar10", **opts)
+
+
 def test_cifar10_training_from_local_files(tmp_path):
     pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
     write_cifar10(tmp_path / "data")
-    cfg = make_config(
-        "cifar10",
-        data=str(tmp_path / "data"),
-        device="cpu",
-        steps=2,
-        batch=8,
-        out=str(tmp_path / "run"),
-        workers=0,
-        eval_samples=16,
-        threads=2,
-        **{k: v for k, v in FAST.items() if k != "eval_samples"},
-    )
+    cfg = tiny_cifar10_config(tmp_path, steps=2)
     tr = Trainer(cfg)
     x = tr.problem.real_batch(8, tr.data_gen)
     assert x.shape == (8, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
@@ -206,20 +211,12 @@ def test_fid_evaluation_hands_torch_fidelity_real_samples(tmp_path, monkeypatch)
         return {"frechet_inception_distance": 12.5, "inception_score_mean": 3.25}
 
     monkeypatch.setattr(torch_fidelity, "calculate_metrics", calculate_metrics)
-    cfg = make_config(
-        "cifar10",
-        data=str(tmp_path / "data"),
-        device="cpu",
+    cfg = tiny_cifar10_config(
+        tmp_path,
         steps=1,
-        batch=8,
-        workers=0,
-        out=str(tmp_path / "run"),
         fid_real=str(tmp_path / "real"),
         fid_samples=37,
         inception_weights=str(tmp_path / "weights.pth"),
-        eval_samples=16,
-        threads=2,
-        **{k: v for k, v in FAST.items() if k != "eval_samples"},
     )
     result = Trainer(cfg).evaluate()
     assert result["fid"] == 12.5 and result["is"] == 3.25
