@@ -59,18 +59,36 @@ __global__ void stage_vec4_kernel(float* p, const float* g, float* x0, float* ac
     const int64_t i = 4 * v;
     float4 gk = reinterpret_cast<const float4*>(g)[v];
     float kv[4] = {gk.x, gk.y, gk.z, gk.w};
-    float av[4], bv[4], cv[4], dv[4];
+    float av[4], bv[4], cv[4], dv[4], ev[4];
+    const int s_first = segment_of(segs, i);
+    if (s_first == segment_of(segs, i + 3)) {  // the common case: one coefficient row for all four
+      const float* cf = coef + 5 * s_first;
+      const float a = __ldg(cf), b = __ldg(cf + 1), c = __ldg(cf + 2), d = __ldg(cf + 3), e = __ldg(cf + 4);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        av[j] = a; bv[j] = b; cv[j] = c; dv[j] = d; ev[j] = e;
+      }
+    } else {  // a segment boundary inside this vector
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float* cf = coef + 5 * segment_of(segs, i + j);
+        av[j] = __ldg(cf); bv[j] = __ldg(cf + 1); cv[j] = __ldg(cf + 2); dv[j] = __ldg(cf + 3); ev[j] = __ldg(cf + 4);
+      }
+    }
+    if (r != nullptr) {
+      if (i + 3 < rlen) {  // reg is 16-byte aligned too (checked on the host)
+        const float4 r4 = reinterpret_cast<const float4*>(r)[v];
+        kv[0] += ev[0] * r4.x; kv[1] += ev[1] * r4.y; kv[2] += ev[2] * r4.z; kv[3] += ev[3] * r4.w;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (i + j < rlen) kv[j] += ev[j] * r[i + j];
+        }
+      }
+    }
     bool read_acc = false;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float* cf = coef + 5 * segment_of(segs, i + j);
-      av[j] = __ldg(cf);
-      bv[j] = __ldg(cf + 1);
-      cv[j] = __ldg(cf + 2);
-      dv[j] = __ldg(cf + 3);
-      if (r != nullptr && i + j < rlen) kv[j] += __ldg(cf + 4) * r[i + j];
-      read_acc |= av[j] != 0.f;
-    }
+    for (int j = 0; j < 4; ++j) read_acc |= av[j] != 0.f;
     float accv[4] = {0.f, 0.f, 0.f, 0.f};
     if (read_acc) {  // stage 1 (a == 0) skips acc's read: a fifth of the traffic
       float4 a4 = reinterpret_cast<const float4*>(acc)[v];

@@ -50,6 +50,42 @@ def launch_settings(n: int) -> tuple[int, int]:
 if triton is not None:
 
     @triton.jit
+    def _stage_block(
+        p_ptr,
+        g_ptr,
+        x0_ptr,
+        acc_ptr,
+        r_ptr,
+        r_len,
+        offs,
+        mask,
+        a,
+        b,
+        c,
+        d,
+        e,
+        HAS_REG: tl.constexpr,
+        WRITE_X0: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # a..e are scalars (the block lies in one segment) or per-element blocks (it straddles a boundary)
+        k = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        if HAS_REG:
+            r = tl.load(r_ptr + offs, mask=mask & (offs < r_len), other=0.0)
+            k = k + e * r
+        # acc is not read where a == 0 (stage 1): saves a fifth of the traffic there, and a stale or
+        # uninitialised acc cannot leak in.
+        read_acc = (a + tl.zeros([BLOCK], dtype=a.dtype)) != 0
+        acc = tl.load(acc_ptr + offs, mask=mask & read_acc, other=0.0)
+        acc = a * acc + b * k
+        x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0)
+        p = x0 + c * k + d * acc
+        tl.store(acc_ptr + offs, acc, mask=mask)
+        tl.store(p_ptr + offs, p, mask=mask)
+        if WRITE_X0:
+            tl.store(x0_ptr + offs, p, mask=mask)
+
+    @triton.jit
     def _stage_kernel(
         p_ptr,
         g_ptr,
@@ -66,39 +102,61 @@ if triton is not None:
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        first = pid * BLOCK
+        offs = first + tl.arange(0, BLOCK)
         mask = offs < n
-        if NSEG == 1:
-            a = tl.load(coef_ptr + 0)
-            b = tl.load(coef_ptr + 1)
-            c = tl.load(coef_ptr + 2)
-            d = tl.load(coef_ptr + 3)
-            e = tl.load(coef_ptr + 4)
+        # Segments are long against a block: find the segments of the block's first and last element
+        # (scalars) and use uniform coefficients unless the block straddles a boundary.
+        last = tl.minimum(first + BLOCK, n) - 1
+        s_first = 0
+        s_last = 0
+        for i in tl.static_range(1, NSEG):
+            start = tl.load(seg_ptr + i)
+            s_first += (first >= start).to(tl.int32)
+            s_last += (last >= start).to(tl.int32)
+        if s_first == s_last:
+            coef = coef_ptr + s_first * 5
+            _stage_block(
+                p_ptr,
+                g_ptr,
+                x0_ptr,
+                acc_ptr,
+                r_ptr,
+                r_len,
+                offs,
+                mask,
+                tl.load(coef),
+                tl.load(coef + 1),
+                tl.load(coef + 2),
+                tl.load(coef + 3),
+                tl.load(coef + 4),
+                HAS_REG,
+                WRITE_X0,
+                BLOCK,
+            )
         else:
             seg = tl.zeros([BLOCK], dtype=tl.int32)
             for i in tl.static_range(1, NSEG):
                 seg += (offs >= tl.load(seg_ptr + i)).to(tl.int32)
-            row = coef_ptr + seg * 5  # a 5-float row per segment: gathers hit the same cache line
-            a = tl.load(row + 0, mask=mask, other=0.0)
-            b = tl.load(row + 1, mask=mask, other=0.0)
-            c = tl.load(row + 2, mask=mask, other=0.0)
-            d = tl.load(row + 3, mask=mask, other=0.0)
-            e = tl.load(row + 4, mask=mask, other=0.0)
-        k = tl.load(g_ptr + offs, mask=mask, other=0.0)
-        if HAS_REG:
-            r = tl.load(r_ptr + offs, mask=mask & (offs < r_len), other=0.0)
-            k = k + e * r
-        # acc is not read where a == 0 (stage 1): saves a fifth of the traffic there, and a stale or
-        # uninitialised acc cannot leak in.
-        read_acc = (a + tl.zeros([BLOCK], dtype=a.dtype)) != 0  # a is a scalar when NSEG == 1
-        acc = tl.load(acc_ptr + offs, mask=mask & read_acc, other=0.0)
-        acc = a * acc + b * k
-        x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0)
-        p = x0 + c * k + d * acc
-        tl.store(acc_ptr + offs, acc, mask=mask)
-        tl.store(p_ptr + offs, p, mask=mask)
-        if WRITE_X0:
-            tl.store(x0_ptr + offs, p, mask=mask)
+            rows = coef_ptr + seg * 5  # a 5-value row per segment: the gathers hit one cache line
+            _stage_block(
+                p_ptr,
+                g_ptr,
+                x0_ptr,
+                acc_ptr,
+                r_ptr,
+                r_len,
+                offs,
+                mask,
+                tl.load(rows, mask=mask, other=0.0),
+                tl.load(rows + 1, mask=mask, other=0.0),
+                tl.load(rows + 2, mask=mask, other=0.0),
+                tl.load(rows + 3, mask=mask, other=0.0),
+                tl.load(rows + 4, mask=mask, other=0.0),
+                HAS_REG,
+                WRITE_X0,
+                BLOCK,
+            )
 
     @triton.jit
     def _sqnorm_partials_kernel(
