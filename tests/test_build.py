@@ -67,3 +67,21 @@ def test_cmake_build_with_cuda_kernels(tmp_path):
     """nvcc compiles csrc/cuda for sm_80 and sm_90 and the library links: CUDA code that does not compile
     fails here. (Running it needs a GPU: bench/gpu_check.sh.)"""
     assert "CUDA kernels registered: True" in _build(tmp_path, "--cuda")
+    sass = _sass(tmp_path / "build" / "libodegan_kernels_csrc.so")
+    if sass is not None:  # Triton's package carries cuobjdump
+        assert "sm_90" in sass
+        stage = sass[sass.index("stage_vec4_kernel") :]
+        stage = stage[: stage.find("Function :", 10)]
+        assert "LDG.E.128" in stage and "STG.E.128" in stage, "the float4 stage kernel lost its 16-byte accesses"
+
+
+def _sass(lib: Path) -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.is_file():
+        return None
+    res = subprocess.run([str(tool), "--dump-sass", str(lib)], capture_output=True, text=True, timeout=120)
+    return res.stdout if res.returncode == 0 else None
