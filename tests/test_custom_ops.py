@@ -5,6 +5,8 @@ import torch
 
 from odegan_kernels import ops
 
+from .conftest import DEVICE
+
 TRITON = ops.why_unavailable("triton")
 
 
@@ -12,9 +14,9 @@ TRITON = ops.why_unavailable("triton")
 def test_opcheck_triton_stage():
     gen = torch.Generator().manual_seed(0)
     n = 300
-    bufs = [torch.randn(n, generator=gen) for _ in range(4)]
-    coeffs = torch.randn(2, 5, generator=gen)
-    for reg, write in ((None, False), (torch.randn(120, generator=gen), True)):
+    bufs = [torch.randn(n, generator=gen).to(DEVICE) for _ in range(4)]
+    coeffs = torch.randn(2, 5, generator=gen).to(DEVICE)
+    for reg, write in ((None, False), (torch.randn(120, generator=gen).to(DEVICE), True)):
         torch.library.opcheck(
             torch.ops.odegan_kernels.triton_stage, (*[b.clone() for b in bufs], coeffs, [0, 100], reg, write)
         )
@@ -23,18 +25,22 @@ def test_opcheck_triton_stage():
 @pytest.mark.skipif(TRITON is not None, reason=f"triton backend unavailable: {TRITON}")
 def test_opcheck_triton_sqnorm():
     gen = torch.Generator().manual_seed(0)
-    ts = [torch.randn(s, generator=gen, requires_grad=True) for s in ((3, 4), (5000,), (1,))]
+    ts = [torch.randn(s, generator=gen).to(DEVICE).requires_grad_() for s in ((3, 4), (5000,), (1,))]
     torch.library.opcheck(torch.ops.odegan_kernels.triton_sqnorm, (ts,))
 
 
 @pytest.mark.skipif(TRITON is not None, reason=f"triton backend unavailable: {TRITON}")
 def test_triton_sqnorm_is_deterministic_and_handles_empty_tensors():
     gen = torch.Generator().manual_seed(0)
-    ts = [torch.randn(9000, generator=gen), torch.empty(0), torch.randn(33, generator=gen)]
+    ts = [
+        torch.randn(9000, generator=gen).to(DEVICE),
+        torch.empty(0, device=DEVICE),
+        torch.randn(33, generator=gen).to(DEVICE),
+    ]
     a = ops.sqnorm(ts, backend="triton")
     b = ops.sqnorm(ts, backend="triton")
     assert torch.equal(a, b)
-    assert torch.allclose(a, sum(t.double().square().sum() for t in ts).float(), rtol=1e-6)
+    assert torch.allclose(a.cpu(), sum(t.double().square().sum() for t in ts).float().cpu(), rtol=1e-6)
 
 
 CSRC = ops.why_unavailable("cuda")
@@ -83,8 +89,6 @@ def test_csrc_checks_its_own_arguments():
 def test_triton_sqnorm_capture_path_equals_table_path():
     """The per-tensor launches used under CUDA-graph capture give exactly the table path's result."""
     from odegan_kernels.ops.triton_kernels import SQ_CHUNK, _launch_sqnorm
-
-    from .conftest import DEVICE
 
     gen = torch.Generator().manual_seed(3)
     ts = [torch.randn(n, generator=gen).to(DEVICE) for n in (1, 17, SQ_CHUNK, SQ_CHUNK + 5, 3 * SQ_CHUNK - 1)]
