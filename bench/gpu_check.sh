@@ -4,8 +4,13 @@
 # the step benchmark, then print a short table. At most 7 files land in the results folder (the device
 # tool returns 8): gpu_check.log and the two benchmarks' csv/md/png.
 #
-#   bash bench/gpu_check.sh            # results into bench/results/gpu_<date>/ (or $OUT when set)
+#   bash bench/gpu_check.sh [all|tests|bench]   # results into bench/results/gpu_<date>/ (or $OUT when set)
+#
+# 'all' (the default) does everything; if one device call cannot hold it (10 minutes there), run 'tests'
+# and 'bench' as two calls: each builds csrc first (the build is not kept between machines).
 set -uo pipefail
+PART=${1:-all}
+case "$PART" in all|tests|bench) ;; *) echo "usage: bash bench/gpu_check.sh [all|tests|bench]"; exit 2;; esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=$(date -u +%Y%m%d-%H%M)
@@ -28,11 +33,15 @@ t0=$(date +%s)
 PYTHON=$PY bash csrc/build.sh --cuda > /tmp/odegan_build.log 2>&1 || { echo "csrc build FAILED"; tail -40 /tmp/odegan_build.log; status=1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 
+if [ "$PART" != bench ]; then
 echo "== tests on the GPU"
 t0=$(date +%s)
 ODEGAN_SKIP_CSRC_BUILD=1 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
   $PY -m pytest -q -p no:cacheprovider -m "not slow" tests 2>&1 | tail -40 || status=1
 echo "tests: $(( $(date +%s) - t0 )) s"
+fi
+
+if [ "$PART" != tests ]; then
 
 echo "== kernel benchmark"
 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
@@ -42,6 +51,8 @@ cat /tmp/odegan_kernels.log
 echo "== step benchmark"
 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
   $PY bench/step.py --device cuda --out "$DEST/step_cuda.csv" 2>&1 || status=1
+
+fi
 
 echo "== summary"
 grep -E "^(stage|rk4|sqnorm|copy) " /tmp/odegan_kernels.log | grep -E "P= *(1,000,000|8,388,608|100,000,000|1,000,000,000)"
