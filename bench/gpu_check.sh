@@ -26,7 +26,9 @@ import torch, triton, platform
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "triton", triton.__version__, "device", torch.cuda.get_device_name(0))
 PYEOF
-$PY -m pip install -q -e . --no-deps --no-build-isolation || status=1
+# Best effort: tests and benchmarks import the package from this source tree anyway (no registry there;
+# --no-build-isolation needs setuptools and wheel in the image).
+$PY -m pip install -q -e . --no-deps --no-build-isolation > /dev/null 2>&1 || echo "(editable install skipped: using the source tree)"
 
 echo "== build csrc (CMake, CUDA sm_80/sm_90)"
 t0=$(date +%s)
@@ -55,7 +57,8 @@ ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
 fi
 
 echo "== summary"
-grep -E "^(stage|rk4|sqnorm|copy) " /tmp/odegan_kernels.log | grep -E "P= *(1,000,000|8,388,608|100,000,000|1,000,000,000)"
+[ -f /tmp/odegan_kernels.log ] && grep -E "^(stage|rk4|sqnorm|copy) " /tmp/odegan_kernels.log |
+  grep -E "P= *(1,000,000|8,388,608|100,000,000|1,000,000,000)"
 tail -12 "$DEST/step_cuda.md" 2>/dev/null
 grep -A12 "^## Ratios" "$DEST/kernels_cuda.md" 2>/dev/null
 echo "results in $DEST (status $status)"
