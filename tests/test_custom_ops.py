@@ -96,3 +96,28 @@ def test_triton_sqnorm_capture_path_equals_table_path():
     b = _launch_sqnorm(ts, per_tensor=True)
     assert torch.equal(a, b)
     assert torch.allclose(a.double(), sum(t.double().square().sum() for t in ts), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if ops.why_unavailable(b) is None])
+def test_custom_ops_under_torch_compile(backend):
+    """A stage and a sqnorm inside torch.compile(fullgraph=True): no graph break, same result as eager."""
+    from odegan_kernels.ops import reference
+
+    gen = torch.Generator().manual_seed(0)
+    n, segs = 1000, [(0, 400), (400, 1000)]
+    g, x0, acc = (torch.randn(n, generator=gen).to(DEVICE) for _ in range(3))
+    coeffs = torch.randn(2, 5, generator=gen).to(DEVICE)
+    mod = __import__(f"odegan_kernels.ops.{'triton_kernels' if backend == 'triton' else 'cuda'}", fromlist=["x"])
+
+    def step(p, g, x0, acc, coeffs):
+        mod.stage(p, g, x0, acc, coeffs, segs, None, True)
+        return mod.sqnorm([p, acc])
+
+    want_p, want_x0, want_acc = torch.empty(n, device=DEVICE), x0.clone(), acc.clone()
+    reference.stage(want_p, g, want_x0, want_acc, coeffs, segs, write_x0=True)
+    p, x0c, accc = torch.full((n,), float("nan"), device=DEVICE), x0.clone(), acc.clone()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    out = compiled(p, g, x0c, accc, coeffs)
+    assert torch.allclose(p, want_p, atol=1e-6) and torch.allclose(accc, want_acc, atol=1e-6)
+    assert torch.allclose(x0c, want_p, atol=1e-6)
+    assert torch.allclose(out, reference.sqnorm([want_p, want_acc]), rtol=1e-5)
