@@ -165,6 +165,8 @@ class ODEStepper:
         backend: str = "auto",
         cuda_graph: bool = False,
         graph_warmup: int = 3,
+        distributed: bool = False,
+        process_group=None,
     ) -> None:
         self.flat = flat
         self.tableau = get_tableau(method)
@@ -213,6 +215,15 @@ class ODEStepper:
         self._versions = None
         self._scratch = None
         self._closure_takes_stage: dict[int, bool] = {}
+        self.distributed = distributed
+        self.process_group = process_group
+        if distributed:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    "distributed=True needs torch.distributed initialised first (torchrun, or dist.init_process_group)"
+                )
         self.graph = None
         if cuda_graph:
             from .graphs import StepGraph, check_capturable
@@ -367,6 +378,8 @@ class ODEStepper:
             else:
                 self._decoupled_gradients(closure, i)
                 out = None
+            if self.distributed:
+                self._average_across_ranks(last_stage=i == nstages - 1)
             if i == 0:
                 first = (
                     {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in (out or {}).items()}
@@ -386,6 +399,18 @@ class ODEStepper:
                 backend=self.backend,
             )
         return first
+
+    def _average_across_ranks(self, last_stage: bool) -> None:
+        """Data parallel: one all-reduce of the flat gradient buffer per stage (the regulariser already in
+        it), and of the after-step regulariser buffer once per step, averaged over the ranks."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size(self.process_group)
+        dist.all_reduce(self.flat.grads, group=self.process_group)
+        self.flat.grads.div_(world)
+        if last_stage and self._reg_buf is not None:
+            dist.all_reduce(self._reg_buf, group=self.process_group)
+            self._reg_buf.div_(world)
 
     def _decoupled_gradients(self, closure, i: int) -> None:
         """Each player's gradient at its own stage point with every other player at the step's start."""
