@@ -38,6 +38,8 @@ class Config:
     data_per_stage: str = "fresh"  # fresh | shared
     schedule: str = "constant"
     loss: str = "ns"
+    penalty_method: str = "double_backward"  # double_backward | finite_difference | jvp
+    autocast: bool = False  # bf16 forward/backward; parameters, gradients and stage math stay fp32
     lr: float = 1e-4  # adam / sgd
     betas: tuple[float, float] = (0.5, 0.999)
     steps: int = 30_000
@@ -67,6 +69,13 @@ class Config:
     def validate(self) -> None:
         if self.optimizer not in ("ode", "adam", "sgd"):
             raise ValueError(f"optimizer must be ode, adam or sgd, got {self.optimizer!r}")
+        from .losses import LOSSES
+        from .penalty import METHODS
+
+        if self.penalty_method not in METHODS:
+            raise ValueError(f"penalty_method must be one of {METHODS}, got {self.penalty_method!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.data_per_stage not in ("shared", "fresh"):
             raise ValueError(f"data_per_stage must be shared or fresh, got {self.data_per_stage!r}")
         for name in ("steps", "batch", "z_dim", "eval_every", "log_every", "eval_samples"):
@@ -264,6 +273,8 @@ class Trainer:
             players=stage.players,
             penalty=stage.penalty,
             fake=b["fake0"] if reuse else None,
+            penalty_method=cfg.penalty_method,
+            autocast=cfg.autocast,
         )
         if stage.index == 0:
             b["fake0"] = out["fake"]

@@ -265,3 +265,25 @@ def test_rerun_of_a_finished_run_reports_its_metrics(tmp_path):
     Trainer(make_config("mog", steps=10, out=str(tmp_path), **FAST)).run()
     summary = Trainer(make_config("mog", steps=10, out=str(tmp_path), **FAST)).run()
     assert summary["step"] == 10 and "modes" in summary
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"penalty_method": "finite_difference"},
+        {"penalty_method": "jvp"},
+        {"autocast": True},
+        {"loss": "hinge"},
+        {"loss": "wasserstein"},
+    ],
+)
+def test_trainer_options_run(tmp_path, opts):
+    summary = Trainer(make_config("mog", steps=10, out=str(tmp_path), **FAST, **opts)).run()
+    assert summary["finite"] and summary["step"] == 10
+
+
+def test_bad_penalty_method_and_loss():
+    with pytest.raises(ValueError, match="penalty_method must be one of"):
+        make_config("mog", penalty_method="guess")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        make_config("mog", loss="l2")
