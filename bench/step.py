@@ -36,9 +36,18 @@ from bench.common import (  # noqa: E402
 from odegan_kernels import FlatParams, ODEStepper, game_gradients  # noqa: E402
 from odegan_kernels.integrators import Stage  # noqa: E402
 from odegan_kernels.losses import d_loss, g_loss  # noqa: E402
-from odegan_kernels.models import DCGANDiscriminator, DCGANGenerator, mog_pair  # noqa: E402
+from odegan_kernels.models import (  # noqa: E402
+    DCGANDiscriminator,
+    DCGANGenerator,
+    ResNetDiscriminator,
+    ResNetGenerator,
+    mog_pair,
+)
 
-H, LAM = 0.04, 0.02
+# The CIFAR-10 reference's step size during its first 500 steps (h/4 of 0.04), and its lambda. At the full
+# h a randomly initialised pair on random data diverges within tens of steps (measured for the ResNet),
+# and a benchmark must not time non-finite arithmetic.
+H, LAM = 0.04 / 4, 0.02
 
 
 def make_models(name: str, device, batch: int):
@@ -47,6 +56,11 @@ def make_models(name: str, device, batch: int):
         D, G = mog_pair()
         real = torch.randn(4, batch, 2, generator=gen)
         z = torch.randn(4, batch, 32, generator=gen)
+    elif name == "resnet":
+        torch.manual_seed(0)
+        D, G = ResNetDiscriminator(), ResNetGenerator()
+        real = torch.rand(4, batch, 3, 32, 32, generator=gen) * 2 - 1
+        z = torch.randn(4, batch, 128, generator=gen)
     else:
         torch.manual_seed(0)
         D, G = DCGANDiscriminator(), DCGANGenerator()
@@ -122,28 +136,9 @@ def graphed(fn, device, warmup=3):
 def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: float) -> None:
     is_cuda = device.type == "cuda"
 
-    def record(variant, fn, note=""):
-        if is_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            med, p20, p80 = bench(fn, device, warmup_ms=rep_ms / 4, rep_ms=rep_ms)
-        except Exception as exc:
-            print(f"{name:5s} {variant:10s} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
-            rows.append(
-                {
-                    "model": name,
-                    "batch": batch,
-                    "variant": variant,
-                    "median_ms": float("nan"),
-                    "p20_ms": float("nan"),
-                    "p80_ms": float("nan"),
-                    "peak_MB": float("nan"),
-                    "note": f"failed: {type(exc).__name__}",
-                    **env,
-                }
-            )
-            return float("nan")
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if is_cuda else float("nan")
+    nan = float("nan")
+
+    def row(variant, med=nan, p20=nan, p80=nan, peak=nan, note=""):
         rows.append(
             {
                 "model": name,
@@ -157,16 +152,31 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
                 **env,
             }
         )
+
+    def record(variant, fn, note="", params=None):
+        """Time fn; params (optional): tensors that must still be finite afterwards, or the timing is void."""
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            med, p20, p80 = bench(fn, device, warmup_ms=rep_ms / 4, rep_ms=rep_ms)
+        except Exception as exc:
+            print(f"{name:5s} {variant:10s} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
+            row(variant, note=f"failed: {type(exc).__name__}")
+            return nan
+        if params is not None and not all(bool(torch.isfinite(p).all()) for p in params):
+            note = (note + "; " if note else "") + "DIVERGED: timed non-finite arithmetic"
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if is_cuda else nan
+        row(variant, med, p20, p80, peak, note)
         print(f"{name:5s} {variant:10s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}]  peak {peak:8.1f} MB {note}", flush=True)
         return med
 
     D, G, real, z = make_models(name, device, batch)
-    record("naive", lambda: naive_step(D, G, real, z))
+    record("naive", lambda: naive_step(D, G, real, z), params=list(D.parameters()) + list(G.parameters()))
 
     D, G, real, z = make_models(name, device, batch)
     flat, st = stepper_for(D, G)
     closure = closure_for(D, G, real, z)
-    record("ours", lambda: st.step(closure))
+    record("ours", lambda: st.step(closure), params=[flat.params])
 
     # (e) the parts, eager: 3 plain evaluations + 1 with the penalty (and its backward into D's grads)
     def eval_plain():
@@ -180,19 +190,7 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
 
     t_plain = record("eval", eval_plain, "one gradient evaluation")
     t_pen = record("eval+pen", eval_pen, "stage-1 evaluation with the penalty")
-    rows.append(
-        {
-            "model": name,
-            "batch": batch,
-            "variant": "parts",
-            "median_ms": 3 * t_plain + t_pen,
-            "p20_ms": float("nan"),
-            "p80_ms": float("nan"),
-            "peak_MB": float("nan"),
-            "note": "3 x eval + eval+pen",
-            **env,
-        }
-    )
+    row("parts", 3 * t_plain + t_pen, note="3 x eval + eval+pen")
 
     if is_cuda:
         D, G, real, z = make_models(name, device, batch)
@@ -200,7 +198,7 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
         closure_g = closure_for(D, G, real, z)
         for _ in range(4):  # warm-up and capture, outside the timing
             st_g.step(closure_g)
-        record("graph", lambda: st_g.step(closure_g))
+        record("graph", lambda: st_g.step(closure_g), params=[flat_g.params])
 
         def eval_plain_g():
             flat_g.zero_grad()
@@ -213,19 +211,7 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
 
         tp = record("eval_g", graphed(eval_plain_g, device), "one evaluation, own graph")
         tq = record("eval+pen_g", graphed(eval_pen_g, device), "penalty evaluation, own graph")
-        rows.append(
-            {
-                "model": name,
-                "batch": batch,
-                "variant": "parts_g",
-                "median_ms": 3 * tp + tq,
-                "p20_ms": float("nan"),
-                "p80_ms": float("nan"),
-                "peak_MB": float("nan"),
-                "note": "3 x eval_g + eval+pen_g",
-                **env,
-            }
-        )
+        row("parts_g", 3 * tp + tq, note="3 x eval_g + eval+pen_g")
 
     # (d) torch.compile: compiled modules in our stepper
     D, G, real, z = make_models(name, device, batch)
@@ -234,29 +220,19 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
     try:
         cl = closure_for(Dc, Gc, real, z)
         st_c.step(cl)
-        record("compile", lambda: st_c.step(cl), "double backward through compiled modules")
+        record("compile", lambda: st_c.step(cl), "double backward through compiled modules", params=[flat_c.params])
     except Exception as exc:
         first = str(exc).splitlines()[0][:120]
         print(f"{name:5s} compile    double backward failed: {first}", flush=True)
-        rows.append(
-            {
-                "model": name,
-                "batch": batch,
-                "variant": "compile",
-                "median_ms": float("nan"),
-                "p20_ms": float("nan"),
-                "p80_ms": float("nan"),
-                "peak_MB": float("nan"),
-                "note": f"double backward fails: {first}",
-                **env,
-            }
-        )
+        row("compile", note=f"double backward fails: {first}")
         D, G, real, z = make_models(name, device, batch)
         flat_c, st_c = stepper_for(D, G)
         Dc, Gc = torch.compile(D), torch.compile(G)
         cl = closure_for(Dc, Gc, real, z, penalty_method="finite_difference")
         st_c.step(cl)
-        record("compile_fd", lambda: st_c.step(cl), "compiled modules, finite-difference penalty")
+        record(
+            "compile_fd", lambda: st_c.step(cl), "compiled modules, finite-difference penalty", params=[flat_c.params]
+        )
 
     # (f) Adam and Euler on the same model
     D, G, real, z = make_models(name, device, batch)
@@ -268,11 +244,11 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
         game_gradients(D, G, real[0], z[0])
         adam.step()
 
-    record("adam", adam_step)
+    record("adam", adam_step, params=[flat_a.params])
     D, G, real, z = make_models(name, device, batch)
     flat_e, st_e = stepper_for(D, G, method="euler")
     cl_e = closure_for(D, G, real, z)
-    record("euler", lambda: st_e.step(cl_e))
+    record("euler", lambda: st_e.step(cl_e), params=[flat_e.params])
     sync(device)
 
 
@@ -322,7 +298,7 @@ def report(rows: list[dict], out: Path, env: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--models", default="mlp,dcgan")
+    ap.add_argument("--models", default=None, help="default: mlp,dcgan on a CPU; mlp,dcgan,resnet on a GPU")
     ap.add_argument("--dcgan-batch", type=int, default=None)
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--out", default=None)
@@ -332,7 +308,8 @@ def main(argv=None) -> int:
     env = environment(device)
     rows: list[dict] = []
     rep = args.rep_ms or (300 if device.type == "cuda" else 1500)
-    for m in args.models.split(","):
+    models = args.models or ("mlp,dcgan,resnet" if device.type == "cuda" else "mlp,dcgan")
+    for m in models.split(","):
         if device.type == "cpu":  # the toy's tiny matrices run fastest on one thread (1.7x slower on two)
             torch.set_num_threads(1 if m == "mlp" else cores)
         batch = 512 if m == "mlp" else (args.dcgan_batch or (64 if device.type == "cuda" else 8))

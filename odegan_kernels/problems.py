@@ -76,7 +76,7 @@ class DiracProblem(Problem):
 
 
 class ImageProblem(Problem):
-    """32x32 images (CIFAR-10 through torchvision, or any ImageFolder) with the reference DCGAN."""
+    """32x32 images (CIFAR-10 through torchvision, or any ImageFolder) with the reference DCGAN or ResNet."""
 
     def __init__(
         self,
@@ -90,13 +90,20 @@ class ImageProblem(Problem):
         fid_real: str | None = None,
         fid_samples: int = 10_000,
         inception_weights: str | None = None,
+        arch: str = "dcgan",
     ) -> None:
         from .data import image_loader
         from .models.dcgan import DCGANDiscriminator, DCGANGenerator
+        from .models.resnet import ResNetDiscriminator, ResNetGenerator
 
         torch.manual_seed(seed)
         self.z_dim = z_dim
-        self.D, self.G = DCGANDiscriminator().to(device), DCGANGenerator(z_dim).to(device)
+        if arch == "dcgan":
+            self.D, self.G = DCGANDiscriminator().to(device), DCGANGenerator(z_dim).to(device)
+        elif arch == "resnet":
+            self.D, self.G = ResNetDiscriminator().to(device), ResNetGenerator(z_dim).to(device)
+        else:
+            raise ValueError(f"unknown architecture {arch!r}; choose dcgan or resnet")
         self.device = device
         self.loader = image_loader(data, dataset, batch, seed=seed, workers=workers)
         self._it = None
@@ -222,5 +229,6 @@ def build_problem(name: str, cfg) -> Problem:
             fid_real=cfg.fid_real,
             fid_samples=cfg.fid_samples,
             inception_weights=cfg.inception_weights,
+            arch=cfg.arch,
         )
     raise ValueError(f"unknown problem {name!r}; choose mog, dirac, cifar10 or imagefolder")

@@ -52,6 +52,7 @@ class Config:
     threads: int = 1  # CPU threads; the toy's tiny matrices run fastest on one
     cuda_graph: bool = False  # capture the whole ODE step in one CUDA graph (CUDA only)
     data: str | None = None
+    arch: str = "dcgan"  # image problems: dcgan | resnet
     workers: int = 2
     fid_real: str | None = None  # image problems: real images (folder or torch-fidelity input) for FID/IS
     fid_samples: int = 10_000
@@ -128,6 +129,7 @@ PRESETS: dict[str, dict] = {
     ),
     # The CIFAR-10 reference: joint RK4, a fresh batch per stage, penalty in stage 1, h 0.04, lambda 0.02.
     "cifar10": dict(IMAGE_RUN, problem="cifar10", out="runs/cifar10"),
+    "cifar10-resnet": dict(IMAGE_RUN, problem="cifar10", arch="resnet", out="runs/cifar10-resnet"),
     "imagefolder": dict(IMAGE_RUN, problem="imagefolder", out="runs/imagefolder"),
 }
 

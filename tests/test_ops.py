@@ -187,3 +187,12 @@ def test_sqnorm_bad_inputs(backend):
         ops.sqnorm([torch.ones(3, device=DEVICE), torch.ones(3, device="meta")], backend=backend)
     with pytest.raises(TypeError, match="torch.int64"):
         ops.sqnorm([torch.ones(3, dtype=torch.int64)], backend=backend)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, by design
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_sqnorm_overflow_is_inf_not_an_error(backend):
+    """A diverging run must reach the trainer's non-finite check, not crash inside a kernel."""
+    ts = [torch.full((1000,), 3e37, device=DEVICE), torch.ones(3, device=DEVICE)]
+    out = ops.sqnorm(ts, backend=backend)
+    assert out.dtype == torch.float32 and torch.isinf(out).item()

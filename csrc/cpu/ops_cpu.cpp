@@ -105,7 +105,9 @@ at::Tensor sqnorm_cpu(at::TensorList tensors) {
   });
   double total = 0.0;
   for (double v : partial) total += v;
-  return at::scalar_tensor(total, tensors[0].options().dtype(tensors[0].scalar_type()));
+  // Accumulated in double; the cast (unlike scalar_tensor into float) turns an overflow into inf, so a diverging
+  // run reaches the caller's non-finite check instead of failing here.
+  return at::scalar_tensor(total, tensors[0].options().dtype(at::kDouble)).to(tensors[0].scalar_type());
 }
 
 }  // namespace odegan

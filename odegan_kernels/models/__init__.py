@@ -4,6 +4,7 @@ from .dcgan import DCGANDiscriminator, DCGANGenerator
 from .dirac import DiracDiscriminator, DiracGenerator, dirac_pair
 from .init import truncated_normal_init_
 from .mlp import MLP, mog_pair
+from .resnet import ResNetDiscriminator, ResNetGenerator
 
 __all__ = [
     "MLP",
@@ -14,4 +15,6 @@ __all__ = [
     "DiracDiscriminator",
     "DiracGenerator",
     "dirac_pair",
+    "ResNetGenerator",
+    "ResNetDiscriminator",
 ]

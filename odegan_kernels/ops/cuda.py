@@ -75,7 +75,12 @@ def load() -> bool:
         _register_python_side()
         return True
     tried = []
+    explicit = os.environ.get("ODEGAN_CSRC_LIB")
+    newest_source = max((f.stat().st_mtime for f in CSRC.rglob("*") if f.suffix in (".cpp", ".cu", ".h")), default=0.0)
     for path in _candidates():
+        if path.is_file() and str(path) != explicit and path.stat().st_mtime < newest_source:
+            tried.append(f"{path.name}: older than csrc/ (stale build, skipped)")
+            continue
         if path.is_file():
             try:
                 torch.ops.load_library(str(path))
