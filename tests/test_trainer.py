@@ -287,3 +287,14 @@ def test_bad_penalty_method_and_loss():
         make_config("mog", penalty_method="guess")
     with pytest.raises(ValueError, match="loss must be one of"):
         make_config("mog", loss="l2")
+
+
+def test_cifar10_resnet_preset_trains(tmp_path):
+    pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
+    write_cifar10(tmp_path / "data")
+    cfg = tiny_cifar10_config(tmp_path, steps=1)
+    cfg.arch = "resnet"
+    tr = Trainer(cfg)
+    assert type(tr.D).__name__ == "ResNetDiscriminator"
+    assert tr.run()["step"] == 1 and torch.isfinite(tr.flat.params).all()
+    assert make_config("cifar10-resnet").arch == "resnet"
