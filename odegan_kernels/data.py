@@ -24,12 +24,14 @@ class MixtureOfGaussians:
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         k = self.modes
         dev = self.centres.device
+        # draw where the generator lives (a GPU run keeps a CPU data generator), then move the batch
+        gdev = generator.device if generator is not None else dev
         if n % k == 0:
-            idx = torch.arange(k, device=dev).repeat(n // k)
+            idx = torch.arange(k, device=gdev).repeat(n // k)
         else:
-            idx = torch.randint(k, (n,), generator=generator, device=dev)
-        noise = torch.randn(n, 2, generator=generator, device=dev)
-        return self.centres[idx] + self.std * noise
+            idx = torch.randint(k, (n,), generator=generator, device=gdev)
+        noise = torch.randn(n, 2, generator=generator, device=gdev)
+        return self.centres[idx.to(dev)] + self.std * noise.to(dev)
 
 
 def latents(n: int, dim: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:

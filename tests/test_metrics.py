@@ -48,3 +48,29 @@ def test_mixture_sampler_is_stratified_and_seeded():
     nearest = torch.cdist(a, MOG.centres).argmin(1)
     assert torch.equal(torch.bincount(nearest, minlength=16), torch.full((16,), 32))
     assert (a - MOG.centres[nearest]).std().item() < 0.03
+
+
+def test_mixture_sampler_draws_on_its_generators_device(monkeypatch):
+    """The trainer's data generator lives on the CPU while a GPU run keeps the centres on the GPU, and
+    CUDA refuses a CPU generator for a CUDA draw. So every draw must be on the generator's device."""
+    import odegan_kernels.data as data
+
+    calls = []
+
+    def checked(name):
+        real = getattr(torch, name)
+
+        def draw(*args, generator=None, device=None, **kw):
+            if generator is not None:
+                calls.append(name)
+                assert torch.device(device or "cpu").type == generator.device.type, (name, device)
+            return real(*args, generator=generator, device=device, **kw)
+
+        return draw
+
+    monkeypatch.setattr(data.torch, "randn", checked("randn"))
+    monkeypatch.setattr(data.torch, "randint", checked("randint"))
+    mog = MixtureOfGaussians(device="meta")  # stands in for a device other than the generator's
+    assert mog.sample(512, torch.Generator().manual_seed(0)).device.type == "meta"
+    assert mog.sample(100, torch.Generator().manual_seed(0)).shape == (100, 2)  # random-mode path
+    assert calls == ["randn", "randint", "randn"]
