@@ -17,6 +17,7 @@ from .metrics import mode_metrics
 
 class Problem:
     z_dim: int
+    sample_shape: tuple[int, ...]  # one real sample's shape
     D: nn.Module
     G: nn.Module
 
@@ -44,6 +45,7 @@ class MoGProblem(Problem):
         from .models.mlp import mog_pair
 
         self.z_dim = z_dim
+        self.sample_shape = (2,)
         self.mog = MixtureOfGaussians(device=device)
         self.D, self.G = (m.to(device) for m in mog_pair(z_dim, hidden, seed=seed))
 
@@ -64,6 +66,7 @@ class DiracProblem(Problem):
         from .models.dirac import dirac_pair
 
         self.z_dim = 1
+        self.sample_shape = (1,)
         self.D, self.G = (m.to(device) for m in dirac_pair(psi, theta))
         self.device = device
 
@@ -98,6 +101,7 @@ class ImageProblem(Problem):
 
         torch.manual_seed(seed)
         self.z_dim = z_dim
+        self.sample_shape = (3, 32, 32)
         if arch == "dcgan":
             self.D, self.G = DCGANDiscriminator().to(device), DCGANGenerator(z_dim).to(device)
         elif arch == "resnet":

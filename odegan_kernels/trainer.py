@@ -237,8 +237,8 @@ class Trainer:
         self._static_x = None  # graph mode: every stage's real batch, refilled before each replay
         if cfg.cuda_graph:
             n = len(self.opt.tableau.b) if cfg.data_per_stage == "fresh" else 1
-            x = self.problem.real_batch(cfg.batch, self.data_gen)
-            self._static_x = torch.empty((n, *x.shape), dtype=x.dtype, device=cfg.device)
+            # the shape comes from the problem: drawing a batch here would consume data
+            self._static_x = torch.empty((n, cfg.batch, *self.problem.sample_shape), device=cfg.device)
 
     # -- data and gradients ----------------------------------------------------------------------------
     def _fill_static(self) -> None:

@@ -32,7 +32,7 @@ def test_static_buffers_feed_each_stage(tmp_path):
     for per_stage, expected in (("fresh", [0, 1, 2, 3]), ("shared", [0])):
         tr = Trainer(make_config("mog-joint", data_per_stage=per_stage, out=str(tmp_path), progress=False))
         n = 4 if per_stage == "fresh" else 1
-        tr._static_x = torch.zeros(n, 512, 2)
+        tr._static_x = torch.zeros(n, 512, *tr.problem.sample_shape)
         tr._fill_static()
         assert tr._static_x.abs().sum() > 0  # refilled from the data pipeline
         seen = []
@@ -162,3 +162,10 @@ def test_trainer_graph_mode_trains(tmp_path):
     )
     summary = Trainer(cfg).run()
     assert summary["finite"] and summary["step"] == 300
+
+
+def test_every_problem_states_its_sample_shape(tmp_path):
+    """Graph mode sizes its static buffers from this, without drawing (and so consuming) a batch."""
+    for preset in ("mog", "dirac"):
+        tr = Trainer(make_config(preset, out=str(tmp_path), progress=False))
+        assert tuple(tr.problem.real_batch(4, tr.data_gen).shape[1:]) == tr.problem.sample_shape

@@ -172,7 +172,7 @@ def test_cifar10_training_from_local_files(tmp_path):
     cfg = tiny_cifar10_config(tmp_path, steps=2)
     tr = Trainer(cfg)
     x = tr.problem.real_batch(8, tr.data_gen)
-    assert x.shape == (8, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert x.shape == (8, 3, 32, 32) == (8, *tr.problem.sample_shape) and x.min() >= -1 and x.max() <= 1
     summary = tr.run()
     assert summary["step"] == 2 and (tmp_path / "run" / "samples_0000002.png").is_file()
 
