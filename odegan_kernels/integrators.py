@@ -147,7 +147,7 @@ class ODEStepper:
     zeroes the gradients (one memset); the closure only has to accumulate each player's own-loss
     gradient at the current parameters into ``.grad``.
 
-    Options reproduce the two reference implementations of the paper (DESIGN.md section 1):
+    Options reproduce the two reference implementations of the paper (its CIFAR-10 code and its colab):
     ``coupling`` joint | decoupled, ``penalty`` first_stage | after_step; the data per stage is the
     closure's choice (``Stage.index`` tells it which stage it serves).
     """

@@ -84,7 +84,7 @@ class Config:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-# The paper's colab on the 16-Gaussian mixture (DESIGN.md section 1).
+# The paper's colab on the 16-Gaussian mixture (its public notebook, odegan_mog16.ipynb).
 MOG_COLAB = dict(problem="mog", h=0.1, reg=0.07, penalty="after_step", coupling="decoupled", data_per_stage="shared")
 
 # The CIFAR-10 reference code's choices, shared by every 32x32 image preset.

@@ -1,4 +1,4 @@
-"""The CIFAR-10 DCGAN of the ODE-GAN reference code (DESIGN.md section 1), for 32x32 images."""
+"""The CIFAR-10 DCGAN of the ODE-GAN reference code (cs_gan/nets.py in the authors' release), for 32x32 images."""
 
 from __future__ import annotations
 
