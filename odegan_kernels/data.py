@@ -34,10 +34,6 @@ class MixtureOfGaussians:
         return self.centres[idx.to(dev)] + self.std * noise.to(dev)
 
 
-def latents(n: int, dim: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
-    return torch.randn(n, dim, generator=generator, device=device)
-
-
 def image_loader(
     root: str, dataset: str = "cifar10", batch: int = 64, seed: int = 0, workers: int = 2, image_size: int = 32
 ):

@@ -124,10 +124,6 @@ class FlatParams:
     def segment(self, player: int | str) -> tuple[int, int]:
         return self.segments[self._index(player)]
 
-    def player_params(self, player: int | str) -> torch.Tensor:
-        lo, hi = self.segment(player)
-        return self.params[lo:hi]
-
     def player_grads(self, player: int | str) -> torch.Tensor:
         lo, hi = self.segment(player)
         return self.grads[lo:hi]
@@ -188,9 +184,6 @@ class FlatParams:
                         "built); build a new FlatParams after changing the model"
                     )
         self.check()
-
-    def grad_list(self, player: int | str | None = None) -> list[torch.Tensor]:
-        return [p.grad for p in self.parameters(player)]
 
     def __repr__(self) -> str:
         segs = ", ".join(f"{n}=[{a},{b})" for n, (a, b) in zip(self.names, self.segments))

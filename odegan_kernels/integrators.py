@@ -238,10 +238,6 @@ class ODEStepper:
         b = self.tableau.b[0] if self.penalty == "first_stage" else self.tableau.b[-1]
         return self.reg / b if self.reg > 0 else 0.0
 
-    def current_h(self) -> list[float]:
-        scale = self.schedule(self.steps)
-        return [h * scale for h in self.h]
-
     def _refresh_coeffs(self) -> None:
         scale = float(self.schedule(self.steps))
         if scale == self._scale:
@@ -311,14 +307,7 @@ class ODEStepper:
             # Accumulates in place into the flat gradient buffer (no graph is built by this backward).
             (pen * self.penalty_weight).backward(inputs=params)
         else:
-            grads = torch.autograd.grad(pen, params, allow_unused=True)
-            lo, _ = self.flat.segments[self.regularised]
-            for p, g, (_, off, _) in zip(params, grads, self._layout_of(self.regularised)):
-                view = self._reg_buf[off - lo : off - lo + p.numel()]
-                if g is None:
-                    view.zero_()
-                else:
-                    view.copy_(g.reshape(-1))
+            self._apply_penalty_grad(torch.autograd.grad(pen, params, materialize_grads=True))
         out["penalty"] = pen.detach()
 
     def _apply_penalty_grad(self, grads) -> None:
@@ -419,14 +408,18 @@ class ODEStepper:
             self._scratch = (torch.empty_like(flat.params), torch.empty_like(flat.grads))
         point, gstash = self._scratch
         point.copy_(flat.params)
+        holds = ["point"] * len(flat.segments)  # what each segment of params holds now
         for q, (lo, hi) in enumerate(flat.segments):
-            flat.params.copy_(self.x0)
-            flat.params[lo:hi].copy_(point[lo:hi])
+            for s, (a, b) in enumerate(flat.segments):  # copy only the segments that change
+                want = "point" if s == q else "x0"
+                if holds[s] != want:
+                    flat.params[a:b].copy_((point if s == q else self.x0)[a:b])
+                    holds[s] = want
             flat.zero_grad()
             self._call(closure, Stage(i, self.steps, (q,), False))
             gstash[lo:hi].copy_(flat.grads[lo:hi])
         flat.grads.copy_(gstash)
-        flat.params.copy_(point)
+        # params are left as they are: the stage op that follows writes every one without reading it
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .penalty import generator_grad_sqnorm, penalty_grad
 
 LOSSES = ("ns", "minimax", "hinge", "wasserstein")
@@ -106,7 +107,7 @@ def game_gradients(
                     out["penalty_grad"] = penalty_grad(
                         D, G, lambda logits: g_loss(logits, loss), z, penalty_method, g_phi=g_phi
                     )
-                out["penalty"] = sum(g.double().square().sum() for g in g_phi).to(g_phi[0].dtype)
+                out["penalty"] = ops.sqnorm(g_phi)  # the regulariser's value, for the logs
             else:
                 torch.autograd.backward(lg, inputs=gp)
     if need_d:

@@ -17,7 +17,6 @@ Three ways to compute it, all exact in the limit:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,11 +33,13 @@ def generator_grad_sqnorm(loss_g: torch.Tensor, g_params: Sequence[torch.Tensor]
     return ops.sqnorm(g_phi, backend=backend), [g.detach() for g in g_phi]
 
 
-def fd_epsilon(params: Sequence[torch.Tensor]) -> float:
-    """cbrt(machine eps) * max(1, rms of the parameters): the central difference's step."""
+def fd_epsilon(params: Sequence[torch.Tensor], backend: str = "auto") -> torch.Tensor:
+    """cbrt(machine eps) * max(1, rms of the parameters): the central difference's step, as a 0-dim
+    tensor on the parameters' device (no host sync, so the step stays capturable)."""
+    params = [p.detach() for p in params]
     n = sum(p.numel() for p in params)
-    rms = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params) / max(n, 1))
-    return float(torch.finfo(params[0].dtype).eps) ** (1 / 3) * max(1.0, rms)
+    rms = (ops.sqnorm(params, backend=backend) / max(n, 1)).sqrt()
+    return float(torch.finfo(params[0].dtype).eps) ** (1 / 3) * rms.clamp_min(1.0)
 
 
 def _buffers_of(module: nn.Module) -> list[torch.Tensor]:
@@ -73,7 +74,7 @@ def penalty_grad(
             g_phi = torch.autograd.grad(loss_g_fn(D(G(z))), g_par)
         g_phi = [g.detach() for g in g_phi]
         if method == "finite_difference":
-            return _finite_difference(D, G, loss_g_fn, z, d_par, g_par, g_phi, eps)
+            return _finite_difference(D, G, loss_g_fn, z, d_par, g_par, g_phi, eps, backend)
         return _jvp(D, G, loss_g_fn, z, d_par, g_par, g_phi)
     finally:
         with torch.no_grad():
@@ -81,10 +82,10 @@ def penalty_grad(
                 b.copy_(s)
 
 
-def _finite_difference(D, G, loss_g_fn, z, d_par, g_par, g_phi, eps):
-    norm = torch.sqrt(sum(g.double().square().sum() for g in g_phi)).to(g_phi[0].dtype)
+def _finite_difference(D, G, loss_g_fn, z, d_par, g_par, g_phi, eps, backend):
+    norm = ops.sqnorm(g_phi, backend=backend).sqrt()
     if eps is None:
-        eps = fd_epsilon(g_par)
+        eps = fd_epsilon(g_par, backend)
     direction = [g / norm.clamp_min(torch.finfo(norm.dtype).tiny) for g in g_phi]
     start = [p.detach().clone() for p in g_par]
     grads = []

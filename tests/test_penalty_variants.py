@@ -50,8 +50,8 @@ def test_variants_agree_with_double_backward(dtype, smooth, fd_tol):
 
 def test_fd_epsilon_rule():
     p = [torch.full((100,), 3.0)]
-    assert fd_epsilon(p) == pytest.approx(torch.finfo(torch.float32).eps ** (1 / 3) * 3.0)
-    assert fd_epsilon([torch.full((100,), 0.1, dtype=torch.float64)]) == pytest.approx(
+    assert fd_epsilon(p).item() == pytest.approx(torch.finfo(torch.float32).eps ** (1 / 3) * 3.0)
+    assert fd_epsilon([torch.full((100,), 0.1, dtype=torch.float64)]).item() == pytest.approx(
         torch.finfo(torch.float64).eps ** (1 / 3)
     )
 

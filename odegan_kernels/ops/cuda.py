@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import sqnorm_backward
+from .utils import register_sqnorm_op
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
@@ -53,17 +53,7 @@ def _register_python_side() -> None:
     def _(params, grads, x0, acc, coeffs, starts, reg, write_x0):
         return None
 
-    @torch.library.register_fake("odegan_kernels::sqnorm")
-    def _(tensors):
-        return tensors[0].new_empty(())
-
-    def setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[0])
-
-    def backward(ctx, grad_out):
-        return (list(sqnorm_backward(ctx.saved_tensors, grad_out)),)
-
-    torch.library.register_autograd("odegan_kernels::sqnorm", backward, setup_context=setup)
+    register_sqnorm_op("odegan_kernels::sqnorm")
     _state["registered"] = True
 
 

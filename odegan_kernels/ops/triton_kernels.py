@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import torch
 
-from .utils import sqnorm_backward
+from .utils import register_sqnorm_op
 
 try:
     import triton
@@ -206,21 +206,15 @@ if triton is not None:
 
 
 _seg_cache: dict = {}
-_pinned_for_graphs: list = []  # host sources of tables copied inside a graph capture: replays read them
 
 
 def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 table on the device, made safely inside a CUDA graph capture too.
-
-    During capture a pageable host-to-device copy is illegal; a copy from pinned memory is recorded in
-    the graph, whose replays read that host buffer again, so it is kept alive for the process.
-    """
+    """An int64 table on the device. Built from pinned memory with a non-blocking copy, so a cache miss in
+    an eager step costs no host sync. Never built inside a graph capture: the segment table is made in
+    the warm-up steps, and sqnorm launches per tensor while capturing."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=torch.int64, device=device)
-    host = torch.tensor(values, dtype=torch.int64).pin_memory()
-    if torch.cuda.is_current_stream_capturing():
-        _pinned_for_graphs.append(host)
-    return host.to(device, non_blocking=True)
+    return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
 
 
 def _segment_table(segments: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
@@ -277,7 +271,7 @@ def _chunk_table(tensors) -> tuple[torch.Tensor, torch.Tensor]:
     hit = (_device_table(addrs, dev), _device_table(lens, dev))
     _table_cache[key] = hit
     if len(_table_cache) > 32:
-        _table_cache.popitem(last=False)  # a graph's tables stay alive through the graph's own references
+        _table_cache.popitem(last=False)
     return hit
 
 
@@ -339,20 +333,7 @@ def triton_sqnorm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return _launch_sqnorm([t.contiguous() for t in tensors])
 
 
-@triton_sqnorm.register_fake
-def _(tensors):
-    return tensors[0].new_empty(())
-
-
-def _sqnorm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[0])
-
-
-def _sqnorm_bwd(ctx, grad_out):
-    return (list(sqnorm_backward(ctx.saved_tensors, grad_out)),)
-
-
-torch.library.register_autograd("odegan_kernels::triton_sqnorm", _sqnorm_bwd, setup_context=_sqnorm_setup)
+register_sqnorm_op("odegan_kernels::triton_sqnorm")
 
 
 # -- the backend interface used by ops.dispatch ------------------------------------------------------------

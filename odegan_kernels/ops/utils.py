@@ -115,3 +115,19 @@ def reg_slices(reg: torch.Tensor | None, lo: int, hi: int):
 def sqnorm_backward(tensors, grad_out):
     """d/dt sum ||t||^2 = 2 t, written with differentiable ops so the backward has a gradient too."""
     return tuple(t * (2 * grad_out) for t in tensors)
+
+
+def register_sqnorm_op(qualname: str) -> None:
+    """Fake kernel and autograd for a compiled sqnorm op ``(Tensor[] tensors) -> Tensor``; its backward is
+    sqnorm_backward, itself differentiable, so the penalty's double backward goes through it."""
+    import torch
+
+    torch.library.register_fake(qualname)(lambda tensors: tensors[0].new_empty(()))
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[0])
+
+    def backward(ctx, grad_out):
+        return (list(sqnorm_backward(ctx.saved_tensors, grad_out)),)
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup)
