@@ -57,6 +57,8 @@ def game_gradients(
     penalty_method: str = "double_backward",
     zero_sum: bool | None = None,
     autocast: bool = False,
+    y_real: torch.Tensor | None = None,
+    y_fake: torch.Tensor | None = None,
 ) -> dict:
     """Accumulate dl_D/dtheta (player 0) and dl_G/dphi (player 1) into .grad.
 
@@ -67,7 +69,13 @@ def game_gradients(
     otherwise as ``penalty_grad`` (its gradient per D parameter, penalty.METHODS). ``fake`` (D-only calls)
     reuses generator samples drawn at the current G; the dict's ``fake`` holds the samples used.
     ``autocast`` runs forward and backward in bfloat16 (parameters, gradients and stage math stay fp32).
+    A class-conditional pair (``G(z, y)``, ``D(x, y)``) gets the real batch's labels ``y_real`` and the
+    labels to generate, ``y_fake``; give both or neither.
     """
+    if (y_real is None) != (y_fake is None):
+        raise ValueError("a conditional pair needs both y_real and y_fake (or neither, for an unconditional one)")
+    c_real = () if y_real is None else (y_real,)
+    c_fake = () if y_fake is None else (y_fake,)
     need_d, need_g = 0 in players, 1 in players
     if penalty and not need_g:
         raise ValueError("the penalty needs the generator's gradient (players must include 1)")
@@ -81,10 +89,10 @@ def game_gradients(
     amp = torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast)
     with amp:
         if fake is None:
-            fake = G(z) if need_g else _no_grad_forward(G, z)
-        d_fake = D(fake if need_g else fake.detach())
+            fake = G(z, *c_fake) if need_g else _no_grad_forward(G, z, *c_fake)
+        d_fake = D(fake if need_g else fake.detach(), *c_fake)
         lg = g_loss(d_fake, loss) if need_g else None
-        ld = d_loss(D(real), d_fake, loss) if need_d else None
+        ld = d_loss(D(real, *c_real), d_fake, loss) if need_d else None
     out: dict = {"fake": fake.detach()}
     d_par = [p for p in D.parameters() if p.requires_grad]
     gp = (list(g_params) if g_params is not None else [p for p in G.parameters() if p.requires_grad]) if need_g else []
@@ -105,7 +113,7 @@ def game_gradients(
                 torch._foreach_add_([p.grad for p in gp], g_phi)
                 with amp:
                     out["penalty_grad"] = penalty_grad(
-                        D, G, lambda logits: g_loss(logits, loss), z, penalty_method, g_phi=g_phi
+                        D, G, lambda logits: g_loss(logits, loss), z, penalty_method, g_phi=g_phi, y=y_fake
                     )
                 out["penalty"] = ops.sqnorm(g_phi)  # the regulariser's value, for the logs
             else:
@@ -117,6 +125,6 @@ def game_gradients(
     return out
 
 
-def _no_grad_forward(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
+def _no_grad_forward(G: nn.Module, z: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return G(z)
+        return G(z, *cond)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from . import ops
 
@@ -55,34 +56,43 @@ def penalty_grad(
     g_phi: Sequence[torch.Tensor] | None = None,
     eps: float | None = None,
     backend: str = "auto",
+    y: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """g_reg (one tensor per trainable parameter of D) at the current parameters.
 
     ``loss_g_fn(fake_logits)`` is the generator's batch-mean loss; ``g_phi`` (optional) is dl_G/dphi
-    already computed at this point. G's buffers (BN running statistics) are left as they were.
+    already computed at this point; ``y`` (optional) the class labels of a conditional pair, passed to
+    both G and D. G's buffers (BN running statistics) are left as they were.
     """
     if method not in METHODS:
         raise ValueError(f"penalty method must be one of {METHODS}, got {method!r}")
     d_par = [p for p in D.parameters() if p.requires_grad]
     g_par = [p for p in G.parameters() if p.requires_grad]
     saved = [b.detach().clone() for b in _buffers_of(G)]
+    cond = () if y is None else (y,)
+
+    def fake_loss(G_, D_, phi=None, theta=None) -> torch.Tensor:
+        # l_G at the current parameters, or at the given ones (dicts, for torch.func)
+        fake = G_(z, *cond) if phi is None else functional_call(G_, phi, (z, *cond))
+        return loss_g_fn(D_(fake, *cond) if theta is None else functional_call(D_, theta, (fake, *cond)))
+
     try:
         if method == "double_backward":
-            sq, _ = generator_grad_sqnorm(loss_g_fn(D(G(z))), g_par, backend)
+            sq, _ = generator_grad_sqnorm(fake_loss(G, D), g_par, backend)
             return list(torch.autograd.grad(sq, d_par, allow_unused=True, materialize_grads=True))
         if g_phi is None:
-            g_phi = torch.autograd.grad(loss_g_fn(D(G(z))), g_par)
+            g_phi = torch.autograd.grad(fake_loss(G, D), g_par)
         g_phi = [g.detach() for g in g_phi]
         if method == "finite_difference":
-            return _finite_difference(D, G, loss_g_fn, z, d_par, g_par, g_phi, eps, backend)
-        return _jvp(D, G, loss_g_fn, z, d_par, g_par, g_phi)
+            return _finite_difference(lambda: fake_loss(G, D), d_par, g_par, g_phi, eps, backend)
+        return _jvp(D, G, fake_loss, d_par, g_par, g_phi)
     finally:
         with torch.no_grad():
             for b, s in zip(_buffers_of(G), saved):
                 b.copy_(s)
 
 
-def _finite_difference(D, G, loss_g_fn, z, d_par, g_par, g_phi, eps, backend):
+def _finite_difference(fake_loss, d_par, g_par, g_phi, eps, backend):
     norm = ops.sqnorm(g_phi, backend=backend).sqrt()
     if eps is None:
         eps = fd_epsilon(g_par, backend)
@@ -94,7 +104,7 @@ def _finite_difference(D, G, loss_g_fn, z, d_par, g_par, g_phi, eps, backend):
             with torch.no_grad():
                 for p, p0, u in zip(g_par, start, direction):
                     p.copy_(p0 + sign * eps * u)
-            grads.append(torch.autograd.grad(loss_g_fn(D(G(z))), d_par, allow_unused=True, materialize_grads=True))
+            grads.append(torch.autograd.grad(fake_loss(), d_par, allow_unused=True, materialize_grads=True))
     finally:
         with torch.no_grad():
             for p, p0 in zip(g_par, start):
@@ -102,8 +112,8 @@ def _finite_difference(D, G, loss_g_fn, z, d_par, g_par, g_phi, eps, backend):
     return [(gp - gm) * (norm / eps) for gp, gm in zip(*grads)]
 
 
-def _jvp(D, G, loss_g_fn, z, d_par, g_par, g_phi):
-    from torch.func import functional_call, grad, jvp
+def _jvp(D, G, fake_loss, d_par, g_par, g_phi):
+    from torch.func import grad, jvp
 
     for m in G.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
@@ -116,10 +126,7 @@ def _jvp(D, G, loss_g_fn, z, d_par, g_par, g_phi):
     d_vals = {n: p.detach() for n, p in zip(d_names, d_par)}
 
     def grad_theta(phi: dict) -> dict:
-        def lg(theta: dict):
-            return loss_g_fn(functional_call(D, theta, (functional_call(G, phi, (z,)),)))
-
-        return grad(lg)(d_vals)
+        return grad(lambda theta: fake_loss(G, D, phi, theta))(d_vals)
 
     phi = {n: p.detach() for n, p in zip(g_names, g_par)}
     tangent = {n: g for n, g in zip(g_names, g_phi)}

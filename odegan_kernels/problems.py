@@ -18,11 +18,16 @@ from .metrics import mode_metrics
 class Problem:
     z_dim: int
     sample_shape: tuple[int, ...]  # one real sample's shape
+    num_classes: int = 0  # > 0: a class-conditional pair, G(z, y) and D(x, y)
     D: nn.Module
     G: nn.Module
 
     def real_batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A real batch and its class labels (None for an unconditional problem)."""
+        return self.real_batch(n, generator), None
 
     def state_dict(self) -> dict:  # data-pipeline state beyond the trainer's generators
         return {}
@@ -78,8 +83,15 @@ class DiracProblem(Problem):
         return {"psi": psi, "theta": theta, "radius": math.hypot(psi, theta)}
 
 
+ARCHS = ("dcgan", "resnet", "resnet128")
+
+
 class ImageProblem(Problem):
-    """32x32 images (CIFAR-10 through torchvision, or any ImageFolder) with the reference DCGAN or ResNet."""
+    """Images (CIFAR-10 through torchvision, or any ImageFolder tree such as ImageNet's train/).
+
+    ``arch``: ``dcgan`` (the reference pair) or ``resnet`` at 32x32, unconditional; ``resnet128``, the
+    class-conditional projection ResNet at ``image_size`` (128 for ImageNet) with the dataset's classes.
+    """
 
     def __init__(
         self,
@@ -94,28 +106,46 @@ class ImageProblem(Problem):
         fid_samples: int = 10_000,
         inception_weights: str | None = None,
         arch: str = "dcgan",
+        image_size: int = 32,
+        width: int | None = None,
     ) -> None:
         from .data import image_loader
         from .models.dcgan import DCGANDiscriminator, DCGANGenerator
         from .models.resnet import ResNetDiscriminator, ResNetGenerator
+        from .models.resnet128 import ConditionalResNetDiscriminator, ConditionalResNetGenerator
 
+        if arch not in ARCHS:
+            raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
+        if arch != "resnet128" and image_size != 32:
+            raise ValueError(f"arch {arch!r} makes 32x32 images; image_size={image_size} needs arch='resnet128'")
+        if width is not None and arch != "resnet128":
+            raise ValueError(f"width sets the resnet128 pair's base channel count; arch {arch!r} has fixed widths")
+        if dataset == "cifar10" and image_size != 32:
+            raise ValueError(f"CIFAR-10 images are 32x32; image_size={image_size} needs an ImageFolder dataset")
+        # the data first: a conditional pair needs the number of classes
+        self.loader = image_loader(data, dataset, batch, seed=seed, workers=workers, image_size=image_size)
         torch.manual_seed(seed)
         self.z_dim = z_dim
-        self.sample_shape = (3, 32, 32)
+        self.sample_shape = (3, image_size, image_size)
         if arch == "dcgan":
             self.D, self.G = DCGANDiscriminator().to(device), DCGANGenerator(z_dim).to(device)
         elif arch == "resnet":
             self.D, self.G = ResNetDiscriminator().to(device), ResNetGenerator(z_dim).to(device)
         else:
-            raise ValueError(f"unknown architecture {arch!r}; choose dcgan or resnet")
+            self.num_classes = len(self.loader.dataset.classes)
+            kw = dict(num_classes=self.num_classes, image_size=image_size, **({} if width is None else {"ch": width}))
+            self.D = ConditionalResNetDiscriminator(**kw).to(device)
+            self.G = ConditionalResNetGenerator(z_dim, **kw).to(device)
         self.device = device
-        self.loader = image_loader(data, dataset, batch, seed=seed, workers=workers)
         self._it = None
         self.epoch = 0
         self.seed = seed
         self.fid = dict(real=fid_real, num_samples=fid_samples, weights=inception_weights)
 
     def real_batch(self, n, generator):
+        return self.draw(n, generator)[0]
+
+    def draw(self, n, generator):
         while True:
             if self._it is None:
                 # each epoch's order depends on (seed, epoch) only, so a resumed run restarts its epoch
@@ -128,10 +158,13 @@ class ImageProblem(Problem):
                 self._it = None
                 self.epoch += 1
                 continue
-            x = x[0] if isinstance(x, (list, tuple)) else x
+            x, y = x if isinstance(x, (list, tuple)) else (x, None)
             if x.shape[0] != n:
                 raise ValueError(f"the loader gave a batch of {x.shape[0]} but {n} were asked for")
-            return x.to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True)
+            if not self.num_classes:
+                return x, None
+            return x, y.to(self.device, non_blocking=True)
 
     def state_dict(self):
         return {"epoch": self.epoch}
@@ -150,9 +183,10 @@ class ImageProblem(Problem):
         was = self.G.training
         self.G.eval()  # BN running statistics, as the reference evaluates
         try:
-            z_dim = self.z_dim
+            z_dim, k, dev = self.z_dim, self.num_classes, self.device
+            cond = (lambda n: (torch.randint(k, (n,), device=dev),)) if k else (lambda n: ())
             return fid_is(
-                lambda n: self.G(torch.randn(n, z_dim, device=self.device)),
+                lambda n: self.G(torch.randn(n, z_dim, device=dev), *cond(n)),
                 self.fid["real"],
                 num_samples=self.fid["num_samples"],
                 device=self.device,
@@ -234,5 +268,7 @@ def build_problem(name: str, cfg) -> Problem:
             fid_samples=cfg.fid_samples,
             inception_weights=cfg.inception_weights,
             arch=cfg.arch,
+            image_size=cfg.image_size,
+            width=cfg.width,
         )
     raise ValueError(f"unknown problem {name!r}; choose mog, dirac, cifar10 or imagefolder")

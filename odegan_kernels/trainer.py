@@ -52,7 +52,9 @@ class Config:
     threads: int = 1  # CPU threads; the toy's tiny matrices run fastest on one
     cuda_graph: bool = False  # capture the whole ODE step in one CUDA graph (CUDA only)
     data: str | None = None
-    arch: str = "dcgan"  # image problems: dcgan | resnet
+    arch: str = "dcgan"  # image problems: dcgan | resnet (32x32) | resnet128 (class-conditional)
+    image_size: int = 32  # resnet128 on an ImageFolder: any power of two >= 32 (128 for ImageNet)
+    width: int | None = None  # resnet128's base channel count (None: 64, SN-GAN's ImageNet width)
     workers: int = 2
     fid_real: str | None = None  # image problems: real images (folder or torch-fidelity input) for FID/IS
     fid_samples: int = 10_000
@@ -79,7 +81,7 @@ class Config:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.data_per_stage not in ("shared", "fresh"):
             raise ValueError(f"data_per_stage must be shared or fresh, got {self.data_per_stage!r}")
-        for name in ("steps", "batch", "z_dim", "eval_every", "log_every", "eval_samples"):
+        for name in ("steps", "batch", "z_dim", "eval_every", "log_every", "eval_samples", "image_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -131,6 +133,9 @@ PRESETS: dict[str, dict] = {
     "cifar10": dict(IMAGE_RUN, problem="cifar10", out="runs/cifar10"),
     "cifar10-resnet": dict(IMAGE_RUN, problem="cifar10", arch="resnet", out="runs/cifar10-resnet"),
     "imagefolder": dict(IMAGE_RUN, problem="imagefolder", out="runs/imagefolder"),
+    # Class-conditional ImageNet at 128x128 (SN-GAN's projection ResNet, no spectral norm) with the CIFAR-10
+    # code's ODE settings: the authors published no ImageNet code, so these are a starting point, not theirs.
+    "imagenet128": dict(IMAGE_RUN, problem="imagefolder", arch="resnet128", image_size=128, out="runs/imagenet128"),
 }
 
 
@@ -194,6 +199,9 @@ class Trainer:
         "z_dim",
         "hidden",
         "seed",
+        "arch",
+        "image_size",
+        "width",
     )
 
     def __init__(self, cfg: Config) -> None:
@@ -211,6 +219,8 @@ class Trainer:
         self.z_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 2 + 2)
         eval_gen = torch.Generator(device=dev).manual_seed(10_000 + cfg.seed)
         self.fixed_z = torch.randn(cfg.eval_samples, self.problem.z_dim, generator=eval_gen, device=dev)
+        k = self.problem.num_classes
+        self.fixed_y = torch.arange(cfg.eval_samples, device=dev) % k if k else None  # every class in turn
         self.step = 0
         if cfg.optimizer == "ode":
             h = cfg.h if cfg.h_g is None else [cfg.h, cfg.h_g]
@@ -234,28 +244,43 @@ class Trainer:
             else:
                 self.opt = torch.optim.SGD(groups, lr=cfg.lr)
         self._batch: dict = {}
-        self._static_x = None  # graph mode: every stage's real batch, refilled before each replay
+        self._static_x = self._static_y = None  # graph mode: every stage's real batch (and labels)
         if cfg.cuda_graph:
             n = len(self.opt.tableau.b) if cfg.data_per_stage == "fresh" else 1
             # the shape comes from the problem: drawing a batch here would consume data
             self._static_x = torch.empty((n, cfg.batch, *self.problem.sample_shape), device=cfg.device)
+            if k:
+                self._static_y = torch.zeros((n, cfg.batch), dtype=torch.long, device=cfg.device)
 
     # -- data and gradients ----------------------------------------------------------------------------
     def _fill_static(self) -> None:
         for i in range(self._static_x.shape[0]):
-            self._static_x[i].copy_(self.problem.real_batch(self.cfg.batch, self.data_gen), non_blocking=True)
+            x, y = self.problem.draw(self.cfg.batch, self.data_gen)
+            self._static_x[i].copy_(x, non_blocking=True)
+            if self._static_y is not None:
+                self._static_y[i].copy_(y, non_blocking=True)
 
     def _draw(self, stage_index: int = 0) -> None:
         cfg = self.cfg
+        k = self.problem.num_classes
+        y_fake = None
         if self._static_x is not None:
-            # graph mode: the batch comes from the static buffer; z is drawn in the graph from the device's
-            # default generator, which CUDA graphs advance on every replay
-            x = self._static_x[stage_index if cfg.data_per_stage == "fresh" else 0]
+            # graph mode: the batch comes from the static buffer; z (and the labels to generate) are drawn in
+            # the graph from the device's default generator, which CUDA graphs advance on every replay
+            i = stage_index if cfg.data_per_stage == "fresh" else 0
+            x = self._static_x[i]
+            y_real = self._static_y[i] if k else None
             z = torch.randn(cfg.batch, self.problem.z_dim, device=cfg.device)
+            if k:
+                y_fake = torch.randint(k, (cfg.batch,), device=cfg.device)
         else:
-            x = self.problem.real_batch(cfg.batch, self.data_gen).to(cfg.device)
+            x, y_real = self.problem.draw(cfg.batch, self.data_gen)
+            x = x.to(cfg.device)
             z = torch.randn(cfg.batch, self.problem.z_dim, generator=self.z_gen, device=cfg.device)
-        self._batch = {"x": x, "z": z, "fake0": None}
+            if k:
+                y_real = y_real.to(cfg.device)
+                y_fake = torch.randint(k, (cfg.batch,), generator=self.z_gen, device=cfg.device)
+        self._batch = {"x": x, "z": z, "y_real": y_real, "y_fake": y_fake, "fake0": None}
 
     def closure(self, stage):
         """Fill the players' gradients at the current point (the stepper's closure)."""
@@ -277,6 +302,8 @@ class Trainer:
             fake=b["fake0"] if reuse else None,
             penalty_method=cfg.penalty_method,
             autocast=cfg.autocast,
+            y_real=b["y_real"],
+            y_fake=b["y_fake"],
         )
         if stage.index == 0:
             b["fake0"] = out["fake"]
@@ -306,7 +333,9 @@ class Trainer:
         was = self.G.training
         self.G.eval()  # BN running statistics for evaluation samples
         try:
-            return torch.cat([self.G(z) for z in self.fixed_z.split(1024)])
+            if self.fixed_y is None:
+                return torch.cat([self.G(z) for z in self.fixed_z.split(1024)])
+            return torch.cat([self.G(z, y) for z, y in zip(self.fixed_z.split(1024), self.fixed_y.split(1024))])
         finally:
             self.G.train(was)
 

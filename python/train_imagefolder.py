@@ -2,7 +2,7 @@
 
     python python/train_imagefolder.py --data PATH [...]
 
-Any option of `odegan train` works here. (The conditional 128x128 ResNet of DESIGN.md is not built yet.)
+Any option of `odegan train` works here. For class-conditional 128x128 training use train_imagenet.py.
 """
 
 import sys

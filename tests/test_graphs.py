@@ -47,6 +47,30 @@ def test_static_buffers_feed_each_stage(tmp_path):
         assert [slots.index(p) for p in dict.fromkeys(seen)] == expected
 
 
+def test_static_label_buffers_follow_their_images(tmp_path):
+    """A conditional problem in graph mode: each stage's real labels sit in a static slot beside its images."""
+    pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
+    from .test_trainer import tiny_imagenet_config, write_imagefolder
+
+    write_imagefolder(tmp_path / "data")
+    tr = Trainer(tiny_imagenet_config(tmp_path, steps=1))
+    tr._static_x = torch.zeros(4, 4, *tr.problem.sample_shape)
+    tr._static_y = torch.full((4, 4), -1, dtype=torch.long)
+    tr._fill_static()
+    assert torch.equal(tr._static_x.mean(dim=(3, 4)).argmax(2), tr._static_y % 3)  # colour c is class c
+    seen = []
+
+    def spy(stage, inner=tr.closure):
+        out = inner(stage)
+        seen.append((tr._batch["x"].data_ptr(), tr._batch["y_real"].data_ptr(), tr._batch["y_fake"].shape))
+        return out
+
+    tr.opt.step(spy)
+    assert [x for x, _, _ in seen] == [tr._static_x[i].data_ptr() for i in range(4)]
+    assert [y for _, y, _ in seen] == [tr._static_y[i].data_ptr() for i in range(4)]
+    assert all(shape == (4,) for _, _, shape in seen)
+
+
 # -- on a GPU ------------------------------------------------------------------------------------------
 def _pair_on_cuda(seed=0):
     D, G = mog_pair(seed=seed)
@@ -162,6 +186,20 @@ def test_trainer_graph_mode_trains(tmp_path):
     )
     summary = Trainer(cfg).run()
     assert summary["finite"] and summary["step"] == 300
+
+
+@gpu
+@pytest.mark.gpu
+def test_trainer_graph_mode_conditional_images(tmp_path):
+    """The imagenet128 preset (narrow, 32x32) captured: real labels from static slots, fake ones drawn in-graph."""
+    pytest.importorskip("torchvision", reason="image data needs torchvision")
+    from .test_trainer import tiny_imagenet_config, write_imagefolder
+
+    write_imagefolder(tmp_path / "data")
+    tr = Trainer(tiny_imagenet_config(tmp_path, steps=4, device="cuda", cuda_graph=True))
+    assert tr._static_y is not None and tr._static_y.shape == (4, 4)
+    summary = tr.run()
+    assert summary["step"] == 4 and torch.isfinite(tr.flat.params).all()
 
 
 def test_every_problem_states_its_sample_shape(tmp_path):

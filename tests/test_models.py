@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from odegan_kernels import FlatParams, ODEStepper, game_gradients
-from odegan_kernels.models import DCGANDiscriminator, DCGANGenerator, ResNetDiscriminator, ResNetGenerator
+from odegan_kernels.models import (
+    ConditionalResNetDiscriminator,
+    ConditionalResNetGenerator,
+    DCGANDiscriminator,
+    DCGANGenerator,
+    ResNetDiscriminator,
+    ResNetGenerator,
+)
 
 PAIRS = {"dcgan": (DCGANDiscriminator, DCGANGenerator), "resnet": (ResNetDiscriminator, ResNetGenerator)}
 
@@ -38,3 +45,104 @@ def test_shapes_init_and_one_rk4_step(arch):
     out = st.step(lambda s: game_gradients(D, G, real[s.index], zs[s.index], players=s.players, penalty=s.penalty))
     assert torch.isfinite(flat.params).all() and not torch.equal(flat.params, before)
     assert torch.isfinite(out["penalty"]) and out["penalty"] > 0
+
+
+def _conditional_pair(k=5, ch=2, size=32, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    D = ConditionalResNetDiscriminator(num_classes=k, ch=ch, image_size=size).to(dtype)
+    G = ConditionalResNetGenerator(z_dim=16, num_classes=k, ch=ch, image_size=size).to(dtype)
+    return D, G
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_conditional_resnet_shapes_and_labels(size):
+    D, G = _conditional_pair(size=size)
+    z, y = torch.randn(4, 16), torch.tensor([0, 1, 2, 3])
+    x = G(z, y)
+    assert x.shape == (4, 3, size, size) and x.abs().max() <= 1
+    assert D(x, y).shape == (4,)
+    # the labels reach both players: once the class parameters are away from their initial values
+    with torch.no_grad():
+        for m in G.modules():
+            if isinstance(m, nn.Embedding):
+                m.weight.normal_()
+    y2 = (y + 1) % 5
+    assert not torch.allclose(G(z, y), G(z, y2))
+    x = x.detach()
+    assert not torch.allclose(D(x, y), D(x, y2))
+    # D's projection term is <embed(y), h>: the logit difference between two labels is exactly that
+    h = torch.relu(D.blocks(x)).mean(dim=(2, 3))
+    torch.testing.assert_close(D(x, y) - D(x, y2), ((D.embed(y) - D.embed(y2)) * h).sum(-1))
+
+
+def test_conditional_resnet_full_size_is_sngans():
+    """At ImageNet's settings the pair has SN-GAN's 128x128 widths (about 42M and 39M parameters)."""
+    with torch.device("meta"):
+        G = ConditionalResNetGenerator(num_classes=1000)
+        D = ConditionalResNetDiscriminator(num_classes=1000)
+    n_g = sum(p.numel() for p in G.parameters())
+    n_d = sum(p.numel() for p in D.parameters())
+    assert 41e6 < n_g < 43e6 and 39e6 < n_d < 40e6
+    assert [b.conv1.out_channels for b in G.blocks] == [1024, 512, 256, 128, 64]
+    assert [b.conv1.out_channels for b in D.blocks] == [64, 128, 256, 512, 1024, 1024]
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(image_size=48), "power of two >= 32"),
+        (dict(image_size=16), "power of two >= 32"),
+        (dict(num_classes=0), "num_classes must be >= 1"),
+        (dict(ch=0), "ch .* must be >= 1"),
+    ],
+)
+def test_conditional_resnet_bad_options(kw, msg):
+    for cls in (ConditionalResNetGenerator, ConditionalResNetDiscriminator):
+        with pytest.raises(ValueError, match=msg):
+            cls(**{"num_classes": 3, **kw})
+
+
+def test_conditional_rk4_step_with_penalty():
+    D, G = _conditional_pair()
+    flat = FlatParams([D, G])
+    st = ODEStepper(flat, "rk4", h=0.04, reg=0.02)
+    real = torch.rand(4, 4, 3, 32, 32) * 2 - 1
+    zs, yr, yf = torch.randn(4, 4, 16), torch.randint(5, (4, 4)), torch.randint(5, (4, 4))
+    before = flat.params.clone()
+    embeds = [D.embed.weight.detach().clone(), G.blocks[0].bn1.scale.weight.detach().clone()]
+    out = st.step(
+        lambda s: game_gradients(
+            D,
+            G,
+            real[s.index],
+            zs[s.index],
+            players=s.players,
+            penalty=s.penalty,
+            y_real=yr[s.index],
+            y_fake=yf[s.index],
+        )
+    )
+    assert torch.isfinite(flat.params).all() and not torch.equal(flat.params, before)
+    assert torch.isfinite(out["penalty"]) and out["penalty"] > 0
+    # the class parameters of both players moved (their gradients reached the flat buffer)
+    assert not torch.equal(D.embed.weight, embeds[0]) and not torch.equal(G.blocks[0].bn1.scale.weight, embeds[1])
+    with pytest.raises(ValueError, match="both y_real and y_fake"):
+        game_gradients(D, G, real[0], zs[0], y_real=yr[0])
+
+
+def test_conditional_gradients_match_autograd_of_the_losses():
+    """game_gradients on a conditional pair fills exactly dl_D/dtheta and dl_G/dphi with the labels applied."""
+    from odegan_kernels.losses import d_loss, g_loss
+
+    D, G = _conditional_pair(seed=1)
+    real, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 16)
+    yr, yf = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 3, 2, 1])
+    d_par, g_par = list(D.parameters()), list(G.parameters())
+    fake = G(z, yf)
+    want_d = torch.autograd.grad(d_loss(D(real, yr), D(fake.detach(), yf)), d_par)
+    want_g = torch.autograd.grad(g_loss(D(G(z, yf), yf)), g_par)
+    for p in d_par + g_par:
+        p.grad = None
+    game_gradients(D, G, real, z, y_real=yr, y_fake=yf)
+    for p, w in zip(d_par + g_par, list(want_d) + list(want_g)):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)

@@ -298,3 +298,92 @@ def test_cifar10_resnet_preset_trains(tmp_path):
     assert type(tr.D).__name__ == "ResNetDiscriminator"
     assert tr.run()["step"] == 1 and torch.isfinite(tr.flat.params).all()
     assert make_config("cifar10-resnet").arch == "resnet"
+
+
+def write_imagefolder(root, classes=3, per_class=6, size=(40, 48)):
+    """A tiny ImageNet-style tree (root/<class>/<image>.png); each class's images are one flat colour,
+    so a batch's labels can be checked against its pixels."""
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"n{c:08d}").mkdir(parents=True)
+        for i in range(per_class):
+            rgb = tuple(int(v) for v in np.eye(3, dtype=np.uint8)[c % 3] * 255)
+            Image.new("RGB", size, rgb).save(root / f"n{c:08d}" / f"img_{i}.png")
+
+
+def tiny_imagenet_config(tmp_path, **overrides):
+    opts = {
+        **FAST,
+        "eval_samples": 6,
+        "data": str(tmp_path / "data"),
+        "device": "cpu",
+        "batch": 4,
+        "workers": 0,
+        "width": 2,
+        "image_size": 32,
+        "out": str(tmp_path / "run"),
+        "threads": 2,
+        **overrides,
+    }
+    return make_config("imagenet128", **opts)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_conditional_imagefolder_training(tmp_path, size):
+    """The imagenet128 preset on a local ImageFolder: the labels of each real batch are its images' classes,
+    the fake labels are drawn per stage, evaluation samples cycle through the classes."""
+    pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
+    write_imagefolder(tmp_path / "data")
+    tr = Trainer(tiny_imagenet_config(tmp_path, steps=2, image_size=size))
+    assert tr.problem.num_classes == 3 and tr.problem.sample_shape == (3, size, size)
+    assert type(tr.G).__name__ == "ConditionalResNetGenerator"
+    for _ in range(3):
+        x, y = tr.problem.draw(4, tr.data_gen)
+        assert x.shape == (4, 3, size, size) and y.dtype == torch.long
+        colour = x.mean(dim=(2, 3)).argmax(1)  # class c is the pure colour c (red, green, blue)
+        assert torch.equal(colour, y % 3)
+    assert torch.equal(tr.fixed_y, torch.tensor([0, 1, 2, 0, 1, 2]))
+    seen = []
+    real_closure = tr.closure
+
+    def spy(stage):
+        out = real_closure(stage)
+        seen.append((tr._batch["y_real"].clone(), tr._batch["y_fake"].clone()))
+        return out
+
+    tr.closure = spy
+    summary = tr.run()
+    assert summary["step"] == 2 and torch.isfinite(tr.flat.params).all()
+    assert len(seen) == 8  # joint RK4 with a fresh batch per stage: 4 stages a step
+    assert all(yr.shape == yf.shape == (4,) and 0 <= yf.min() and yf.max() < 3 for yr, yf in seen)
+    assert len({tuple(yf.tolist()) for _, yf in seen}) > 1  # fresh fake labels per stage
+    assert tr.samples().shape == (6, 3, size, size)
+    assert (tmp_path / "run" / "samples_0000002.png").is_file()
+    # a different width is a different model: resuming refuses it with a clear message
+    with pytest.raises(ValueError, match="checkpoint was trained with width=2"):
+        Trainer(tiny_imagenet_config(tmp_path, steps=3, width=4, image_size=size)).run()
+
+
+def test_image_options_are_checked(tmp_path):
+    pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
+    write_imagefolder(tmp_path / "data")
+    with pytest.raises(ValueError, match="needs arch='resnet128'"):
+        Trainer(tiny_imagenet_config(tmp_path, arch="dcgan", width=None, image_size=64))
+    with pytest.raises(ValueError, match="width sets the resnet128"):
+        Trainer(tiny_imagenet_config(tmp_path, arch="resnet"))
+    with pytest.raises(ValueError, match="power of two"):
+        Trainer(tiny_imagenet_config(tmp_path, image_size=48))
+    with pytest.raises(ValueError, match="unknown architecture"):
+        Trainer(tiny_imagenet_config(tmp_path, arch="vit"))
+    write_cifar10(tmp_path / "cifar")
+    with pytest.raises(ValueError, match="CIFAR-10 images are 32x32"):
+        Trainer(tiny_cifar10_config(tmp_path, data=str(tmp_path / "cifar"), arch="resnet128", image_size=64))
+    cfg = make_config("imagenet128")
+    assert (cfg.arch, cfg.image_size, cfg.width, cfg.schedule, cfg.coupling) == (
+        "resnet128",
+        128,
+        None,
+        "cifar",
+        "joint",
+    )

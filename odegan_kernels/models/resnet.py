@@ -19,18 +19,40 @@ from torch import nn
 from .init import truncated_normal_init_
 
 
-class GBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int) -> None:
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without its own affine, then a per-class scale (initialised to 1) and shift (to 0)."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in)
+        self.bn = nn.BatchNorm2d(channels, affine=False)
+        self.scale = nn.Embedding(num_classes, channels)
+        self.shift = nn.Embedding(num_classes, channels)
+        nn.init.ones_(self.scale.weight)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) * self.scale(y)[:, :, None, None] + self.shift(y)[:, :, None, None]
+
+
+class GBlock(nn.Module):
+    """BN, ReLU, 2x nearest upsample, 3x3 conv, BN, ReLU, 3x3 conv, plus an upsampled 1x1 shortcut.
+
+    With ``num_classes`` the BNs are class-conditional and ``forward`` takes the labels.
+    """
+
+    def __init__(self, c_in: int, c_out: int, num_classes: int = 0) -> None:
+        super().__init__()
+        norm = (lambda c: ConditionalBatchNorm2d(c, num_classes)) if num_classes else nn.BatchNorm2d
+        self.bn1 = norm(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.bn2 = norm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
         self.shortcut = nn.Conv2d(c_in, c_out, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
-        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        cond = () if y is None else (y,)
+        h = F.interpolate(F.relu(self.bn1(x, *cond)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h), *cond)))
         return h + self.shortcut(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
