@@ -88,7 +88,13 @@ def main(argv=None) -> int:
     except (NonFiniteError, ValueError, FileNotFoundError) as exc:
         print(f"odegan: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(summary))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # under torchrun the trainer joined a group
+            dist.destroy_process_group()
+    if summary.get("rank", 0) == 0:
+        print(json.dumps(summary))
     return 0
 
 

@@ -35,9 +35,19 @@ class MixtureOfGaussians:
 
 
 def image_loader(
-    root: str, dataset: str = "cifar10", batch: int = 64, seed: int = 0, workers: int = 2, image_size: int = 32
+    root: str,
+    dataset: str = "cifar10",
+    batch: int = 64,
+    seed: int = 0,
+    workers: int = 2,
+    image_size: int = 32,
+    rank: int = 0,
+    world: int = 1,
 ):
-    """An infinite-epoch DataLoader of images scaled to [-1, 1], from a local path (never downloads).
+    """A DataLoader of (images scaled to [-1, 1], labels) from a local path (never downloads).
+
+    Batches are ``batch`` images of rank ``rank``'s share of each epoch (a DistributedSampler: shuffled
+    with ``seed`` and the epoch set through ``loader.sampler.set_epoch``; every rank gets as many batches).
 
     ``cifar10``: the torchvision CIFAR10 layout (``root/cifar-10-batches-py``); ``imagefolder``: any
     torchvision ImageFolder tree (ImageNet's train/ folder included), resized and centre-cropped.
@@ -91,10 +101,14 @@ def image_loader(
         )
     else:
         raise ValueError(f"unknown image dataset {dataset!r}; choose cifar10 or imagefolder")
-    if len(ds) < batch:
-        raise ValueError(f"{root!r} holds {len(ds)} images, fewer than one batch of {batch}")
-    gen = torch.Generator().manual_seed(seed)
-    sampler = torch.utils.data.RandomSampler(ds, generator=gen)
+    if len(ds) < batch * world:
+        raise ValueError(
+            f"{root!r} holds {len(ds)} images, fewer than one batch of {batch}"
+            + (f" for each of {world} ranks" if world > 1 else "")
+        )
+    sampler = torch.utils.data.DistributedSampler(
+        ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch,

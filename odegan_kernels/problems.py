@@ -108,6 +108,8 @@ class ImageProblem(Problem):
         arch: str = "dcgan",
         image_size: int = 32,
         width: int | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         from .data import image_loader
         from .models.dcgan import DCGANDiscriminator, DCGANGenerator
@@ -123,7 +125,9 @@ class ImageProblem(Problem):
         if dataset == "cifar10" and image_size != 32:
             raise ValueError(f"CIFAR-10 images are 32x32; image_size={image_size} needs an ImageFolder dataset")
         # the data first: a conditional pair needs the number of classes
-        self.loader = image_loader(data, dataset, batch, seed=seed, workers=workers, image_size=image_size)
+        self.loader = image_loader(
+            data, dataset, batch, seed=seed, workers=workers, image_size=image_size, rank=rank, world=world
+        )
         torch.manual_seed(seed)
         self.z_dim = z_dim
         self.sample_shape = (3, image_size, image_size)
@@ -139,7 +143,6 @@ class ImageProblem(Problem):
         self.device = device
         self._it = None
         self.epoch = 0
-        self.seed = seed
         self.fid = dict(real=fid_real, num_samples=fid_samples, weights=inception_weights)
 
     def real_batch(self, n, generator):
@@ -150,7 +153,7 @@ class ImageProblem(Problem):
             if self._it is None:
                 # each epoch's order depends on (seed, epoch) only, so a resumed run restarts its epoch
                 # in the same order
-                self.loader.sampler.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+                self.loader.sampler.set_epoch(self.epoch)
                 self._it = iter(self.loader)
             try:
                 x = next(self._it)
@@ -248,7 +251,7 @@ def plot_image_grid(samples: torch.Tensor, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def build_problem(name: str, cfg) -> Problem:
+def build_problem(name: str, cfg, rank: int = 0, world: int = 1) -> Problem:
     if name == "mog":
         return MoGProblem(cfg.z_dim, cfg.hidden, seed=cfg.seed, device=cfg.device)
     if name == "dirac":
@@ -270,5 +273,7 @@ def build_problem(name: str, cfg) -> Problem:
             arch=cfg.arch,
             image_size=cfg.image_size,
             width=cfg.width,
+            rank=rank,
+            world=world,
         )
     raise ValueError(f"unknown problem {name!r}; choose mog, dirac, cifar10 or imagefolder")

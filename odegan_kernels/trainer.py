@@ -2,6 +2,10 @@
 
 A run folder holds config.json (the resolved options), metrics.jsonl, sample plots and checkpoint.pt,
 which is written atomically and resumed from automatically.
+
+Under torchrun (WORLD_SIZE > 1) the run is data parallel: each rank draws its own batches (``batch`` per
+rank and stage), the flat gradients are averaged once per stage, rank 0 alone writes the run folder, and
+the checkpoint holds every rank's random streams so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -157,6 +161,26 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, this rank's device) under torchrun; (0, 1, device) otherwise.
+
+    Initialises the default process group when torchrun's environment asks for one (NCCL on CUDA, gloo on
+    the CPU) unless the caller already has; on CUDA each rank takes the GPU of its LOCAL_RANK.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over the target.
 
@@ -206,17 +230,22 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         cfg.validate()
-        cfg.device = resolve_device(cfg.device)
+        self.rank, self.world, cfg.device = init_distributed(resolve_device(cfg.device))
+        self.is_main = self.rank == 0
         self.cfg = cfg
         if cfg.threads > 0 and cfg.device == "cpu":
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out)
-        self.problem = build_problem(cfg.problem, cfg)
+        self.problem = build_problem(cfg.problem, cfg, self.rank, self.world)
         self.D, self.G = self.problem.D, self.problem.G
         self.flat = FlatParams([self.D, self.G])
+        if self.world > 1:  # every rank starts from rank 0's parameters
+            torch.distributed.broadcast(self.flat.params, 0)
         dev = torch.device(cfg.device)
-        self.data_gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 2 + 1)
-        self.z_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 2 + 2)
+        # each rank its own data and z streams; rank 0's are a single-process run's
+        stream = cfg.seed * 2 + 1_000_003 * self.rank
+        self.data_gen = torch.Generator(device="cpu").manual_seed(stream + 1)
+        self.z_gen = torch.Generator(device=dev).manual_seed(stream + 2)
         eval_gen = torch.Generator(device=dev).manual_seed(10_000 + cfg.seed)
         self.fixed_z = torch.randn(cfg.eval_samples, self.problem.z_dim, generator=eval_gen, device=dev)
         k = self.problem.num_classes
@@ -234,6 +263,7 @@ class Trainer:
                 schedule=cfg.schedule,
                 backend=cfg.backend,
                 cuda_graph=cfg.cuda_graph,
+                distributed=self.world > 1,
             )
         else:
             if cfg.cuda_graph:
@@ -323,6 +353,9 @@ class Trainer:
             stats = self.closure(Stage(0, self.step, (0, 1), pen))
             if pen:
                 (stats.pop("penalty") * self.cfg.reg).backward(inputs=self.flat.parameters(0))
+            if self.world > 1:
+                torch.distributed.all_reduce(self.flat.grads)
+                self.flat.grads.div_(self.world)
             self.opt.step()
         self.step += 1
         return stats
@@ -351,6 +384,13 @@ class Trainer:
             "cuda": torch.cuda.get_rng_state(self.flat.device) if cuda else None,
         }
 
+    def _all_ranks_rng(self) -> list[dict]:
+        if self.world == 1:
+            return [self.rng_state()]
+        states = [None] * self.world
+        torch.distributed.all_gather_object(states, self.rng_state())
+        return states
+
     def set_rng_state(self, rng: dict) -> None:
         self.data_gen.set_state(rng["data"])
         self.z_gen.set_state(rng["z"])
@@ -364,7 +404,7 @@ class Trainer:
             "G": self.G.state_dict(),
             "opt": self.opt.state_dict(),
             "problem": self.problem.state_dict(),
-            "rng": self.rng_state(),
+            "rng": self._all_ranks_rng(),  # one entry per rank (collective under torchrun)
             "config": dataclasses.asdict(self.cfg),
         }
 
@@ -381,18 +421,29 @@ class Trainer:
         self.flat.check_modules(self.D, self.G)
         self.opt.load_state_dict(state["opt"])
         self.problem.load_state_dict(state.get("problem", {}))
-        self.set_rng_state(state["rng"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rng) != self.world:
+            raise ValueError(
+                f"checkpoint was written by {len(rng)} rank(s) but this run has {self.world}: each rank's "
+                "data and noise streams continue from it, so resume with the same number of processes"
+            )
+        self.set_rng_state(rng[self.rank])
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoint.pt atomically; never over a good checkpoint with non-finite parameters."""
+        """Write checkpoint.pt atomically; never over a good checkpoint with non-finite parameters.
+
+        Under torchrun every rank calls this (the random streams are gathered) and rank 0 writes.
+        """
         path = self.out / "checkpoint.pt"
-        if not bool(torch.isfinite(self.flat.params).all()):
+        if not bool(torch.isfinite(self.flat.params).all()):  # the same on every rank: params are shared
             raise NonFiniteError(
                 f"non-finite parameters at step {self.step}; kept the last good checkpoint {path}. "
                 "Lower the step size h or raise reg."
             )
-        atomic_save(self.state_dict(), path)
+        state = self.state_dict()
+        if self.is_main:
+            atomic_save(state, path)
         return path
 
     def maybe_resume(self) -> bool:
@@ -404,17 +455,33 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _interval_means(self, acc: dict, n: int, want_ckpt: bool) -> tuple[dict, bool]:
+        """The logged statistics' means over the interval (and over the ranks), and whether rank 0 asks
+        for a checkpoint: one host sync, and one all-reduce under torchrun, so every rank decides alike."""
+        keys = list(acc)
+        vals = torch.stack([acc[k].float().reshape(()) for k in keys] + [self.flat.params.new_tensor(0.0)])
+        vals[-1] = float(want_ckpt and self.is_main)
+        if self.world > 1:
+            torch.distributed.all_reduce(vals)
+            vals[:-1] /= self.world
+        out = vals.tolist()
+        return {k: v / n for k, v in zip(keys, out)}, out[-1] > 0
 
     def run(self, resume: bool = True) -> dict:
         from tqdm import tqdm
 
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         resumed = resume and self.maybe_resume()
-        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        if not resumed:
+        if main:
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if not resumed and main:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
             self.log(self.evaluate())
         last_ckpt = time.monotonic()
@@ -422,7 +489,7 @@ class Trainer:
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and main),
             dynamic_ncols=True,
             mininterval=0.1 if sys.stderr.isatty() else 30,
             desc=f"{cfg.problem} {cfg.optimizer}:{cfg.method}",
@@ -438,9 +505,10 @@ class Trainer:
                     if isinstance(v, torch.Tensor):
                         acc[k] = acc[k] + v if k in acc else v.clone()
                 bar.update(1)
+                want_ckpt = False
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                    rec = {k: v.item() / n for k, v in acc.items()}  # one host sync per log interval
+                    rec, want_ckpt = self._interval_means(acc, n, time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes)
                     acc = {}
                     bad = [k for k, v in rec.items() if not math.isfinite(v)]
                     if bad or not bool(torch.isfinite(self.flat.params).all()):
@@ -452,26 +520,26 @@ class Trainer:
                     rate = (self.step - s0) / (time.perf_counter() - t0)
                     self.log({"step": self.step, **rec, "steps_per_s": rate})
                     bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                if main and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     result = self.evaluate()
                     self.log(result)
                     bar.write(
                         " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
                     )
-                if self.step % cfg.plot_every == 0 or self.step == cfg.steps:
+                if main and (self.step % cfg.plot_every == 0 or self.step == cfg.steps):
                     self.problem.plot(
                         self.samples(),
                         self.out / f"samples_{self.step:07d}.png",
                         f"{cfg.problem} {cfg.method} step {self.step}",
                     )
-                if (
-                    self.step % cfg.ckpt_every == 0
-                    or self.step == cfg.steps
-                    or time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes
-                ):
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or want_ckpt:
                     self.save_checkpoint()
                     last_ckpt = time.monotonic()
         except KeyboardInterrupt:
+            if self.world > 1:
+                # the ranks stop at different points, so a collective save could hang: keep the last one
+                bar.write(f"rank {self.rank} interrupted at step {self.step}; the last checkpoint stands")
+                raise
             # the interrupted step was rolled back by the stepper: save what the completed steps reached
             bar.write(f"interrupted at step {self.step}: saving {self.out / 'checkpoint.pt'}")
             self.set_rng_state(rng_before)
@@ -480,6 +548,8 @@ class Trainer:
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
+        if not main:
+            return {"step": self.step, "rank": self.rank, "seconds": elapsed}
         if not result:  # resumed at or past cfg.steps: nothing ran, still report where the run stands
             result = self.evaluate()
         summary = {**result, "seconds": elapsed, "steps_per_s": (self.step - s0) / max(elapsed, 1e-9)}
