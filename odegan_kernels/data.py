@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -34,6 +36,26 @@ class MixtureOfGaussians:
         return self.centres[idx.to(dev)] + self.std * noise.to(dev)
 
 
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """A DistributedSampler whose epoch can start part-way: a resumed run skips the samples it had drawn."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"an epoch has {self.num_samples} samples on this rank; cannot start at {start}")
+        self.start = start
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
 def image_loader(
     root: str,
     dataset: str = "cifar10",
@@ -47,7 +69,8 @@ def image_loader(
     """A DataLoader of (images scaled to [-1, 1], labels) from a local path (never downloads).
 
     Batches are ``batch`` images of rank ``rank``'s share of each epoch (a DistributedSampler: shuffled
-    with ``seed`` and the epoch set through ``loader.sampler.set_epoch``; every rank gets as many batches).
+    with ``seed`` and the epoch set through ``loader.sampler.set_epoch(epoch, start)``, which can also skip
+    the epoch's first ``start`` samples; every rank gets as many batches).
 
     ``cifar10``: the torchvision CIFAR10 layout (``root/cifar-10-batches-py``); ``imagefolder``: any
     torchvision ImageFolder tree (ImageNet's train/ folder included), resized and centre-cropped.
@@ -106,9 +129,7 @@ def image_loader(
             f"{root!r} holds {len(ds)} images, fewer than one batch of {batch}"
             + (f" for each of {world} ranks" if world > 1 else "")
         )
-    sampler = torch.utils.data.DistributedSampler(
-        ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-    )
+    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch,

@@ -143,6 +143,7 @@ class ImageProblem(Problem):
         self.device = device
         self._it = None
         self.epoch = 0
+        self.batches = 0  # drawn so far in this epoch: a resumed run continues from there
         self.fid = dict(real=fid_real, num_samples=fid_samples, weights=inception_weights)
 
     def real_batch(self, n, generator):
@@ -151,16 +152,17 @@ class ImageProblem(Problem):
     def draw(self, n, generator):
         while True:
             if self._it is None:
-                # each epoch's order depends on (seed, epoch) only, so a resumed run restarts its epoch
-                # in the same order
-                self.loader.sampler.set_epoch(self.epoch)
+                # each epoch's order depends on (seed, epoch) only; a resumed run skips what it had drawn
+                self.loader.sampler.set_epoch(self.epoch, start=self.batches * self.loader.batch_size)
                 self._it = iter(self.loader)
             try:
                 x = next(self._it)
             except StopIteration:
                 self._it = None
                 self.epoch += 1
+                self.batches = 0
                 continue
+            self.batches += 1
             x, y = x if isinstance(x, (list, tuple)) else (x, None)
             if x.shape[0] != n:
                 raise ValueError(f"the loader gave a batch of {x.shape[0]} but {n} were asked for")
@@ -170,10 +172,11 @@ class ImageProblem(Problem):
             return x, y.to(self.device, non_blocking=True)
 
     def state_dict(self):
-        return {"epoch": self.epoch}
+        return {"epoch": self.epoch, "batches": self.batches}
 
     def load_state_dict(self, state):
         self.epoch = int(state.get("epoch", 0))
+        self.batches = int(state.get("batches", 0))
         self._it = None
 
     @torch.no_grad()

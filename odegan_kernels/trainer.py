@@ -496,10 +496,11 @@ class Trainer:
         )
         result: dict = {}
         acc: dict[str, torch.Tensor] = {}
-        rng_before = self.rng_state()
+        rng_before, data_before = self.rng_state(), self.problem.state_dict()
         try:
             while self.step < cfg.steps:
-                rng_before = self.rng_state()  # an interrupted step is replayed exactly on resume
+                # an interrupted step is replayed exactly on resume: its noise and its data
+                rng_before, data_before = self.rng_state(), self.problem.state_dict()
                 stats = self.train_step()
                 for k, v in stats.items():
                     if isinstance(v, torch.Tensor):
@@ -543,6 +544,7 @@ class Trainer:
             # the interrupted step was rolled back by the stepper: save what the completed steps reached
             bar.write(f"interrupted at step {self.step}: saving {self.out / 'checkpoint.pt'}")
             self.set_rng_state(rng_before)
+            self.problem.load_state_dict(data_before)
             self.save_checkpoint()
             raise
         finally:

@@ -177,6 +177,36 @@ def test_cifar10_training_from_local_files(tmp_path):
     assert summary["step"] == 2 and (tmp_path / "run" / "samples_0000002.png").is_file()
 
 
+def test_image_resume_equals_uninterrupted(tmp_path):
+    """Image runs resume mid-epoch exactly: the checkpoint records the batches drawn in the current epoch
+    (the loader skips them), including after Ctrl-C, whose half-done step gives its batches back. 130
+    images in batches of 8 with a fresh batch per RK4 stage: an epoch is 16 batches, 4 steps."""
+    pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
+    write_cifar10(tmp_path / "data", n=26)
+    run = lambda name, steps, **kw: tiny_cifar10_config(tmp_path, steps=steps, out=str(tmp_path / name), **kw)
+    a = Trainer(run("a", 7))
+    a.run()
+    Trainer(run("b", 3)).run()  # stops in the middle of the first epoch
+    b = Trainer(run("b", 7, workers=2))  # loader workers prefetch: only the batches used count
+    b.run()
+    assert b.problem.epoch == 1 and b.problem.batches == 12
+    c = Trainer(run("c", 7, ckpt_every=1000))
+    inner = c.closure
+
+    def interrupt(stage):
+        if c.step == 5 and stage.index == 2:
+            raise KeyboardInterrupt
+        return inner(stage)
+
+    c.closure = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        c.run()
+    assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["problem"] == {"epoch": 1, "batches": 4}
+    c = Trainer(run("c", 7))
+    c.run()
+    assert torch.equal(a.flat.params, b.flat.params) and torch.equal(a.flat.params, c.flat.params)
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
     from odegan_kernels.data import image_loader
