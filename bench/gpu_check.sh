@@ -4,13 +4,14 @@
 # the step benchmark, then print a short table. At most 7 files land in the results folder (the device
 # tool returns 8): gpu_check.log and the two benchmarks' csv/md/png.
 #
-#   bash bench/gpu_check.sh [all|tests|bench]   # results into bench/results/gpu_<date>/ (or $OUT when set)
+#   bash bench/gpu_check.sh [all|tests|bench|imagenet]   # results into bench/results/gpu_<date>/ (or $OUT)
 #
 # 'all' (the default) does everything; if one device call cannot hold it (10 minutes there), run 'tests'
-# and 'bench' as two calls: each builds csrc first (the build is not kept between machines).
+# and 'bench' as two calls: each builds csrc first (the build is not kept between machines). 'imagenet'
+# (not part of 'all') times the step of the class-conditional 128x128 ResNet at batch 32 (step128_cuda.*).
 set -uo pipefail
 PART=${1:-all}
-case "$PART" in all|tests|bench) ;; *) echo "usage: bash bench/gpu_check.sh [all|tests|bench]"; exit 2;; esac
+case "$PART" in all|tests|bench|imagenet) ;; *) echo "usage: bash bench/gpu_check.sh [all|tests|bench|imagenet]"; exit 2;; esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=$(date -u +%Y%m%d-%H%M)
@@ -34,6 +35,15 @@ echo "== build csrc (CMake, CUDA sm_80/sm_90)"
 t0=$(date +%s)
 PYTHON=$PY bash csrc/build.sh --cuda > /tmp/odegan_build.log 2>&1 || { echo "csrc build FAILED"; tail -40 /tmp/odegan_build.log; status=1; }
 echo "build: $(( $(date +%s) - t0 )) s"
+
+if [ "$PART" = imagenet ]; then
+echo "== step benchmark: conditional ResNet at 128x128"
+ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
+  $PY bench/step.py --device cuda --models resnet128 --dcgan-batch 32 --out "$DEST/step128_cuda.csv" 2>&1 || status=1
+tail -12 "$DEST/step128_cuda.md" 2>/dev/null
+echo "results in $DEST (status $status)"
+exit $status
+fi
 
 if [ "$PART" != bench ]; then
 echo "== tests on the GPU"

@@ -2,6 +2,7 @@
 
     python bench/step.py                  # CPU: toy MLP pair (batch 512), DCGAN at batch 8
     python bench/step.py --device cuda    # GPU: toy MLP pair, DCGAN at batch 64, with CUDA graphs
+    python bench/step.py --device cuda --models resnet128 --dcgan-batch 32   # ImageNet's conditional pair
 
 Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into stage 1, lambda 0.02):
   naive      a straightforward eager RK4 as public ports write it (per-tensor lists, separate forwards)
@@ -37,6 +38,8 @@ from odegan_kernels import FlatParams, ODEStepper, game_gradients  # noqa: E402
 from odegan_kernels.integrators import Stage  # noqa: E402
 from odegan_kernels.losses import d_loss, g_loss  # noqa: E402
 from odegan_kernels.models import (  # noqa: E402
+    ConditionalResNetDiscriminator,
+    ConditionalResNetGenerator,
     DCGANDiscriminator,
     DCGANGenerator,
     ResNetDiscriminator,
@@ -50,9 +53,28 @@ from odegan_kernels.models import (  # noqa: E402
 H, LAM = 0.04 / 4, 0.02
 
 
+class WithLabels(torch.nn.Module):
+    """A conditional player with its labels bound, so every variant below calls it as an unconditional one
+    (the same labels at every stage: the cost is the same as fresh ones)."""
+
+    def __init__(self, module: torch.nn.Module, y: torch.Tensor) -> None:
+        super().__init__()
+        self.module, self.y = module, y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x, self.y)
+
+
 def make_models(name: str, device, batch: int):
     gen = torch.Generator().manual_seed(0)
-    if name == "mlp":
+    if name == "resnet128":  # SN-GAN's ImageNet widths at 128x128, 1000 classes
+        torch.manual_seed(0)
+        y = torch.randint(1000, (batch,), generator=gen).to(device)
+        D = WithLabels(ConditionalResNetDiscriminator(num_classes=1000), y)
+        G = WithLabels(ConditionalResNetGenerator(num_classes=1000), y)
+        real = torch.rand(4, batch, 3, 128, 128, generator=gen) * 2 - 1
+        z = torch.randn(4, batch, 128, generator=gen)
+    elif name == "mlp":
         D, G = mog_pair()
         real = torch.randn(4, batch, 2, generator=gen)
         z = torch.randn(4, batch, 32, generator=gen)
@@ -213,7 +235,11 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
         tq = record("eval+pen_g", graphed(eval_pen_g, device), "penalty evaluation, own graph")
         row("parts_g", 3 * tp + tq, note="3 x eval_g + eval+pen_g")
 
-    # (d) torch.compile: compiled modules in our stepper
+    # (d) torch.compile: compiled modules in our stepper. The shared forward retains D's graph for the second
+    # backward, which compiled backwards with donated buffers refuse; the error tells users to turn them off.
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
     D, G, real, z = make_models(name, device, batch)
     flat_c, st_c = stepper_for(D, G)
     Dc, Gc = torch.compile(D), torch.compile(G)
@@ -228,11 +254,19 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
         D, G, real, z = make_models(name, device, batch)
         flat_c, st_c = stepper_for(D, G)
         Dc, Gc = torch.compile(D), torch.compile(G)
-        cl = closure_for(Dc, Gc, real, z, penalty_method="finite_difference")
-        st_c.step(cl)
-        record(
-            "compile_fd", lambda: st_c.step(cl), "compiled modules, finite-difference penalty", params=[flat_c.params]
-        )
+        try:
+            cl = closure_for(Dc, Gc, real, z, penalty_method="finite_difference")
+            st_c.step(cl)
+            record(
+                "compile_fd",
+                lambda: st_c.step(cl),
+                "compiled modules, finite-difference penalty",
+                params=[flat_c.params],
+            )
+        except Exception as exc:
+            first = str(exc).splitlines()[0][:120]
+            print(f"{name:5s} compile_fd failed: {first}", flush=True)
+            row("compile_fd", note=f"fails: {first}")
 
     # (f) Adam and Euler on the same model
     D, G, real, z = make_models(name, device, batch)
@@ -298,8 +332,10 @@ def report(rows: list[dict], out: Path, env: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--models", default=None, help="default: mlp,dcgan on a CPU; mlp,dcgan,resnet on a GPU")
-    ap.add_argument("--dcgan-batch", type=int, default=None)
+    ap.add_argument(
+        "--models", default=None, help="default: mlp,dcgan on a CPU; mlp,dcgan,resnet on a GPU; also resnet128"
+    )
+    ap.add_argument("--dcgan-batch", type=int, default=None, help="batch of the image models")
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
