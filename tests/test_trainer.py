@@ -150,20 +150,38 @@ def write_cifar10(root, n=128):
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
 
 
-def tiny_cifar10_config(tmp_path, **overrides):
-    """The cifar10 preset on write_cifar10's data: batch 8, CPU, no loader workers, fast logging."""
+def tiny_image_config(tmp_path, preset, **overrides):
+    """An image preset on the data written to tmp_path/data: CPU, no loader workers, fast logging."""
     opts = {
         **FAST,
         "eval_samples": 16,
         "data": str(tmp_path / "data"),
         "device": "cpu",
-        "batch": 8,
         "workers": 0,
         "out": str(tmp_path / "run"),
         "threads": 2,
         **overrides,
     }
-    return make_config("cifar10", **opts)
+    return make_config(preset, **opts)
+
+
+def tiny_cifar10_config(tmp_path, **overrides):
+    """The cifar10 preset on write_cifar10's data, batch 8."""
+    return tiny_image_config(tmp_path, "cifar10", **{"batch": 8, **overrides})
+
+
+def run_interrupted(tr, step, stage_index=2):
+    """Run tr with a Ctrl-C raised inside stage ``stage_index`` of step ``step``."""
+    inner = tr.closure
+
+    def interrupt(stage):
+        if tr.step == step and stage.index == stage_index:
+            raise KeyboardInterrupt
+        return inner(stage)
+
+    tr.closure = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
 
 
 def test_cifar10_training_from_local_files(tmp_path):
@@ -190,17 +208,7 @@ def test_image_resume_equals_uninterrupted(tmp_path):
     b = Trainer(run("b", 7, workers=2))  # loader workers prefetch: only the batches used count
     b.run()
     assert b.problem.epoch == 1 and b.problem.batches == 12
-    c = Trainer(run("c", 7, ckpt_every=1000))
-    inner = c.closure
-
-    def interrupt(stage):
-        if c.step == 5 and stage.index == 2:
-            raise KeyboardInterrupt
-        return inner(stage)
-
-    c.closure = interrupt
-    with pytest.raises(KeyboardInterrupt):
-        c.run()
+    run_interrupted(Trainer(run("c", 7, ckpt_every=1000)), 5)
     assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["problem"] == {"epoch": 1, "batches": 4}
     c = Trainer(run("c", 7))
     c.run()
@@ -258,17 +266,7 @@ def test_fid_evaluation_hands_torch_fidelity_real_samples(tmp_path, monkeypatch)
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     cfg = make_config("mog", steps=40, out=str(tmp_path), **{**FAST, "ckpt_every": 1000})
-    tr = Trainer(cfg)
-    inner = tr.closure
-
-    def interrupt_at_step_13(stage):
-        if tr.step == 13 and stage.index == 2:
-            raise KeyboardInterrupt
-        return inner(stage)
-
-    tr.closure = interrupt_at_step_13
-    with pytest.raises(KeyboardInterrupt):
-        tr.run()
+    run_interrupted(Trainer(cfg), 13)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 13
     # resuming from it reaches the same parameters as a run that was never interrupted
@@ -343,20 +341,9 @@ def write_imagefolder(root, classes=3, per_class=6, size=(40, 48)):
 
 
 def tiny_imagenet_config(tmp_path, **overrides):
-    opts = {
-        **FAST,
-        "eval_samples": 6,
-        "data": str(tmp_path / "data"),
-        "device": "cpu",
-        "batch": 4,
-        "workers": 0,
-        "width": 2,
-        "image_size": 32,
-        "out": str(tmp_path / "run"),
-        "threads": 2,
-        **overrides,
-    }
-    return make_config("imagenet128", **opts)
+    """The imagenet128 preset on write_imagefolder's data: width 2, 32x32, batch 4."""
+    opts = {"eval_samples": 6, "batch": 4, "width": 2, "image_size": 32, **overrides}
+    return tiny_image_config(tmp_path, "imagenet128", **opts)
 
 
 @pytest.mark.parametrize("size", [32, 64])
