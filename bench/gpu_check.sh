@@ -10,6 +10,7 @@
 # and 'bench' as two calls: each builds csrc first (the build is not kept between machines). 'imagenet'
 # (not part of 'all') times the step of the class-conditional 128x128 ResNet at batch 32 (step128_cuda.*).
 set -uo pipefail
+export PYTHONUNBUFFERED=1  # a run stopped at the device's limit keeps what it printed (the log is tee'd)
 PART=${1:-all}
 case "$PART" in all|tests|bench|imagenet) ;; *) echo "usage: bash bench/gpu_check.sh [all|tests|bench|imagenet]"; exit 2;; esac
 cd "$(dirname "$0")/.."
@@ -49,20 +50,21 @@ if [ "$PART" != bench ]; then
 echo "== tests on the GPU"
 t0=$(date +%s)
 ODEGAN_SKIP_CSRC_BUILD=1 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
-  $PY -m pytest -q -p no:cacheprovider -m "not slow" tests 2>&1 | tail -40 || status=1
+  timeout "${TESTS_LIMIT:-420}" $PY -m pytest -q -rfEs -p no:cacheprovider -m "not slow" tests 2>&1 || status=1
 echo "tests: $(( $(date +%s) - t0 )) s"
 fi
 
 if [ "$PART" != tests ]; then
 
+# Each benchmark writes its files after every size / model, so one cut by its time limit keeps the rest.
 echo "== kernel benchmark"
 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
-  $PY bench/kernels.py --device cuda --out "$DEST/kernels_cuda.csv" > /tmp/odegan_kernels.log 2>&1 || status=1
-cat /tmp/odegan_kernels.log
+  timeout "${KERNELS_LIMIT:-220}" $PY bench/kernels.py --device cuda --out "$DEST/kernels_cuda.csv" 2>&1 |
+  tee /tmp/odegan_kernels.log || status=1
 
 echo "== step benchmark"
 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
-  $PY bench/step.py --device cuda --out "$DEST/step_cuda.csv" 2>&1 || status=1
+  timeout "${STEP_LIMIT:-250}" $PY bench/step.py --device cuda --out "$DEST/step_cuda.csv" 2>&1 || status=1
 
 fi
 

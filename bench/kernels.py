@@ -187,13 +187,14 @@ def run(device: torch.device, sizes: list[int], providers: list[str], out: Path)
             torch.cuda.empty_cache()
 
     for n in sizes:
+        start = len(rows)
         measure(n)
         sync(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    append_csv(out, rows)
-    write_report(rows, out, env)
+        # written after every size, so a run stopped at a time limit keeps what it measured
+        append_csv(out, rows[start:])
+        write_report(rows, out, env)
     return rows
 
 

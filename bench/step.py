@@ -345,14 +345,16 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     rep = args.rep_ms or (300 if device.type == "cuda" else 1500)
     models = args.models or ("mlp,dcgan,resnet" if device.type == "cuda" else "mlp,dcgan")
+    out = Path(args.out) if args.out else RESULTS / f"step_{device.type}.csv"
     for m in models.split(","):
         if device.type == "cpu":  # the toy's tiny matrices run fastest on one thread (1.7x slower on two)
             torch.set_num_threads(1 if m == "mlp" else cores)
         batch = 512 if m == "mlp" else (args.dcgan_batch or (64 if device.type == "cuda" else 8))
+        start = len(rows)
         run_model(m, device, batch, rows, env, rep)
-    out = Path(args.out) if args.out else RESULTS / f"step_{device.type}.csv"
-    append_csv(out, rows)
-    report(rows, out, env)
+        # written after every model, so a run stopped at a time limit keeps what it measured
+        append_csv(out, rows[start:])
+        report(rows, out, env)
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return 0
 
