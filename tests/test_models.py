@@ -102,6 +102,16 @@ def test_conditional_resnet_bad_options(kw, msg):
             cls(**{"num_classes": 3, **kw})
 
 
+def test_conditional_resnet_bad_labels():
+    D, G = _conditional_pair()
+    z, x = torch.randn(4, 16), torch.randn(4, 3, 32, 32)
+    for bad in (torch.zeros(4), torch.zeros(3, dtype=torch.long), [0, 1, 2, 3]):
+        with pytest.raises(ValueError, match=r"class labels must be an integer tensor of shape \(4,\)"):
+            G(z, bad)
+        with pytest.raises(ValueError, match="class labels must be"):
+            D(x, bad)
+
+
 def test_conditional_rk4_step_with_penalty():
     D, G = _conditional_pair()
     flat = FlatParams([D, G])

@@ -31,6 +31,16 @@ def _levels(image_size: int) -> int:
     return n
 
 
+def _check_labels(y: torch.Tensor, batch: int, num_classes: int) -> None:
+    """Shape and dtype (no host sync: the values' range is the caller's; ImageFolder's and torch.randint's
+    labels are in range by construction)."""
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32) or y.shape != (batch,):
+        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(
+            f"class labels must be an integer tensor of shape ({batch},) with values in [0, {num_classes}); got {got}"
+        )
+
+
 def _check(num_classes: int, ch: int) -> None:
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -54,6 +64,7 @@ class ConditionalResNetGenerator(nn.Module):
         truncated_normal_init_(self)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_labels(y, z.shape[0], self.num_classes)
         h = self.fc(z).view(z.shape[0], -1, 4, 4)
         for block in self.blocks:
             h = block(h, y)
@@ -79,6 +90,7 @@ class ConditionalResNetDiscriminator(nn.Module):
             nn.init.trunc_normal_(self.embed.weight, std=std, a=-2 * std, b=2 * std)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_labels(y, x.shape[0], self.num_classes)
         h = F.relu(self.blocks(x)).mean(dim=(2, 3))
         return self.fc(h).squeeze(-1) + (self.embed(y) * h).sum(-1)
 
