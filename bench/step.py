@@ -141,6 +141,22 @@ def closure_for(D, G, real, z, penalty_method="double_backward"):
     return closure
 
 
+def part_evaluations(flat, st, closure):
+    """The step's parts: one plain gradient evaluation, and the stage-1 one with the penalty (and its
+    backward into D's gradients)."""
+
+    def plain():
+        flat.zero_grad()
+        closure(Stage(1, 0, (0, 1), False))
+
+    def with_penalty():
+        flat.zero_grad()
+        out = closure(Stage(0, 0, (0, 1), True))
+        (out["penalty"] * st.penalty_weight).backward(inputs=flat.parameters(0))
+
+    return plain, with_penalty
+
+
 def graphed(fn, device, warmup=3):
     """fn captured in its own CUDA graph (after warm-up on a side stream); returns the replay."""
     s = torch.cuda.Stream()
@@ -200,16 +216,8 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
     closure = closure_for(D, G, real, z)
     record("ours", lambda: st.step(closure), params=[flat.params])
 
-    # (e) the parts, eager: 3 plain evaluations + 1 with the penalty (and its backward into D's grads)
-    def eval_plain():
-        flat.zero_grad()
-        closure(Stage(1, 0, (0, 1), False))
-
-    def eval_pen():
-        flat.zero_grad()
-        out = closure(Stage(0, 0, (0, 1), True))
-        (out["penalty"] * st.penalty_weight).backward(inputs=flat.parameters(0))
-
+    # (e) the parts, eager: 3 plain evaluations + 1 with the penalty
+    eval_plain, eval_pen = part_evaluations(flat, st, closure)
     t_plain = record("eval", eval_plain, "one gradient evaluation")
     t_pen = record("eval+pen", eval_pen, "stage-1 evaluation with the penalty")
     row("parts", 3 * t_plain + t_pen, note="3 x eval + eval+pen")
@@ -222,15 +230,7 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
             st_g.step(closure_g)
         record("graph", lambda: st_g.step(closure_g), params=[flat_g.params])
 
-        def eval_plain_g():
-            flat_g.zero_grad()
-            closure_g(Stage(1, 0, (0, 1), False))
-
-        def eval_pen_g():
-            flat_g.zero_grad()
-            out = closure_g(Stage(0, 0, (0, 1), True))
-            (out["penalty"] * st_g.penalty_weight).backward(inputs=flat_g.parameters(0))
-
+        eval_plain_g, eval_pen_g = part_evaluations(flat_g, st_g, closure_g)
         tp = record("eval_g", graphed(eval_plain_g, device), "one evaluation, own graph")
         tq = record("eval+pen_g", graphed(eval_pen_g, device), "penalty evaluation, own graph")
         row("parts_g", 3 * tp + tq, note="3 x eval_g + eval+pen_g")

@@ -139,6 +139,14 @@ def cifar_schedule(step: int, warmup: int = 500, decay_after: int = 400_000) -> 
 SCHEDULES: dict[str, Callable[[int], float]] = {"constant": constant, "cifar": cifar_schedule}
 
 
+def average_across_ranks(buf: torch.Tensor, group=None) -> None:
+    """In place: the mean of ``buf`` over the ranks (a sum all-reduce and a division: gloo has no AVG)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(buf, group=group)
+    buf.div_(dist.get_world_size(group))
+
+
 class ODEStepper:
     """ODE-GAN's optimiser: one explicit Runge-Kutta step of the players' gradient field per ``step``.
 
@@ -392,14 +400,9 @@ class ODEStepper:
     def _average_across_ranks(self, last_stage: bool) -> None:
         """Data parallel: one all-reduce of the flat gradient buffer per stage (the regulariser already in
         it), and of the after-step regulariser buffer once per step, averaged over the ranks."""
-        import torch.distributed as dist
-
-        world = dist.get_world_size(self.process_group)
-        dist.all_reduce(self.flat.grads, group=self.process_group)
-        self.flat.grads.div_(world)
+        average_across_ranks(self.flat.grads, self.process_group)
         if last_stage and self._reg_buf is not None:
-            dist.all_reduce(self._reg_buf, group=self.process_group)
-            self._reg_buf.div_(world)
+            average_across_ranks(self._reg_buf, self.process_group)
 
     def _decoupled_gradients(self, closure, i: int) -> None:
         """Each player's gradient at its own stage point with every other player at the step's start."""

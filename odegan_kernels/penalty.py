@@ -71,20 +71,20 @@ def penalty_grad(
     saved = [b.detach().clone() for b in _buffers_of(G)]
     cond = () if y is None else (y,)
 
-    def fake_loss(G_, D_, phi=None, theta=None) -> torch.Tensor:
+    def fake_loss(phi=None, theta=None) -> torch.Tensor:
         # l_G at the current parameters, or at the given ones (dicts, for torch.func)
-        fake = G_(z, *cond) if phi is None else functional_call(G_, phi, (z, *cond))
-        return loss_g_fn(D_(fake, *cond) if theta is None else functional_call(D_, theta, (fake, *cond)))
+        fake = G(z, *cond) if phi is None else functional_call(G, phi, (z, *cond))
+        return loss_g_fn(D(fake, *cond) if theta is None else functional_call(D, theta, (fake, *cond)))
 
     try:
         if method == "double_backward":
-            sq, _ = generator_grad_sqnorm(fake_loss(G, D), g_par, backend)
+            sq, _ = generator_grad_sqnorm(fake_loss(), g_par, backend)
             return list(torch.autograd.grad(sq, d_par, allow_unused=True, materialize_grads=True))
         if g_phi is None:
-            g_phi = torch.autograd.grad(fake_loss(G, D), g_par)
+            g_phi = torch.autograd.grad(fake_loss(), g_par)
         g_phi = [g.detach() for g in g_phi]
         if method == "finite_difference":
-            return _finite_difference(lambda: fake_loss(G, D), d_par, g_par, g_phi, eps, backend)
+            return _finite_difference(fake_loss, d_par, g_par, g_phi, eps, backend)
         return _jvp(D, G, fake_loss, d_par, g_par, g_phi)
     finally:
         with torch.no_grad():
@@ -126,7 +126,7 @@ def _jvp(D, G, fake_loss, d_par, g_par, g_phi):
     d_vals = {n: p.detach() for n, p in zip(d_names, d_par)}
 
     def grad_theta(phi: dict) -> dict:
-        return grad(lambda theta: fake_loss(G, D, phi, theta))(d_vals)
+        return grad(lambda theta: fake_loss(phi, theta))(d_vals)
 
     phi = {n: p.detach() for n, p in zip(g_names, g_par)}
     tangent = {n: g for n, g in zip(g_names, g_phi)}

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .flat import FlatParams
-from .integrators import ODEStepper
+from .integrators import ODEStepper, average_across_ranks
 from .losses import game_gradients
 from .problems import build_problem
 
@@ -357,8 +357,7 @@ class Trainer:
             if pen:
                 (stats.pop("penalty") * self.cfg.reg).backward(inputs=self.flat.parameters(0))
             if self.world > 1:
-                torch.distributed.all_reduce(self.flat.grads)
-                self.flat.grads.div_(self.world)
+                average_across_ranks(self.flat.grads)
             self.opt.step()
         self.step += 1
         return stats
@@ -466,8 +465,8 @@ class Trainer:
         """The logged statistics' means over the interval (and over the ranks), and whether rank 0 asks
         for a checkpoint: one host sync, and one all-reduce under torchrun, so every rank decides alike."""
         keys = list(acc)
-        vals = torch.stack([acc[k].float().reshape(()) for k in keys] + [self.flat.params.new_tensor(0.0)])
-        vals[-1] = float(want_ckpt and self.is_main)
+        flag = self.flat.params.new_tensor(float(want_ckpt and self.is_main))
+        vals = torch.stack([acc[k].float().reshape(()) for k in keys] + [flag])
         if self.world > 1:
             torch.distributed.all_reduce(vals)
             vals[:-1] /= self.world
