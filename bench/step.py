@@ -7,6 +7,7 @@
 Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into stage 1, lambda 0.02):
   naive      a straightforward eager RK4 as public ports write it (per-tensor lists, separate forwards)
   ours       ODEStepper + game_gradients, eager
+  ours_mlp   the same with the hand-derived gradients of a ReLU MLP pair (mlp_grads; toy pair only)
   graph      the same step captured in one CUDA graph (GPU)
   compile    torch.compile'd D and G inside our stepper (double backward through compiled code is
              reported if it fails; then the finite-difference penalty, which needs none, is used)
@@ -126,7 +127,7 @@ def stepper_for(D, G, method="rk4", cuda_graph=False, penalty_method="double_bac
     return flat, st
 
 
-def closure_for(D, G, real, z, penalty_method="double_backward"):
+def closure_for(D, G, real, z, penalty_method="double_backward", engine="autograd"):
     def closure(stage):
         return game_gradients(
             D,
@@ -136,6 +137,7 @@ def closure_for(D, G, real, z, penalty_method="double_backward"):
             players=stage.players,
             penalty=stage.penalty,
             penalty_method=penalty_method,
+            engine=engine,
         )
 
     return closure
@@ -151,8 +153,7 @@ def part_evaluations(flat, st, closure):
 
     def with_penalty():
         flat.zero_grad()
-        out = closure(Stage(0, 0, (0, 1), True))
-        (out["penalty"] * st.penalty_weight).backward(inputs=flat.parameters(0))
+        st._apply_penalty(closure(Stage(0, 0, (0, 1), True)))  # what the step does with it
 
     return plain, with_penalty
 
@@ -221,6 +222,16 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
     t_plain = record("eval", eval_plain, "one gradient evaluation")
     t_pen = record("eval+pen", eval_pen, "stage-1 evaluation with the penalty")
     row("parts", 3 * t_plain + t_pen, note="3 x eval + eval+pen")
+
+    if name == "mlp":  # the hand-derived gradients: the same step without autograd's per-op bookkeeping
+        D, G, real, z = make_models(name, device, batch)
+        flat_m, st_m = stepper_for(D, G)
+        closure_m = closure_for(D, G, real, z, engine="mlp")
+        record("ours_mlp", lambda: st_m.step(closure_m), "hand-derived gradients", params=[flat_m.params])
+        eval_plain_m, eval_pen_m = part_evaluations(flat_m, st_m, closure_m)
+        t_plain = record("eval_mlp", eval_plain_m, "one evaluation, hand-derived")
+        t_pen = record("eval+pen_mlp", eval_pen_m, "with the penalty, hand-derived")
+        row("parts_mlp", 3 * t_plain + t_pen, note="3 x eval_mlp + eval+pen_mlp")
 
     if is_cuda:
         D, G, real, z = make_models(name, device, batch)
@@ -302,6 +313,9 @@ def report(rows: list[dict], out: Path, env: dict) -> None:
                 md.append(f"- {model}: {what}: {t[a] / t[b]:.3f}")
 
         ratio("ours", "parts", "eager step / sum of its parts (overhead ratio, eager)")
+        ratio("ours_mlp", "parts_mlp", "hand-derived step / sum of its parts (overhead ratio)")
+        ratio("ours", "ours_mlp", "ours autograd / ours hand-derived (speed-up)")
+        ratio("naive", "ours_mlp", "straightforward eager RK4 / ours hand-derived (speed-up)")
         ratio("graph", "parts_g", "graph step / sum of its parts each in its own graph (target <= 1.05)")
         ratio("naive", "ours", "straightforward eager RK4 / ours eager (speed-up)")
         ratio("naive", "graph", "straightforward eager RK4 / ours with the graph (speed-up)")

@@ -17,6 +17,7 @@ from .penalty import generator_grad_sqnorm, penalty_grad
 
 LOSSES = ("ns", "minimax", "hinge", "wasserstein")
 ZERO_SUM = ("minimax", "wasserstein")  # l_G = -l_D as a function of phi
+ENGINES = ("autograd", "mlp", "auto")
 
 
 def _check(kind: str) -> None:
@@ -59,6 +60,7 @@ def game_gradients(
     autocast: bool = False,
     y_real: torch.Tensor | None = None,
     y_fake: torch.Tensor | None = None,
+    engine: str = "autograd",
 ) -> dict:
     """Accumulate dl_D/dtheta (player 0) and dl_G/dphi (player 1) into .grad.
 
@@ -71,7 +73,23 @@ def game_gradients(
     ``autocast`` runs forward and backward in bfloat16 (parameters, gradients and stage math stay fp32).
     A class-conditional pair (``G(z, y)``, ``D(x, y)``) gets the real batch's labels ``y_real`` and the
     labels to generate, ``y_fake``; give both or neither.
+
+    ``engine``: ``autograd`` (this function's own code, the definition), ``mlp`` (the hand-derived
+    gradients of mlp_grads for a ReLU MLP pair; the penalty then comes as an exact ``penalty_grad``), or
+    ``auto`` (``mlp`` wherever mlp_grads.unsupported finds nothing against it).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine != "autograd":
+        from . import mlp_grads
+
+        why = mlp_grads.unsupported(
+            D, G, loss, penalty_method, autocast=autocast, y_real=y_real, y_fake=y_fake, g_params=g_params
+        )
+        if why is None:
+            return mlp_grads.mlp_game_gradients(D, G, real, z, loss, players, penalty, fake)
+        if engine == "mlp":
+            raise ValueError(f"engine='mlp' cannot run here: {why}")
     if (y_real is None) != (y_fake is None):
         raise ValueError("a conditional pair needs both y_real and y_fake (or neither, for an unconditional one)")
     c_real = () if y_real is None else (y_real,)

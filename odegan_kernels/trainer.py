@@ -44,6 +44,7 @@ class Config:
     loss: str = "ns"
     penalty_method: str = "double_backward"  # double_backward | finite_difference | jvp
     autocast: bool = False  # bf16 forward/backward; parameters, gradients and stage math stay fp32
+    grads: str = "auto"  # autograd | mlp (hand-derived, ReLU MLP pairs) | auto (mlp where it applies)
     lr: float = 1e-4  # adam / sgd
     betas: tuple[float, float] = (0.5, 0.999)
     steps: int = 30_000
@@ -76,11 +77,13 @@ class Config:
     def validate(self) -> None:
         if self.optimizer not in ("ode", "adam", "sgd"):
             raise ValueError(f"optimizer must be ode, adam or sgd, got {self.optimizer!r}")
-        from .losses import LOSSES
+        from .losses import ENGINES, LOSSES
         from .penalty import METHODS
 
         if self.penalty_method not in METHODS:
             raise ValueError(f"penalty_method must be one of {METHODS}, got {self.penalty_method!r}")
+        if self.grads not in ENGINES:
+            raise ValueError(f"grads must be one of {ENGINES}, got {self.grads!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.data_per_stage not in ("shared", "fresh"):
@@ -276,6 +279,7 @@ class Trainer:
                 self.opt = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
             else:
                 self.opt = torch.optim.SGD(groups, lr=cfg.lr)
+        self._mlp = self._grads_engine()
         self._batch: dict = {}
         self._static_x = self._static_y = None  # graph mode: every stage's real batch (and labels)
         if cfg.cuda_graph:
@@ -286,6 +290,25 @@ class Trainer:
                 self._static_y = torch.zeros((n, cfg.batch), dtype=torch.long, device=cfg.device)
 
     # -- data and gradients ----------------------------------------------------------------------------
+    def _grads_engine(self):
+        """The hand-derived gradients (mlp_grads.MLPPair) where cfg.grads allows and they apply, else None
+        (autograd). Graph capture keeps autograd: one captured step already has no per-op overhead."""
+        cfg = self.cfg
+        if cfg.grads == "autograd":
+            return None
+        from .mlp_grads import MLPPair, unsupported
+
+        why = unsupported(self.D, self.G, cfg.loss, cfg.penalty_method, autocast=cfg.autocast)
+        if why is None and self.problem.num_classes:
+            why = "class-conditional pairs run through autograd"
+        if why is None and cfg.cuda_graph:
+            why = "cuda_graph=True captures the autograd step"
+        if why is not None:
+            if cfg.grads == "mlp":
+                raise ValueError(f"grads='mlp' cannot run here: {why}")
+            return None
+        return MLPPair(self.D, self.G)
+
     def _fill_static(self) -> None:
         for i in range(self._static_x.shape[0]):
             x, y = self.problem.draw(self.cfg.batch, self.data_gen)
@@ -324,20 +347,24 @@ class Trainer:
         # Decoupled D-only stages see G frozen at the step's start: with shared data, the samples G drew
         # at stage 0 are exactly the ones it would draw again, so reuse them.
         reuse = stage.players == (0,) and cfg.data_per_stage == "shared" and b["fake0"] is not None
-        out = game_gradients(
-            self.D,
-            self.G,
-            b["x"],
-            b["z"],
-            cfg.loss,
-            players=stage.players,
-            penalty=stage.penalty,
-            fake=b["fake0"] if reuse else None,
-            penalty_method=cfg.penalty_method,
-            autocast=cfg.autocast,
-            y_real=b["y_real"],
-            y_fake=b["y_fake"],
-        )
+        fake = b["fake0"] if reuse else None
+        if self._mlp is not None:  # only stage 0's dict reaches the logs: leave the loss values out elsewhere
+            out = self._mlp(b["x"], b["z"], cfg.loss, stage.players, stage.penalty, fake, values=stage.index == 0)
+        else:
+            out = game_gradients(
+                self.D,
+                self.G,
+                b["x"],
+                b["z"],
+                cfg.loss,
+                players=stage.players,
+                penalty=stage.penalty,
+                fake=fake,
+                penalty_method=cfg.penalty_method,
+                autocast=cfg.autocast,
+                y_real=b["y_real"],
+                y_fake=b["y_fake"],
+            )
         if stage.index == 0:
             b["fake0"] = out["fake"]
         del out["fake"]
@@ -354,8 +381,13 @@ class Trainer:
             self.flat.zero_grad()
             pen = self.cfg.reg > 0
             stats = self.closure(Stage(0, self.step, (0, 1), pen))
-            if pen:
-                (stats.pop("penalty") * self.cfg.reg).backward(inputs=self.flat.parameters(0))
+            if pen and "penalty_grad" in stats:  # given directly (hand-derived, jvp, finite difference)
+                d_grads = [p.grad for p in self.flat.parameters(0)]
+                torch._foreach_add_(d_grads, stats.pop("penalty_grad"), alpha=self.cfg.reg)
+            elif pen:
+                penalty = stats.pop("penalty")
+                stats["penalty"] = penalty.detach()
+                (penalty * self.cfg.reg).backward(inputs=self.flat.parameters(0))
             if self.world > 1:
                 average_across_ranks(self.flat.grads)
             self.opt.step()

@@ -1,0 +1,273 @@
+"""The players' gradients for a pair of plain ReLU MLPs (the toy problems' players), derived by hand.
+
+Eager autograd spends most of a toy step on bookkeeping: a decoupled RK4 step is ~2,200 small aten calls
+(docs/RESULTS.md). Here the same quantities come from a few hundred large ones: each layer's forward is
+one ``addmm`` and one in-place ReLU, its backward one ``addmm_`` straight into ``.grad``, one bias sum
+and one masked product; D sees the real and the fake batch as one matrix.
+
+The regulariser's gradient g_reg = grad_theta ||dl_G/dphi||^2 = 2 (d^2 l_G / dtheta dphi) g_phi is taken
+exactly, by forward-over-reverse written out: push the tangent g_phi through G's forward and D's
+forward, then through D's backward (ReLU masks are constant a.e., so they carry the tangent unchanged).
+It is what ``penalty.METHODS``' ``jvp`` and ``double_backward`` compute, reached in a different order.
+
+``losses.game_gradients`` (autograd) defines every quantity here; tests/test_mlp_grads.py compares the
+two in float64 for every loss, player set and penalty, and the trainer picks this path only where
+``unsupported`` finds nothing against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import ops
+
+_LEAVES = (nn.Linear, nn.ReLU)
+
+
+def linear_layers(net: nn.Module) -> list[nn.Linear] | None:
+    """The Linear layers of ``Linear (ReLU Linear)* [Squeeze]`` built from nested nn.Sequentials, else None."""
+    from .models.mlp import Squeeze
+
+    leaves = []
+    for m in net.modules():
+        if isinstance(m, nn.Sequential):
+            continue
+        if not isinstance(m, (*_LEAVES, Squeeze)) or m._forward_hooks or m._forward_pre_hooks:
+            return None
+        leaves.append(m)
+    if not isinstance(net, nn.Sequential) or net._forward_hooks or net._forward_pre_hooks:
+        return None
+    squeeze = bool(leaves) and isinstance(leaves[-1], Squeeze)
+    body = leaves[:-1] if squeeze else leaves
+    if not body or len(body) % 2 == 0:
+        return None
+    for i, m in enumerate(body):
+        if not isinstance(m, nn.Linear if i % 2 == 0 else nn.ReLU):
+            return None
+        if isinstance(m, nn.Linear) and m.bias is None:
+            return None
+    layers = body[::2]
+    if squeeze and layers[-1].out_features != 1:
+        return None
+    return layers
+
+
+def unsupported(D: nn.Module, G: nn.Module, loss: str, penalty_method: str = "double_backward", **kw) -> str | None:
+    """Why the hand-derived gradients cannot stand in for autograd here, or None when they can."""
+    from .losses import LOSSES
+
+    d_layers, g_layers = linear_layers(D), linear_layers(G)
+    if d_layers is None or g_layers is None:
+        return "the players are not plain ReLU MLPs (Linear, ReLU, ..., Linear[, Squeeze])"
+    from .models.mlp import Squeeze
+
+    if not isinstance(list(D.modules())[-1], Squeeze):
+        return "D must end in Squeeze (one logit per sample)"
+    if any(not p.requires_grad for p in [*D.parameters(), *G.parameters()]):
+        return "some parameters are frozen (requires_grad=False)"
+    if loss not in LOSSES:
+        return f"unknown loss {loss!r}"
+    if kw.get("autocast"):
+        return "autocast (bf16) runs through autograd"
+    if kw.get("y_real") is not None or kw.get("y_fake") is not None:
+        return "class-conditional pairs run through autograd"
+    if kw.get("g_params") is not None:
+        return "g_params= (a subset of G's parameters) runs through autograd"
+    if penalty_method not in ("double_backward", "jvp"):
+        return f"penalty_method={penalty_method!r} is an approximation; only the exact penalty is derived here"
+    return None
+
+
+# -- one network ----------------------------------------------------------------------------------------
+def _forward(layers: Sequence[nn.Linear], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The output (pre-activation of the last layer) and every layer's input: [x, h_1, ..., h_{L-1}]."""
+    hs = [x]
+    for i, lin in enumerate(layers):
+        a = torch.addmm(lin.bias, hs[-1], lin.weight.t())
+        if i == len(layers) - 1:
+            return a, hs
+        hs.append(a.relu_())
+    raise AssertionError("unreachable")
+
+
+def _grad_of(p: torch.Tensor) -> torch.Tensor:
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+def _backward(
+    layers: Sequence[nn.Linear],
+    hs: Sequence[torch.Tensor],
+    delta: torch.Tensor,
+    into: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    need_input: bool = False,
+    deltas: list | None = None,
+) -> torch.Tensor | None:
+    """Backpropagate ``delta`` (dl/d output) through the layers.
+
+    ``into``: one (weight-grad, bias-grad) pair per layer to accumulate the parameter gradients into, or
+    None for none. ``deltas`` (optional) collects dl/d(pre-activation) per layer, last layer first.
+    Returns dl/d input when ``need_input``.
+    """
+    for i in range(len(layers) - 1, -1, -1):
+        if deltas is not None:
+            deltas.append(delta)
+        if into is not None:
+            gw, gb = into[i]
+            gw.addmm_(delta.t(), hs[i])
+            gb.add_(delta.sum(0))
+        if i == 0 and not need_input:
+            return None
+        up = delta.mm(layers[i].weight)
+        delta = torch.ops.aten.threshold_backward(up, hs[i], 0) if i > 0 else up
+    return delta
+
+
+# -- the losses, as functions of D's logits ------------------------------------------------------------
+def _d_loss_terms(kind: str, real: torch.Tensor, fake: torch.Tensor, value: bool = True):
+    """(l_D or None, dl_D/d real logits, dl_D/d fake logits): losses.d_loss and its derivative."""
+    from .losses import d_loss
+
+    nr, nf = real.numel(), fake.numel()
+    ld = d_loss(real, fake, kind) if value else None
+    if kind in ("ns", "minimax"):
+        return ld, torch.sigmoid(-real).mul_(-1.0 / nr), torch.sigmoid(fake).mul_(1.0 / nf)
+    if kind == "hinge":
+        return ld, (real < 1).to(real.dtype).mul_(-1.0 / nr), (fake > -1).to(fake.dtype).mul_(1.0 / nf)
+    return ld, torch.full_like(real, -1.0 / nr), torch.full_like(fake, 1.0 / nf)  # wasserstein
+
+
+def _g_loss_terms(kind: str, fake: torch.Tensor, curvature: bool, value: bool = True):
+    """(l_G or None, dl_G/d fake logits, d^2 l_G/d fake logits^2 as a vector or None): losses.g_loss and
+    its first two derivatives (the second is diagonal: each sample's loss depends on its own logit only)."""
+    from .losses import g_loss
+
+    n = fake.numel()
+    lg = g_loss(fake, kind) if value else None
+    if kind in ("ns", "minimax"):
+        s = torch.sigmoid(-fake if kind == "ns" else fake)
+        curv = (1 - s).mul_(s).mul_(1.0 / n if kind == "ns" else -1.0 / n) if curvature else None
+        return lg, s.mul_(-1.0 / n), curv
+    # hinge and wasserstein: l_G = -mean(logits), linear
+    return lg, torch.full_like(fake, -1.0 / n), (torch.zeros_like(fake) if curvature else None)
+
+
+# -- the game -------------------------------------------------------------------------------------------
+class MLPPair:
+    """The hand-derived game gradients of one (D, G) pair of ReLU MLPs, checked once at construction.
+
+    Raises ValueError naming the reason when ``unsupported`` finds one (loss and options are checked per
+    call by ``losses.game_gradients``; a caller that holds an MLPPair has checked them itself).
+    """
+
+    def __init__(self, D: nn.Module, G: nn.Module) -> None:
+        why = unsupported(D, G, "ns")
+        if why is not None:
+            raise ValueError(f"the hand-derived gradients cannot run here: {why}")
+        self.D, self.G = D, G
+        self.d_layers, self.g_layers = linear_layers(D), linear_layers(G)
+        self._d_into = [(_grad_of(lin.weight), _grad_of(lin.bias)) for lin in self.d_layers]
+        self._g_into = [(_grad_of(lin.weight), _grad_of(lin.bias)) for lin in self.g_layers]
+
+    def _into(self, player: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The gradient tensors to accumulate into (looked up again if someone replaced a .grad)."""
+        cached, layers = (self._d_into, self.d_layers) if player == 0 else (self._g_into, self.g_layers)
+        for i, lin in enumerate(layers):
+            if lin.weight.grad is not cached[i][0] or lin.bias.grad is not cached[i][1]:
+                cached[i] = (_grad_of(lin.weight), _grad_of(lin.bias))
+        return cached
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        real: torch.Tensor,
+        z: torch.Tensor,
+        loss: str = "ns",
+        players: Sequence[int] = (0, 1),
+        penalty: bool = False,
+        fake: torch.Tensor | None = None,
+        values: bool = True,
+    ) -> dict:
+        """``losses.game_gradients`` for this pair, without autograd.
+
+        Accumulates dl_D/dtheta (player 0) and dl_G/dphi (player 1) into ``.grad``; with ``penalty`` the
+        dict carries ``penalty`` (||dl_G/dphi||^2, for the logs) and ``penalty_grad`` (its exact gradient
+        w.r.t. D's parameters, one tensor per parameter), which the stepper takes in place of a double
+        backward. ``values=False`` leaves out the loss values (only the logs read them).
+        """
+        need_d, need_g = 0 in players, 1 in players
+        if penalty and not need_g:
+            raise ValueError("the penalty needs the generator's gradient (players must include 1)")
+        if fake is not None and need_g:
+            raise ValueError("fake= can only be reused when the generator's gradient is not needed")
+        d_layers, g_layers = self.d_layers, self.g_layers
+        if fake is None:
+            fake, g_hs = _forward(g_layers, z)
+        out: dict = {"fake": fake}
+        nr = real.shape[0]
+        if need_d:
+            logits, d_hs = _forward(d_layers, torch.cat([real, fake]))
+            logits = logits.squeeze(-1)
+            lr, lf = logits[:nr], logits[nr:]
+            ld, dr, df = _d_loss_terms(loss, lr, lf, values)
+            _backward(d_layers, d_hs, torch.cat([dr, df]).unsqueeze(-1), self._into(0))
+            if values:
+                out["loss_d"] = ld.float()
+            if need_g:
+                f_hs = [h[nr:] for h in d_hs]
+        elif need_g:
+            lf, f_hs = _forward(d_layers, fake)
+            lf = lf.squeeze(-1)
+        if not need_g:
+            return out
+
+        lg, dg, curv = _g_loss_terms(loss, lf, penalty, values or penalty)
+        if values or penalty:
+            out["loss_g"] = lg.float()
+        d_deltas: list[torch.Tensor] = []
+        dfake = _backward(d_layers, f_hs, dg.unsqueeze(-1), None, need_input=True, deltas=d_deltas)
+        if not penalty:
+            _backward(g_layers, g_hs, dfake, self._into(1))
+            return out
+        g_phi = [(torch.zeros_like(lin.weight), torch.zeros_like(lin.bias)) for lin in g_layers]
+        _backward(g_layers, g_hs, dfake, g_phi)
+        for (gw, gb), (into_w, into_b) in zip(g_phi, self._into(1)):
+            into_w.add_(gw)
+            into_b.add_(gb)
+        out["penalty"] = ops.sqnorm([t for pair in g_phi for t in pair])
+        out["penalty_grad"] = _penalty_grad(d_layers, g_layers, g_hs, f_hs, d_deltas, curv, g_phi)
+        return out
+
+
+def mlp_game_gradients(D, G, real, z, loss="ns", players=(0, 1), penalty=False, fake=None) -> dict:
+    """One call of MLPPair(D, G) (which checks the pair: hold an MLPPair to check it once)."""
+    return MLPPair(D, G)(real, z, loss, players, penalty, fake)
+
+
+def _penalty_grad(d_layers, g_layers, g_hs, f_hs, d_deltas, curv, g_phi) -> list[torch.Tensor]:
+    """2 x the directional derivative of grad_theta l_G along phi's tangent g_phi (forward-over-reverse)."""
+    # G's forward, tangent only: a' = h'_{l-1} W^T + h_{l-1} W'^T + b'; h' = a' masked by the ReLU.
+    tangent = None
+    for i, (lin, (gw, gb)) in enumerate(zip(g_layers, g_phi)):
+        a = torch.addmm(gb, g_hs[i], gw.t())
+        if tangent is not None:
+            a.addmm_(tangent, lin.weight.t())
+        tangent = torch.ops.aten.threshold_backward(a, g_hs[i + 1], 0) if i + 1 < len(g_layers) else a
+    f_tangents = [tangent]  # the fakes' tangent, then every hidden layer's of D (D's parameters fixed)
+    for i, lin in enumerate(d_layers[:-1]):
+        f_tangents.append(torch.ops.aten.threshold_backward(f_tangents[-1].mm(lin.weight.t()), f_hs[i + 1], 0))
+    logit_tangent = f_tangents[-1].mm(d_layers[-1].weight.t())
+    # D's backward, tangent only: W-grad' = delta'^T h + delta^T h'; delta'_{l-1} = (delta'_l W) masked.
+    delta_t = logit_tangent.mul_(curv.unsqueeze(-1))
+    out: list[torch.Tensor] = []
+    for i in range(len(d_layers) - 1, -1, -1):
+        delta = d_deltas[len(d_layers) - 1 - i]
+        gw = delta_t.t().mm(f_hs[i]).addmm_(delta.t(), f_tangents[i]).mul_(2.0)
+        out[:0] = [gw, delta_t.sum(0).mul_(2.0)]
+        if i > 0:
+            delta_t = torch.ops.aten.threshold_backward(delta_t.mm(d_layers[i].weight), f_hs[i], 0)
+    return out
