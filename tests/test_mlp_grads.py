@@ -27,6 +27,10 @@ def _pair(dtype, seed=1, hidden=25):
     return D.to(dtype), G.to(dtype)
 
 
+def _batch(gen, n_real, n_z, dtype=torch.float64):
+    return torch.randn(n_real, 2, generator=gen, dtype=dtype), torch.randn(n_z, 32, generator=gen, dtype=dtype)
+
+
 def _rel(a, b):
     return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
 
@@ -47,8 +51,7 @@ def test_equals_autograd(dtype, loss, players, pen):
     gen = torch.Generator().manual_seed(sum(map(ord, repr((loss, players, pen)))))
     D, G = _pair(dtype)
     params = [*D.parameters(), *G.parameters()]
-    x = torch.randn(96, 2, generator=gen, dtype=dtype)
-    z = torch.randn(80, 32, generator=gen, dtype=dtype)  # unequal batches: each mean has its own size
+    x, z = _batch(gen, 96, 80, dtype)  # unequal batches: each mean has its own size
     start = _poison_grads(params, gen)
     ref = game_gradients(D, G, x, z, loss, players=players, penalty=pen, zero_sum=False)
     want = [p.grad.clone() for p in params]
@@ -82,7 +85,7 @@ def test_equals_autograd(dtype, loss, players, pen):
 def test_reused_fakes_and_no_values():
     D, G = _pair(torch.float64)
     gen = torch.Generator().manual_seed(0)
-    x, z = torch.randn(64, 2, generator=gen, dtype=torch.float64), torch.randn(64, 32, generator=gen, dtype=torch.float64)
+    x, z = _batch(gen, 64, 64)
     fake = G(z).detach()
     pair = MLPPair(D, G)
     flat = FlatParams([D, G], dtype=torch.float64)
@@ -127,7 +130,7 @@ def test_game_gradients_engine_switch():
     D, G = _pair(torch.float64)
     flat = FlatParams([D, G], dtype=torch.float64)
     gen = torch.Generator().manual_seed(3)
-    x, z = torch.randn(64, 2, generator=gen, dtype=torch.float64), torch.randn(64, 32, generator=gen, dtype=torch.float64)
+    x, z = _batch(gen, 64, 64)
     results = {}
     for engine in ("autograd", "mlp", "auto"):
         flat.zero_grad()
