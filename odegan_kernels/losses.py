@@ -83,11 +83,11 @@ def game_gradients(
     if engine != "autograd":
         from . import mlp_grads
 
-        why = mlp_grads.unsupported(
+        pair, why = mlp_grads.pair_for(
             D, G, loss, penalty_method, autocast=autocast, y_real=y_real, y_fake=y_fake, g_params=g_params
         )
-        if why is None:
-            return mlp_grads.mlp_game_gradients(D, G, real, z, loss, players, penalty, fake)
+        if pair is not None:
+            return pair(real, z, loss, players, penalty, fake)
         if engine == "mlp":
             raise ValueError(f"engine='mlp' cannot run here: {why}")
     if (y_real is None) != (y_fake is None):

@@ -17,6 +17,7 @@ two in float64 for every loss, player set and penalty, and the trainer picks thi
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -27,19 +28,22 @@ from . import ops
 _LEAVES = (nn.Linear, nn.ReLU)
 
 
-def linear_layers(net: nn.Module) -> list[nn.Linear] | None:
-    """The Linear layers of ``Linear (ReLU Linear)* [Squeeze]`` built from nested nn.Sequentials, else None."""
+def _structure(net: nn.Module) -> tuple[list[nn.Linear], bool] | None:
+    """(the Linear layers, whether it ends in Squeeze) of ``Linear (ReLU Linear)* [Squeeze]`` built from
+    nested nn.Sequentials without hooks, else None."""
     from .models.mlp import Squeeze
 
+    if not isinstance(net, nn.Sequential):
+        return None
     leaves = []
     for m in net.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
         if isinstance(m, nn.Sequential):
             continue
-        if not isinstance(m, (*_LEAVES, Squeeze)) or m._forward_hooks or m._forward_pre_hooks:
+        if not isinstance(m, (*_LEAVES, Squeeze)):
             return None
         leaves.append(m)
-    if not isinstance(net, nn.Sequential) or net._forward_hooks or net._forward_pre_hooks:
-        return None
     squeeze = bool(leaves) and isinstance(leaves[-1], Squeeze)
     body = leaves[:-1] if squeeze else leaves
     if not body or len(body) % 2 == 0:
@@ -52,33 +56,54 @@ def linear_layers(net: nn.Module) -> list[nn.Linear] | None:
     layers = body[::2]
     if squeeze and layers[-1].out_features != 1:
         return None
-    return layers
+    return layers, squeeze
+
+
+def linear_layers(net: nn.Module) -> list[nn.Linear] | None:
+    """The Linear layers of ``Linear (ReLU Linear)* [Squeeze]`` built from nested nn.Sequentials, else None."""
+    found = _structure(net)
+    return None if found is None else found[0]
+
+
+_PAIRS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # D -> {G: MLPPair}
+
+
+def pair_for(
+    D: nn.Module, G: nn.Module, loss: str = "ns", penalty_method: str = "double_backward", **kw
+) -> tuple[MLPPair | None, str | None]:
+    """(the hand-derived gradients of this pair, None), or (None, why they cannot stand in for autograd).
+
+    Checked on every call (hooks, frozen parameters and the options can change between calls); the
+    MLPPair itself is kept per pair and rebuilt when its layers change."""
+    from .losses import LOSSES
+
+    if loss not in LOSSES:
+        return None, f"unknown loss {loss!r}"
+    if kw.get("autocast"):
+        return None, "autocast (bf16) runs through autograd"
+    if kw.get("y_real") is not None or kw.get("y_fake") is not None:
+        return None, "class-conditional pairs run through autograd"
+    if kw.get("g_params") is not None:
+        return None, "g_params= (a subset of G's parameters) runs through autograd"
+    if penalty_method not in ("double_backward", "jvp"):
+        return None, f"penalty_method={penalty_method!r} is an approximation; only the exact penalty is derived here"
+    d, g = _structure(D), _structure(G)
+    if d is None or g is None:
+        return None, "the players are not plain ReLU MLPs (Linear, ReLU, ..., Linear[, Squeeze])"
+    if not d[1]:
+        return None, "D must end in Squeeze (one logit per sample)"
+    if any(not p.requires_grad for lin in d[0] + g[0] for p in (lin.weight, lin.bias)):
+        return None, "some parameters are frozen (requires_grad=False)"
+    pairs = _PAIRS.setdefault(D, weakref.WeakKeyDictionary())
+    pair = pairs.get(G)
+    if pair is None or pair.d_layers != d[0] or pair.g_layers != g[0]:
+        pair = pairs[G] = MLPPair(D, G, _layers=(d[0], g[0]))
+    return pair, None
 
 
 def unsupported(D: nn.Module, G: nn.Module, loss: str, penalty_method: str = "double_backward", **kw) -> str | None:
     """Why the hand-derived gradients cannot stand in for autograd here, or None when they can."""
-    from .losses import LOSSES
-
-    d_layers, g_layers = linear_layers(D), linear_layers(G)
-    if d_layers is None or g_layers is None:
-        return "the players are not plain ReLU MLPs (Linear, ReLU, ..., Linear[, Squeeze])"
-    from .models.mlp import Squeeze
-
-    if not isinstance(list(D.modules())[-1], Squeeze):
-        return "D must end in Squeeze (one logit per sample)"
-    if any(not p.requires_grad for p in [*D.parameters(), *G.parameters()]):
-        return "some parameters are frozen (requires_grad=False)"
-    if loss not in LOSSES:
-        return f"unknown loss {loss!r}"
-    if kw.get("autocast"):
-        return "autocast (bf16) runs through autograd"
-    if kw.get("y_real") is not None or kw.get("y_fake") is not None:
-        return "class-conditional pairs run through autograd"
-    if kw.get("g_params") is not None:
-        return "g_params= (a subset of G's parameters) runs through autograd"
-    if penalty_method not in ("double_backward", "jvp"):
-        return f"penalty_method={penalty_method!r} is an approximation; only the exact penalty is derived here"
-    return None
+    return pair_for(D, G, loss, penalty_method, **kw)[1]
 
 
 # -- one network ----------------------------------------------------------------------------------------
@@ -164,21 +189,24 @@ class MLPPair:
     call by ``losses.game_gradients``; a caller that holds an MLPPair has checked them itself).
     """
 
-    def __init__(self, D: nn.Module, G: nn.Module) -> None:
-        why = unsupported(D, G, "ns")
-        if why is not None:
-            raise ValueError(f"the hand-derived gradients cannot run here: {why}")
+    def __init__(self, D: nn.Module, G: nn.Module, _layers=None) -> None:
+        if _layers is None:
+            why = unsupported(D, G, "ns")
+            if why is not None:
+                raise ValueError(f"the hand-derived gradients cannot run here: {why}")
+            _layers = (linear_layers(D), linear_layers(G))
         self.D, self.G = D, G
-        self.d_layers, self.g_layers = linear_layers(D), linear_layers(G)
-        self._d_into = [(_grad_of(lin.weight), _grad_of(lin.bias)) for lin in self.d_layers]
-        self._g_into = [(_grad_of(lin.weight), _grad_of(lin.bias)) for lin in self.g_layers]
+        self.d_layers, self.g_layers = _layers
+        self._grads: dict[int, list] = {0: [], 1: []}
 
     def _into(self, player: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The gradient tensors to accumulate into (looked up again if someone replaced a .grad)."""
-        cached, layers = (self._d_into, self.d_layers) if player == 0 else (self._g_into, self.g_layers)
-        for i, lin in enumerate(layers):
-            if lin.weight.grad is not cached[i][0] or lin.bias.grad is not cached[i][1]:
-                cached[i] = (_grad_of(lin.weight), _grad_of(lin.bias))
+        """The .grad tensors to accumulate into (made on first use; looked up again if one was replaced)."""
+        cached = self._grads[player]
+        layers = self.d_layers if player == 0 else self.g_layers
+        if len(cached) != len(layers) or any(
+            lin.weight.grad is not gw or lin.bias.grad is not gb for lin, (gw, gb) in zip(layers, cached)
+        ):
+            cached[:] = [(_grad_of(lin.weight), _grad_of(lin.bias)) for lin in layers]
         return cached
 
     @torch.no_grad()
@@ -244,8 +272,11 @@ class MLPPair:
 
 
 def mlp_game_gradients(D, G, real, z, loss="ns", players=(0, 1), penalty=False, fake=None) -> dict:
-    """One call of MLPPair(D, G) (which checks the pair: hold an MLPPair to check it once)."""
-    return MLPPair(D, G)(real, z, loss, players, penalty, fake)
+    """One call of this pair's MLPPair (checked on every call: hold the MLPPair to check it once)."""
+    pair, why = pair_for(D, G, loss)
+    if pair is None:
+        raise ValueError(f"the hand-derived gradients cannot run here: {why}")
+    return pair(real, z, loss, players, penalty, fake)
 
 
 def _penalty_grad(d_layers, g_layers, g_hs, f_hs, d_deltas, curv, g_phi) -> list[torch.Tensor]:

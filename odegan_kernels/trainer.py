@@ -296,9 +296,9 @@ class Trainer:
         cfg = self.cfg
         if cfg.grads == "autograd":
             return None
-        from .mlp_grads import MLPPair, unsupported
+        from .mlp_grads import pair_for
 
-        why = unsupported(self.D, self.G, cfg.loss, cfg.penalty_method, autocast=cfg.autocast)
+        pair, why = pair_for(self.D, self.G, cfg.loss, cfg.penalty_method, autocast=cfg.autocast)
         if why is None and self.problem.num_classes:
             why = "class-conditional pairs run through autograd"
         if why is None and cfg.cuda_graph:
@@ -307,7 +307,7 @@ class Trainer:
             if cfg.grads == "mlp":
                 raise ValueError(f"grads='mlp' cannot run here: {why}")
             return None
-        return MLPPair(self.D, self.G)
+        return pair
 
     def _fill_static(self) -> None:
         for i in range(self._static_x.shape[0]):

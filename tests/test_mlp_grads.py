@@ -199,3 +199,18 @@ def test_stepper_refuses_a_wrongly_shaped_penalty_gradient():
     st = ODEStepper(FlatParams([D, G]), "euler", h=0.1, reg=0.1, penalty="after_step")
     with pytest.raises(ValueError, match="one tensor per parameter of the regularised player"):
         st.step(lambda stage: {"penalty_grad": [torch.zeros(3)], "penalty": torch.zeros(())})
+
+
+def test_pair_kept_per_players_and_checked_on_every_call():
+    from odegan_kernels.mlp_grads import pair_for
+
+    D, G = mog_pair()
+    first, why = pair_for(D, G)
+    assert why is None and pair_for(D, G)[0] is first  # kept: no rebuild per call
+    D[0][4] = nn.Linear(25, 1)  # a new last layer: a new pair that uses it
+    second, _ = pair_for(D, G)
+    assert second is not first and second.d_layers[-1] is D[0][4]
+    handle = D[0][0].register_forward_pre_hook(lambda *a: None)  # a hook added later: autograd runs it
+    assert pair_for(D, G) == (None, "the players are not plain ReLU MLPs (Linear, ReLU, ..., Linear[, Squeeze])")
+    handle.remove()
+    assert pair_for(D, G)[0] is second
