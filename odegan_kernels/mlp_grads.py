@@ -87,6 +87,18 @@ def pair_for(
         return None, "g_params= (a subset of G's parameters) runs through autograd"
     if penalty_method not in ("double_backward", "jvp"):
         return None, f"penalty_method={penalty_method!r} is an approximation; only the exact penalty is derived here"
+    layers, why = _checked_layers(D, G)
+    if why is not None:
+        return None, why
+    pairs = _PAIRS.setdefault(D, weakref.WeakKeyDictionary())
+    pair = pairs.get(G)
+    if pair is None or (pair.d_layers, pair.g_layers) != layers:
+        pair = pairs[G] = MLPPair(D, G, layers)
+    return pair, None
+
+
+def _checked_layers(D: nn.Module, G: nn.Module):
+    """((D's Linear layers, G's), None), or (None, why the pair is not one this module handles)."""
     d, g = _structure(D), _structure(G)
     if d is None or g is None:
         return None, "the players are not plain ReLU MLPs (Linear, ReLU, ..., Linear[, Squeeze])"
@@ -94,11 +106,7 @@ def pair_for(
         return None, "D must end in Squeeze (one logit per sample)"
     if any(not p.requires_grad for lin in d[0] + g[0] for p in (lin.weight, lin.bias)):
         return None, "some parameters are frozen (requires_grad=False)"
-    pairs = _PAIRS.setdefault(D, weakref.WeakKeyDictionary())
-    pair = pairs.get(G)
-    if pair is None or pair.d_layers != d[0] or pair.g_layers != g[0]:
-        pair = pairs[G] = MLPPair(D, G, _layers=(d[0], g[0]))
-    return pair, None
+    return (d[0], g[0]), None
 
 
 def unsupported(D: nn.Module, G: nn.Module, loss: str, penalty_method: str = "double_backward", **kw) -> str | None:
@@ -189,14 +197,13 @@ class MLPPair:
     call by ``losses.game_gradients``; a caller that holds an MLPPair has checked them itself).
     """
 
-    def __init__(self, D: nn.Module, G: nn.Module, _layers=None) -> None:
-        if _layers is None:
-            why = unsupported(D, G, "ns")
+    def __init__(self, D: nn.Module, G: nn.Module, layers=None) -> None:
+        if layers is None:
+            layers, why = _checked_layers(D, G)
             if why is not None:
                 raise ValueError(f"the hand-derived gradients cannot run here: {why}")
-            _layers = (linear_layers(D), linear_layers(G))
         self.D, self.G = D, G
-        self.d_layers, self.g_layers = _layers
+        self.d_layers, self.g_layers = layers
         self._grads: dict[int, list] = {0: [], 1: []}
 
     def _into(self, player: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -269,14 +276,6 @@ class MLPPair:
         out["penalty"] = ops.sqnorm([t for pair in g_phi for t in pair])
         out["penalty_grad"] = _penalty_grad(d_layers, g_layers, g_hs, f_hs, d_deltas, curv, g_phi)
         return out
-
-
-def mlp_game_gradients(D, G, real, z, loss="ns", players=(0, 1), penalty=False, fake=None) -> dict:
-    """One call of this pair's MLPPair (checked on every call: hold the MLPPair to check it once)."""
-    pair, why = pair_for(D, G, loss)
-    if pair is None:
-        raise ValueError(f"the hand-derived gradients cannot run here: {why}")
-    return pair(real, z, loss, players, penalty, fake)
 
 
 def _penalty_grad(d_layers, g_layers, g_hs, f_hs, d_deltas, curv, g_phi) -> list[torch.Tensor]:

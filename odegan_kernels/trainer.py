@@ -299,8 +299,6 @@ class Trainer:
         from .mlp_grads import pair_for
 
         pair, why = pair_for(self.D, self.G, cfg.loss, cfg.penalty_method, autocast=cfg.autocast)
-        if why is None and self.problem.num_classes:
-            why = "class-conditional pairs run through autograd"
         if why is None and cfg.cuda_graph:
             why = "cuda_graph=True captures the autograd step"
         if why is not None:
