@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHECK = r"""
 import torch, odegan_kernels.ops as ops
-from odegan_kernels.ops import cuda, reference
-assert cuda.load(), cuda._state
-assert cuda._state["loaded"] == __import__("os").environ["ODEGAN_CSRC_LIB"], cuda._state
+from odegan_kernels.ops import csrc, reference
+assert csrc.load(), csrc._state
+assert csrc._state["loaded"] == __import__("os").environ["ODEGAN_CSRC_LIB"], csrc._state
 gen = torch.Generator().manual_seed(0)
 n = 10007
 g, x0, acc = (torch.randn(n, generator=gen) for _ in range(3))
@@ -23,11 +23,11 @@ reg = torch.randn(4000, generator=gen)
 want = [torch.full((n,), float("nan")), acc.clone(), x0.clone()]
 reference.stage(want[0], g, want[2], want[1], coeffs, [(0, 3001), (3001, n)], reg=reg, write_x0=True)
 got = [torch.full((n,), float("nan")), acc.clone(), x0.clone()]
-ops.rk_stage(got[0], g, got[2], got[1], coeffs, [(0, 3001), (3001, n)], reg=reg, write_x0=True, backend="cuda")
+ops.rk_stage(got[0], g, got[2], got[1], coeffs, [(0, 3001), (3001, n)], reg=reg, write_x0=True, backend="csrc")
 for a, b in zip(got, want):
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-6) and not a.isnan().any()
 ts = [torch.randn(70000, generator=gen), torch.randn(3, generator=gen)]
-assert torch.allclose(ops.sqnorm(ts, backend="cuda"), sum(t.double().square().sum() for t in ts).float())
+assert torch.allclose(ops.sqnorm(ts, backend="csrc"), sum(t.double().square().sum() for t in ts).float())
 print("CUDA kernels registered:", torch._C._dispatch_has_kernel_for_dispatch_key("odegan_kernels::stage", "CUDA"))
 """
 

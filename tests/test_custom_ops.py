@@ -45,8 +45,8 @@ def test_triton_sqnorm_is_deterministic_and_handles_empty_tensors():
     assert torch.allclose(a.cpu(), sum(t.double().square().sum() for t in ts).float().cpu(), rtol=1e-6)
 
 
-CSRC = ops.why_unavailable("cuda")
-needs_csrc = pytest.mark.skipif(CSRC is not None, reason=f"csrc (cuda backend) library unavailable: {CSRC}")
+CSRC = ops.why_unavailable("csrc")
+needs_csrc = pytest.mark.skipif(CSRC is not None, reason=f"csrc library unavailable: {CSRC}")
 
 
 @needs_csrc
@@ -100,7 +100,7 @@ def test_triton_sqnorm_capture_path_equals_table_path():
     assert torch.allclose(a.double(), sum(t.double().square().sum() for t in ts), rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if ops.why_unavailable(b) is None])
+@pytest.mark.parametrize("backend", [b for b in ("triton", "csrc") if ops.why_unavailable(b) is None])
 def test_custom_ops_under_torch_compile(backend):
     """A stage and a sqnorm inside torch.compile(fullgraph=True): no graph break, same result as eager."""
     from odegan_kernels.ops import reference
@@ -109,7 +109,7 @@ def test_custom_ops_under_torch_compile(backend):
     n, segs = 1000, [(0, 400), (400, 1000)]
     g, x0, acc = (torch.randn(n, generator=gen).to(DEVICE) for _ in range(3))
     coeffs = torch.randn(2, 5, generator=gen).to(DEVICE)
-    mod = __import__(f"odegan_kernels.ops.{'triton_kernels' if backend == 'triton' else 'cuda'}", fromlist=["x"])
+    mod = ops._module(backend)
 
     def step(p, g, x0, acc, coeffs):
         mod.stage(p, g, x0, acc, coeffs, segs, None, True)
@@ -127,14 +127,14 @@ def test_custom_ops_under_torch_compile(backend):
 
 def test_loader_skips_a_build_older_than_the_sources(tmp_path, monkeypatch):
     """Editing csrc/ must not leave the tests running an older compiled library."""
-    from odegan_kernels.ops import cuda
+    from odegan_kernels.ops import csrc
 
     stale = tmp_path / "libodegan_kernels_csrc.so"
     stale.write_bytes(b"not a library")
     os.utime(stale, (1, 1))  # older than any source file
-    monkeypatch.setattr(cuda, "_candidates", lambda: [stale])
-    monkeypatch.setattr(cuda, "_has_op", lambda name: False)
-    monkeypatch.setitem(cuda._state, "loaded", None)
+    monkeypatch.setattr(csrc, "_candidates", lambda: [stale])
+    monkeypatch.setattr(csrc, "_has_op", lambda name: False)
+    monkeypatch.setitem(csrc._state, "loaded", None)
     monkeypatch.delenv("ODEGAN_CSRC_LIB", raising=False)
-    assert cuda.load() is False
-    assert "stale build, skipped" in cuda._state["why"]
+    assert csrc.load() is False
+    assert "stale build, skipped" in csrc._state["why"]

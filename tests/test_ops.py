@@ -8,7 +8,7 @@ from odegan_kernels.ops import reference
 
 from .conftest import DEVICE, TOL, assert_close, poison
 
-BACKENDS = [b for b in ("foreach", "triton", "cuda") if ops.why_unavailable(b) is None]
+BACKENDS = [b for b in ("foreach", "triton", "csrc") if ops.why_unavailable(b) is None]
 # Large sizes only where a backend runs natively (on a CPU, Triton runs in its slow interpreter).
 NATIVE = BACKENDS if DEVICE.type == "cuda" else [b for b in BACKENDS if b != "triton"]
 
@@ -144,6 +144,40 @@ def test_auto_records_its_choice(monkeypatch):
     monkeypatch.setenv("ODEGAN_BACKEND", "nope")
     with pytest.raises(ValueError, match="ODEGAN_BACKEND"):
         ops.resolve("auto", torch.device("cpu"), "stage")
+
+
+def test_deprecated_cuda_alias_warns_and_runs_csrc(monkeypatch, rng):
+    """'cuda' was the csrc backend's name: it still works, for backend= and ODEGAN_BACKEND, with one warning."""
+    p, g, x0, acc = (torch.randn(64, generator=rng) for _ in range(4))
+    coeffs = torch.randn(1, 5, generator=rng)
+    want = [p.clone(), acc.clone(), x0.clone()]
+    ops.rk_stage(want[0], g, want[2], want[1], coeffs, [(0, 64)], write_x0=True, backend="reference")
+    with pytest.warns(DeprecationWarning, match="backend 'cuda' is deprecated: use 'csrc'") as rec:
+        ops.rk_stage(p, g, x0, acc, coeffs, [(0, 64)], write_x0=True, backend="cuda")
+    assert len(rec) == 1 and rec[0].filename == __file__, "the warning should point at the caller's line"
+    for got, exp in zip((p, acc, x0), want):
+        assert_close(got, exp, **TOL[torch.float32])
+    with pytest.warns(DeprecationWarning, match="use 'csrc'"):
+        assert ops.resolve("cuda", torch.device("cpu"), "stage") == "csrc"
+    with pytest.warns(DeprecationWarning, match="use 'csrc'"):
+        assert ops.why_unavailable("cuda") is None
+    monkeypatch.setenv("ODEGAN_BACKEND", "cuda")
+    with pytest.warns(DeprecationWarning, match="use 'csrc'"):
+        assert ops.resolve("auto", torch.device("cpu"), "stage") == "csrc"
+    assert "cuda" not in ops.BACKENDS and "csrc" in ops.BACKENDS
+
+
+def test_supports_says_which_backend_runs_on_which_device(monkeypatch):
+    assert ops.supports("reference", "cpu") and ops.supports("foreach", torch.device("cpu"))
+    assert ops.supports("csrc", "cpu")  # the csrc library is built for the tests (conftest)
+    assert ops.supports("csrc", "meta") is False
+    monkeypatch.setitem(ops._unavailable, "triton", "not here")
+    monkeypatch.delitem(ops._modules, "triton", raising=False)
+    assert ops.supports("triton", "cpu") is False and ops.supports("triton", "cuda") is False
+    with pytest.warns(DeprecationWarning, match="use 'csrc'"):
+        assert ops.supports("cuda", "cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.supports("auto", "cpu")
 
 
 # -- sqnorm ----------------------------------------------------------------------------------------

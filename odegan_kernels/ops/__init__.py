@@ -1,32 +1,50 @@
 """The fused ops, one public function each, dispatched by backend.
 
-``backend="auto" | "triton" | "cuda" | "foreach" | "reference"``; auto picks the fastest backend available
+``backend="auto" | "triton" | "csrc" | "foreach" | "reference"``; auto picks the fastest backend available
 for the buffers' device (override with the environment variable ODEGAN_BACKEND) and records its choice.
+"csrc" is the compiled C++/CUDA library (CPU and CUDA kernels); "cuda", its old name, still works with a
+DeprecationWarning.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
+import warnings
 
 import torch
 
 from . import foreach, reference
 from .utils import check_stage_args, check_tensor_list
 
-BACKENDS = ("reference", "foreach", "triton", "cuda")
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "foreach"), "cpu": ("cuda", "foreach")}
+BACKENDS = ("reference", "foreach", "triton", "csrc")
+_ALIASES = {"cuda": "csrc"}  # deprecated names -> backends
+_AUTO_ORDER = {"cuda": ("triton", "csrc", "foreach"), "cpu": ("csrc", "foreach")}
 _modules = {"reference": reference, "foreach": foreach}
 _unavailable: dict[str, str] = {}
 choices: dict[tuple[str, str], str] = {}  # (op, device type) -> backend auto picked
 
 
+def _canonical(backend: str) -> str:
+    """The backend's current name; a deprecated alias warns once per call site (attributed to the caller)."""
+    if backend not in _ALIASES:
+        return backend
+    new = _ALIASES[backend]
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(__name__):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"backend {backend!r} is deprecated: use {new!r}", DeprecationWarning, stacklevel=level)
+    return new
+
+
 def _module(name: str):
+    name = _ALIASES.get(name, name)
     if name in _modules:
         return _modules[name]
     if name in _unavailable:
         return None
-    modname = {"triton": ".triton_kernels", "cuda": ".cuda"}[name]
+    modname = {"triton": ".triton_kernels", "csrc": ".csrc"}[name]
     try:
         mod = importlib.import_module(modname, __name__)
         ok, why = mod.available()
@@ -41,6 +59,7 @@ def _module(name: str):
 
 def why_unavailable(backend: str) -> str | None:
     """None if the backend is usable, else one line saying why not."""
+    backend = _canonical(backend)
     _module(backend)
     return _unavailable.get(backend)
 
@@ -49,12 +68,23 @@ def _supports(mod, device: torch.device) -> bool:
     return getattr(mod, "supports", lambda dev: True)(device)
 
 
+def supports(backend: str, device: torch.device | str) -> bool:
+    """True when ``backend`` is available here and runs on tensors of ``device``'s type."""
+    backend = _canonical(backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    mod = _module(backend)
+    return mod is not None and _supports(mod, torch.device(device))
+
+
 def resolve(backend: str, device: torch.device, op: str) -> str:
+    backend = _canonical(backend)
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if backend == "auto":
         forced = os.environ.get("ODEGAN_BACKEND")
         if forced:
+            forced = _canonical(forced)
             if forced not in BACKENDS:
                 raise ValueError(f"ODEGAN_BACKEND={forced!r} is not one of {BACKENDS}")
             backend = forced
@@ -97,4 +127,4 @@ def sqnorm(tensors, backend: str = "auto") -> torch.Tensor:
     return _modules[name].sqnorm(tensors)
 
 
-__all__ = ["rk_stage", "sqnorm", "resolve", "why_unavailable", "BACKENDS", "choices"]
+__all__ = ["rk_stage", "sqnorm", "resolve", "supports", "why_unavailable", "BACKENDS", "choices"]
