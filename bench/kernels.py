@@ -32,7 +32,7 @@ from bench.common import (  # noqa: E402
     sync,
 )
 from odegan_kernels import ops  # noqa: E402
-from odegan_kernels.integrators import TABLEAUS, compile_tableau  # noqa: E402
+from odegan_kernels.ode import TABLEAUS, compile_tableau  # noqa: E402
 
 RK4 = compile_tableau(TABLEAUS["rk4"])
 H = 0.04

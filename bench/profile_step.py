@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from odegan_kernels.trainer import Trainer, make_config  # noqa: E402
+from odegan_kernels.train import Trainer, make_config  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -36,8 +36,7 @@ from bench.common import (  # noqa: E402
     sync,
 )
 from odegan_kernels import FlatParams, ODEStepper, game_gradients  # noqa: E402
-from odegan_kernels.integrators import Stage  # noqa: E402
-from odegan_kernels.losses import d_loss, g_loss  # noqa: E402
+from odegan_kernels.game import d_loss, g_loss  # noqa: E402
 from odegan_kernels.models import (  # noqa: E402
     ConditionalResNetDiscriminator,
     ConditionalResNetGenerator,
@@ -47,6 +46,7 @@ from odegan_kernels.models import (  # noqa: E402
     ResNetGenerator,
     mog_pair,
 )
+from odegan_kernels.ode import Stage  # noqa: E402
 
 # The CIFAR-10 reference's step size during its first 500 steps (h/4 of 0.04), and its lambda. At the full
 # h a randomly initialised pair on random data diverges within tens of steps (measured for the ResNet),

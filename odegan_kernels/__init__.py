@@ -2,9 +2,8 @@
 
 from . import ops
 from .flat import FlatParams
-from .integrators import TABLEAUS, ODEStepper, Stage, Tableau, compile_tableau
-from .losses import d_loss, g_loss, game_gradients
-from .penalty import generator_grad_sqnorm, regulariser_grad
+from .game import d_loss, g_loss, game_gradients, generator_grad_sqnorm, regulariser_grad
+from .ode import TABLEAUS, ODEStepper, Stage, Tableau, compile_tableau
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 
-from .trainer import PRESETS, Config, NonFiniteError, Trainer, make_config
+from .train import PRESETS, Config, NonFiniteError, Trainer, make_config
 
 
 def _parse_value(text: str):

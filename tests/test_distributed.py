@@ -91,7 +91,7 @@ def _trainer_worker(rank, world, port, root, out):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
     )
-    from odegan_kernels.trainer import Trainer, make_config
+    from odegan_kernels.train import Trainer, make_config
 
     try:
         res = {}
@@ -114,7 +114,7 @@ def test_trainer_under_torchrun(tmp_path):
     refused with a clear message."""
     import json
 
-    from odegan_kernels.trainer import Trainer, make_config
+    from odegan_kernels.train import Trainer, make_config
 
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:

@@ -6,7 +6,7 @@ import torch
 from odegan_kernels import FlatParams, ODEStepper, game_gradients
 from odegan_kernels.graphs import GraphCaptureError, StepGraph
 from odegan_kernels.models import mog_pair
-from odegan_kernels.trainer import Trainer, make_config
+from odegan_kernels.train import Trainer, make_config
 
 from .conftest import gpu
 

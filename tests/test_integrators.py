@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from odegan_kernels import TABLEAUS, FlatParams, ODEStepper, Tableau, compile_tableau
-from odegan_kernels.integrators import cifar_schedule
+from odegan_kernels.ode import cifar_schedule
 
 
 def linear_setup(A: torch.Tensor, y0: torch.Tensor, backend="auto"):

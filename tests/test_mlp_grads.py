@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from odegan_kernels import FlatParams, ODEStepper
-from odegan_kernels.losses import LOSSES, g_loss, game_gradients
-from odegan_kernels.mlp_grads import MLPPair, linear_layers, unsupported
+from odegan_kernels.game import LOSSES, g_loss, game_gradients
+from odegan_kernels.game.mlp import MLPPair, linear_layers, unsupported
+from odegan_kernels.game.penalty import penalty_grad
 from odegan_kernels.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from odegan_kernels.models.mlp import mog_pair
-from odegan_kernels.penalty import penalty_grad
-from odegan_kernels.trainer import Trainer, make_config
+from odegan_kernels.train import Trainer, make_config
 
 CASES = [
     (loss, players, pen)
@@ -202,7 +202,7 @@ def test_stepper_refuses_a_wrongly_shaped_penalty_gradient():
 
 
 def test_pair_kept_per_players_and_checked_on_every_call():
-    from odegan_kernels.mlp_grads import pair_for
+    from odegan_kernels.game.mlp import pair_for
 
     D, G = mog_pair()
     first, why = pair_for(D, G)

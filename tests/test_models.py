@@ -142,7 +142,7 @@ def test_conditional_rk4_step_with_penalty():
 
 def test_conditional_gradients_match_autograd_of_the_losses():
     """game_gradients on a conditional pair fills exactly dl_D/dtheta and dl_G/dphi with the labels applied."""
-    from odegan_kernels.losses import d_loss, g_loss
+    from odegan_kernels.game import d_loss, g_loss
 
     D, G = _conditional_pair(seed=1)
     real, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 16)

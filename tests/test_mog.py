@@ -12,7 +12,7 @@ docs/RESULTS.md reports it over five seeds.
 
 import pytest
 
-from odegan_kernels.trainer import Trainer, make_config
+from odegan_kernels.train import Trainer, make_config
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 import torch
 
 from odegan_kernels import FlatParams, game_gradients, regulariser_grad
-from odegan_kernels.losses import g_loss
+from odegan_kernels.game import g_loss
 from odegan_kernels.models import mog_pair
 
 

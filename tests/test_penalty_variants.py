@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from odegan_kernels import FlatParams, ODEStepper, game_gradients
-from odegan_kernels.losses import LOSSES, d_loss, g_loss
+from odegan_kernels.game import LOSSES, d_loss, g_loss
+from odegan_kernels.game.penalty import fd_epsilon, penalty_grad
 from odegan_kernels.models import DCGANGenerator, mog_pair
-from odegan_kernels.penalty import fd_epsilon, penalty_grad
 
 
 def _smooth_pair(seed=0):

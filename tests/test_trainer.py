@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from odegan_kernels import cli
-from odegan_kernels.trainer import NonFiniteError, Trainer, atomic_save, make_config
+from odegan_kernels.train import NonFiniteError, Trainer, atomic_save, make_config
 
 FAST = dict(eval_every=10, log_every=5, plot_every=10, ckpt_every=10, eval_samples=256, progress=False)
 

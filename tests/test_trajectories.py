@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from odegan_kernels import FlatParams, ODEStepper, game_gradients  # noqa: E402
 from odegan_kernels.models import mog_pair  # noqa: E402
-from odegan_kernels.trainer import Trainer, make_config  # noqa: E402
+from odegan_kernels.train import Trainer, make_config  # noqa: E402
 
 RECORD = Path(__file__).resolve().parent / "data" / "trajectories.json"
 TOL = {"float64": 1e-9, "float32": 2e-4}

@@ -9,40 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from .. import ops
+from .losses import ZERO_SUM, d_loss, g_loss
+from .mlp import pair_for
 from .penalty import generator_grad_sqnorm, penalty_grad
 
-LOSSES = ("ns", "minimax", "hinge", "wasserstein")
-ZERO_SUM = ("minimax", "wasserstein")  # l_G = -l_D as a function of phi
 ENGINES = ("autograd", "mlp", "auto")
-
-
-def _check(kind: str) -> None:
-    if kind not in LOSSES:
-        raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
-
-
-def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
-    """Discriminator loss (batch mean). ns/minimax: cross-entropy with one logit."""
-    _check(kind)
-    if kind in ("ns", "minimax"):
-        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
-    if kind == "hinge":
-        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-    return fake_logits.mean() - real_logits.mean()
-
-
-def g_loss(fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
-    """Generator loss (batch mean). ns: -log D(G(z)); minimax: log(1 - D(G(z)))."""
-    _check(kind)
-    if kind == "ns":
-        return F.softplus(-fake_logits).mean()
-    if kind == "minimax":
-        return -F.softplus(fake_logits).mean()
-    return -fake_logits.mean()
 
 
 def game_gradients(
@@ -81,9 +55,7 @@ def game_gradients(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine != "autograd":
-        from . import mlp_grads
-
-        pair, why = mlp_grads.pair_for(
+        pair, why = pair_for(
             D, G, loss, penalty_method, autocast=autocast, y_real=y_real, y_fake=y_fake, g_params=g_params
         )
         if pair is not None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import ops
+from .. import ops
 
 METHODS = ("double_backward", "finite_difference", "jvp")
 

@@ -23,7 +23,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import ops
+from .. import ops
+from ..models.mlp import Squeeze
+from .losses import LOSSES, d_loss_terms, g_loss_terms
 
 _LEAVES = (nn.Linear, nn.ReLU)
 
@@ -31,8 +33,6 @@ _LEAVES = (nn.Linear, nn.ReLU)
 def _structure(net: nn.Module) -> tuple[list[nn.Linear], bool] | None:
     """(the Linear layers, whether it ends in Squeeze) of ``Linear (ReLU Linear)* [Squeeze]`` built from
     nested nn.Sequentials without hooks, else None."""
-    from .models.mlp import Squeeze
-
     if not isinstance(net, nn.Sequential):
         return None
     leaves = []
@@ -75,8 +75,6 @@ def pair_for(
 
     Checked on every call (hooks, frozen parameters and the options can change between calls); the
     MLPPair itself is kept per pair and rebuilt when its layers change."""
-    from .losses import LOSSES
-
     if loss not in LOSSES:
         return None, f"unknown loss {loss!r}"
     if kw.get("autocast"):
@@ -160,35 +158,6 @@ def _backward(
     return delta
 
 
-# -- the losses, as functions of D's logits ------------------------------------------------------------
-def _d_loss_terms(kind: str, real: torch.Tensor, fake: torch.Tensor, value: bool = True):
-    """(l_D or None, dl_D/d real logits, dl_D/d fake logits): losses.d_loss and its derivative."""
-    from .losses import d_loss
-
-    nr, nf = real.numel(), fake.numel()
-    ld = d_loss(real, fake, kind) if value else None
-    if kind in ("ns", "minimax"):
-        return ld, torch.sigmoid(-real).mul_(-1.0 / nr), torch.sigmoid(fake).mul_(1.0 / nf)
-    if kind == "hinge":
-        return ld, (real < 1).to(real.dtype).mul_(-1.0 / nr), (fake > -1).to(fake.dtype).mul_(1.0 / nf)
-    return ld, torch.full_like(real, -1.0 / nr), torch.full_like(fake, 1.0 / nf)  # wasserstein
-
-
-def _g_loss_terms(kind: str, fake: torch.Tensor, curvature: bool, value: bool = True):
-    """(l_G or None, dl_G/d fake logits, d^2 l_G/d fake logits^2 as a vector or None): losses.g_loss and
-    its first two derivatives (the second is diagonal: each sample's loss depends on its own logit only)."""
-    from .losses import g_loss
-
-    n = fake.numel()
-    lg = g_loss(fake, kind) if value else None
-    if kind in ("ns", "minimax"):
-        s = torch.sigmoid(-fake if kind == "ns" else fake)
-        curv = (1 - s).mul_(s).mul_(1.0 / n if kind == "ns" else -1.0 / n) if curvature else None
-        return lg, s.mul_(-1.0 / n), curv
-    # hinge and wasserstein: l_G = -mean(logits), linear
-    return lg, torch.full_like(fake, -1.0 / n), (torch.zeros_like(fake) if curvature else None)
-
-
 # -- the game -------------------------------------------------------------------------------------------
 class MLPPair:
     """The hand-derived game gradients of one (D, G) pair of ReLU MLPs, checked once at construction.
@@ -248,7 +217,7 @@ class MLPPair:
             logits, d_hs = _forward(d_layers, torch.cat([real, fake]))
             logits = logits.squeeze(-1)
             lr, lf = logits[:nr], logits[nr:]
-            ld, dr, df = _d_loss_terms(loss, lr, lf, values)
+            ld, dr, df = d_loss_terms(loss, lr, lf, values)
             _backward(d_layers, d_hs, torch.cat([dr, df]).unsqueeze(-1), self._into(0))
             if values:
                 out["loss_d"] = ld.float()
@@ -260,7 +229,7 @@ class MLPPair:
         if not need_g:
             return out
 
-        lg, dg, curv = _g_loss_terms(loss, lf, penalty, values or penalty)
+        lg, dg, curv = g_loss_terms(loss, lf, penalty, values or penalty)
         if values or penalty:
             out["loss_g"] = lg.float()
         d_deltas: list[torch.Tensor] = []

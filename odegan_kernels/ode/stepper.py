@@ -1,4 +1,4 @@
-"""Butcher tableaus compiled into fused stage-op calls, and the closure-based ODE-GAN stepper.
+"""The closure-based ODE-GAN stepper: one explicit Runge-Kutta step of the players' gradient field per call.
 
 A step integrates d(theta, phi)/dt = -grad of each player's own loss with an explicit Runge-Kutta method,
 using two buffers beyond params and grads (x0: the step's start, acc: the running weighted sum).
@@ -13,98 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
-from .flat import FlatParams
+from .. import ops
+from ..distributed import average_across_ranks
+from ..flat import FlatParams
+from .schedules import SCHEDULES
+from .tableau import Tableau, compile_tableau, get_tableau
 
 COUPLINGS = ("joint", "decoupled")
 PENALTY_PLACEMENTS = ("first_stage", "after_step")
-
-
-@dataclass(frozen=True)
-class Tableau:
-    """An explicit Butcher tableau. ``A[i]`` holds the weights of stages 0..i for stage point i+1."""
-
-    name: str
-    A: tuple[tuple[float, ...], ...]
-    b: tuple[float, ...]
-    order: int
-
-    @property
-    def stages(self) -> int:
-        return len(self.b)
-
-    def stability(self, z: complex) -> complex:
-        """R(z): the factor one step multiplies an eigen-direction of y' = lambda*y by, z = h*lambda."""
-        s = self.stages
-        import numpy as np
-
-        A = np.zeros((s, s), dtype=complex)
-        for i, row in enumerate(self.A):
-            A[i + 1, : len(row)] = row
-        b = np.array(self.b, dtype=complex)
-        return complex(1 + z * b @ np.linalg.solve(np.eye(s) - z * A, np.ones(s)))
-
-
-TABLEAUS: dict[str, Tableau] = {
-    t.name: t
-    for t in (
-        Tableau("euler", (), (1.0,), 1),
-        Tableau("heun", ((1.0,),), (0.5, 0.5), 2),
-        Tableau("midpoint", ((0.5,),), (0.0, 1.0), 2),
-        Tableau("ralston", ((2 / 3,),), (0.25, 0.75), 2),
-        Tableau("rk3", ((0.5,), (-1.0, 2.0)), (1 / 6, 2 / 3, 1 / 6), 3),
-        Tableau("rk4", ((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6), 4),
-    )
-}
-
-
-@dataclass(frozen=True)
-class StageCoeffs:
-    """Stage-op scalars for unit step size: the op gets (a, b, -h*c, -h*d, e)."""
-
-    a: float
-    b: float
-    c: float
-    d: float
-
-
-def compile_tableau(tab: Tableau) -> list[StageCoeffs]:
-    """Express a tableau as low-storage stages: acc = a*acc + b*k; point = x0 - h*(c*k + d*acc).
-
-    acc after stage i is sum_{j<=i} b_j k_j, so stage point i+1 must weigh earlier stages in proportion
-    to b (true of every tableau in TABLEAUS). Anything else raises ValueError.
-    """
-    s = tab.stages
-    if len(tab.A) != s - 1 or any(len(row) != i + 1 for i, row in enumerate(tab.A)):
-        raise ValueError(f"tableau {tab.name!r}: A must have rows of length 1..{s - 1}")
-    out = []
-    for i in range(s):
-        a = 0.0 if i == 0 else 1.0
-        if i == s - 1:
-            out.append(StageCoeffs(a, tab.b[i], 0.0, 1.0))
-            continue
-        row = tab.A[i]
-        delta = None
-        for j in range(i):
-            if tab.b[j] != 0:
-                ratio = row[j] / tab.b[j]
-                if delta is None:
-                    delta = ratio
-                elif not math.isclose(delta, ratio, rel_tol=1e-12, abs_tol=1e-15):
-                    raise ValueError(f"tableau {tab.name!r} is not expressible with two registers")
-            elif row[j] != 0:
-                raise ValueError(f"tableau {tab.name!r} is not expressible with two registers")
-        delta = 0.0 if delta is None else delta
-        out.append(StageCoeffs(a, tab.b[i], row[i] - delta * tab.b[i], delta))
-    return out
-
-
-def get_tableau(method: str | Tableau) -> Tableau:
-    if isinstance(method, Tableau):
-        return method
-    if method not in TABLEAUS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(TABLEAUS)}")
-    return TABLEAUS[method]
 
 
 @dataclass(frozen=True)
@@ -121,30 +37,6 @@ class Stage:
     step: int
     players: tuple[int, ...]
     penalty: bool
-
-
-def constant(step: int) -> float:
-    return 1.0
-
-
-def cifar_schedule(step: int, warmup: int = 500, decay_after: int = 400_000) -> float:
-    """The CIFAR-10 reference's step-size multiplier: 1/4 for the first 500 steps, 1/2 after 400k."""
-    if step < warmup:
-        return 0.25
-    if step >= decay_after:
-        return 0.5
-    return 1.0
-
-
-SCHEDULES: dict[str, Callable[[int], float]] = {"constant": constant, "cifar": cifar_schedule}
-
-
-def average_across_ranks(buf: torch.Tensor, group=None) -> None:
-    """In place: the mean of ``buf`` over the ranks (a sum all-reduce and a division: gloo has no AVG)."""
-    import torch.distributed as dist
-
-    dist.all_reduce(buf, group=group)
-    buf.div_(dist.get_world_size(group))
 
 
 class ODEStepper:
@@ -234,7 +126,7 @@ class ODEStepper:
                 )
         self.graph = None
         if cuda_graph:
-            from .graphs import StepGraph, check_capturable
+            from ..graphs import StepGraph, check_capturable
 
             check_capturable(flat)
             self.graph = StepGraph(self._run_stages, warmup=graph_warmup)
