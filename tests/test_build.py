@@ -1,12 +1,18 @@
-"""The ahead-of-time CMake build of csrc/: CPU kernels built and checked, CUDA sources compiled (nvcc)."""
+"""How the csrc library is built and found: the ahead-of-time CMake build (CPU kernels built and checked, CUDA
+sources compiled with nvcc), and the loader's choice among builds (the on-demand build's cache is keyed by
+the sources, torch and the flags; the CMake build must be newer than the sources)."""
 
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from odegan_kernels.ops import csrc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +41,7 @@ print("CUDA kernels registered:", torch._C._dispatch_has_kernel_for_dispatch_key
 def _build(tmp_path, *args):
     env = {**os.environ, "BUILD_DIR": str(tmp_path / "build"), "PYTHON": sys.executable}
     res = subprocess.run(
-        ["bash", str(ROOT / "csrc" / "build.sh"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        ["bash", str(csrc.CSRC / "build.sh"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lib = tmp_path / "build" / "libodegan_kernels_csrc.so"
@@ -85,3 +91,99 @@ def _sass(lib: Path) -> str | None:
         return None
     res = subprocess.run([str(tool), "--dump-sass", str(lib)], capture_output=True, text=True, timeout=120)
     return res.stdout if res.returncode == 0 else None
+
+
+# -- which library the loader takes ----------------------------------------------------------------------
+@pytest.fixture
+def loader(monkeypatch, tmp_path):
+    """csrc's loader as a fresh process sees it, over a copy of the sources (to edit), its own extensions cache
+    and CMake build path; load_library records the path instead of loading (this process has the library)."""
+    src = tmp_path / "csrc"
+    shutil.copytree(csrc.CSRC, src)
+    monkeypatch.setattr(csrc, "CSRC", src)
+    monkeypatch.setattr(csrc, "CMAKE_LIB", tmp_path / "build-csrc" / "libodegan_kernels_csrc.so")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    monkeypatch.delenv("ODEGAN_CSRC_LIB", raising=False)
+    monkeypatch.setattr(csrc, "_has_op", lambda name: False)
+    monkeypatch.setattr(csrc, "_register_python_side", lambda: None)
+    monkeypatch.setitem(csrc._state, "loaded", None)
+    loaded: list[str] = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+
+    def load() -> list[str]:
+        csrc._state["loaded"] = None
+        loaded.clear()
+        csrc.load()
+        return list(loaded)
+
+    return src, load
+
+
+def _fake_library(path: Path, mtime: float | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"a library")
+    os.utime(path, None if mtime is None else (mtime, mtime))
+    return path
+
+
+def test_a_cached_build_of_other_sources_is_not_loaded(loader):
+    src, load = loader
+    assert load() == [] and "not built" in csrc._state["why"]
+    # A build of exactly these sources is taken whatever its age: an installed wheel's files are newer than
+    # a library built before from the same sources.
+    built = _fake_library(csrc.jit_library(with_cuda=False), mtime=1)
+    assert load() == [str(built)]
+    # Edit a source: its key changes, so the library built before is left alone even though it is newer.
+    cpu = src / "cpu" / "ops_cpu.cpp"
+    cpu.write_text(cpu.read_text() + "\n// edited\n")
+    os.utime(built, (time.time() + 3600,) * 2)
+    assert csrc.jit_library(with_cuda=False) != built
+    assert load() == [] and "not built" in csrc._state["why"]
+    rebuilt = _fake_library(csrc.jit_library(with_cuda=False))
+    assert load() == [str(rebuilt)]
+
+
+def test_cache_key_covers_sources_torch_python_and_flags(loader, monkeypatch, tmp_path):
+    src, _ = loader
+    key = csrc.cache_key(with_cuda=False)
+    assert len(key) == 16 and csrc.cache_key(with_cuda=False) == key
+    assert csrc.jit_library(with_cuda=False).name == f"odegan_kernels_csrc_{key}.so"
+    assert csrc.cache_key(with_cuda=True) != key  # other sources and flags
+    # The same sources elsewhere (a checkout, an installed wheel) share one build.
+    shutil.copytree(src, tmp_path / "elsewhere")
+    monkeypatch.setattr(csrc, "CSRC", tmp_path / "elsewhere")
+    assert csrc.cache_key(with_cuda=False) == key
+    (tmp_path / "elsewhere" / "cuda" / "extra.h").write_text("// a new header\n")
+    assert csrc.cache_key(with_cuda=False) != key
+    monkeypatch.setattr(csrc, "CSRC", src)
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    assert csrc.cache_key(with_cuda=False) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(csrc, "CSRC", src)
+    monkeypatch.setattr(sys.implementation, "cache_tag", "cpython-299")
+    assert csrc.cache_key(with_cuda=False) != key
+
+
+def test_loader_order_and_the_cmake_build_age_check(loader, monkeypatch, tmp_path):
+    _, load = loader
+    jit = _fake_library(csrc.jit_library(with_cuda=False))
+    cmake = _fake_library(csrc.CMAKE_LIB, mtime=1)  # older than every source: a stale build
+    assert load() == [str(jit)]
+    assert "stale build, skipped" not in csrc._state["why"]  # loaded: no reason recorded
+    jit.unlink()
+    assert load() == [] and "stale build, skipped" in csrc._state["why"]
+    os.utime(cmake, None)  # newer than the sources: the CMake build wins over the on-demand one
+    _fake_library(csrc.jit_library(with_cuda=False))
+    assert load() == [str(cmake)]
+    explicit = _fake_library(tmp_path / "mine.so", mtime=1)  # $ODEGAN_CSRC_LIB: taken as it is, first
+    monkeypatch.setenv("ODEGAN_CSRC_LIB", str(explicit))
+    assert load() == [str(explicit)]
+
+
+def test_old_module_name_is_a_deprecated_alias():
+    code = "from odegan_kernels.ops import cuda, csrc; assert cuda is csrc"
+    run = lambda action: subprocess.run([sys.executable, "-W", action, "-c", code], capture_output=True, text=True)
+    res = run("error::DeprecationWarning")
+    assert res.returncode != 0 and "use odegan_kernels.ops.csrc" in res.stderr, res.stderr
+    res = run("ignore::DeprecationWarning")
+    assert res.returncode == 0, res.stderr

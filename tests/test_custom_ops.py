@@ -1,7 +1,5 @@
 """torch.library registration of the compiled backends: opcheck (schema, fake tensors, autograd)."""
 
-import os
-
 import pytest
 import torch
 
@@ -123,18 +121,3 @@ def test_custom_ops_under_torch_compile(backend):
     assert torch.allclose(p, want_p, atol=1e-6) and torch.allclose(accc, want_acc, atol=1e-6)
     assert torch.allclose(x0c, want_p, atol=1e-6)
     assert torch.allclose(out, reference.sqnorm([want_p, want_acc]), rtol=1e-5)
-
-
-def test_loader_skips_a_build_older_than_the_sources(tmp_path, monkeypatch):
-    """Editing csrc/ must not leave the tests running an older compiled library."""
-    from odegan_kernels.ops import csrc
-
-    stale = tmp_path / "libodegan_kernels_csrc.so"
-    stale.write_bytes(b"not a library")
-    os.utime(stale, (1, 1))  # older than any source file
-    monkeypatch.setattr(csrc, "_candidates", lambda: [stale])
-    monkeypatch.setattr(csrc, "_has_op", lambda name: False)
-    monkeypatch.setitem(csrc._state, "loaded", None)
-    monkeypatch.delenv("ODEGAN_CSRC_LIB", raising=False)
-    assert csrc.load() is False
-    assert "stale build, skipped" in csrc._state["why"]

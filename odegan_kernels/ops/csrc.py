@@ -1,46 +1,100 @@
 """The compiled csrc library (torch.ops.odegan_kernels.stage / .sqnorm, CPU and CUDA kernels).
 
-Loaded from, in order: $ODEGAN_CSRC_LIB; the CMake build (build/libodegan_kernels_csrc.so); an earlier
-on-demand build. ``build()`` compiles it with torch.utils.cpp_extension (CUDA sources only where torch
-has CUDA and nvcc is found). Importing never compiles: pip install stays pure Python, and the dispatch
-falls back with a one-line reason when the library is not there.
+Its sources ship inside the package (odegan_kernels/csrc/), so ``python -m odegan_kernels.ops.csrc build``
+works in a checkout and from an installed wheel alike. Loaded from, in order: $ODEGAN_CSRC_LIB; in a source
+checkout, the CMake build (build-csrc/, skipped when older than the sources); the on-demand build, whose
+folder and file are named by ``cache_key`` (a hash of the sources, torch, Python and the build flags), so a
+library built from other sources or for another torch is never loaded. Importing never compiles: the
+dispatch falls back with a one-line reason when the library is not there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from .utils import register_sqnorm_op
 
-ROOT = Path(__file__).resolve().parents[2]
-CSRC = ROOT / "csrc"
+PACKAGE = Path(__file__).resolve().parents[1]
+CSRC = PACKAGE / "csrc"
+CHECKOUT = PACKAGE.parent  # a source checkout when it holds CMakeLists.txt
+CMAKE_LIB = CHECKOUT / "build-csrc" / "libodegan_kernels_csrc.so"
 LIB_NAME = "odegan_kernels_csrc"
+CPU_SOURCES = ("ops.cpp", "cpu/ops_cpu.cpp")
+CUDA_SOURCES = ("cuda/ops_cuda.cu",)
+SOURCE_SUFFIXES = (".cpp", ".cu", ".h")
 _state: dict = {"loaded": None, "why": "not loaded yet", "registered": False}
 
 
-def _candidates() -> list[Path]:
-    out = []
-    if os.environ.get("ODEGAN_CSRC_LIB"):
-        out.append(Path(os.environ["ODEGAN_CSRC_LIB"]))
-    out.append(ROOT / "build" / f"lib{LIB_NAME}.so")
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its warning about a missing CUDA runtime (not news on a CPU)."""
     import logging
 
-    # importing cpp_extension warns about a missing CUDA runtime on CPU machines: not news here
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        from torch.utils.cpp_extension import _get_build_directory
+        from torch.utils import cpp_extension
     finally:
         log.setLevel(level)
+    return cpp_extension
 
-    try:
-        out.append(Path(_get_build_directory(LIB_NAME, verbose=False)) / f"{LIB_NAME}.so")
-    except Exception:
-        pass
+
+def _build_args(with_cuda: bool) -> dict:
+    """cpp_extension.load's sources and flags (CUDA kernels for sm_80 and sm_90 when with_cuda)."""
+    cflags = ["-O3", "-std=c++17", "-fopenmp"]
+    cuda_flags = ["-O3", "-std=c++17"]
+    if with_cuda:
+        cflags.append("-DODEGAN_WITH_CUDA")
+        cuda_flags += [
+            "-DODEGAN_WITH_CUDA",
+            "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_90,code=sm_90",
+        ]
+    sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
+    return dict(sources=sources, extra_cflags=cflags, extra_cuda_cflags=cuda_flags, with_cuda=with_cuda)
+
+
+def _source_files() -> list[Path]:
+    return sorted(f for f in CSRC.rglob("*") if f.suffix in SOURCE_SUFFIXES)
+
+
+def cache_key(with_cuda: bool) -> str:
+    """16 hex digits of a hash of every source file (its path in csrc/ and its contents), the torch, CUDA and
+    Python versions and the build flags: what names the on-demand build's folder and library."""
+    h = hashlib.sha256()
+    for f in _source_files():
+        data = f.read_bytes()
+        h.update(f"{f.relative_to(CSRC).as_posix()}\0{len(data)}\0".encode())
+        h.update(data)
+    args = _build_args(with_cuda)
+    env = (torch.__version__, torch.version.cuda, sys.implementation.cache_tag, with_cuda)
+    h.update(repr((env, args["extra_cflags"], args["extra_cuda_cflags"])).encode())
+    return h.hexdigest()[:16]
+
+
+def jit_library(with_cuda: bool) -> Path:
+    """Where the on-demand build of these sources for this torch puts its library: a folder named by the cache
+    key under $TORCH_EXTENSIONS_DIR, or torch's default extensions cache."""
+    name = f"{LIB_NAME}_{cache_key(with_cuda)}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or _cpp_extension().get_default_build_root()
+    return Path(root) / name / f"{name}.so"
+
+
+def _candidates() -> list[tuple[Path, bool]]:
+    """(library, whether it must be newer than the sources), in the order load() tries them. Only the CMake
+    build is checked by age: the on-demand builds are named by their sources' hash."""
+    out = []
+    if os.environ.get("ODEGAN_CSRC_LIB"):
+        out.append((Path(os.environ["ODEGAN_CSRC_LIB"]), False))
+    if (CHECKOUT / "CMakeLists.txt").is_file():
+        out.append((CMAKE_LIB, True))
+    out += [(jit_library(with_cuda), False) for with_cuda in (True, False)]  # the CUDA build has the CPU kernels too
     return out
 
 
@@ -65,23 +119,27 @@ def load() -> bool:
         _register_python_side()
         return True
     tried = []
-    explicit = os.environ.get("ODEGAN_CSRC_LIB")
-    newest_source = max((f.stat().st_mtime for f in CSRC.rglob("*") if f.suffix in (".cpp", ".cu", ".h")), default=0.0)
-    for path in _candidates():
-        if path.is_file() and str(path) != explicit and path.stat().st_mtime < newest_source:
-            tried.append(f"{path.name}: older than csrc/ (stale build, skipped)")
+    newest_source = None
+    for path, check_age in _candidates():
+        if not path.is_file():
             continue
-        if path.is_file():
-            try:
-                torch.ops.load_library(str(path))
-                _state["loaded"] = str(path)
-                _register_python_side()
-                return True
-            except Exception as exc:  # a stale or mismatched build: say so, try the next one
-                tried.append(f"{path.name}: {exc}")
+        if check_age:
+            if newest_source is None:
+                newest_source = max((f.stat().st_mtime for f in _source_files()), default=0.0)
+            if path.stat().st_mtime < newest_source:
+                tried.append(f"{path}: older than {CSRC} (stale build, skipped)")
+                continue
+        try:
+            torch.ops.load_library(str(path))
+            _state["loaded"] = str(path)
+            _register_python_side()
+            return True
+        except Exception as exc:  # a mismatched build: say so, try the next one
+            tried.append(f"{path.name}: {exc}")
     _state["why"] = (
-        "csrc library not built (run `python -m odegan_kernels.ops.csrc build` or the CMake "
-        "build in csrc/)" + (f"; failed to load: {'; '.join(tried)}" if tried else "")
+        "csrc library not built for these sources and this torch (run `python -m odegan_kernels.ops.csrc build`, "
+        "or in a checkout the CMake build odegan_kernels/csrc/build.sh)"
+        + (f"; failed to load: {'; '.join(tried)}" if tried else "")
     )
     return False
 
@@ -94,34 +152,30 @@ def _has_op(name: str) -> bool:
 
 
 def build(verbose: bool = False, with_cuda: bool | None = None) -> str:
-    """Compile csrc with torch.utils.cpp_extension and load it; returns the library's path."""
-    from torch.utils import cpp_extension
-
+    """Compile the sources with torch.utils.cpp_extension into jit_library() and load it; returns its path.
+    Nothing is compiled when that library is already there and up to date."""
+    cpp_extension = _cpp_extension()
     if with_cuda is None:
         with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and torch.cuda.is_available()
-    sources = [str(CSRC / "ops.cpp"), str(CSRC / "cpu" / "ops_cpu.cpp")]
-    cflags = ["-O3", "-std=c++17", "-fopenmp"]
-    cuda_flags = ["-O3", "-std=c++17"]
-    if with_cuda:
-        sources.append(str(CSRC / "cuda" / "ops_cuda.cu"))
-        cflags.append("-DODEGAN_WITH_CUDA")
-        cuda_flags += [
-            "-DODEGAN_WITH_CUDA",
-            "-gencode=arch=compute_80,code=sm_80",
-            "-gencode=arch=compute_90,code=sm_90",
-        ]
+    lib = jit_library(with_cuda)
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.which("ninja") is None:  # cpp_extension runs ninja from PATH; a venv not activated lacks it there
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass  # cpp_extension says ninja is required
     cpp_extension.load(
-        name=LIB_NAME,
-        sources=sources,
-        extra_cflags=cflags,
-        extra_cuda_cflags=cuda_flags,
-        with_cuda=with_cuda,
+        name=lib.stem,
+        build_directory=str(lib.parent),
         is_python_module=False,
         verbose=verbose,
+        **_build_args(with_cuda),
     )
-    _state["loaded"] = "built by cpp_extension"
+    _state["loaded"] = str(lib)
     _register_python_side()
-    return _state["loaded"]
+    return str(lib)
 
 
 def available() -> tuple[bool, str]:
@@ -149,8 +203,6 @@ def sqnorm(tensors):
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m odegan_kernels.ops.csrc build``: compile the library (verbose) and print where it is."""
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     if argv != ["build"]:
         print("usage: python -m odegan_kernels.ops.csrc build", file=sys.stderr)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Ahead-of-time CMake build of csrc/ into build/ (see CMakeLists.txt).
-#   csrc/build.sh           CPU kernels (torch's CMake config still needs the CUDA toolkit if torch is a CUDA build)
-#   csrc/build.sh --cuda    CPU and CUDA kernels (sm_80, sm_90)
+# Ahead-of-time CMake build of odegan_kernels/csrc/ into build-csrc/ (or $BUILD_DIR), in a source checkout
+# or an unpacked sdist (see CMakeLists.txt); odegan_kernels.ops.csrc loads build-csrc/libodegan_kernels_csrc.so.
+#   odegan_kernels/csrc/build.sh           CPU kernels (torch's CMake config still needs the CUDA toolkit if torch is a CUDA build)
+#   odegan_kernels/csrc/build.sh --cuda    CPU and CUDA kernels (sm_80, sm_90)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 with_cuda=OFF
 [ "${1:-}" = "--cuda" ] && with_cuda=ON
@@ -18,7 +19,7 @@ if command -v nvcc >/dev/null 2>&1; then
     export CUDA_HOME="$root" CUDACXX="$here/nvcc"
   fi
 fi
-BUILD_DIR=${BUILD_DIR:-build}
+BUILD_DIR=${BUILD_DIR:-build-csrc}
 cmake -S . -B "$BUILD_DIR" "${args[@]}"
 cmake --build "$BUILD_DIR" -j "$(nproc)"
 echo "built: $BUILD_DIR/libodegan_kernels_csrc.so"

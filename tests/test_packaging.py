@@ -1,0 +1,72 @@
+"""What the wheel and the sdist hold: the package with its C++/CUDA sources and LICENSE, and in the sdist the
+CMake build too. Built as CI builds them (.ci/wheel_smoke.sh --build-only: a few seconds); the same script,
+run whole in CI, installs the wheel into a fresh venv and builds and runs the csrc library from it."""
+
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from odegan_kernels.ops import csrc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    res = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "wheel_smoke.sh"), "--build-only", str(out)],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (wheel,) = out.glob("*.whl")
+    (sdist,) = out.glob("*.tar.gz")
+    return wheel, sdist
+
+
+def _sources() -> list[str]:
+    """The C++/CUDA sources in the checkout, as paths from its root."""
+    files = [f.relative_to(ROOT).as_posix() for f in csrc._source_files()]
+    assert {"odegan_kernels/csrc/ops.cpp", "odegan_kernels/csrc/cuda/ops_cuda.cu"} <= set(files), files
+    return files
+
+
+def test_wheel_holds_the_csrc_sources_and_the_license(dists):
+    wheel, _ = dists
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        missing = [f for f in _sources() if f not in names]
+        assert not missing, f"the wheel lacks {missing}"
+        assert "odegan_kernels/ops/csrc.py" in names
+        (license,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        assert z.read(license) == (ROOT / "LICENSE").read_bytes()
+        (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        metadata = z.read(meta).decode()
+    assert "License-Expression: Apache-2.0" in metadata and "Requires-Dist: ninja" in metadata
+    assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))], "build products in the wheel"
+
+
+def test_sdist_holds_the_sources_the_cmake_build_and_the_license(dists):
+    _, sdist = dists
+    with tarfile.open(sdist) as t:
+        top = t.getnames()[0].split("/")[0]
+        names = {n.removeprefix(top + "/") for n in t.getnames()}
+        wanted = _sources() + ["CMakeLists.txt", "odegan_kernels/csrc/build.sh", "LICENSE"]
+        missing = [f for f in wanted if f not in names]
+        assert not missing, f"the sdist lacks {missing}"
+        assert t.extractfile(f"{top}/LICENSE").read() == (ROOT / "LICENSE").read_bytes()
+
+
+def test_license_is_apache_2():
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("Copyright 2026 the odegan-kernels authors\n")
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply the Apache License" in text
