@@ -40,7 +40,7 @@ echo "build: $(( $(date +%s) - t0 )) s"
 if [ "$PART" = imagenet ]; then
 echo "== step benchmark: conditional ResNet at 128x128"
 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
-  $PY bench/step.py --device cuda --models resnet128 --dcgan-batch 32 --out "$DEST/step128_cuda.csv" 2>&1 || status=1
+  $PY -m bench.step --device cuda --models resnet128 --dcgan-batch 32 --out "$DEST/step128_cuda.csv" 2>&1 || status=1
 tail -12 "$DEST/step128_cuda.md" 2>/dev/null
 echo "results in $DEST (status $status)"
 exit $status
@@ -59,12 +59,12 @@ if [ "$PART" != tests ]; then
 # Each benchmark writes its files after every size / model, so one cut by its time limit keeps the rest.
 echo "== kernel benchmark"
 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
-  timeout "${KERNELS_LIMIT:-220}" $PY bench/kernels.py --device cuda --out "$DEST/kernels_cuda.csv" 2>&1 |
+  timeout "${KERNELS_LIMIT:-220}" $PY -m bench.kernels --device cuda --out "$DEST/kernels_cuda.csv" 2>&1 |
   tee /tmp/odegan_kernels.log || status=1
 
 echo "== step benchmark"
 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
-  timeout "${STEP_LIMIT:-250}" $PY bench/step.py --device cuda --out "$DEST/step_cuda.csv" 2>&1 || status=1
+  timeout "${STEP_LIMIT:-250}" $PY -m bench.step --device cuda --out "$DEST/step_cuda.csv" 2>&1 || status=1
 
 fi
 

@@ -1,7 +1,7 @@
 """Kernel throughput: the RK stage op, a full RK4 combination, and sqnorm, for every backend and baseline.
 
-    python bench/kernels.py                 # CPU: a small sweep of the CPU backends
-    python bench/kernels.py --device cuda   # GPU: P from 1e4 to 1e9 (or what fits), every backend
+    python -m bench.kernels                 # CPU: a small sweep of the CPU backends
+    python -m bench.kernels --device cuda   # GPU: P from 1e4 to 1e9 (or what fits), every backend
 
 Bytes counted per element (fp32, 4 bytes each): stage op with a != 0: reads g, x0, acc; writes acc, p
 = 5 accesses. RK4 combination: stage 1 (a = 0, acc unread) 4 + stages 2-3 5 each + stage 4 (also
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from odegan_kernels import ops
+from odegan_kernels.ode import TABLEAUS, compile_tableau
 
-from bench.common import (  # noqa: E402
+from .common import (
     RESULTS,
     append_csv,
     bench,
@@ -31,8 +32,6 @@ from bench.common import (  # noqa: E402
     save_figure,
     sync,
 )
-from odegan_kernels import ops  # noqa: E402
-from odegan_kernels.ode import TABLEAUS, compile_tableau  # noqa: E402
 
 RK4 = compile_tableau(TABLEAUS["rk4"])
 H = 0.04
@@ -145,8 +144,8 @@ def run(device: torch.device, sizes: list[int], providers: list[str], out: Path)
         scal = [torch.tensor(v, device=device) for v in (st.a, st.b, -H * st.c, -H * st.d)]
         stage_fns = {}
         for prov in providers:
-            if prov in ("reference", "foreach", "triton", "cuda"):
-                if ops.why_unavailable(prov) is not None or not ops._supports(ops._module(prov), device):
+            if prov in ops.BACKENDS:
+                if not ops.supports(prov, device):
                     continue
                 if prov == "reference" and n > 2**22:
                     continue
@@ -175,10 +174,10 @@ def run(device: torch.device, sizes: list[int], providers: list[str], out: Path)
                 record("rk4", prov, n, bench(four, device), 80, copy_gbs)
             except Exception as exc:  # a baseline that cannot run here is reported, not fatal
                 print(f"stage/rk4 {prov} failed at P={n}: {type(exc).__name__}: {exc}", flush=True)
-        for prov in ("reference", "foreach", "triton", "cuda"):
+        for prov in ops.BACKENDS:
             if prov not in providers or ops.why_unavailable(prov) is not None:
                 continue
-            if not ops._supports(ops._module(prov), device) or (prov == "reference" and n > 2**22):
+            if not ops.supports(prov, device) or (prov == "reference" and n > 2**22):
                 continue
             ts = B.lists["g"]
             record("sqnorm", prov, n, bench(lambda prov=prov: ops.sqnorm(ts, backend=prov), device), 4, copy_gbs)

@@ -1,7 +1,7 @@
 """Where a training step's time goes: torch.profiler over a preset's trainer steps, by aten op.
 
-    python bench/profile_step.py                     # the main job's step (preset mog), 20 profiled steps
-    python bench/profile_step.py --preset mog-joint --steps 50
+    python -m bench.profile_step                     # the main job's step (preset mog), 20 profiled steps
+    python -m bench.profile_step --preset mog-joint --steps 50
 
 Prints the plain step rate (no profiler), the aten calls per step and the ops by self time.
 """
@@ -12,13 +12,10 @@ import argparse
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from torch.profiler import ProfilerActivity, profile
 
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from odegan_kernels.train import Trainer, make_config  # noqa: E402
+from odegan_kernels.train import Trainer, make_config
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,8 @@
 """Step time: what an ODE-GAN RK4 step costs, against its own parts and against the alternatives.
 
-    python bench/step.py                  # CPU: toy MLP pair (batch 512), DCGAN at batch 8
-    python bench/step.py --device cuda    # GPU: toy MLP pair, DCGAN at batch 64, with CUDA graphs
-    python bench/step.py --device cuda --models resnet128 --dcgan-batch 32   # ImageNet's conditional pair
+    python -m bench.step                  # CPU: toy MLP pair (batch 512), DCGAN at batch 8
+    python -m bench.step --device cuda    # GPU: toy MLP pair, DCGAN at batch 64, with CUDA graphs
+    python -m bench.step --device cuda --models resnet128 --dcgan-batch 32   # ImageNet's conditional pair
 
 Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into stage 1, lambda 0.02):
   naive      a straightforward eager RK4 as public ports write it (per-tensor lists, separate forwards)
@@ -24,20 +24,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (  # noqa: E402
-    RESULTS,
-    append_csv,
-    bench,
-    environment,
-    markdown_table,
-    save_figure,
-    sync,
-)
-from odegan_kernels import FlatParams, ODEStepper, game_gradients  # noqa: E402
-from odegan_kernels.game import d_loss, g_loss  # noqa: E402
-from odegan_kernels.models import (  # noqa: E402
+from odegan_kernels import FlatParams, ODEStepper, game_gradients
+from odegan_kernels.game import Stage, apply_penalty, d_loss, g_loss
+from odegan_kernels.models import (
     ConditionalResNetDiscriminator,
     ConditionalResNetGenerator,
     DCGANDiscriminator,
@@ -46,7 +35,16 @@ from odegan_kernels.models import (  # noqa: E402
     ResNetGenerator,
     mog_pair,
 )
-from odegan_kernels.ode import Stage  # noqa: E402
+
+from .common import (
+    RESULTS,
+    append_csv,
+    bench,
+    environment,
+    markdown_table,
+    save_figure,
+    sync,
+)
 
 # The CIFAR-10 reference's step size during its first 500 steps (h/4 of 0.04), and its lambda. At the full
 # h a randomly initialised pair on random data diverges within tens of steps (measured for the ResNet),
@@ -123,7 +121,7 @@ def naive_step(D, G, real, z):
 
 def stepper_for(D, G, method="rk4", cuda_graph=False, penalty_method="double_backward"):
     flat = FlatParams([D, G])
-    st = ODEStepper(flat, method, h=H, reg=LAM, penalty="first_stage", coupling="joint", cuda_graph=cuda_graph)
+    st = ODEStepper(flat, method, h=H, reg=LAM, penalty_at="first_stage", coupling="joint", cuda_graph=cuda_graph)
     return flat, st
 
 
@@ -153,7 +151,7 @@ def part_evaluations(flat, st, closure):
 
     def with_penalty():
         flat.zero_grad()
-        st._apply_penalty(closure(Stage(0, 0, (0, 1), True)))  # what the step does with it
+        apply_penalty(closure(Stage(0, 0, (0, 1), True)), flat.parameters(0), st.penalty_weight)  # as the step
 
     return plain, with_penalty
 

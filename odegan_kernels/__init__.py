@@ -2,7 +2,7 @@
 
 from . import ops
 from .flat import FlatParams
-from .game import d_loss, g_loss, game_gradients, generator_grad_sqnorm, regulariser_grad
+from .game import StageResult, d_loss, g_loss, game_gradients, generator_grad_sqnorm, regulariser_grad
 from .ode import TABLEAUS, ODEStepper, Stage, Tableau, compile_tableau
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __all__ = [
     "FlatParams",
     "ODEStepper",
     "Stage",
+    "StageResult",
     "Tableau",
     "TABLEAUS",
     "compile_tableau",

@@ -8,6 +8,7 @@ import json
 import sys
 
 from .train import PRESETS, Config, NonFiniteError, Trainer, make_config
+from .train.config import RENAMED
 
 
 def _parse_value(text: str):
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for item in args.set:
         key, sep, value = item.partition("=")
+        key = RENAMED.get(key, key)
         if not sep:
             print(f"odegan: --set needs KEY=VALUE, got {item!r}", file=sys.stderr)
             return 2

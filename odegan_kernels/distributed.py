@@ -33,3 +33,12 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_gather_objects(obj, world: int) -> list:
+    """Every rank's ``obj``, in rank order (collective under torchrun; ``[obj]`` in a single process)."""
+    if world == 1:
+        return [obj]
+    objs = [None] * world
+    torch.distributed.all_gather_object(objs, obj)
+    return objs

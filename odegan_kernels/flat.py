@@ -6,6 +6,7 @@ One segment per player (D first, G second); the fused stage kernels run over the
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +27,15 @@ def _collect(player: nn.Module | Iterable[torch.Tensor], index: int) -> list[tup
             continue  # frozen parameters are not part of the dynamics
         out.append((name, p))
     return out
+
+
+class FlatEntry(NamedTuple):
+    """Where one parameter lives: ``flat.params[offset : offset + param.numel()]``; ``name`` is
+    ``<player>.<parameter name>``."""
+
+    param: nn.Parameter
+    offset: int
+    name: str
 
 
 class FlatParams:
@@ -87,13 +97,13 @@ class FlatParams:
                     )
 
         # Lay out: each tensor starts aligned; padding stays zero in both buffers.
-        layout: list[tuple[nn.Parameter, int, str]] = []
+        layout: list[FlatEntry] = []
         segments = []
         offset = 0
         for pname, plist in zip(names, per_player):
             start = offset
             for name, p in plist:
-                layout.append((p, offset, f"{pname}.{name}"))
+                layout.append(FlatEntry(p, offset, f"{pname}.{name}"))
                 offset += -(-p.numel() // align) * align
             segments.append((start, offset))
         self.numel = offset
@@ -116,19 +126,27 @@ class FlatParams:
 
     def parameters(self, player: int | str | None = None) -> list[nn.Parameter]:
         """The flattened parameters, all of them or one player's (by index or name)."""
+        return [e.param for e in self.layout(player)]
+
+    def layout(self, player: int | str | None = None) -> list[FlatEntry]:
+        """(parameter, offset, name) of every flattened parameter, all players' or one player's, in order."""
         if player is None:
-            return [p for p, _, _ in self._layout]
-        lo, hi = self.segments[self._index(player)]
-        return [p for p, off, _ in self._layout if lo <= off < hi]
+            return list(self._layout)
+        lo, hi = self.segments[self.index(player)]
+        return [e for e in self._layout if lo <= e.offset < hi]
 
     def segment(self, player: int | str) -> tuple[int, int]:
-        return self.segments[self._index(player)]
+        """Player ``player``'s half-open range ``(start, end)`` in the flat buffers."""
+        return self.segments[self.index(player)]
 
     def player_grads(self, player: int | str) -> torch.Tensor:
         lo, hi = self.segment(player)
         return self.grads[lo:hi]
 
-    def _index(self, player: int | str) -> int:
+    def index(self, player: int | str) -> int:
+        """A player's position (0 for the first), from its index or its name."""
+        if isinstance(player, bool) or not isinstance(player, (int, str)):
+            raise TypeError(f"player must be an index or a name, got {player!r}")
         if isinstance(player, str):
             if player not in self.names:
                 raise KeyError(f"no player named {player!r}; players are {self.names}")

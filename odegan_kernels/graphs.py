@@ -91,3 +91,24 @@ class StepGraph:
         self.graph, self.outputs, self.code = graph, out, code
         graph.replay()  # capture records without running: this step still has to happen
         return out
+
+
+class StaticBatches:
+    """Graph mode's real data: one static slot per stage that draws a batch (and its labels), refilled from
+    the data pipeline before each replay, so the captured step reads new data at fixed addresses."""
+
+    def __init__(self, slots: int, batch: int, sample_shape: tuple[int, ...], labels: bool, device) -> None:
+        # sized from the problem's sample_shape: drawing a batch here would consume data
+        self.x = torch.empty((slots, batch, *sample_shape), device=device)
+        self.y = torch.zeros((slots, batch), dtype=torch.long, device=device) if labels else None
+
+    def fill(self, draw: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """Refill every slot with ``draw()``'s (batch, labels)."""
+        for i in range(self.x.shape[0]):
+            x, y = draw()
+            self.x[i].copy_(x, non_blocking=True)
+            if self.y is not None:
+                self.y[i].copy_(y, non_blocking=True)
+
+    def slot(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.x[i], (None if self.y is None else self.y[i])

@@ -36,10 +36,10 @@ def pytest_configure(config):
     """Make sure the csrc library is there, so its tests run rather than skip (CI builds it here)."""
     if os.environ.get("ODEGAN_SKIP_CSRC_BUILD") == "1":
         return
-    from odegan_kernels.ops import cuda
+    from odegan_kernels.ops import csrc
 
-    if not cuda.load():
-        cuda.build()  # CPU kernels via torch.utils.cpp_extension (~30 s, cached); a failure fails the run
+    if not csrc.load():
+        csrc.build()  # CPU kernels via torch.utils.cpp_extension (~30 s, cached); a failure fails the run
 
 
 @pytest.fixture

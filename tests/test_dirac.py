@@ -17,7 +17,7 @@ from odegan_kernels.models.dirac import dirac_pair
 def run(method, psi, theta, h, steps, reg=0.0, penalty="first_stage", coupling="joint", loss="minimax"):
     D, G = dirac_pair(psi, theta, dtype=torch.float64)
     flat = FlatParams([D, G], dtype=torch.float64)
-    st = ODEStepper(flat, method, h=h, reg=reg, penalty=penalty, coupling=coupling)
+    st = ODEStepper(flat, method, h=h, reg=reg, penalty_at=penalty, coupling=coupling)
     real = torch.zeros(1, 1, dtype=torch.float64)
     z = torch.zeros(1, 1, dtype=torch.float64)
     closure = lambda stage: game_gradients(D, G, real, z, loss, players=stage.players, penalty=stage.penalty)

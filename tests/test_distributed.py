@@ -22,7 +22,7 @@ def _data(steps):
 def _train(coupling, penalty, reg, steps, rank=None, world=1, distributed=False):
     D, G = mog_pair(seed=1)
     flat = FlatParams([D, G])
-    st = ODEStepper(flat, "rk4", h=0.1, reg=reg, penalty=penalty, coupling=coupling, distributed=distributed)
+    st = ODEStepper(flat, "rk4", h=0.1, reg=reg, penalty_at=penalty, coupling=coupling, distributed=distributed)
     for x, z in _data(steps):
         if rank is not None:  # this rank's half of every batch
             x, z = x.chunk(world, dim=1)[rank], z.chunk(world, dim=1)[rank]

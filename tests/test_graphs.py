@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from odegan_kernels import FlatParams, ODEStepper, game_gradients
-from odegan_kernels.graphs import GraphCaptureError, StepGraph
+from odegan_kernels.graphs import GraphCaptureError, StaticBatches, StepGraph
 from odegan_kernels.models import mog_pair
 from odegan_kernels.train import Trainer, make_config
 
@@ -32,18 +32,19 @@ def test_static_buffers_feed_each_stage(tmp_path):
     for per_stage, expected in (("fresh", [0, 1, 2, 3]), ("shared", [0])):
         tr = Trainer(make_config("mog-joint", data_per_stage=per_stage, out=str(tmp_path), progress=False))
         n = 4 if per_stage == "fresh" else 1
-        tr._static_x = torch.zeros(n, 512, *tr.problem.sample_shape)
-        tr._fill_static()
-        assert tr._static_x.abs().sum() > 0  # refilled from the data pipeline
+        static = tr.game_closure.static = StaticBatches(n, 512, tr.problem.sample_shape, labels=False, device="cpu")
+        static.x.zero_()
+        tr.game_closure.fill_static()
+        assert static.x.abs().sum() > 0  # refilled from the data pipeline
         seen = []
 
         def spy(stage, inner=tr.closure):
             out = inner(stage)
-            seen.append(tr._batch["x"].data_ptr())
+            seen.append(tr.game_closure.batch["x"].data_ptr())
             return out
 
         tr.opt.step(spy)
-        slots = [tr._static_x[i].data_ptr() for i in range(n)]
+        slots = [static.x[i].data_ptr() for i in range(n)]
         assert [slots.index(p) for p in dict.fromkeys(seen)] == expected
 
 
@@ -54,20 +55,26 @@ def test_static_label_buffers_follow_their_images(tmp_path):
 
     write_imagefolder(tmp_path / "data")
     tr = Trainer(tiny_imagenet_config(tmp_path, steps=1))
-    tr._static_x = torch.zeros(4, 4, *tr.problem.sample_shape)
-    tr._static_y = torch.full((4, 4), -1, dtype=torch.long)
-    tr._fill_static()
-    assert torch.equal(tr._static_x.mean(dim=(3, 4)).argmax(2), tr._static_y % 3)  # colour c is class c
+    static = tr.game_closure.static = StaticBatches(4, 4, tr.problem.sample_shape, labels=True, device="cpu")
+    static.y.fill_(-1)
+    tr.game_closure.fill_static()
+    assert torch.equal(static.x.mean(dim=(3, 4)).argmax(2), static.y % 3)  # colour c is class c
     seen = []
 
     def spy(stage, inner=tr.closure):
         out = inner(stage)
-        seen.append((tr._batch["x"].data_ptr(), tr._batch["y_real"].data_ptr(), tr._batch["y_fake"].shape))
+        seen.append(
+            (
+                tr.game_closure.batch["x"].data_ptr(),
+                tr.game_closure.batch["y_real"].data_ptr(),
+                tr.game_closure.batch["y_fake"].shape,
+            )
+        )
         return out
 
     tr.opt.step(spy)
-    assert [x for x, _, _ in seen] == [tr._static_x[i].data_ptr() for i in range(4)]
-    assert [y for _, y, _ in seen] == [tr._static_y[i].data_ptr() for i in range(4)]
+    assert [x for x, _, _ in seen] == [static.x[i].data_ptr() for i in range(4)]
+    assert [y for _, y, _ in seen] == [static.y[i].data_ptr() for i in range(4)]
     assert all(shape == (4,) for _, _, shape in seen)
 
 
@@ -161,7 +168,7 @@ def test_closure_that_syncs_is_refused():
 
     def syncing(stage):
         out = game_gradients(D, G, x, z, players=stage.players)
-        if out["loss_d"].item() > 1e9:  # reads a value back: cannot be captured
+        if out.loss_d.item() > 1e9:  # reads a value back: cannot be captured
             pass
         return out
 
@@ -197,7 +204,7 @@ def test_trainer_graph_mode_conditional_images(tmp_path):
 
     write_imagefolder(tmp_path / "data")
     tr = Trainer(tiny_imagenet_config(tmp_path, steps=4, device="cuda", cuda_graph=True))
-    assert tr._static_y is not None and tr._static_y.shape == (4, 4)
+    assert tr.game_closure.static.y is not None and tr.game_closure.static.y.shape == (4, 4)
     summary = tr.run()
     assert summary["step"] == 4 and torch.isfinite(tr.flat.params).all()
 
@@ -206,4 +213,4 @@ def test_every_problem_states_its_sample_shape(tmp_path):
     """Graph mode sizes its static buffers from this, without drawing (and so consuming) a batch."""
     for preset in ("mog", "dirac"):
         tr = Trainer(make_config(preset, out=str(tmp_path), progress=False))
-        assert tuple(tr.problem.real_batch(4, tr.data_gen).shape[1:]) == tr.problem.sample_shape
+        assert tuple(tr.problem.real_batch(4, tr.streams.data).shape[1:]) == tr.problem.sample_shape

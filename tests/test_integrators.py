@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from odegan_kernels import TABLEAUS, FlatParams, ODEStepper, Tableau, compile_tableau
+from odegan_kernels import TABLEAUS, FlatParams, ODEStepper, StageResult, Tableau, compile_tableau
 from odegan_kernels.ode import cifar_schedule
 
 
@@ -114,8 +114,8 @@ def test_stepper_argument_errors():
         ODEStepper(flat, reg=float("nan"))
     with pytest.raises(ValueError, match="coupling must be"):
         ODEStepper(flat, coupling="loose")
-    with pytest.raises(ValueError, match="penalty must be"):
-        ODEStepper(flat, penalty="later")
+    with pytest.raises(ValueError, match="penalty_at must be"):
+        ODEStepper(flat, penalty_at="later")
     with pytest.raises(ValueError, match="h has 2 step sizes for 1 players"):
         ODEStepper(flat, h=[0.1, 0.2])
     with pytest.raises(ValueError, match="first stage no weight"):
@@ -191,11 +191,11 @@ def _penalty_game():
         ld = 0.5 * th.square().sum()
         lg = 0.5 * (ph - W @ th).square().sum()
         ld.backward(inputs=[th])
-        out = {}
+        out = StageResult()
         if stage.penalty:
             (gph,) = torch.autograd.grad(lg, [ph], create_graph=True)
             ph.grad.add_(gph.detach())
-            out["penalty"] = gph.square().sum()
+            out.penalty = gph.square().sum()
         else:
             lg.backward(inputs=[ph])
         return out
@@ -210,7 +210,7 @@ def test_penalty_after_step_is_applied_after_the_step():
     W, th, ph, flat, closure, g_reg = _penalty_game()
     th0, ph0 = th.detach().clone(), ph.detach().clone()
     h, lam = 0.1, 0.3
-    ODEStepper(flat, "euler", h=h, reg=lam, penalty="after_step").step(closure)
+    ODEStepper(flat, "euler", h=h, reg=lam, penalty_at="after_step").step(closure)
     assert torch.allclose(th.detach(), th0 - h * th0 - h * lam * g_reg(th0, ph0), atol=1e-14)
     assert torch.allclose(ph.detach(), ph0 - h * (ph0 - W @ th0), atol=1e-14)
 
@@ -219,7 +219,7 @@ def test_penalty_first_stage_is_seen_by_stage_points():
     W, th, ph, flat, closure, g_reg = _penalty_game()
     th0, ph0 = th.detach().clone(), ph.detach().clone()
     h, lam = 0.1, 0.3
-    ODEStepper(flat, "heun", h=h, reg=lam, penalty="first_stage").step(closure)
+    ODEStepper(flat, "heun", h=h, reg=lam, penalty_at="first_stage").step(closure)
     # Heun: k1 = g(x0) + (lam / b1) r ; x1 = x0 - h k1 ; x = x0 - h/2 (k1 + g(x1))
     k1t = th0 + (lam / 0.5) * g_reg(th0, ph0)
     k1p = ph0 - W @ th0
@@ -267,8 +267,7 @@ def test_interrupted_step_leaves_the_parameters_at_the_step_start(exc):
 
 def _integrator_buffers(st: ODEStepper) -> int:
     """Elements the stepper holds beyond the model's params and grads (coefficients excluded)."""
-    held = [st.x0, st.acc, st._reg_buf, *(st._scratch or ())]
-    return sum(t.numel() for t in held if t is not None)
+    return sum(t.numel() for t in st.buffers())
 
 
 @pytest.mark.parametrize(
@@ -282,7 +281,7 @@ def _integrator_buffers(st: ODEStepper) -> int:
 def test_integrator_memory(coupling, penalty, expected):
     M, th, ph = _bilinear_game()
     flat = FlatParams([[th], [ph]], dtype=torch.float64)
-    st = ODEStepper(flat, "rk4", h=0.1, reg=0.1, penalty=penalty, coupling=coupling)
+    st = ODEStepper(flat, "rk4", h=0.1, reg=0.1, penalty_at=penalty, coupling=coupling)
 
     def closure(stage):
         th.grad.copy_(M @ ph.detach())

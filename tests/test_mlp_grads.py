@@ -70,16 +70,17 @@ def test_equals_autograd(dtype, loss, players, pen):
         else:
             assert torch.equal(got, torch.zeros_like(got)) and torch.equal(ref_inc, got)
     for key in ("loss_d", "loss_g"):
-        assert (key in ref) == (key in out)
-        if key in ref:
-            assert torch.allclose(ref[key], out[key], rtol=TOL[dtype])
-    assert torch.equal(out["fake"], ref["fake"]) or _rel(ref["fake"], out["fake"]) <= TOL[dtype]
+        r, o = getattr(ref, key), getattr(out, key)
+        assert (r is None) == (o is None)
+        if r is not None:
+            assert torch.allclose(r, o, rtol=TOL[dtype])
+    assert torch.equal(out.fake, ref.fake) or _rel(ref.fake, out.fake) <= TOL[dtype]
     if pen:
-        assert "penalty_grad" in out and len(out["penalty_grad"]) == len(list(D.parameters()))
-        for a, b in zip(want_reg, out["penalty_grad"]):
+        assert out.penalty_grad is not None and len(out.penalty_grad) == len(list(D.parameters()))
+        for a, b in zip(want_reg, out.penalty_grad):
             assert torch.isfinite(b).all() and a.shape == b.shape
             assert _rel(a, b) <= TOL[dtype]
-        assert torch.allclose(ref["penalty"], out["penalty"], rtol=TOL[dtype])
+        assert torch.allclose(ref.penalty, out.penalty, rtol=TOL[dtype])
 
 
 def test_reused_fakes_and_no_values():
@@ -90,7 +91,8 @@ def test_reused_fakes_and_no_values():
     pair = MLPPair(D, G)
     flat = FlatParams([D, G], dtype=torch.float64)
     out = pair(x, z, players=(0,), fake=fake + 1.0, values=False)
-    assert set(out) == {"fake"} and torch.equal(out["fake"], fake + 1.0)
+    assert (out.loss_d, out.loss_g, out.penalty, out.penalty_grad) == (None,) * 4
+    assert torch.equal(out.fake, fake + 1.0)
     with_given = flat.grads.clone()
     flat.zero_grad()
     game_gradients(D, G, x, z, players=(0,), fake=fake + 1.0)
@@ -136,14 +138,14 @@ def test_game_gradients_engine_switch():
         flat.zero_grad()
         out = game_gradients(D, G, x, z, penalty=True, penalty_method="jvp", engine=engine)
         results[engine] = (flat.grads.clone(), out)
-    assert "penalty_grad" in results["mlp"][1] and "penalty_grad" in results["auto"][1]
+    assert results["mlp"][1].penalty_grad is not None and results["auto"][1].penalty_grad is not None
     assert _rel(results["autograd"][0], results["mlp"][0]) <= 1e-12
-    for a, b in zip(results["autograd"][1]["penalty_grad"], results["mlp"][1]["penalty_grad"]):
+    for a, b in zip(results["autograd"][1].penalty_grad, results["mlp"][1].penalty_grad):
         assert _rel(a, b) <= 1e-12
     # where the pair is not supported, auto falls back to autograd and mlp says why
     flat.zero_grad()
     out = game_gradients(D, G, x, z, penalty=True, penalty_method="finite_difference", engine="auto")
-    assert "penalty_grad" in out and torch.isfinite(flat.grads).all()
+    assert out.penalty_grad is not None and torch.isfinite(flat.grads).all()
     with pytest.raises(ValueError, match="engine='mlp' cannot run here: penalty_method='finite_difference'"):
         game_gradients(D, G, x, z, penalty=True, penalty_method="finite_difference", engine="mlp")
     with pytest.raises(ValueError, match="engine must be one of"):
@@ -156,7 +158,7 @@ def test_stepper_with_hand_derived_gradients_follows_autograd(preset, tmp_path):
     runs = {}
     for grads in ("autograd", "mlp"):
         tr = Trainer(make_config(preset, grads=grads, out=str(tmp_path / grads), progress=False))
-        assert (tr._mlp is not None) == (grads == "mlp")
+        assert (tr.game_closure.engine is not None) == (grads == "mlp")
         stats = [tr.train_step() for _ in range(10)]
         runs[grads] = (tr.flat.params.clone(), stats[0])
     a, b = runs["autograd"], runs["mlp"]
@@ -168,9 +170,11 @@ def test_stepper_with_hand_derived_gradients_follows_autograd(preset, tmp_path):
 
 
 def test_trainer_engine_choice(tmp_path):
-    assert Trainer(make_config("mog", out=str(tmp_path), progress=False))._mlp is not None  # grads="auto"
+    assert (
+        Trainer(make_config("mog", out=str(tmp_path), progress=False)).game_closure.engine is not None
+    )  # grads="auto"
     tr = Trainer(make_config("mog", penalty_method="finite_difference", out=str(tmp_path), progress=False))
-    assert tr._mlp is None
+    assert tr.game_closure.engine is None
     with pytest.raises(ValueError, match="grads='mlp' cannot run here: penalty_method='finite_difference'"):
         Trainer(make_config("mog", grads="mlp", penalty_method="finite_difference", out=str(tmp_path)))
     with pytest.raises(ValueError, match="grads must be one of"):
@@ -196,7 +200,7 @@ def test_adam_baseline_takes_a_given_penalty_gradient(tmp_path):
 
 def test_stepper_refuses_a_wrongly_shaped_penalty_gradient():
     D, G = mog_pair()
-    st = ODEStepper(FlatParams([D, G]), "euler", h=0.1, reg=0.1, penalty="after_step")
+    st = ODEStepper(FlatParams([D, G]), "euler", h=0.1, reg=0.1, penalty_at="after_step")
     with pytest.raises(ValueError, match="one tensor per parameter of the regularised player"):
         st.step(lambda stage: {"penalty_grad": [torch.zeros(3)], "penalty": torch.zeros(())})
 

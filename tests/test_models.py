@@ -44,7 +44,7 @@ def test_shapes_init_and_one_rk4_step(arch):
     before = flat.params.clone()
     out = st.step(lambda s: game_gradients(D, G, real[s.index], zs[s.index], players=s.players, penalty=s.penalty))
     assert torch.isfinite(flat.params).all() and not torch.equal(flat.params, before)
-    assert torch.isfinite(out["penalty"]) and out["penalty"] > 0
+    assert torch.isfinite(out.penalty) and out.penalty > 0
 
 
 def _conditional_pair(k=5, ch=2, size=32, dtype=torch.float32, seed=0):
@@ -133,7 +133,7 @@ def test_conditional_rk4_step_with_penalty():
         )
     )
     assert torch.isfinite(flat.params).all() and not torch.equal(flat.params, before)
-    assert torch.isfinite(out["penalty"]) and out["penalty"] > 0
+    assert torch.isfinite(out.penalty) and out.penalty > 0
     # the class parameters of both players moved (their gradients reached the flat buffer)
     assert not torch.equal(D.embed.weight, embeds[0]) and not torch.equal(G.blocks[0].bn1.scale.weight, embeds[1])
     with pytest.raises(ValueError, match="both y_real and y_fake"):

@@ -46,7 +46,7 @@ def test_game_gradients_penalty_matches_regulariser_grad():
     real = torch.randn(16, 2, dtype=torch.float64)
     out = game_gradients(D, G, real, z, penalty=True)
     want = regulariser_grad(g_loss(D(G(z))), list(D.parameters()), list(G.parameters()))
-    got = torch.autograd.grad(out["penalty"], list(D.parameters()))
+    got = torch.autograd.grad(out.penalty, list(D.parameters()))
     assert torch.allclose(torch.cat([g.reshape(-1) for g in got]), want, rtol=1e-12, atol=1e-14)
     # the closure also filled G's gradient, exactly as a plain backward would
     gg = torch.autograd.grad(g_loss(D(G(z))), list(G.parameters()))

@@ -121,7 +121,7 @@ def test_step_with_penalty_variant_matches_double_backward(method, placement):
     for m in ("double_backward", method):
         D, G, z, real = _setup(torch.float64)
         flat = FlatParams([D, G], dtype=torch.float64)
-        st = ODEStepper(flat, "rk4", h=0.1, reg=0.5, penalty=placement)
+        st = ODEStepper(flat, "rk4", h=0.1, reg=0.5, penalty_at=placement)
         closure = lambda stage: game_gradients(
             D,
             G,

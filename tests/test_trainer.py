@@ -189,7 +189,7 @@ def test_cifar10_training_from_local_files(tmp_path):
     write_cifar10(tmp_path / "data")
     cfg = tiny_cifar10_config(tmp_path, steps=2)
     tr = Trainer(cfg)
-    x = tr.problem.real_batch(8, tr.data_gen)
+    x = tr.problem.real_batch(8, tr.streams.data)
     assert x.shape == (8, 3, 32, 32) == (8, *tr.problem.sample_shape) and x.min() >= -1 and x.max() <= 1
     summary = tr.run()
     assert summary["step"] == 2 and (tmp_path / "run" / "samples_0000002.png").is_file()
@@ -356,7 +356,7 @@ def test_conditional_imagefolder_training(tmp_path, size):
     assert tr.problem.num_classes == 3 and tr.problem.sample_shape == (3, size, size)
     assert type(tr.G).__name__ == "ConditionalResNetGenerator"
     for _ in range(3):
-        x, y = tr.problem.draw(4, tr.data_gen)
+        x, y = tr.problem.draw(4, tr.streams.data)
         assert x.shape == (4, 3, size, size) and y.dtype == torch.long
         colour = x.mean(dim=(2, 3)).argmax(1)  # class c is the pure colour c (red, green, blue)
         assert torch.equal(colour, y % 3)
@@ -366,7 +366,7 @@ def test_conditional_imagefolder_training(tmp_path, size):
 
     def spy(stage):
         out = real_closure(stage)
-        seen.append((tr._batch["y_real"].clone(), tr._batch["y_fake"].clone()))
+        seen.append((tr.game_closure.batch["y_real"].clone(), tr.game_closure.batch["y_fake"].clone()))
         return out
 
     tr.closure = spy

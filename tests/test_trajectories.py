@@ -75,18 +75,19 @@ def _stepper_run(steps=12, seed=0, fresh=True, engine="autograd", loss="ns", pen
 CASES = {
     "rk4_joint_first_stage_fresh": lambda: _stepper_run(method="rk4", h=0.1, reg=0.07),
     "rk4_decoupled_after_step_shared": lambda: _stepper_run(
-        method="rk4", h=0.1, reg=0.07, penalty="after_step", coupling="decoupled", fresh=False
+        method="rk4", h=0.1, reg=0.07, penalty_at="after_step", coupling="decoupled", fresh=False
     ),
     "rk4_decoupled_after_step_shared_mlp": lambda: _stepper_run(
-        method="rk4", h=0.1, reg=0.07, penalty="after_step", coupling="decoupled", fresh=False, engine="mlp"
+        method="rk4", h=0.1, reg=0.07, penalty_at="after_step", coupling="decoupled", fresh=False, engine="mlp"
     ),
     "heun_hinge_two_h_cifar_schedule": lambda: _stepper_run(
         method="heun", h=[0.05, 0.08], reg=0.02, loss="hinge", schedule="cifar"
     ),
-    "euler_wasserstein_decoupled": lambda: _stepper_run(method="euler", h=0.05, reg=0.0, loss="wasserstein",
-                                                        coupling="decoupled"),
+    "euler_wasserstein_decoupled": lambda: _stepper_run(
+        method="euler", h=0.05, reg=0.0, loss="wasserstein", coupling="decoupled"
+    ),
     "rk3_minimax_jvp_after_step": lambda: _stepper_run(
-        method="rk3", h=0.05, reg=0.1, loss="minimax", penalty="after_step", penalty_method="jvp"
+        method="rk3", h=0.05, reg=0.1, loss="minimax", penalty_at="after_step", penalty_method="jvp"
     ),
     "rk4_fd_first_stage": lambda: _stepper_run(
         method="rk4", h=0.05, reg=0.05, steps=6, penalty_method="finite_difference"
@@ -96,8 +97,15 @@ CASES = {
 
 # -- trainer runs (float32, the trainer's dtype) ------------------------------------------------------------
 def _trainer_run(preset, tmp, **overrides) -> torch.Tensor:
-    opts = dict(out=str(tmp / preset), progress=False, log_every=5, eval_every=10, plot_every=10**9,
-                eval_samples=64, **overrides)
+    opts = dict(
+        out=str(tmp / preset),
+        progress=False,
+        log_every=5,
+        eval_every=10,
+        plot_every=10**9,
+        eval_samples=64,
+        **overrides,
+    )
     tr = Trainer(make_config(preset, **opts))
     tr.run()
     rows = [json.loads(x) for x in (tmp / preset / "metrics.jsonl").read_text().splitlines()]
@@ -121,15 +129,22 @@ TRAINER_CASES = {
     "trainer_mog_joint": lambda tmp: _trainer_run("mog-joint", tmp, steps=15),
     "trainer_mog_adam_reg": lambda tmp: _trainer_run("mog-adam", tmp, steps=20, reg=0.07),
     "trainer_mog_adam_reg_autograd": lambda tmp: _trainer_run("mog-adam", tmp, steps=20, reg=0.07, grads="autograd"),
-    "trainer_mog_sgd_jvp": lambda tmp: _trainer_run("mog-adam", tmp, steps=10, optimizer="sgd", lr=0.05, reg=0.07,
-                                                    penalty_method="jvp", grads="autograd"),
+    "trainer_mog_sgd_jvp": lambda tmp: _trainer_run(
+        "mog-adam", tmp, steps=10, optimizer="sgd", lr=0.05, reg=0.07, penalty_method="jvp", grads="autograd"
+    ),
     "trainer_dirac": lambda tmp: _trainer_run("dirac", tmp, steps=40),
     "trainer_cifar10_dcgan": lambda tmp: _image_run(
         tmp, "cifar10", __import__("test_trainer").write_cifar10, steps=2, batch=4
     ),
     "trainer_imagenet_conditional": lambda tmp: _image_run(
-        tmp, "imagenet128", __import__("test_trainer").write_imagefolder, steps=2, batch=4, width=2,
-        image_size=32, eval_samples=6
+        tmp,
+        "imagenet128",
+        __import__("test_trainer").write_imagefolder,
+        steps=2,
+        batch=4,
+        width=2,
+        image_size=32,
+        eval_samples=6,
     ),
 }
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .contract import StageResult
 from .losses import ZERO_SUM, d_loss, g_loss
 from .mlp import pair_for
 from .penalty import generator_grad_sqnorm, penalty_grad
@@ -35,22 +36,23 @@ def game_gradients(
     y_real: torch.Tensor | None = None,
     y_fake: torch.Tensor | None = None,
     engine: str = "autograd",
-) -> dict:
-    """Accumulate dl_D/dtheta (player 0) and dl_G/dphi (player 1) into .grad.
+) -> StageResult:
+    """Accumulate dl_D/dtheta (player 0) and dl_G/dphi (player 1) into .grad; return a StageResult
+    (game/contract.py) with the losses, the regulariser when ``penalty`` is set, and the samples used.
 
     One forward of D on the fakes is shared by both losses; two restricted backward passes, or one when
     the loss is zero-sum (l_G = -l_D in phi: minimax, wasserstein), whose phi part is then negated
-    (``zero_sum=None`` picks it automatically). With ``penalty`` the dict carries the regulariser: with
+    (``zero_sum=None`` picks it automatically). With ``penalty`` the result carries the regulariser: with
     ``penalty_method="double_backward"`` as ``penalty = ||dl_G/dphi||^2`` (differentiable w.r.t. D),
     otherwise as ``penalty_grad`` (its gradient per D parameter, penalty.METHODS). ``fake`` (D-only calls)
-    reuses generator samples drawn at the current G; the dict's ``fake`` holds the samples used.
+    reuses generator samples drawn at the current G; the result's ``fake`` holds the samples used.
     ``autocast`` runs forward and backward in bfloat16 (parameters, gradients and stage math stay fp32).
     A class-conditional pair (``G(z, y)``, ``D(x, y)``) gets the real batch's labels ``y_real`` and the
     labels to generate, ``y_fake``; give both or neither.
 
     ``engine``: ``autograd`` (this function's own code, the definition), ``mlp`` (the hand-derived
-    gradients of mlp_grads for a ReLU MLP pair; the penalty then comes as an exact ``penalty_grad``), or
-    ``auto`` (``mlp`` wherever mlp_grads.unsupported finds nothing against it).
+    gradients of game/mlp.py for a ReLU MLP pair; the penalty then comes as an exact ``penalty_grad``), or
+    ``auto`` (``mlp`` wherever ``mlp.unsupported`` finds nothing against it).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -83,7 +85,7 @@ def game_gradients(
         d_fake = D(fake if need_g else fake.detach(), *c_fake)
         lg = g_loss(d_fake, loss) if need_g else None
         ld = d_loss(D(real, *c_real), d_fake, loss) if need_d else None
-    out: dict = {"fake": fake.detach()}
+    out = StageResult(fake=fake.detach())
     d_par = [p for p in D.parameters() if p.requires_grad]
     gp = (list(g_params) if g_params is not None else [p for p in G.parameters() if p.requires_grad]) if need_g else []
     if zero_sum and need_d and need_g:
@@ -97,21 +99,21 @@ def game_gradients(
                 with amp:
                     pen, g_phi = generator_grad_sqnorm(lg, gp)
                 torch._foreach_add_([p.grad for p in gp], g_phi)
-                out["penalty"] = pen
+                out.penalty = pen
             elif penalty:
                 g_phi = torch.autograd.grad(lg, gp)
                 torch._foreach_add_([p.grad for p in gp], g_phi)
                 with amp:
-                    out["penalty_grad"] = penalty_grad(
+                    out.penalty_grad = penalty_grad(
                         D, G, lambda logits: g_loss(logits, loss), z, penalty_method, g_phi=g_phi, y=y_fake
                     )
-                out["penalty"] = ops.sqnorm(g_phi)  # the regulariser's value, for the logs
+                out.penalty = ops.sqnorm(g_phi)  # the regulariser's value, for the logs
             else:
                 torch.autograd.backward(lg, inputs=gp)
     if need_d:
-        out["loss_d"] = ld.detach().float()
+        out.loss_d = ld.detach().float()
     if need_g:
-        out["loss_g"] = lg.detach().float()
+        out.loss_g = lg.detach().float()
     return out
 
 

@@ -1,7 +1,7 @@
 """The players' gradients for a pair of plain ReLU MLPs (the toy problems' players), derived by hand.
 
-Eager autograd spends most of a toy step on bookkeeping: a decoupled RK4 step is ~2,200 small aten calls
-(docs/RESULTS.md). Here the same quantities come from a few hundred large ones: each layer's forward is
+Eager autograd spends most of a toy step on per-op bookkeeping (docs/RESULTS.md measures it). Here the
+same quantities come from a few large ops: each layer's forward is
 one ``addmm`` and one in-place ReLU, its backward one ``addmm_`` straight into ``.grad``, one bias sum
 and one masked product; D sees the real and the fake batch as one matrix.
 
@@ -10,7 +10,7 @@ exactly, by forward-over-reverse written out: push the tangent g_phi through G's
 forward, then through D's backward (ReLU masks are constant a.e., so they carry the tangent unchanged).
 It is what ``penalty.METHODS``' ``jvp`` and ``double_backward`` compute, reached in a different order.
 
-``losses.game_gradients`` (autograd) defines every quantity here; tests/test_mlp_grads.py compares the
+``game_gradients`` (game/autograd.py) defines every quantity here; tests/test_mlp_grads.py compares the
 two in float64 for every loss, player set and penalty, and the trainer picks this path only where
 ``unsupported`` finds nothing against it.
 """
@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import ops
 from ..models.mlp import Squeeze
+from .contract import StageResult
 from .losses import LOSSES, d_loss_terms, g_loss_terms
 
 _LEAVES = (nn.Linear, nn.ReLU)
@@ -195,11 +196,11 @@ class MLPPair:
         penalty: bool = False,
         fake: torch.Tensor | None = None,
         values: bool = True,
-    ) -> dict:
-        """``losses.game_gradients`` for this pair, without autograd.
+    ) -> StageResult:
+        """``game_gradients`` for this pair, without autograd.
 
         Accumulates dl_D/dtheta (player 0) and dl_G/dphi (player 1) into ``.grad``; with ``penalty`` the
-        dict carries ``penalty`` (||dl_G/dphi||^2, for the logs) and ``penalty_grad`` (its exact gradient
+        StageResult carries ``penalty`` (||dl_G/dphi||^2, for the logs) and ``penalty_grad`` (its exact gradient
         w.r.t. D's parameters, one tensor per parameter), which the stepper takes in place of a double
         backward. ``values=False`` leaves out the loss values (only the logs read them).
         """
@@ -211,7 +212,7 @@ class MLPPair:
         d_layers, g_layers = self.d_layers, self.g_layers
         if fake is None:
             fake, g_hs = _forward(g_layers, z)
-        out: dict = {"fake": fake}
+        out = StageResult(fake=fake)
         nr = real.shape[0]
         if need_d:
             logits, d_hs = _forward(d_layers, torch.cat([real, fake]))
@@ -220,7 +221,7 @@ class MLPPair:
             ld, dr, df = d_loss_terms(loss, lr, lf, values)
             _backward(d_layers, d_hs, torch.cat([dr, df]).unsqueeze(-1), self._into(0))
             if values:
-                out["loss_d"] = ld.float()
+                out.loss_d = ld.float()
             if need_g:
                 f_hs = [h[nr:] for h in d_hs]
         elif need_g:
@@ -231,7 +232,7 @@ class MLPPair:
 
         lg, dg, curv = g_loss_terms(loss, lf, penalty, values or penalty)
         if values or penalty:
-            out["loss_g"] = lg.float()
+            out.loss_g = lg.float()
         d_deltas: list[torch.Tensor] = []
         dfake = _backward(d_layers, f_hs, dg.unsqueeze(-1), None, need_input=True, deltas=d_deltas)
         if not penalty:
@@ -242,8 +243,8 @@ class MLPPair:
         for (gw, gb), (into_w, into_b) in zip(g_phi, self._into(1)):
             into_w.add_(gw)
             into_b.add_(gb)
-        out["penalty"] = ops.sqnorm([t for pair in g_phi for t in pair])
-        out["penalty_grad"] = _penalty_grad(d_layers, g_layers, g_hs, f_hs, d_deltas, curv, g_phi)
+        out.penalty = ops.sqnorm([t for pair in g_phi for t in pair])
+        out.penalty_grad = _penalty_grad(d_layers, g_layers, g_hs, f_hs, d_deltas, curv, g_phi)
         return out
 
 

@@ -24,8 +24,55 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import ops
+from .contract import StageResult
 
 METHODS = ("double_backward", "finite_difference", "jvp")
+
+
+def apply_penalty(
+    result: StageResult | None,
+    params: Sequence[torch.Tensor],
+    weight: float,
+    out: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """Turn a closure's regulariser into the regularised player's gradient: the one path every optimiser uses.
+
+    Adds ``weight`` x the penalty's gradient to each parameter's ``.grad`` (``out=None``: folded into this
+    evaluation's gradient), or writes ``weight`` x it into ``out`` (one tensor per parameter: the ODE
+    stepper's after-step buffer). The penalty comes as ``result.penalty_grad`` (its gradient, given) or as
+    ``result.penalty`` (a 0-dim tensor differentiated here by one more backward). Returns the penalty's
+    value, detached (None when only its gradient was given).
+    """
+    params = list(params)
+    if result is None or (result.penalty is None and result.penalty_grad is None):
+        raise TypeError(
+            "with reg > 0 the closure must return a StageResult at stages where stage.penalty is True, with "
+            "'penalty' (||dl_G/dphi||^2, differentiable w.r.t. the regularised player's parameters) or "
+            "'penalty_grad' (its gradient, one tensor per parameter); game_gradients(..., penalty=stage.penalty) "
+            "returns one"
+        )
+    grads = result.penalty_grad
+    if grads is None:
+        pen = result.penalty
+        if not isinstance(pen, torch.Tensor) or pen.dim() != 0 or pen.grad_fn is None:
+            raise TypeError(
+                "the closure's 'penalty' must be a 0-dim tensor with a graph to the regularised player's "
+                "parameters (compute dl_G/dphi with torch.autograd.grad(create_graph=True))"
+            )
+        if out is None:
+            # accumulates in place into the flat gradient buffer (this backward builds no graph)
+            (pen * weight).backward(inputs=params)
+            return pen.detach()
+        grads = torch.autograd.grad(pen, params, materialize_grads=True)
+    grads = list(grads)
+    if len(grads) != len(params) or any(g.shape != p.shape for g, p in zip(grads, params)):
+        raise ValueError("'penalty_grad' must hold one tensor per parameter of the regularised player, shaped like it")
+    if out is None:
+        torch._foreach_add_([p.grad for p in params], grads, alpha=weight)
+    else:
+        for o, g in zip(out, grads):
+            o.copy_(g) if weight == 1 else torch.mul(g, weight, out=o)
+    return result.penalty.detach() if isinstance(result.penalty, torch.Tensor) else None
 
 
 def generator_grad_sqnorm(loss_g: torch.Tensor, g_params: Sequence[torch.Tensor], backend: str = "auto"):

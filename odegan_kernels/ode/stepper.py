@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from .. import ops
 from ..distributed import average_across_ranks
 from ..flat import FlatParams
+from ..game.contract import Stage, StageResult, as_result, returned
+from ..game.penalty import apply_penalty
 from .schedules import SCHEDULES
 from .tableau import Tableau, compile_tableau, get_tableau
 
@@ -23,32 +25,15 @@ COUPLINGS = ("joint", "decoupled")
 PENALTY_PLACEMENTS = ("first_stage", "after_step")
 
 
-@dataclass(frozen=True)
-class Stage:
-    """What the stepper asks of one closure call.
-
-    index: stage within the step (0 is the step's start point); step: steps taken before this one;
-    players: the players whose gradients the closure must fill (all of them unless coupling is
-    decoupled); penalty: the closure must return {"penalty": ||dl_G/dphi||^2} as a scalar that autograd
-    can differentiate with respect to the regularised player's parameters.
-    """
-
-    index: int
-    step: int
-    players: tuple[int, ...]
-    penalty: bool
-
-
 class ODEStepper:
     """ODE-GAN's optimiser: one explicit Runge-Kutta step of the players' gradient field per ``step``.
 
     Follows torch.optim's closure convention: ``step(closure)`` calls ``closure(stage)`` once per stage
-    (a closure taking no argument is accepted when no penalty is asked for). Before each call the stepper
-    zeroes the gradients (one memset); the closure only has to accumulate each player's own-loss
-    gradient at the current parameters into ``.grad``.
+    (``closure()`` if it takes no argument); the contract, what the closure fills and returns, is written
+    down in game/contract.py. Before each call the stepper zeroes the gradients (one memset).
 
     Options reproduce the two reference implementations of the paper (its CIFAR-10 code and its colab):
-    ``coupling`` joint | decoupled, ``penalty`` first_stage | after_step; the data per stage is the
+    ``coupling`` joint | decoupled, ``penalty_at`` first_stage | after_step; the data per stage is the
     closure's choice (``Stage.index`` tells it which stage it serves).
     """
 
@@ -58,7 +43,7 @@ class ODEStepper:
         method: str | Tableau = "rk4",
         h: float | Sequence[float] = 0.04,
         reg: float = 0.0,
-        penalty: str = "first_stage",
+        penalty_at: str = "first_stage",
         coupling: str = "joint",
         schedule: str | Callable[[int], float] = "constant",
         regularised: int | str = 0,
@@ -67,7 +52,11 @@ class ODEStepper:
         graph_warmup: int = 3,
         distributed: bool = False,
         process_group=None,
+        penalty: str | None = None,
     ) -> None:
+        if penalty is not None:  # the name before 0.2: 'penalty' now means the regulariser itself
+            warnings.warn("ODEStepper(penalty=...) is deprecated; use penalty_at=", DeprecationWarning, stacklevel=2)
+            penalty_at = penalty
         self.flat = flat
         self.tableau = get_tableau(method)
         self._stages = compile_tableau(self.tableau)
@@ -79,25 +68,25 @@ class ODEStepper:
             raise ValueError(f"step sizes must be positive and finite, got {hs}")
         if not math.isfinite(reg) or reg < 0:
             raise ValueError(f"reg (the regulariser weight lambda) must be >= 0, got {reg}")
-        if penalty not in PENALTY_PLACEMENTS:
-            raise ValueError(f"penalty must be one of {PENALTY_PLACEMENTS}, got {penalty!r}")
+        if penalty_at not in PENALTY_PLACEMENTS:
+            raise ValueError(f"penalty_at must be one of {PENALTY_PLACEMENTS}, got {penalty_at!r}")
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
         if isinstance(schedule, str):
             if schedule not in SCHEDULES:
                 raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
             schedule = SCHEDULES[schedule]
-        if reg > 0 and penalty == "first_stage" and self.tableau.b[0] == 0:
+        if reg > 0 and penalty_at == "first_stage" and self.tableau.b[0] == 0:
             raise ValueError(
                 f"method {self.tableau.name!r} gives the first stage no weight (b1 = 0), so the "
-                "penalty cannot be folded into it; use penalty='after_step'"
+                "penalty cannot be folded into it; use penalty_at='after_step'"
             )
         self.h = hs
         self.reg = float(reg)
-        self.penalty = penalty
+        self.penalty_at = penalty_at
         self.coupling = coupling
         self.schedule = schedule
-        self.regularised = flat._index(regularised)
+        self.regularised = flat.index(regularised)
         self.backend = backend
         self.steps = 0
 
@@ -105,16 +94,19 @@ class ODEStepper:
         self.x0 = flat.params.clone()
         self.acc = torch.zeros_like(flat.params)
         lo, hi = flat.segments[self.regularised]
-        self._reg_buf = None
-        if reg > 0 and penalty == "after_step":
+        self._reg_buf = self._reg_views = None
+        if reg > 0 and penalty_at == "after_step":
             if lo != 0:
                 raise ValueError("the after-step penalty needs the regularised player first in FlatParams")
             self._reg_buf = torch.zeros(hi, dtype=dt, device=dev)  # r covers D's segment only
+            self._reg_views = [
+                self._reg_buf[e.offset : e.offset + e.param.numel()].view_as(e.param)
+                for e in flat.layout(self.regularised)
+            ]
         self._coeffs = torch.zeros(len(self._stages), nseg, 5, dtype=dt, device=dev)
         self._scale = None
         self._versions = None
         self._scratch = None
-        self._closure_takes_stage: dict[int, bool] = {}
         self.distributed = distributed
         self.process_group = process_group
         if distributed:
@@ -135,7 +127,7 @@ class ODEStepper:
     @property
     def penalty_weight(self) -> float:
         """The weight the regulariser's gradient gets inside its stage's gradient."""
-        b = self.tableau.b[0] if self.penalty == "first_stage" else self.tableau.b[-1]
+        b = self.tableau.b[0] if self.penalty_at == "first_stage" else self.tableau.b[-1]
         return self.reg / b if self.reg > 0 else 0.0
 
     def _refresh_coeffs(self) -> None:
@@ -159,6 +151,11 @@ class ODEStepper:
         self._coeffs.copy_(torch.tensor(rows, dtype=self._coeffs.dtype))
         self._scale = scale
 
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors this stepper holds beyond the parameters and gradients (memory accounting)."""
+        held = [self.x0, self.acc, self._reg_buf, *(self._scratch or ())]
+        return [t for t in held if t is not None]
+
     # -- x0 bookkeeping -------------------------------------------------------------------------------
     def _param_versions(self) -> int:
         return sum(p._version for p in self.flat.parameters())
@@ -169,72 +166,40 @@ class ODEStepper:
         self._versions = self._param_versions()
 
     # -- the step --------------------------------------------------------------------------------------
-    def _call(self, closure, stage: Stage):
-        key = getattr(closure, "__code__", None) or type(closure)
-        if key not in self._closure_takes_stage:
-            try:
-                n = len(inspect.signature(closure).parameters)
-            except (TypeError, ValueError):
-                n = 1
-            self._closure_takes_stage[key] = n > 0
-        if self._closure_takes_stage[key]:
-            return closure(stage)
-        if stage.penalty:
-            raise TypeError(
-                "the penalty needs a closure that takes the Stage argument and returns "
-                "{'penalty': ...} when stage.penalty is set"
-            )
-        return closure()
+    @staticmethod
+    def _calling(closure) -> Callable[[Stage], object]:
+        """``closure`` as a function of the Stage: it is passed when the closure can take one argument."""
+        try:
+            inspect.signature(closure).bind(None)
+        except TypeError:
+            return lambda stage: closure()
+        except ValueError:  # no signature to read (some builtins): pass the stage
+            pass
+        return closure
 
-    def _apply_penalty(self, out) -> None:
-        if isinstance(out, dict) and "penalty_grad" in out:
-            self._apply_penalty_grad(out.pop("penalty_grad"))
-            return
-        if not isinstance(out, dict) or "penalty" not in out:
-            raise TypeError(
-                "with reg > 0 the closure must return a dict with key 'penalty' at stages where "
-                "stage.penalty is True (the value ||dl_G/dphi||^2, differentiable w.r.t. D), or "
-                "'penalty_grad' (its gradient, one tensor per D parameter)"
-            )
-        pen = out.pop("penalty")
-        if not isinstance(pen, torch.Tensor) or pen.dim() != 0 or pen.grad_fn is None:
-            raise TypeError(
-                "closure's 'penalty' must be a 0-dim tensor with a graph to D's parameters "
-                "(compute dl_G/dphi with torch.autograd.grad(create_graph=True))"
-            )
+    def _apply_penalty(self, out) -> StageResult:
+        """The regulariser into D's gradient (first stage) or into the after-step buffer: game.penalty's one path."""
+        result = as_result(out)
         params = self.flat.parameters(self.regularised)
-        if self.penalty == "first_stage":
-            # Accumulates in place into the flat gradient buffer (no graph is built by this backward).
-            (pen * self.penalty_weight).backward(inputs=params)
+        if self.penalty_at == "first_stage":
+            value = apply_penalty(result, params, self.penalty_weight)
         else:
-            self._apply_penalty_grad(torch.autograd.grad(pen, params, materialize_grads=True))
-        out["penalty"] = pen.detach()
+            value = apply_penalty(result, params, 1.0, out=self._reg_views)
+        if value is not None:
+            result.penalty = value
+        return result
 
-    def _apply_penalty_grad(self, grads) -> None:
-        """The regulariser's gradient given directly (finite-difference or jvp penalty)."""
-        params = self.flat.parameters(self.regularised)
-        grads = list(grads)
-        if len(grads) != len(params) or any(g.shape != p.shape for g, p in zip(grads, params)):
-            raise ValueError(
-                "'penalty_grad' must hold one tensor per parameter of the regularised player, shaped like it"
-            )
-        if self.penalty == "first_stage":
-            torch._foreach_add_([p.grad for p in params], grads, alpha=self.penalty_weight)
-        else:
-            lo, _ = self.flat.segments[self.regularised]
-            for p, g, (_, off, _) in zip(params, grads, self._layout_of(self.regularised)):
-                self._reg_buf[off - lo : off - lo + p.numel()].copy_(g.reshape(-1))
-
-    def _layout_of(self, player: int):
-        lo, hi = self.flat.segments[player]
-        return [item for item in self.flat._layout if lo <= item[1] < hi]
-
-    def step(self, closure) -> dict:
-        """Advance one step; returns what the closure returned at stage 0 (detached).
+    def step(self, closure):
+        """Advance one step; returns what the closure returned at stage 0, detached (game/contract.py).
 
         With ``cuda_graph=True`` the returned tensors are the graph's static outputs: the next replay
         overwrites them (clone what you keep).
         """
+        if self.reg > 0 and self._calling(closure) is not closure:
+            raise TypeError(
+                "the penalty (reg > 0) needs a closure that takes the Stage argument and returns the "
+                "regulariser when stage.penalty is set (game/contract.py)"
+            )
         self.flat.check()
         if self._versions is None or self._param_versions() != self._versions:
             self.sync()
@@ -250,31 +215,27 @@ class ODEStepper:
         self._versions = self._param_versions()
         return first
 
-    def _run_stages(self, closure) -> dict:
+    def _run_stages(self, closure):
         """The device work of one step: every stage's closure call and fused stage op."""
         flat = self.flat
+        call = self._calling(closure)
         nstages = len(self._stages)
         nplayers = len(flat.segments)
         everyone = tuple(range(nplayers))
-        first: dict = {}
+        first = None
         for i in range(nstages):
             want_pen = i == 0 and self.reg > 0
             if self.coupling == "joint" or i == 0:
                 flat.zero_grad()
-                out = self._call(closure, Stage(i, self.steps, everyone, want_pen))
+                out = call(Stage(i, self.steps, everyone, want_pen))
                 if want_pen:
-                    self._apply_penalty(out)
+                    out = self._apply_penalty(out)
+                if i == 0:
+                    first = returned(out)
             else:
-                self._decoupled_gradients(closure, i)
-                out = None
+                self._decoupled_gradients(call, i)
             if self.distributed:
                 self._average_across_ranks(last_stage=i == nstages - 1)
-            if i == 0:
-                first = (
-                    {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in (out or {}).items()}
-                    if isinstance(out, dict)
-                    else {}
-                )
             last = i == nstages - 1
             ops.rk_stage(
                 flat.params,
@@ -296,7 +257,7 @@ class ODEStepper:
         if last_stage and self._reg_buf is not None:
             average_across_ranks(self._reg_buf, self.process_group)
 
-    def _decoupled_gradients(self, closure, i: int) -> None:
+    def _decoupled_gradients(self, call, i: int) -> None:
         """Each player's gradient at its own stage point with every other player at the step's start."""
         flat = self.flat
         if self._scratch is None:
@@ -311,7 +272,7 @@ class ODEStepper:
                     flat.params[a:b].copy_((point if s == q else self.x0)[a:b])
                     holds[s] = want
             flat.zero_grad()
-            self._call(closure, Stage(i, self.steps, (q,), False))
+            call(Stage(i, self.steps, (q,), False))
             gstash[lo:hi].copy_(flat.grads[lo:hi])
         flat.grads.copy_(gstash)
         # params are left as they are: the stage op that follows writes every one without reading it
@@ -323,7 +284,7 @@ class ODEStepper:
             "h": list(self.h),
             "reg": self.reg,
             "method": self.tableau.name,
-            "penalty": self.penalty,
+            "penalty": self.penalty_at,
             "coupling": self.coupling,
         }
 

@@ -1,6 +1,6 @@
 """The trainer: options and presets, checkpoints, logging, and the training loop."""
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, load_checkpoint
 from .config import PRESETS, Config, make_config, resolve_device
 from .logging import plot_metrics
 from .loop import NonFiniteError, Trainer
@@ -11,6 +11,7 @@ __all__ = [
     "NonFiniteError",
     "Trainer",
     "atomic_save",
+    "load_checkpoint",
     "make_config",
     "plot_metrics",
     "resolve_device",

@@ -26,3 +26,8 @@ def atomic_save(obj, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def load_checkpoint(path: Path, device) -> dict:
+    """A checkpoint written by atomic_save, with its tensors on ``device``."""
+    return torch.load(path, map_location=device, weights_only=False)

@@ -7,52 +7,76 @@ from dataclasses import dataclass, field
 
 import torch
 
+RESUME = "must_match_on_resume"
+
+
+def option(default, help: str, match: bool = False):
+    """A Config field with its one-line meaning; ``match``: a resumed run must ask for the checkpoint's value
+    (the option changes the trajectory)."""
+    return field(default=default, metadata={"help": help, RESUME: match})
+
 
 @dataclass
 class Config:
-    problem: str = "mog"
-    optimizer: str = "ode"  # ode | adam | sgd
-    method: str = "rk4"
-    # The defaults are the CIFAR-10 reference code's choices; the mog presets set the colab's.
-    h: float = 0.04  # D's step size (and G's unless h_g is set)
-    h_g: float | None = None
-    reg: float = 0.02
-    penalty: str = "first_stage"  # first_stage | after_step
-    coupling: str = "joint"  # joint | decoupled
-    data_per_stage: str = "fresh"  # fresh | shared
-    schedule: str = "constant"
-    loss: str = "ns"
-    penalty_method: str = "double_backward"  # double_backward | finite_difference | jvp
-    autocast: bool = False  # bf16 forward/backward; parameters, gradients and stage math stay fp32
-    grads: str = "auto"  # autograd | mlp (hand-derived, ReLU MLP pairs) | auto (mlp where it applies)
-    lr: float = 1e-4  # adam / sgd
-    betas: tuple[float, float] = (0.5, 0.999)
-    steps: int = 30_000
-    batch: int = 512
-    z_dim: int = 32
-    hidden: int = 25
-    seed: int = 0
-    device: str = "cpu"  # or "cuda", or "auto" (CUDA when available)
-    backend: str = "auto"
-    threads: int = 1  # CPU threads; the toy's tiny matrices run fastest on one
-    cuda_graph: bool = False  # capture the whole ODE step in one CUDA graph (CUDA only)
-    data: str | None = None
-    arch: str = "dcgan"  # image problems: dcgan | resnet (32x32) | resnet128 (class-conditional)
-    image_size: int = 32  # resnet128 on an ImageFolder: any power of two >= 32 (128 for ImageNet)
-    width: int | None = None  # resnet128's base channel count (None: 64, SN-GAN's ImageNet width)
-    workers: int = 2
-    fid_real: str | None = None  # image problems: real images (folder or torch-fidelity input) for FID/IS
-    fid_samples: int = 10_000
-    inception_weights: str | None = None  # a local copy of torch-fidelity's Inception weights (offline)
-    eval_every: int = 2_000
-    eval_samples: int = 5_120
-    log_every: int = 100
-    plot_every: int = 10_000
-    ckpt_every: int = 5_000
-    ckpt_minutes: float = 10.0
-    out: str = "runs/mog"
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+    """Every option of a run. The defaults are the CIFAR-10 reference code's choices; presets set the rest."""
+
+    problem: str = option("mog", "mog | dirac | cifar10 | imagefolder", match=True)
+    optimizer: str = option("ode", "ode (Runge-Kutta on the gradient field) | adam | sgd (baselines)", match=True)
+    method: str = option("rk4", "Runge-Kutta method: euler | heun | midpoint | ralston | rk3 | rk4", match=True)
+    h: float = option(0.04, "step size of D (and of G unless h_g is set)", match=True)
+    h_g: float | None = option(None, "step size of G (None: h)", match=True)
+    reg: float = option(0.02, "weight lambda of ODE-GAN's regulariser grad_theta ||dl_G/dphi||^2", match=True)
+    penalty_at: str = option("first_stage", "where the regulariser enters: first_stage | after_step", match=True)
+    coupling: str = option(
+        "joint", "joint (one RK step of both players) | decoupled (each with the other frozen)", match=True
+    )
+    data_per_stage: str = option("fresh", "fresh (a batch per RK stage) | shared (one per step)", match=True)
+    schedule: str = option(
+        "constant", "step-size schedule: constant | cifar (h/4 for 500 steps, h/2 after 400k)", match=True
+    )
+    loss: str = option("ns", "GAN loss: ns | minimax | hinge | wasserstein", match=True)
+    penalty_method: str = option(
+        "double_backward", "how the regulariser is computed: double_backward | finite_difference | jvp"
+    )
+    autocast: bool = option(False, "bf16 forward/backward (parameters, gradients and stage math stay fp32)")
+    grads: str = option("auto", "gradient engine: autograd | mlp (hand-derived, ReLU MLP pairs) | auto")
+    lr: float = option(1e-4, "learning rate of the adam / sgd baselines")
+    betas: tuple[float, float] = option((0.5, 0.999), "Adam's betas")
+    steps: int = option(30_000, "train until this many steps")
+    batch: int = option(512, "batch size per stage (per rank under torchrun)", match=True)
+    z_dim: int = option(32, "latent dimension", match=True)
+    hidden: int = option(25, "hidden units of the toy MLPs", match=True)
+    seed: int = option(0, "seed of the initial parameters and of the data and noise streams", match=True)
+    device: str = option("cpu", "cpu | cuda | auto (CUDA when available)")
+    backend: str = option("auto", "fused-op backend: auto | triton | csrc | foreach | reference")
+    threads: int = option(1, "CPU threads (0: torch's default); the toy's tiny matrices run fastest on one")
+    cuda_graph: bool = option(False, "capture the whole ODE step in one CUDA graph (CUDA only)")
+    data: str | None = option(None, "local dataset path (cifar10: the folder holding cifar-10-batches-py)")
+    arch: str = option("dcgan", "image models: dcgan | resnet (32x32) | resnet128 (class-conditional)", match=True)
+    image_size: int = option(32, "resnet128 on an ImageFolder: any power of two >= 32 (128 for ImageNet)", match=True)
+    width: int | None = option(None, "resnet128's base channel count (None: 64, SN-GAN's ImageNet width)", match=True)
+    workers: int = option(2, "data-loader worker processes")
+    fid_real: str | None = option(None, "real images (folder or torch-fidelity input) for FID/IS")
+    fid_samples: int = option(10_000, "generated samples per FID/IS evaluation")
+    inception_weights: str | None = option(None, "a local copy of torch-fidelity's Inception weights (offline)")
+    eval_every: int = option(2_000, "evaluate (mode metrics, FID) every this many steps")
+    eval_samples: int = option(5_120, "samples from fixed latents per evaluation")
+    log_every: int = option(100, "append interval means to metrics.jsonl every this many steps")
+    plot_every: int = option(10_000, "draw samples_<step>.png every this many steps")
+    ckpt_every: int = option(5_000, "write checkpoint.pt every this many steps")
+    ckpt_minutes: float = option(10.0, "... and at least every this many minutes")
+    out: str = option("runs/mog", "run folder")
+    progress: bool = option(True, "show a progress bar")
+
+    @classmethod
+    def resume_keys(cls) -> tuple[str, ...]:
+        """The options a resumed run must share with its checkpoint."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(RESUME))
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Each option's one-line meaning."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
     def validate(self) -> None:
         if self.optimizer not in ("ode", "adam", "sgd"):
@@ -75,13 +99,13 @@ class Config:
 
 
 # The paper's colab on the 16-Gaussian mixture (its public notebook, odegan_mog16.ipynb).
-MOG_COLAB = dict(problem="mog", h=0.1, reg=0.07, penalty="after_step", coupling="decoupled", data_per_stage="shared")
+MOG_COLAB = dict(problem="mog", h=0.1, reg=0.07, penalty_at="after_step", coupling="decoupled", data_per_stage="shared")
 
 # The CIFAR-10 reference code's choices, shared by every 32x32 image preset.
 IMAGE_RUN = dict(
     h=0.04,
     reg=0.02,
-    penalty="first_stage",
+    penalty_at="first_stage",
     coupling="joint",
     data_per_stage="fresh",
     schedule="cifar",
@@ -98,11 +122,11 @@ IMAGE_RUN = dict(
 
 PRESETS: dict[str, dict] = {
     # The paper's colab: decoupled players, one batch per step, penalty after the step, h 0.1, lambda 0.07.
-    # Seed 3 is one of the seeds that reaches 16/16 modes in 30k steps; seeds 0-4 give 14/12/14/16/16
-    # (docs/RESULTS.md): single runs decide nothing on this problem.
+    # Seed 3 reaches 16/16 modes in 30k steps; other seeds cover fewer (docs/RESULTS.md): single runs decide
+    # nothing on this problem.
     "mog": dict(MOG_COLAB, seed=3),
     # The CIFAR-10 code's choices (joint, fresh data per stage, penalty in stage 1) at the colab's h and lambda.
-    "mog-joint": dict(MOG_COLAB, coupling="joint", data_per_stage="fresh", penalty="first_stage"),
+    "mog-joint": dict(MOG_COLAB, coupling="joint", data_per_stage="fresh", penalty_at="first_stage"),
     "mog-adam": dict(MOG_COLAB, optimizer="adam", lr=1e-4, reg=0.0),
     "dirac": dict(
         problem="dirac",
@@ -130,9 +154,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
+RENAMED = {"penalty": "penalty_at"}  # options renamed in 0.2: old name -> new name
+
+
+def renamed(options: dict) -> dict:
+    """``options`` with the names used before 0.2 replaced by today's."""
+    return {RENAMED.get(k, k): v for k, v in options.items()}
+
+
 def make_config(preset: str = "mog", **overrides) -> Config:
+    """The preset's options with ``overrides`` (None values are ignored) on top, validated."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    overrides = renamed(overrides)
     fields = {f.name for f in dataclasses.fields(Config)}
     bad = set(overrides) - fields
     if bad:

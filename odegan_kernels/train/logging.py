@@ -1,9 +1,50 @@
-"""What a run writes besides checkpoints: the metrics plot drawn from metrics.jsonl."""
+"""What a run writes besides checkpoints: metrics.jsonl (interval means and evaluations) and its plot."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON row per log interval and per evaluation, appended; only rank 0 writes."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+
+class IntervalMeans:
+    """Sums of the per-step statistics over a log interval, kept on the device (no host sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+
+    def means(self, n: int, flag: torch.Tensor, world: int = 1) -> tuple[dict[str, float], bool]:
+        """(each statistic's mean over ``n`` steps and over the ranks, whether any rank raised ``flag``), in one
+        host sync and, under torchrun, one all-reduce, so every rank decides alike; then starts a new interval."""
+        keys = list(self.sums)
+        vals = torch.stack([self.sums[k].float().reshape(()) for k in keys] + [flag])
+        if world > 1:
+            torch.distributed.all_reduce(vals)
+            vals[:-1] /= world
+        out = vals.tolist()
+        self.sums = {}
+        return {k: v / n for k, v in zip(keys, out)}, out[-1] > 0
 
 
 def plot_metrics(out: Path) -> None:

@@ -1,0 +1,94 @@
+"""The closure contract: what a stepper asks of one gradient evaluation (Stage) and what comes back (StageResult).
+
+Every optimiser of this package (the ODE stepper and the Adam/SGD baselines) calls ``closure(stage)`` once
+per gradient evaluation; a closure that takes no argument is called as ``closure()`` (torch.optim's form).
+Before each call the optimiser zeroes the flat gradients (one memset). The closure then:
+
+1. accumulates, for each player in ``stage.players`` (0 = D, 1 = G), the gradient of that player's own
+   loss at the current parameters into ``p.grad`` -- ``loss.backward()`` or ``torch.autograd.backward``
+   do; the ``.grad`` tensors are views of the flat gradient buffer, so assigning ``p.grad = g`` moves
+   nothing;
+2. when ``stage.penalty`` is set, returns a ``StageResult`` carrying the regulariser: either ``penalty``,
+   the value ||dl_G/dphi||^2 as a 0-dim tensor that autograd can differentiate with respect to the
+   regularised player's parameters (``torch.autograd.grad(..., create_graph=True)``), or
+   ``penalty_grad``, its gradient given directly (one tensor per parameter of the regularised player,
+   shaped like it), with ``penalty`` then only logged;
+3. may return anything else it wants back: ``step()`` returns what the closure returned at stage 0, with
+   tensors detached (a ``StageResult``, a loss tensor, or None). A mapping with StageResult's field names
+   is taken as a StageResult.
+
+``game_gradients`` (autograd) and the hand-derived engine return StageResults that satisfy all of this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the optimiser asks of one closure call.
+
+    index: the stage within the step (0: the step's start point); step: steps taken before this one;
+    players: the players whose gradients the closure must fill (all of them, except one at a time in the
+    decoupled stages); penalty: whether the closure must return the regulariser (see the module's text).
+    """
+
+    index: int
+    step: int
+    players: tuple[int, ...]
+    penalty: bool
+
+
+@dataclass
+class StageResult:
+    """What a closure returns for one stage: the losses and the regulariser (for the logs and the penalty),
+    and the generator samples it drew (``fake``, so later stages can reuse them)."""
+
+    loss_d: torch.Tensor | None = None
+    loss_g: torch.Tensor | None = None
+    penalty: torch.Tensor | None = None
+    penalty_grad: Sequence[torch.Tensor] | None = None
+    fake: torch.Tensor | None = None
+
+    def detached(self) -> StageResult:
+        """A copy without the penalty's gradient and with every tensor detached (what ``step()`` returns)."""
+        return StageResult(
+            *(_detach(getattr(self, f)) for f in ("loss_d", "loss_g", "penalty")), None, _detach(self.fake)
+        )
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        """The 0-dim values the logs average: loss_d, loss_g and penalty, where present."""
+        return {k: v for k in ("loss_d", "loss_g", "penalty") if (v := getattr(self, k)) is not None}
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(StageResult))
+
+
+def _detach(v):
+    return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+def as_result(out) -> StageResult | None:
+    """The closure's return value as a StageResult (None for anything else: a loss tensor, None)."""
+    if isinstance(out, StageResult):
+        return out
+    if isinstance(out, Mapping):
+        unknown = set(out) - set(FIELDS)
+        if unknown:
+            raise TypeError(f"the closure returned keys {sorted(unknown)}; a StageResult has {list(FIELDS)}")
+        return StageResult(**out)
+    return None
+
+
+def returned(out):
+    """What ``step()`` hands back for the closure's stage-0 return value."""
+    if isinstance(out, StageResult):
+        return out.detached()
+    if isinstance(out, Mapping):
+        return as_result(out).detached()
+    return _detach(out)

@@ -1,0 +1,121 @@
+"""The trainer's closure: the data each stage needs (fresh or shared, eager or from graph-mode slots), handed to
+the gradient engine (autograd, or the hand-derived one for ReLU MLP pairs)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..game.autograd import game_gradients
+from ..game.contract import Stage, StageResult
+from ..game.mlp import MLPPair, pair_for
+from ..graphs import StaticBatches
+
+
+def choose_engine(cfg, D, G) -> MLPPair | None:
+    """The hand-derived gradients where ``cfg.grads`` allows and they apply, else None (autograd). Graph
+    capture keeps autograd: one captured step already has no per-op overhead."""
+    if cfg.grads == "autograd":
+        return None
+    pair, why = pair_for(D, G, cfg.loss, cfg.penalty_method, autocast=cfg.autocast)
+    if why is None and cfg.cuda_graph:
+        why = "cuda_graph=True captures the autograd step"
+    if why is not None:
+        if cfg.grads == "mlp":
+            raise ValueError(f"grads='mlp' cannot run here: {why}")
+        return None
+    return pair
+
+
+class GameClosure:
+    """``closure(stage)`` for the optimisers: draws what the stage needs and fills the players' gradients.
+
+    ``data_per_stage="fresh"`` draws a real batch and z at every stage (the CIFAR-10 reference), "shared"
+    once per step (the colab). In graph mode (``static`` set) the real batches come from static slots that
+    ``fill_static`` refills before each replay, and z (and the labels to generate) are drawn inside the graph
+    from the device's default generator, which CUDA graphs advance on every replay. ``batch`` holds the
+    current stage's inputs (x, z, y_real, y_fake).
+    """
+
+    def __init__(self, cfg, problem, data_gen: torch.Generator, z_gen: torch.Generator, static=None) -> None:
+        self.cfg, self.problem = cfg, problem
+        self.data_gen, self.z_gen = data_gen, z_gen
+        self.static: StaticBatches | None = static
+        self.engine = choose_engine(cfg, problem.D, problem.G)
+        self.batch: dict = {}
+
+    def fill_static(self) -> None:
+        self.static.fill(lambda: self.problem.draw(self.cfg.batch, self.data_gen))
+
+    def _draw(self, stage_index: int) -> None:
+        cfg, k = self.cfg, self.problem.num_classes
+        z_dim, dev = self.problem.z_dim, cfg.device
+        y_fake = None
+        if self.static is not None:
+            x, y_real = self.static.slot(stage_index if cfg.data_per_stage == "fresh" else 0)
+            z = torch.randn(cfg.batch, z_dim, device=dev)
+            if k:
+                y_fake = torch.randint(k, (cfg.batch,), device=dev)
+        else:
+            x, y_real = self.problem.draw(cfg.batch, self.data_gen)
+            x = x.to(dev)
+            z = torch.randn(cfg.batch, z_dim, generator=self.z_gen, device=dev)
+            if k:
+                y_real = y_real.to(dev)
+                y_fake = torch.randint(k, (cfg.batch,), generator=self.z_gen, device=dev)
+        self.batch = {"x": x, "z": z, "y_real": y_real, "y_fake": y_fake, "fake0": None}
+
+    def __call__(self, stage: Stage) -> StageResult:
+        cfg = self.cfg
+        if stage.index == 0 or cfg.data_per_stage == "fresh":
+            self._draw(stage.index)
+        b = self.batch
+        # Decoupled D-only stages see G frozen at the step's start: with shared data, the samples G drew
+        # at stage 0 are exactly the ones it would draw again, so reuse them.
+        reuse = stage.players == (0,) and cfg.data_per_stage == "shared" and b["fake0"] is not None
+        fake = b["fake0"] if reuse else None
+        if self.engine is not None:  # only stage 0's result reaches the logs: leave the loss values out elsewhere
+            out = self.engine(b["x"], b["z"], cfg.loss, stage.players, stage.penalty, fake, values=stage.index == 0)
+        else:
+            out = game_gradients(
+                self.problem.D,
+                self.problem.G,
+                b["x"],
+                b["z"],
+                cfg.loss,
+                players=stage.players,
+                penalty=stage.penalty,
+                fake=fake,
+                penalty_method=cfg.penalty_method,
+                autocast=cfg.autocast,
+                y_real=b["y_real"],
+                y_fake=b["y_fake"],
+            )
+        if stage.index == 0:
+            b["fake0"] = out.fake
+        out.fake = None
+        return out
+
+
+class RandomStreams:
+    """The run's random streams: real-data order (CPU) and noise (on the device), one pair per rank (rank 0's
+    are a single-process run's), plus the device's default generator that graph mode draws from."""
+
+    def __init__(self, seed: int, rank: int, device) -> None:
+        stream = seed * 2 + 1_000_003 * rank
+        self.device = torch.device(device)
+        self.data = torch.Generator(device="cpu").manual_seed(stream + 1)
+        self.z = torch.Generator(device=self.device).manual_seed(stream + 2)
+
+    def state(self) -> dict:
+        cuda = self.device.type == "cuda"
+        return {
+            "data": self.data.get_state(),
+            "z": self.z.get_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if cuda else None,
+        }
+
+    def set_state(self, state: dict) -> None:
+        self.data.set_state(state["data"])
+        self.z.set_state(state["z"])
+        if state.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
