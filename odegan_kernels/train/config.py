@@ -90,7 +90,7 @@ class Config:
         if self.grads not in ENGINES:
             raise ValueError(f"grads must be one of {ENGINES}, got {self.grads!r}")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {self.loss!r}")
         if self.data_per_stage not in ("shared", "fresh"):
             raise ValueError(f"data_per_stage must be shared or fresh, got {self.data_per_stage!r}")
         for name in ("steps", "batch", "z_dim", "eval_every", "log_every", "eval_samples", "image_size"):
