@@ -81,6 +81,27 @@ def test_cmake_build_with_cuda_kernels(tmp_path):
         assert "LDG.E.128" in stage and "STG.E.128" in stage, "the float4 stage kernel lost its 16-byte accesses"
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA sources cannot be compiled here")
+def test_on_demand_build_with_cuda_kernels(tmp_path):
+    """python -m odegan_kernels.ops.csrc build's route with CUDA (what a GPU machine with an installed wheel
+    takes): compiles, links and registers the CUDA kernels. CUDA_HOME names the toolkit behind nvcc."""
+    dry = subprocess.run(
+        ["nvcc", "-dryrun", "-c", "-x", "cu", "/dev/null", "-o", "/dev/null"], capture_output=True, text=True
+    )
+    here = [line.split("=", 1)[1] for line in dry.stderr.splitlines() if line.startswith("#$ _HERE_=")]
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    if here:
+        env["CUDA_HOME"] = str(Path(here[0]).parent)
+    code = (
+        "from odegan_kernels.ops import csrc; print(csrc.build(with_cuda=True)); "
+        "print('CUDA kernels registered:', csrc._has_cuda_kernel())"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "CUDA kernels registered: True" in res.stdout and str(tmp_path) in res.stdout
+
+
 def _sass(lib: Path) -> str | None:
     try:
         import triton
@@ -149,18 +170,17 @@ def test_cache_key_covers_sources_torch_python_and_flags(loader, monkeypatch, tm
     assert len(key) == 16 and csrc.cache_key(with_cuda=False) == key
     assert csrc.jit_library(with_cuda=False).name == f"odegan_kernels_csrc_{key}.so"
     assert csrc.cache_key(with_cuda=True) != key  # other sources and flags
-    # The same sources elsewhere (a checkout, an installed wheel) share one build.
-    shutil.copytree(src, tmp_path / "elsewhere")
-    monkeypatch.setattr(csrc, "CSRC", tmp_path / "elsewhere")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", torch.__version__ + ".other")
+        assert csrc.cache_key(with_cuda=False) != key
+    with monkeypatch.context() as m:
+        m.setattr(sys.implementation, "cache_tag", "cpython-299")
+        assert csrc.cache_key(with_cuda=False) != key
+    # The same sources elsewhere (a checkout, an installed wheel) share one build; one more file does not.
+    elsewhere = Path(shutil.copytree(src, tmp_path / "elsewhere"))
+    monkeypatch.setattr(csrc, "CSRC", elsewhere)
     assert csrc.cache_key(with_cuda=False) == key
-    (tmp_path / "elsewhere" / "cuda" / "extra.h").write_text("// a new header\n")
-    assert csrc.cache_key(with_cuda=False) != key
-    monkeypatch.setattr(csrc, "CSRC", src)
-    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
-    assert csrc.cache_key(with_cuda=False) != key
-    monkeypatch.undo()
-    monkeypatch.setattr(csrc, "CSRC", src)
-    monkeypatch.setattr(sys.implementation, "cache_tag", "cpython-299")
+    (elsewhere / "cuda" / "extra.h").write_text("// a new header\n")
     assert csrc.cache_key(with_cuda=False) != key
 
 

@@ -27,7 +27,8 @@ choices: dict[tuple[str, str], str] = {}  # (op, device type) -> backend auto pi
 
 
 def _canonical(backend: str) -> str:
-    """The backend's current name; a deprecated alias warns once per call site (attributed to the caller)."""
+    """The backend's current name; a deprecated alias gives a DeprecationWarning that points at the first caller
+    outside ops/ (so Python's default filters show it to a script that passes the old name)."""
     if backend not in _ALIASES:
         return backend
     new = _ALIASES[backend]
@@ -39,7 +40,7 @@ def _canonical(backend: str) -> str:
 
 
 def _module(name: str):
-    name = _ALIASES.get(name, name)
+    name = _ALIASES.get(name, name)  # private: callers that still pass an old name get no second warning
     if name in _modules:
         return _modules[name]
     if name in _unavailable:

@@ -45,10 +45,21 @@ def _cpp_extension():
     return cpp_extension
 
 
+def _wheel_cuda_includes() -> list[str]:
+    """The torch wheel's own CUDA headers (nvidia/cu13/include: cusparse.h and friends, which a bare toolkit may
+    lack and torch's CUDA headers include), as CMakeLists.txt uses them."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(str(p) for d in nvidia.__path__ for p in Path(d).glob("cu[0-9]*/include") if p.is_dir())
+
+
 def _build_args(with_cuda: bool) -> dict:
     """cpp_extension.load's sources and flags (CUDA kernels for sm_80 and sm_90 when with_cuda)."""
     cflags = ["-O3", "-std=c++17", "-fopenmp"]
     cuda_flags = ["-O3", "-std=c++17"]
+    includes = _wheel_cuda_includes() if with_cuda else []
     if with_cuda:
         cflags.append("-DODEGAN_WITH_CUDA")
         cuda_flags += [
@@ -57,7 +68,13 @@ def _build_args(with_cuda: bool) -> dict:
             "-gencode=arch=compute_90,code=sm_90",
         ]
     sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
-    return dict(sources=sources, extra_cflags=cflags, extra_cuda_cflags=cuda_flags, with_cuda=with_cuda)
+    return dict(
+        sources=sources,
+        extra_cflags=cflags,
+        extra_cuda_cflags=cuda_flags,
+        extra_include_paths=includes,
+        with_cuda=with_cuda,
+    )
 
 
 def _source_files() -> list[Path]:
@@ -74,7 +91,7 @@ def cache_key(with_cuda: bool) -> str:
         h.update(data)
     args = _build_args(with_cuda)
     env = (torch.__version__, torch.version.cuda, sys.implementation.cache_tag, with_cuda)
-    h.update(repr((env, args["extra_cflags"], args["extra_cuda_cflags"])).encode())
+    h.update(repr((env, args["extra_cflags"], args["extra_cuda_cflags"], args["extra_include_paths"])).encode())
     return h.hexdigest()[:16]
 
 
