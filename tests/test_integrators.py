@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from odegan_kernels import TABLEAUS, FlatParams, ODEStepper, StageResult, Tableau, compile_tableau
 from odegan_kernels.ode import cifar_schedule
@@ -124,17 +125,89 @@ def test_stepper_argument_errors():
         ODEStepper(flat, reg=0.1).step(closure)
 
 
-def test_cifar_schedule_and_scale():
-    assert [cifar_schedule(s) for s in (0, 499, 500, 399_999, 400_000)] == [0.25, 0.25, 1.0, 1.0, 0.5]
+def _two_euler_steps(make):
+    """Two Euler steps of y' = A y from (1, 0) with a schedule of 1/4 then 1 on h = 0.4; make(flat) -> step()."""
     A = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
     y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
     y, flat, closure = linear_setup(A, y0)
-    st = ODEStepper(flat, "euler", h=0.4, schedule=lambda step: 0.25 if step == 0 else 1.0)
-    st.step(closure)
-    assert torch.allclose(y.detach(), y0 + 0.1 * (A @ y0))
+    step = make(flat)
+    step(closure)
+    assert torch.allclose(y.detach(), y0 + 0.1 * (A @ y0), atol=1e-15)
     y1 = y.detach().clone()
+    step(closure)
+    assert torch.allclose(y.detach(), y1 + 0.4 * (A @ y1), atol=1e-15)
+
+
+def test_cifar_schedule_as_a_torch_scheduler():
+    assert [cifar_schedule(s) for s in (0, 499, 500, 399_999, 400_000)] == [0.25, 0.25, 1.0, 1.0, 0.5]
+
+    def make(flat):
+        st = ODEStepper(flat, "euler", h=0.4)
+        sched = LambdaLR(st, lambda step: 0.25 if step == 0 else 1.0)
+        return lambda closure: (st.step(closure), sched.step())
+
+    _two_euler_steps(make)
+
+
+def test_deprecated_schedule_argument_still_works():
+    def make(flat):
+        with pytest.warns(DeprecationWarning, match=r"schedule=\.\.\.\) is deprecated"):
+            st = ODEStepper(flat, "euler", h=0.4, schedule=lambda step: 0.25 if step == 0 else 1.0)
+        return st.step
+
+    _two_euler_steps(make)
+
+
+def test_stepper_is_a_torch_optimizer():
+    """param groups per player with h as lr, torch schedulers, hooks, zero_grad, and h changes that take effect."""
+    A = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    y, flat, closure = linear_setup(A, y0)
+    st = ODEStepper(flat, "euler", h=0.1)
+    assert isinstance(st, torch.optim.Optimizer)
+    assert [g["lr"] for g in st.param_groups] == [0.1] and st.param_groups[0]["params"] == flat.parameters(0)
+    sched = torch.optim.lr_scheduler.StepLR(st, step_size=1, gamma=0.5)
+    calls = []
+    st.register_step_post_hook(lambda opt, args, kwargs: calls.append(opt.h[0]))
+    hs = []
+    for _ in range(3):
+        before = y.detach().clone()
+        st.step(closure)
+        v = A @ before  # Euler: y - before = h v
+        hs.append(((y.detach() - before) @ v / (v @ v)).item())
+        sched.step()
+    assert hs == pytest.approx([0.1, 0.05, 0.025], rel=1e-12) and calls == pytest.approx([0.1, 0.05, 0.025])
+    st.h = 0.3  # a plain assignment takes effect at the next step too
+    before = y.detach().clone()
     st.step(closure)
-    assert torch.allclose(y.detach(), y1 + 0.4 * (A @ y1))
+    assert torch.allclose(y.detach(), before + 0.3 * (A @ before), atol=1e-15)
+    y.grad.fill_(1.0)
+    st.zero_grad()
+    assert y.grad.abs().sum() == 0 and y.grad.data_ptr() == flat.grads.data_ptr()  # still the flat buffer's view
+    with pytest.raises(ValueError, match="positive"):
+        st.h = -1.0
+    with pytest.raises(TypeError, match="must be a number"):
+        ODEStepper(flat, h="0.1")
+    with pytest.raises(TypeError, match="must be a number"):
+        ODEStepper(flat, h=torch.tensor(0.1))
+    with pytest.raises(ValueError, match="build a new one"):
+        st.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
+    with pytest.raises(TypeError, match="needs a closure"):
+        st.step()
+
+
+def test_state_dict_round_trips_through_torch_format():
+    y, flat, closure = linear_setup(torch.eye(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    st = ODEStepper(flat, "rk4", h=[0.3], reg=0.0)
+    st.step(closure)
+    state = st.state_dict()
+    assert set(state) == {"state", "param_groups", "ode"} and state["param_groups"][0]["lr"] == 0.3
+    other = ODEStepper(flat, "rk4", h=0.1)
+    other.load_state_dict(state)
+    assert other.steps == 1 and other.h == [0.3]
+    old = {"steps": 7, "h": [0.2], "reg": 0.0, "method": "rk4", "penalty": "first_stage", "coupling": "joint"}
+    other.load_state_dict(old)  # a checkpoint from before 0.2
+    assert other.steps == 7 and other.h == [0.2]
 
 
 def test_user_writes_between_steps_are_seen():

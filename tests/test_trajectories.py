@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from odegan_kernels import FlatParams, ODEStepper, game_gradients  # noqa: E402
-from odegan_kernels.models import mog_pair  # noqa: E402
+from odegan_kernels.models import mog_pair
+from odegan_kernels.ode import cifar_schedule  # noqa: E402
 from odegan_kernels.train import Trainer, make_config  # noqa: E402
 
 RECORD = Path(__file__).resolve().parent / "data" / "trajectories.json"
@@ -43,11 +45,14 @@ def fingerprint(params: torch.Tensor) -> dict:
 
 
 # -- library-level runs in float64 -------------------------------------------------------------------------
-def _stepper_run(steps=12, seed=0, fresh=True, engine="autograd", loss="ns", penalty_method="double_backward", **opts):
+def _stepper_run(
+    steps=12, seed=0, fresh=True, engine="autograd", loss="ns", penalty_method="double_backward", schedule=None, **opts
+):
     D, G = mog_pair(8, 12, seed=seed)
     D, G = D.double(), G.double()
     flat = FlatParams([D, G], dtype=torch.float64)
     st = ODEStepper(flat, **opts)
+    sched = LambdaLR(st, schedule) if schedule else None
     gen = torch.Generator().manual_seed(seed + 7)
     batch = {}
 
@@ -69,6 +74,8 @@ def _stepper_run(steps=12, seed=0, fresh=True, engine="autograd", loss="ns", pen
 
     for _ in range(steps):
         st.step(closure)
+        if sched:
+            sched.step()
     return flat.params
 
 
@@ -81,7 +88,7 @@ CASES = {
         method="rk4", h=0.1, reg=0.07, penalty_at="after_step", coupling="decoupled", fresh=False, engine="mlp"
     ),
     "heun_hinge_two_h_cifar_schedule": lambda: _stepper_run(
-        method="heun", h=[0.05, 0.08], reg=0.02, loss="hinge", schedule="cifar"
+        method="heun", h=[0.05, 0.08], reg=0.02, loss="hinge", schedule=cifar_schedule
     ),
     "euler_wasserstein_decoupled": lambda: _stepper_run(
         method="euler", h=0.05, reg=0.0, loss="wasserstein", coupling="decoupled"

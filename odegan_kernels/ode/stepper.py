@@ -19,22 +19,66 @@ from ..flat import FlatParams
 from ..game.contract import Stage, StageResult, as_result, returned
 from ..game.penalty import apply_penalty
 from .schedules import SCHEDULES
-from .tableau import Tableau, compile_tableau, get_tableau
+from .tableau import Tableau, compile_tableau, get_tableau, stage_rows
 
 COUPLINGS = ("joint", "decoupled")
 PENALTY_PLACEMENTS = ("first_stage", "after_step")
 
 
-class ODEStepper:
+def _step_sizes(h, n: int) -> list[float]:
+    """h as one positive finite float per player, or a ValueError naming what is wrong."""
+    hs = [h] * n if not isinstance(h, (list, tuple)) else list(h)
+    if len(hs) != n:
+        raise ValueError(f"h has {len(hs)} step sizes for {n} players")
+    for x in hs:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"step size h must be a number (or one per player), got {x!r}")
+        if not math.isfinite(x) or x <= 0:
+            raise ValueError(f"step sizes must be positive and finite, got {hs}")
+    return [float(x) for x in hs]
+
+
+def _check_reg(reg) -> float:
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)):
+        raise TypeError(f"reg (the regulariser weight lambda) must be a number, got {reg!r}")
+    if not math.isfinite(reg) or reg < 0:
+        raise ValueError(f"reg (the regulariser weight lambda) must be >= 0, got {reg}")
+    return float(reg)
+
+
+class ODEStepper(torch.optim.Optimizer):
     """ODE-GAN's optimiser: one explicit Runge-Kutta step of the players' gradient field per ``step``.
+
+    A ``torch.optim.Optimizer`` with one param group per player (in FlatParams' order, D first); a group's
+    ``lr`` is that player's step size h, so ``torch.optim.lr_scheduler`` schedulers, optimizer hooks and
+    ``state_dict`` work as for any optimizer, and a change of step size (``stepper.h = ...``, a scheduler, or
+    ``param_groups[i]["lr"]``) takes effect at the next step, also under ``cuda_graph=True``.
 
     Follows torch.optim's closure convention: ``step(closure)`` calls ``closure(stage)`` once per stage
     (``closure()`` if it takes no argument); the contract, what the closure fills and returns, is written
     down in game/contract.py. Before each call the stepper zeroes the gradients (one memset).
 
-    Options reproduce the two reference implementations of the paper (its CIFAR-10 code and its colab):
-    ``coupling`` joint | decoupled, ``penalty_at`` first_stage | after_step; the data per stage is the
-    closure's choice (``Stage.index`` tells it which stage it serves).
+    Options reproduce the two reference implementations of the paper (its CIFAR-10 code and its colab); the
+    data per stage is the closure's choice (``Stage.index`` tells it which stage it serves).
+
+    Args:
+        flat: the players' FlatParams; the stepper integrates every parameter in it.
+        method: a name in TABLEAUS (euler, heun, midpoint, ralston, rk3, rk4) or a Tableau.
+        h: the step size, one for every player or one per player (D's first).
+        reg: lambda, the weight of ODE-GAN's regulariser g_reg = grad_theta ||dl_G/dphi||^2 (0: none).
+        penalty_at: where g_reg enters: ``first_stage`` (folded into stage 1's gradient with weight
+            lambda / b1, so later stage points see it; the CIFAR-10 code) or ``after_step`` (theta <- theta -
+            h lambda g_reg after the step, evaluated at the step's start; the colab).
+        coupling: ``joint`` (one RK step of the coupled system; every stage evaluates both players at the
+            stage point) or ``decoupled`` (each player integrated with the other frozen at the step's start).
+        regularised: the player g_reg regularises (index or name; D).
+        backend: the fused stage op's backend (ops.rk_stage): auto | triton | csrc | foreach | reference.
+        cuda_graph: capture the whole step (every stage, forward, backward, the penalty) in one CUDA graph
+            after ``graph_warmup`` eager steps, and replay it.
+        distributed: data parallel under torch.distributed: the flat gradients are averaged over the ranks
+            once per stage (``process_group``: the group, default the world).
+        schedule: deprecated: a multiplier of h by step count; use a scheduler, e.g.
+            ``LambdaLR(stepper, ode.cifar_schedule)``.
     """
 
     def __init__(
@@ -45,7 +89,7 @@ class ODEStepper:
         reg: float = 0.0,
         penalty_at: str = "first_stage",
         coupling: str = "joint",
-        schedule: str | Callable[[int], float] = "constant",
+        schedule: str | Callable[[int], float] | None = None,
         regularised: int | str = 0,
         backend: str = "auto",
         cuda_graph: bool = False,
@@ -57,21 +101,29 @@ class ODEStepper:
         if penalty is not None:  # the name before 0.2: 'penalty' now means the regulariser itself
             warnings.warn("ODEStepper(penalty=...) is deprecated; use penalty_at=", DeprecationWarning, stacklevel=2)
             penalty_at = penalty
+        if schedule is not None and schedule != "constant":
+            warnings.warn(
+                "ODEStepper(schedule=...) is deprecated; use a torch.optim.lr_scheduler on the stepper, e.g. "
+                "LambdaLR(stepper, odegan_kernels.ode.cifar_schedule)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        if not isinstance(flat, FlatParams):
+            raise TypeError(
+                f"ODEStepper needs a FlatParams (the players' flattened parameters), got {type(flat).__name__}"
+            )
         self.flat = flat
         self.tableau = get_tableau(method)
         self._stages = compile_tableau(self.tableau)
         nseg = len(flat.segments)
-        hs = [float(h)] * nseg if isinstance(h, (int, float)) else [float(x) for x in h]
-        if len(hs) != nseg:
-            raise ValueError(f"h has {len(hs)} step sizes for {nseg} players")
-        if any(not math.isfinite(x) or x <= 0 for x in hs):
-            raise ValueError(f"step sizes must be positive and finite, got {hs}")
-        if not math.isfinite(reg) or reg < 0:
-            raise ValueError(f"reg (the regulariser weight lambda) must be >= 0, got {reg}")
+        hs = _step_sizes(h, nseg)
+        reg = _check_reg(reg)
         if penalty_at not in PENALTY_PLACEMENTS:
             raise ValueError(f"penalty_at must be one of {PENALTY_PLACEMENTS}, got {penalty_at!r}")
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+        if schedule is None:
+            schedule = "constant"
         if isinstance(schedule, str):
             if schedule not in SCHEDULES:
                 raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
@@ -81,8 +133,9 @@ class ODEStepper:
                 f"method {self.tableau.name!r} gives the first stage no weight (b1 = 0), so the "
                 "penalty cannot be folded into it; use penalty_at='after_step'"
             )
-        self.h = hs
-        self.reg = float(reg)
+        groups = [{"params": flat.parameters(i), "lr": hs[i], "player": flat.names[i]} for i in range(nseg)]
+        super().__init__(groups, {"lr": hs[0]})
+        self._reg = reg
         self.penalty_at = penalty_at
         self.coupling = coupling
         self.schedule = schedule
@@ -104,7 +157,7 @@ class ODEStepper:
                 for e in flat.layout(self.regularised)
             ]
         self._coeffs = torch.zeros(len(self._stages), nseg, 5, dtype=dt, device=dev)
-        self._scale = None
+        self._coeff_key = None
         self._versions = None
         self._scratch = None
         self.distributed = distributed
@@ -122,6 +175,42 @@ class ODEStepper:
 
             check_capturable(flat)
             self.graph = StepGraph(self._run_stages, warmup=graph_warmup)
+        self._built = True
+
+    # -- step sizes and the regulariser weight -----------------------------------------------------------
+    @property
+    def h(self) -> list[float]:
+        """Each player's step size: the param groups' ``lr`` (set it, or let a scheduler set it)."""
+        return [g["lr"] for g in self.param_groups]
+
+    @h.setter
+    def h(self, value: float | Sequence[float]) -> None:
+        for g, v in zip(self.param_groups, _step_sizes(value, len(self.param_groups))):
+            g["lr"] = v
+
+    @property
+    def reg(self) -> float:
+        """lambda, the regulariser's weight; a change takes effect at the next step."""
+        return self._reg
+
+    @reg.setter
+    def reg(self, value: float) -> None:
+        value = _check_reg(value)
+        if (value > 0) != (self._reg > 0):
+            raise ValueError(
+                f"reg {self._reg} -> {value} switches the regulariser {'on' if value > 0 else 'off'}, which changes "
+                "what each step computes: build a new ODEStepper with the new reg"
+            )
+        self._reg = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """One memset over the flat gradient buffer (``.grad`` stays a view of it: ``set_to_none`` is ignored)."""
+        self.flat.zero_grad()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_built", False):
+            raise ValueError("an ODEStepper integrates the FlatParams it was built with: build a new one instead")
+        super().add_param_group(param_group)
 
     # -- coefficients -------------------------------------------------------------------------------------
     @property
@@ -132,24 +221,18 @@ class ODEStepper:
 
     def _refresh_coeffs(self) -> None:
         scale = float(self.schedule(self.steps))
-        if scale == self._scale:
+        hs = tuple(self.h)
+        key = (hs, scale, self._reg)
+        if key == self._coeff_key:
             return  # nothing to copy: the common case costs no device work
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"schedule returned {scale} at step {self.steps}; it must be positive")
-        rows = []
-        last = len(self._stages) - 1
-        for i, st in enumerate(self._stages):
-            seg_rows = []
-            for s, h in enumerate(self.h):
-                hh = h * scale
-                e = 0.0
-                if i == last and self._reg_buf is not None and s == self.regularised:
-                    e = self.penalty_weight
-                seg_rows.append((st.a, st.b, -hh * st.c, -hh * st.d, e))
-            rows.append(seg_rows)
+        _step_sizes(list(hs), len(hs))  # a scheduler or a user may have set any value
+        e = {self.regularised: self.penalty_weight} if self._reg_buf is not None else {}
+        rows = stage_rows(self._stages, [h * scale for h in hs], e)
         # In place: a captured graph holds this tensor's address and replays with its new values.
         self._coeffs.copy_(torch.tensor(rows, dtype=self._coeffs.dtype))
-        self._scale = scale
+        self._coeff_key = key
 
     def buffers(self) -> list[torch.Tensor]:
         """The tensors this stepper holds beyond the parameters and gradients (memory accounting)."""
@@ -189,12 +272,14 @@ class ODEStepper:
             result.penalty = value
         return result
 
-    def step(self, closure):
+    def step(self, closure=None):
         """Advance one step; returns what the closure returned at stage 0, detached (game/contract.py).
 
         With ``cuda_graph=True`` the returned tensors are the graph's static outputs: the next replay
         overwrites them (clone what you keep).
         """
+        if closure is None or not callable(closure):
+            raise TypeError("ODEStepper.step needs a closure: it evaluates the gradients once per RK stage")
         if self.reg > 0 and self._calling(closure) is not closure:
             raise TypeError(
                 "the penalty (reg > 0) needs a closure that takes the Stage argument and returns the "
@@ -279,24 +364,33 @@ class ODEStepper:
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
+        """torch.optim's state dict (the param groups, with each player's step size as ``lr``) plus the
+        integrator's own: the step count, lambda and the options a checkpoint must agree on."""
+        state = super().state_dict()
+        state["ode"] = {
             "steps": self.steps,
-            "h": list(self.h),
-            "reg": self.reg,
+            "reg": self._reg,
             "method": self.tableau.name,
-            "penalty": self.penalty_at,
+            "penalty_at": self.penalty_at,
             "coupling": self.coupling,
         }
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("method", "penalty", "coupling"):
-            if key in state and state[key] != self.state_dict()[key]:
+        if "param_groups" not in state:  # the format before 0.2: steps, h, reg, method, penalty, coupling
+            ode = {**state, "penalty_at": state.get("penalty", self.penalty_at)}
+            self.h = [float(x) for x in state["h"]]
+        else:
+            ode = state["ode"]
+        mine = self.state_dict()["ode"]
+        for key in ("method", "penalty_at", "coupling"):
+            if key in ode and ode[key] != mine[key]:
                 raise ValueError(
-                    f"checkpoint was made with {key}={state[key]!r} but this stepper has "
-                    f"{key}={self.state_dict()[key]!r}"
+                    f"checkpoint was made with {key}={ode[key]!r} but this stepper has {key}={mine[key]!r}"
                 )
-        self.steps = int(state["steps"])
-        self.h = [float(x) for x in state["h"]]
-        self.reg = float(state["reg"])
-        self._scale = None
+        if "param_groups" in state:
+            super().load_state_dict({k: v for k, v in state.items() if k != "ode"})
+        self.steps = int(ode["steps"])
+        self.reg = float(ode["reg"])
+        self._coeff_key = None
         self._versions = None  # take the (possibly reloaded) parameters as the next start point

@@ -91,3 +91,15 @@ def get_tableau(method: str | Tableau) -> Tableau:
     if method not in TABLEAUS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(TABLEAUS)}")
     return TABLEAUS[method]
+
+
+def stage_rows(stages: list[StageCoeffs], hs: list[float], last_e: dict[int, float]) -> list:
+    """The stage op's scalars ``[stage][segment] = (a, b, c, d, e)`` for step sizes ``hs`` (one per segment);
+    ``last_e[s]`` is segment s's weight of the after-step term r, added in the last stage."""
+    last = len(stages) - 1
+    rows = []
+    for i, st in enumerate(stages):
+        rows.append(
+            [(st.a, st.b, -h * st.c, -h * st.d, last_e.get(s, 0.0) if i == last else 0.0) for s, h in enumerate(hs)]
+        )
+    return rows

@@ -1,4 +1,5 @@
-"""Adam and SGD behind the ODE stepper's ``step(closure)`` interface, so the training loop has one path.
+"""The optimiser a run asks for: the ODE stepper, or Adam / SGD behind the stepper's ``step(closure)``
+interface, so the training loop has one path.
 
 One closure call per step (Stage 0, both players); the regulariser, when ``reg > 0``, goes through the same
 function as the ODE stepper's (game.penalty.apply_penalty) with weight ``reg``; under torchrun the flat
@@ -10,11 +11,15 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from ..distributed import average_across_ranks
 from ..flat import FlatParams
 from ..game.contract import Stage, as_result, returned
 from ..game.penalty import apply_penalty
+from ..ode.schedules import SCHEDULES
+from ..ode.stepper import ODEStepper
+from .config import Config
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -69,3 +74,34 @@ class BaselineOptimizer:
         state = dict(state)
         self.steps = int(state.pop("steps", 0))
         self.optimizer.load_state_dict(state)
+
+
+def build_optimizer(cfg: Config, flat: FlatParams, distributed: bool = False):
+    """(the optimiser, its step-size scheduler or None): the ODE stepper with ``cfg.schedule`` as a torch
+    scheduler, or an Adam/SGD baseline behind the same ``step(closure)`` (its lr stays constant)."""
+    if cfg.optimizer == "ode":
+        h = cfg.h if cfg.h_g is None else [cfg.h, cfg.h_g]
+        stepper = ODEStepper(
+            flat,
+            cfg.method,
+            h=h,
+            reg=cfg.reg,
+            penalty_at=cfg.penalty_at,
+            coupling=cfg.coupling,
+            backend=cfg.backend,
+            cuda_graph=cfg.cuda_graph,
+            distributed=distributed,
+        )
+        return stepper, LambdaLR(stepper, SCHEDULES[cfg.schedule])
+    if cfg.cuda_graph:
+        raise ValueError("cuda_graph applies to the ODE stepper (optimizer='ode') only")
+    return BaselineOptimizer(
+        flat, cfg.optimizer, lr=cfg.lr, betas=cfg.betas, reg=cfg.reg, distributed=distributed
+    ), None
+
+
+def scheduler_state_at(scheduler: LambdaLR, step: int) -> dict:
+    """A LambdaLR's state after ``step`` steps, for checkpoints written before schedulers were saved (0.1)."""
+    fn, base = scheduler.lr_lambdas[0], list(scheduler.base_lrs)
+    last = [b * fn(step) for b in base]
+    return {"base_lrs": base, "last_epoch": step, "_step_count": step + 1, "_last_lr": last, "lr_lambdas": [None]}

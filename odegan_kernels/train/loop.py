@@ -22,9 +22,8 @@ import torch
 from ..distributed import all_gather_objects, init_distributed
 from ..flat import FlatParams
 from ..graphs import StaticBatches
-from ..ode.stepper import ODEStepper
 from ..problems import build_problem
-from .baselines import BaselineOptimizer
+from .baselines import build_optimizer, scheduler_state_at
 from .checkpoint import atomic_save, load_checkpoint
 from .closure import GameClosure, RandomStreams
 from .config import Config, renamed, resolve_device
@@ -33,27 +32,6 @@ from .logging import IntervalMeans, MetricsLog, plot_metrics
 
 class NonFiniteError(RuntimeError):
     """Training reached non-finite values (the message says where, and which checkpoint is the last good one)."""
-
-
-def build_optimizer(cfg: Config, flat: FlatParams, distributed: bool = False):
-    """The ODE stepper, or an Adam/SGD baseline behind the same ``step(closure)``."""
-    if cfg.optimizer == "ode":
-        h = cfg.h if cfg.h_g is None else [cfg.h, cfg.h_g]
-        return ODEStepper(
-            flat,
-            cfg.method,
-            h=h,
-            reg=cfg.reg,
-            penalty_at=cfg.penalty_at,
-            coupling=cfg.coupling,
-            schedule=cfg.schedule,
-            backend=cfg.backend,
-            cuda_graph=cfg.cuda_graph,
-            distributed=distributed,
-        )
-    if cfg.cuda_graph:
-        raise ValueError("cuda_graph applies to the ODE stepper (optimizer='ode') only")
-    return BaselineOptimizer(flat, cfg.optimizer, lr=cfg.lr, betas=cfg.betas, reg=cfg.reg, distributed=distributed)
 
 
 class Trainer:
@@ -79,7 +57,7 @@ class Trainer:
         k = self.problem.num_classes
         self.fixed_y = torch.arange(cfg.eval_samples, device=dev) % k if k else None  # every class in turn
         self.step = 0
-        self.opt = build_optimizer(cfg, self.flat, distributed=self.world > 1)
+        self.opt, self.scheduler = build_optimizer(cfg, self.flat, distributed=self.world > 1)
         static = None
         if cfg.cuda_graph:
             slots = len(self.opt.tableau.b) if cfg.data_per_stage == "fresh" else 1
@@ -93,6 +71,8 @@ class Trainer:
         if self.game_closure.static is not None:
             self.game_closure.fill_static()
         result = self.opt.step(self.closure)
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.step += 1
         return result.scalars()
 
@@ -120,6 +100,7 @@ class Trainer:
             "D": self.D.state_dict(),
             "G": self.G.state_dict(),
             "opt": self.opt.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "problem": self.problem.state_dict(),
             "rng": all_gather_objects(self.streams.state(), self.world),  # one entry per rank
             "config": dataclasses.asdict(self.cfg),
@@ -137,6 +118,11 @@ class Trainer:
         self.G.load_state_dict(state["G"])
         self.flat.check_modules(self.D, self.G)
         self.opt.load_state_dict(state["opt"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(
+                state.get("scheduler") or scheduler_state_at(self.scheduler, int(state["step"]))
+            )
+            self.opt.h = self.scheduler.get_last_lr()
         self.problem.load_state_dict(state.get("problem", {}))
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rng) != self.world:
