@@ -13,7 +13,12 @@ Before each call the optimiser zeroes the flat gradients (one memset). The closu
    regularised player's parameters (``torch.autograd.grad(..., create_graph=True)``), or
    ``penalty_grad``, its gradient given directly (one tensor per parameter of the regularised player,
    shaped like it), with ``penalty`` then only logged;
-3. may return anything else it wants back: ``step()`` returns what the closure returned at stage 0, with
+3. for each name in ``stage.penalties`` (the gradient penalties of the field: r1, r2, wgan_gp, consensus;
+   game/penalty.py defines them), returns a ``PenaltyTerm`` of that name in ``StageResult.terms``, in the
+   same two forms: ``value`` differentiable w.r.t. the parameters of the players it regularises, or
+   ``grad`` given (one tensor per parameter of those players, in player order). The optimiser weighs
+   each and adds it to the players' gradients (game.penalty.apply_penalty);
+4. may return anything else it wants back: ``step()`` returns what the closure returned at stage 0, with
    tensors detached (a ``StageResult``, a loss tensor, or None). A mapping with StageResult's field names
    is taken as a StageResult.
 
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,35 +40,68 @@ class Stage:
 
     index: the stage within the step (0: the step's start point); step: steps taken before this one;
     players: the players whose gradients the closure must fill (all of them, except one at a time in the
-    decoupled stages); penalty: whether the closure must return the regulariser (see the module's text).
+    decoupled stages); penalty: whether the closure must return ODE-GAN's regulariser g_reg (see the
+    module's text); penalties: the names of the other gradient penalties it must return as terms.
     """
 
     index: int
     step: int
     players: tuple[int, ...]
     penalty: bool
+    penalties: tuple[str, ...] = ()
+
+
+@dataclass
+class PenaltyTerm:
+    """One gradient penalty a closure computed: its name, the players it regularises (0 = D, 1 = G), and either
+    its ``value`` (0-dim, differentiable w.r.t. those players' parameters) or its gradient ``grad`` given (one
+    tensor per parameter of those players, in player order; ``value`` then only logged)."""
+
+    name: str
+    players: tuple[int, ...]
+    value: torch.Tensor | None = None
+    grad: Sequence[torch.Tensor] | None = None
+
+    def detached(self) -> PenaltyTerm:
+        return PenaltyTerm(self.name, self.players, _detach(self.value), None)
 
 
 @dataclass
 class StageResult:
     """What a closure returns for one stage: the losses and the regulariser (for the logs and the penalty),
-    and the generator samples it drew (``fake``, so later stages can reuse them)."""
+    and the generator samples it drew (``fake``, so later stages can reuse them). ``penalty`` and
+    ``penalty_grad`` are g_reg's; ``terms`` holds the other gradient penalties asked for (Stage.penalties)."""
 
     loss_d: torch.Tensor | None = None
     loss_g: torch.Tensor | None = None
     penalty: torch.Tensor | None = None
     penalty_grad: Sequence[torch.Tensor] | None = None
     fake: torch.Tensor | None = None
+    terms: list[PenaltyTerm] = field(default_factory=list)
 
     def detached(self) -> StageResult:
-        """A copy without the penalty's gradient and with every tensor detached (what ``step()`` returns)."""
+        """A copy without the penalties' gradients and with every tensor detached (what ``step()`` returns)."""
         return StageResult(
-            *(_detach(getattr(self, f)) for f in ("loss_d", "loss_g", "penalty")), None, _detach(self.fake)
+            *(_detach(getattr(self, f)) for f in ("loss_d", "loss_g", "penalty")),
+            None,
+            _detach(self.fake),
+            [t.detached() for t in self.terms],
         )
 
+    def term(self, name: str) -> PenaltyTerm | None:
+        """The penalty called ``name``: one of ``terms``, or g_reg ("g_reg") from ``penalty``/``penalty_grad``."""
+        for t in self.terms:
+            if t.name == name:
+                return t
+        if name == "g_reg" and (self.penalty is not None or self.penalty_grad is not None):
+            return PenaltyTerm("g_reg", (0,), self.penalty, self.penalty_grad)
+        return None
+
     def scalars(self) -> dict[str, torch.Tensor]:
-        """The 0-dim values the logs average: loss_d, loss_g and penalty, where present."""
-        return {k: v for k in ("loss_d", "loss_g", "penalty") if (v := getattr(self, k)) is not None}
+        """The 0-dim values the logs average: loss_d, loss_g, penalty (g_reg) and each term's value by its name."""
+        out = {k: v for k in ("loss_d", "loss_g", "penalty") if (v := getattr(self, k)) is not None}
+        out.update({t.name: t.value.detach().float() for t in self.terms if t.value is not None})
+        return out
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(StageResult))

@@ -113,11 +113,34 @@ class Wasserstein(Hinge):
         return torch.full_like(x, 1.0)
 
 
+class LeastSquares(GANLoss):
+    """LSGAN (Mao et al. 2017, targets a=0, b=c=1): D: (real - 1)^2 / 2 + fake^2 / 2; G: (D(G(z)) - 1)^2 / 2."""
+
+    def d_real(self, x):
+        return 0.5 * (x - 1).square()
+
+    def d_fake(self, x):
+        return 0.5 * x.square()
+
+    def g(self, x):
+        return 0.5 * (x - 1).square()
+
+    def d_real_grad(self, x):
+        return x - 1
+
+    def d_fake_grad(self, x):
+        return x.clone()  # the callers scale it in place
+
+    def g_grads(self, x, curvature):
+        return x - 1, (torch.ones_like(x) if curvature else None)
+
+
 LOSSES: dict[str, GANLoss] = {
     "ns": NonSaturating(),
     "minimax": Minimax(),
     "hinge": Hinge(),
     "wasserstein": Wasserstein(),
+    "lsgan": LeastSquares(),
 }
 ZERO_SUM = tuple(k for k, v in LOSSES.items() if v.zero_sum)
 

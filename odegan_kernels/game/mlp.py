@@ -84,6 +84,11 @@ def pair_for(
         return None, "class-conditional pairs run through autograd"
     if kw.get("g_params") is not None:
         return None, "g_params= (a subset of G's parameters) runs through autograd"
+    if kw.get("penalties"):
+        return (
+            None,
+            f"the gradient penalties {tuple(kw['penalties'])} run through autograd (only g_reg is derived here)",
+        )
     if penalty_method not in ("double_backward", "jvp"):
         return None, f"penalty_method={penalty_method!r} is an approximation; only the exact penalty is derived here"
     layers, why = _checked_layers(D, G)
@@ -196,13 +201,16 @@ class MLPPair:
         penalty: bool = False,
         fake: torch.Tensor | None = None,
         values: bool = True,
+        instance_noise: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     ) -> StageResult:
         """``game_gradients`` for this pair, without autograd.
 
         Accumulates dl_D/dtheta (player 0) and dl_G/dphi (player 1) into ``.grad``; with ``penalty`` the
         StageResult carries ``penalty`` (||dl_G/dphi||^2, for the logs) and ``penalty_grad`` (its exact gradient
         w.r.t. D's parameters, one tensor per parameter), which the stepper takes in place of a double
-        backward. ``values=False`` leaves out the loss values (only the logs read them).
+        backward. ``values=False`` leaves out the loss values (only the logs read them). ``instance_noise``:
+        (noise added to the real batch, noise added to the generated one) as D sees them; noise is constant, so
+        the gradients and the penalty's tangent pass through it unchanged.
         """
         need_d, need_g = 0 in players, 1 in players
         if penalty and not need_g:
@@ -213,9 +221,13 @@ class MLPPair:
         if fake is None:
             fake, g_hs = _forward(g_layers, z)
         out = StageResult(fake=fake)
+        noise_r, noise_f = instance_noise if instance_noise is not None else (None, None)
+        if noise_r is not None:
+            real = real + noise_r
+        x_fake = fake if noise_f is None else fake + noise_f
         nr = real.shape[0]
         if need_d:
-            logits, d_hs = _forward(d_layers, torch.cat([real, fake]))
+            logits, d_hs = _forward(d_layers, torch.cat([real, x_fake]))
             logits = logits.squeeze(-1)
             lr, lf = logits[:nr], logits[nr:]
             ld, dr, df = d_loss_terms(loss, lr, lf, values)
@@ -225,7 +237,7 @@ class MLPPair:
             if need_g:
                 f_hs = [h[nr:] for h in d_hs]
         elif need_g:
-            lf, f_hs = _forward(d_layers, fake)
+            lf, f_hs = _forward(d_layers, x_fake)
             lf = lf.squeeze(-1)
         if not need_g:
             return out

@@ -1,6 +1,21 @@
-"""The gradient-norm regulariser of ODE-GAN: g_reg = grad_theta ||dl_G/dphi||^2 (squared L2, no 1/2).
+"""Gradient penalties, and THE one function that turns a penalty into the regularised players' gradients.
 
-Three ways to compute it, all exact in the limit:
+The family (each a scalar whose gradient is added, times its weight, to the gradients of the players it
+regularises; every squared norm goes through the fused ``ops.sqnorm``, differentiable twice):
+
+* ``g_reg`` (ODE-GAN): ||dl_G/dphi||^2 (squared L2 over G's gradient tensors, no 1/2), regularising D;
+* ``r1`` / ``r2`` (Mescheder et al. 2018): 1/2 E||grad_x D(x)||^2 on real / on generated samples, so that
+  weight gamma gives gamma/2 E||.||^2; regularising D;
+* ``wgan_gp`` (Gulrajani et al. 2017): E(||grad_x D(x^)|| - 1)^2 on x^ = u x_real + (1 - u) x_fake,
+  u ~ U[0, 1] per sample; regularising D;
+* ``consensus`` (Mescheder et al. 2017): 1/2 ||v||^2 of the whole field v = [dl_D/dtheta, dl_G/dphi],
+  regularising both players.
+
+The input-gradient penalties take grad_x of D's summed outputs, which is each sample's own gradient as
+long as D treats samples independently (no batch norm in D: true of every D in this package).
+
+``apply_penalty`` adds weight x gradient into ``.grad`` (or an out buffer) for every optimiser. g_reg has
+three ways to be computed, all exact in the limit:
 
 * ``double_backward`` (the paper's): dl_G/dphi with create_graph, the fused sqnorm, one more backward.
 * ``finite_difference``: g_reg = 2 (d^2 l_G / dtheta dphi) g_phi is a directional derivative of
@@ -17,32 +32,43 @@ Three ways to compute it, all exact in the limit:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from .. import ops
-from .contract import StageResult
+from .contract import StageResult, as_result
 
 METHODS = ("double_backward", "finite_difference", "jvp")
 
 
 def apply_penalty(
-    result: StageResult | None,
-    params: Sequence[torch.Tensor],
-    weight: float,
-    out: Sequence[torch.Tensor] | None = None,
-) -> torch.Tensor | None:
-    """Turn a closure's regulariser into the regularised player's gradient: the one path every optimiser uses.
+    result: StageResult | Mapping | None,
+    params,
+    weight: float | Mapping[str, float],
+    out=None,
+    players: Sequence[int] | None = None,
+):
+    """Turn a closure's penalties into the regularised players' gradients: the one path every optimiser uses.
 
-    Adds ``weight`` x the penalty's gradient to each parameter's ``.grad`` (``out=None``: folded into this
+    ``weight`` a number: g_reg alone (the form before the penalty family). Adds ``weight`` x g_reg to each
+    parameter's ``.grad`` of ``params``, the regularised player's parameters (``out=None``: folded into this
     evaluation's gradient), or writes ``weight`` x it into ``out`` (one tensor per parameter: the ODE
     stepper's after-step buffer). The penalty comes as ``result.penalty_grad`` (its gradient, given) or as
     ``result.penalty`` (a 0-dim tensor differentiated here by one more backward). Returns the penalty's
     value, detached (None when only its gradient was given).
+
+    ``weight`` a mapping {name: weight}: each named penalty of the result ("g_reg", or a name in
+    ``result.terms``) times its weight into the ``.grad`` of the players it regularises, every player's
+    parameters given by ``params`` (a FlatParams, or one parameter list per player); ``players`` (optional)
+    keeps only those players' parts (a decoupled stage); ``out`` (optional) a mapping {name: out tensors}
+    for penalties to write out rather than fold in. Terms that regularise the same players are summed and
+    differentiated in one backward. Returns {name: value, detached} for the terms that carry a value.
     """
+    if isinstance(weight, Mapping):
+        return _apply_terms(result, params, weight, out, players)
     params = list(params)
     if result is None or (result.penalty is None and result.penalty_grad is None):
         raise TypeError(
@@ -53,26 +79,77 @@ def apply_penalty(
         )
     grads = result.penalty_grad
     if grads is None:
-        pen = result.penalty
-        if not isinstance(pen, torch.Tensor) or pen.dim() != 0 or pen.grad_fn is None:
-            raise TypeError(
-                "the closure's 'penalty' must be a 0-dim tensor with a graph to the regularised player's "
-                "parameters (compute dl_G/dphi with torch.autograd.grad(create_graph=True))"
-            )
+        pen = _checked_value(result.penalty, "'penalty'")
         if out is None:
             # accumulates in place into the flat gradient buffer (this backward builds no graph)
             (pen * weight).backward(inputs=params)
             return pen.detach()
         grads = torch.autograd.grad(pen, params, materialize_grads=True)
+    _write(grads, params, weight, out)
+    return result.penalty.detach() if isinstance(result.penalty, torch.Tensor) else None
+
+
+def _checked_value(pen, what: str) -> torch.Tensor:
+    if not isinstance(pen, torch.Tensor) or pen.dim() != 0 or pen.grad_fn is None:
+        raise TypeError(
+            f"the closure's {what} must be a 0-dim tensor with a graph to the regularised player's "
+            "parameters (take the gradients inside it with torch.autograd.grad(create_graph=True))"
+        )
+    return pen
+
+
+def _write(grads, params, weight, out, what: str = "'penalty_grad'") -> None:
+    """weight x grads added into the params' .grad (out None) or written into out."""
     grads = list(grads)
     if len(grads) != len(params) or any(g.shape != p.shape for g, p in zip(grads, params)):
-        raise ValueError("'penalty_grad' must hold one tensor per parameter of the regularised player, shaped like it")
+        raise ValueError(f"{what} must hold one tensor per parameter of the regularised player(s), shaped like it")
     if out is None:
         torch._foreach_add_([p.grad for p in params], grads, alpha=weight)
     else:
         for o, g in zip(out, grads):
             o.copy_(g) if weight == 1 else torch.mul(g, weight, out=o)
-    return result.penalty.detach() if isinstance(result.penalty, torch.Tensor) else None
+
+
+def _apply_terms(result, params, weights: Mapping[str, float], out, players) -> dict[str, torch.Tensor]:
+    result = as_result(result)
+    out = out or {}
+    per_player = [params.parameters(i) for i in range(len(params.segments))] if hasattr(params, "segments") else params
+    values: dict[str, torch.Tensor] = {}
+    pending = []  # (weight, its term's value, the parameters it regularises) for the backward passes
+    for name, w in weights.items():
+        term = None if result is None else result.term(name)
+        if term is None:
+            raise TypeError(
+                f"the optimiser asked for penalty {name!r} (stage.penalty / stage.penalties) but the closure's "
+                f"result has none: return a StageResult whose terms hold a PenaltyTerm {name!r} (game_gradients("
+                "..., penalty=stage.penalty, penalties=stage.penalties) returns one)"
+            )
+        if term.value is not None:
+            values[name] = term.value.detach()
+        kept = [q for q in term.players if players is None or q in players]
+        if not kept or w == 0:
+            continue
+        plist = [p for q in kept for p in per_player[q]]
+        if term.grad is not None:
+            counts = {q: len(list(per_player[q])) for q in term.players}
+            grads, i = {}, 0
+            for q in term.players:
+                grads[q] = list(term.grad)[i : i + counts[q]]
+                i += counts[q]
+            _write([g for q in kept for g in grads[q]], plist, w, out.get(name), f"penalty {name!r}'s grad")
+        elif name in out:
+            g = torch.autograd.grad(_checked_value(term.value, name), plist, retain_graph=True, materialize_grads=True)
+            _write(g, plist, w, out[name])
+        else:
+            pending.append((w, _checked_value(term.value, f"penalty {name!r}"), plist))
+    groups: dict[tuple[int, ...], tuple[torch.Tensor, list]] = {}
+    for w, v, plist in pending:  # one backward per set of parameters: a penalty reaches only its own players
+        key = tuple(id(p) for p in plist)
+        total, _ = groups.get(key, (None, plist))
+        groups[key] = (v * w if total is None else total + v * w, plist)
+    for i, (total, plist) in enumerate(groups.values()):
+        total.backward(inputs=plist, retain_graph=i < len(groups) - 1)
+    return values
 
 
 def generator_grad_sqnorm(loss_g: torch.Tensor, g_params: Sequence[torch.Tensor], backend: str = "auto"):
