@@ -200,6 +200,14 @@ def test_loader_order_and_the_cmake_build_age_check(loader, monkeypatch, tmp_pat
     assert load() == [str(explicit)]
 
 
+def test_loader_never_looks_in_setuptools_build_folder(monkeypatch):
+    """pip wheel . and python -m build write build/ into the checkout: no library is looked for there."""
+    monkeypatch.delenv("ODEGAN_CSRC_LIB", raising=False)
+    paths = [path for path, _ in csrc._candidates()]
+    assert csrc.CHECKOUT / "build-csrc" / "libodegan_kernels_csrc.so" in paths
+    assert not [p for p in paths if csrc.CHECKOUT / "build" in p.parents], paths
+
+
 def test_old_module_name_is_a_deprecated_alias():
     code = "from odegan_kernels.ops import cuda, csrc; assert cuda is csrc"
     run = lambda action: subprocess.run([sys.executable, "-W", action, "-c", code], capture_output=True, text=True)
