@@ -34,12 +34,12 @@ $PY -m pip install -q -e . --no-deps --no-build-isolation > /dev/null 2>&1 || ec
 
 echo "== build csrc (CMake, CUDA sm_80/sm_90)"
 t0=$(date +%s)
-PYTHON=$PY bash csrc/build.sh --cuda > /tmp/odegan_build.log 2>&1 || { echo "csrc build FAILED"; tail -40 /tmp/odegan_build.log; status=1; }
+PYTHON=$PY bash odegan_kernels/csrc/build.sh --cuda > /tmp/odegan_build.log 2>&1 || { echo "csrc build FAILED"; tail -40 /tmp/odegan_build.log; status=1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 
 if [ "$PART" = imagenet ]; then
 echo "== step benchmark: conditional ResNet at 128x128"
-ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
+ODEGAN_CSRC_LIB=$PWD/build-csrc/libodegan_kernels_csrc.so \
   $PY -m bench.step --device cuda --models resnet128 --dcgan-batch 32 --out "$DEST/step128_cuda.csv" 2>&1 || status=1
 tail -12 "$DEST/step128_cuda.md" 2>/dev/null
 echo "results in $DEST (status $status)"
@@ -49,7 +49,7 @@ fi
 if [ "$PART" != bench ]; then
 echo "== tests on the GPU"
 t0=$(date +%s)
-ODEGAN_SKIP_CSRC_BUILD=1 ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
+ODEGAN_SKIP_CSRC_BUILD=1 ODEGAN_CSRC_LIB=$PWD/build-csrc/libodegan_kernels_csrc.so \
   timeout "${TESTS_LIMIT:-420}" $PY -m pytest -q -rfEs -p no:cacheprovider -m "not slow" tests 2>&1 || status=1
 echo "tests: $(( $(date +%s) - t0 )) s"
 fi
@@ -58,12 +58,12 @@ if [ "$PART" != tests ]; then
 
 # Each benchmark writes its files after every size / model, so one cut by its time limit keeps the rest.
 echo "== kernel benchmark"
-ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
+ODEGAN_CSRC_LIB=$PWD/build-csrc/libodegan_kernels_csrc.so \
   timeout "${KERNELS_LIMIT:-220}" $PY -m bench.kernels --device cuda --out "$DEST/kernels_cuda.csv" 2>&1 |
   tee /tmp/odegan_kernels.log || status=1
 
 echo "== step benchmark"
-ODEGAN_CSRC_LIB=$PWD/build/libodegan_kernels_csrc.so \
+ODEGAN_CSRC_LIB=$PWD/build-csrc/libodegan_kernels_csrc.so \
   timeout "${STEP_LIMIT:-250}" $PY -m bench.step --device cuda --out "$DEST/step_cuda.csv" 2>&1 || status=1
 
 fi

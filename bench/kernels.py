@@ -234,7 +234,7 @@ def speedups(rows: list[dict]) -> str:
     """Ratios at the largest P where both sides ran: ours against the baselines."""
     lines = ["\n## Ratios (same run, largest P each pair shares)\n"]
     for op in ("rk4",):
-        for ours in ("triton", "cuda", "foreach"):
+        for ours in ("triton", "csrc", "foreach"):
             for base in ("foreach_list", "per_tensor", "compile"):
                 mine = {r["P"]: r["median_ms"] for r in rows if r["op"] == op and r["provider"] == ours}
                 theirs = {r["P"]: r["median_ms"] for r in rows if r["op"] == op and r["provider"] == base}
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-p", type=float, default=None, help="largest P (default: 1e9 or what memory allows)")
-    ap.add_argument("--providers", default="reference,foreach,triton,cuda,per_tensor,foreach_list,compile")
+    ap.add_argument("--providers", default="reference,foreach,triton,csrc,per_tensor,foreach_list,compile")
     ap.add_argument("--out", default=None, help="CSV path (default bench/results/kernels_<device>.csv)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--h-g", dest="h_g", type=float, help="G's step size")
     t.add_argument("--reg", type=float, help="regulariser weight lambda")
     t.add_argument("--device")
-    t.add_argument("--backend", choices=["auto", "triton", "cuda", "foreach", "reference"])
+    t.add_argument("--backend", choices=["auto", "triton", "csrc", "foreach", "reference", "cuda"], help="fused-op backend (cuda: the deprecated name of csrc)")
     t.add_argument("--data", help="local dataset path (cifar10: the folder holding cifar-10-batches-py)")
     t.add_argument(
         "--set",
