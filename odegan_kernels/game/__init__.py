@@ -3,7 +3,14 @@
 from .autograd import ENGINES, game_gradients
 from .contract import PenaltyTerm, Stage, StageResult
 from .losses import LOSSES, ZERO_SUM, d_loss, g_loss
-from .penalty import METHODS, apply_penalty, generator_grad_sqnorm, penalty_grad, regulariser_grad
+from .penalty import (
+    METHODS,
+    apply_penalty,
+    apply_stage_penalties,
+    generator_grad_sqnorm,
+    penalty_grad,
+    regulariser_grad,
+)
 from .regularisers import FIELD_PENALTIES, Penalty, due, penalty_specs
 
 __all__ = [
@@ -17,6 +24,7 @@ __all__ = [
     "Stage",
     "StageResult",
     "apply_penalty",
+    "apply_stage_penalties",
     "d_loss",
     "due",
     "g_loss",

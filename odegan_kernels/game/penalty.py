@@ -39,7 +39,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import ops
-from .contract import StageResult, as_result
+from .contract import Stage, StageResult, as_result
+from .regularisers import Penalty, due
 
 METHODS = ("double_backward", "finite_difference", "jvp")
 
@@ -87,6 +88,45 @@ def apply_penalty(
         grads = torch.autograd.grad(pen, params, materialize_grads=True)
     _write(grads, params, weight, out)
     return result.penalty.detach() if isinstance(result.penalty, torch.Tensor) else None
+
+
+def apply_stage_penalties(
+    out,
+    flat,
+    stage: Stage,
+    specs: Sequence[Penalty] = (),
+    reg_weight: float = 0.0,
+    reg_out: Sequence[torch.Tensor] | None = None,
+    regularised: int = 0,
+):
+    """What an optimiser does with a closure's return value at one gradient evaluation: the penalties the stage
+    asked for, through ``apply_penalty``. g_reg (``stage.penalty``) with ``reg_weight`` into the regularised
+    player's gradient, or into ``reg_out`` (the after-step buffer); the field penalties (``stage.penalties``) with
+    their weights from ``specs`` (lazy ones k-scaled), restricted to ``stage.players``. The values land in the
+    result (``penalty``; each term's ``value``) for the logs. Returns ``out`` as is when nothing was asked."""
+    if not stage.penalty and not stage.penalties:
+        return out
+    result = as_result(out)
+    if not stage.penalties:  # g_reg alone: exactly the path before the penalty family
+        params = flat.parameters(regularised)
+        value = (
+            apply_penalty(result, params, reg_weight)
+            if reg_out is None
+            else apply_penalty(result, params, 1.0, reg_out)
+        )
+    else:
+        if regularised != 0:
+            raise ValueError("the gradient penalties need D as player 0 of FlatParams (0 = D, 1 = G)")
+        weights = due(specs, stage.step, stage.players)
+        if set(weights) != set(stage.penalties):
+            raise ValueError(f"stage.penalties {stage.penalties} are not the penalties due here: {tuple(weights)}")
+        if stage.penalty:
+            weights["g_reg"] = reg_weight if reg_out is None else 1.0
+        values = apply_penalty(result, flat, weights, None if reg_out is None else {"g_reg": reg_out}, stage.players)
+        value = values.get("g_reg")
+    if value is not None:
+        result.penalty = value
+    return result
 
 
 def _checked_value(pen, what: str) -> torch.Tensor:

@@ -16,8 +16,9 @@ import torch
 from .. import ops
 from ..distributed import average_across_ranks
 from ..flat import FlatParams
-from ..game.contract import Stage, StageResult, as_result, returned
-from ..game.penalty import apply_penalty
+from ..game.contract import Stage, StageResult, returned
+from ..game.penalty import apply_stage_penalties
+from ..game.regularisers import Penalty, due, penalty_specs
 from .schedules import SCHEDULES
 from .tableau import Tableau, compile_tableau, get_tableau, stage_rows
 
@@ -72,6 +73,8 @@ class ODEStepper(torch.optim.Optimizer):
         coupling: ``joint`` (one RK step of the coupled system; every stage evaluates both players at the
             stage point) or ``decoupled`` (each player integrated with the other frozen at the step's start).
         regularised: the player g_reg regularises (index or name; D).
+        penalties: the field's other gradient penalties (game.Penalty, or {name: weight}): r1, r2, wgan_gp,
+            consensus; part of the players' losses, so applied at every stage evaluation (lazy: every k steps).
         backend: the fused stage op's backend (ops.rk_stage): auto | triton | csrc | foreach | reference.
         cuda_graph: capture the whole step (every stage, forward, backward, the penalty) in one CUDA graph
             after ``graph_warmup`` eager steps, and replay it.
@@ -97,6 +100,7 @@ class ODEStepper(torch.optim.Optimizer):
         distributed: bool = False,
         process_group=None,
         penalty: str | None = None,
+        penalties: dict[str, float] | Sequence[Penalty] | None = None,
     ) -> None:
         if penalty is not None:  # the name before 0.2: 'penalty' now means the regulariser itself
             warnings.warn("ODEStepper(penalty=...) is deprecated; use penalty_at=", DeprecationWarning, stacklevel=2)
@@ -136,6 +140,7 @@ class ODEStepper(torch.optim.Optimizer):
         groups = [{"params": flat.parameters(i), "lr": hs[i], "player": flat.names[i]} for i in range(nseg)]
         super().__init__(groups, {"lr": hs[0]})
         self._reg = reg
+        self.penalties = penalty_specs(penalties, cuda_graph=cuda_graph)
         self.penalty_at = penalty_at
         self.coupling = coupling
         self.schedule = schedule
@@ -260,17 +265,10 @@ class ODEStepper(torch.optim.Optimizer):
             pass
         return closure
 
-    def _apply_penalty(self, out) -> StageResult:
-        """The regulariser into D's gradient (first stage) or into the after-step buffer: game.penalty's one path."""
-        result = as_result(out)
-        params = self.flat.parameters(self.regularised)
-        if self.penalty_at == "first_stage":
-            value = apply_penalty(result, params, self.penalty_weight)
-        else:
-            value = apply_penalty(result, params, 1.0, out=self._reg_views)
-        if value is not None:
-            result.penalty = value
-        return result
+    def _apply_penalty(self, out, stage: Stage) -> StageResult:
+        """The stage's penalties into its gradients (g_reg: into stage 1's, or the after-step buffer): one path."""
+        w = self.penalty_weight if self._reg_views is None else 1.0
+        return apply_stage_penalties(out, self.flat, stage, self.penalties, w, self._reg_views, self.regularised)
 
     def step(self, closure=None):
         """Advance one step; returns what the closure returned at stage 0, detached (game/contract.py).
@@ -280,7 +278,7 @@ class ODEStepper(torch.optim.Optimizer):
         """
         if closure is None or not callable(closure):
             raise TypeError("ODEStepper.step needs a closure: it evaluates the gradients once per RK stage")
-        if self.reg > 0 and self._calling(closure) is not closure:
+        if (self.reg > 0 or self.penalties) and self._calling(closure) is not closure:
             raise TypeError(
                 "the penalty (reg > 0) needs a closure that takes the Stage argument and returns the "
                 "regulariser when stage.penalty is set (game/contract.py)"
@@ -309,12 +307,11 @@ class ODEStepper(torch.optim.Optimizer):
         everyone = tuple(range(nplayers))
         first = None
         for i in range(nstages):
-            want_pen = i == 0 and self.reg > 0
             if self.coupling == "joint" or i == 0:
                 flat.zero_grad()
-                out = call(Stage(i, self.steps, everyone, want_pen))
-                if want_pen:
-                    out = self._apply_penalty(out)
+                pens = tuple(due(self.penalties, self.steps, everyone))
+                stage = Stage(i, self.steps, everyone, i == 0 and self.reg > 0, pens)
+                out = self._apply_penalty(call(stage), stage)
                 if i == 0:
                     first = returned(out)
             else:
@@ -357,7 +354,8 @@ class ODEStepper(torch.optim.Optimizer):
                     flat.params[a:b].copy_((point if s == q else self.x0)[a:b])
                     holds[s] = want
             flat.zero_grad()
-            call(Stage(i, self.steps, (q,), False))
+            stage = Stage(i, self.steps, (q,), False, tuple(due(self.penalties, self.steps, (q,))))
+            self._apply_penalty(call(stage), stage)
             gstash[lo:hi].copy_(flat.grads[lo:hi])
         flat.grads.copy_(gstash)
         # params are left as they are: the stage op that follows writes every one without reading it
