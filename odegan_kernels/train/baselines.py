@@ -1,9 +1,10 @@
 """The optimiser a run asks for: the ODE stepper, or Adam / SGD behind the stepper's ``step(closure)``
 interface, so the training loop has one path.
 
-One closure call per step (Stage 0, both players); the regulariser, when ``reg > 0``, goes through the same
-function as the ODE stepper's (game.penalty.apply_penalty) with weight ``reg``; under torchrun the flat
-gradients are averaged once per step.
+One closure call per step (Stage 0, both players); the regulariser, when ``reg > 0``, and the field penalties
+(``penalties``: R1, R2, WGAN-GP, consensus, lazy ones k-scaled) go through the same function as the ODE
+stepper's (game.penalty.apply_stage_penalties), g_reg with weight ``reg``; under torchrun the flat gradients
+are averaged once per step.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..distributed import average_across_ranks
 from ..flat import FlatParams
-from ..game.contract import Stage, as_result, returned
-from ..game.penalty import apply_penalty
+from ..game.contract import Stage, returned
+from ..game.penalty import apply_stage_penalties
+from ..game.regularisers import FIELD_PENALTIES, due, penalty_specs
 from ..ode.schedules import SCHEDULES
 from ..ode.stepper import ODEStepper
 from .config import Config
@@ -37,6 +39,7 @@ class BaselineOptimizer:
         regularised: int | str = 0,
         distributed: bool = False,
         process_group=None,
+        penalties=None,
     ) -> None:
         if kind not in OPTIMIZERS:
             raise ValueError(f"kind must be one of {OPTIMIZERS}, got {kind!r}")
@@ -44,6 +47,7 @@ class BaselineOptimizer:
             raise ValueError(f"reg (the regulariser weight lambda) must be >= 0, got {reg}")
         self.flat = flat
         self.reg = float(reg)
+        self.penalties = penalty_specs(penalties)
         self.regularised = flat.index(regularised)
         self.distributed, self.process_group = distributed, process_group
         self.steps = 0
@@ -55,12 +59,9 @@ class BaselineOptimizer:
     def step(self, closure):
         """One gradient evaluation and one optimizer step; returns what the closure returned (detached)."""
         self.flat.zero_grad()
-        out = closure(Stage(0, self.steps, tuple(range(len(self.flat.segments))), self.reg > 0))
-        if self.reg > 0:
-            out = as_result(out)
-            value = apply_penalty(out, self.flat.parameters(self.regularised), self.reg)
-            if value is not None:
-                out.penalty = value
+        everyone = tuple(range(len(self.flat.segments)))
+        stage = Stage(0, self.steps, everyone, self.reg > 0, tuple(due(self.penalties, self.steps, everyone)))
+        out = apply_stage_penalties(closure(stage), self.flat, stage, self.penalties, self.reg, None, self.regularised)
         if self.distributed:
             average_across_ranks(self.flat.grads, self.process_group)
         self.optimizer.step()
@@ -79,6 +80,7 @@ class BaselineOptimizer:
 def build_optimizer(cfg: Config, flat: FlatParams, distributed: bool = False):
     """(the optimiser, its step-size scheduler or None): the ODE stepper with ``cfg.schedule`` as a torch
     scheduler, or an Adam/SGD baseline behind the same ``step(closure)`` (its lr stays constant)."""
+    pens = {k: (getattr(cfg, k), cfg.penalty_every) for k in FIELD_PENALTIES}  # zero weights: off
     if cfg.optimizer == "ode":
         h = cfg.h if cfg.h_g is None else [cfg.h, cfg.h_g]
         stepper = ODEStepper(
@@ -91,12 +93,13 @@ def build_optimizer(cfg: Config, flat: FlatParams, distributed: bool = False):
             backend=cfg.backend,
             cuda_graph=cfg.cuda_graph,
             distributed=distributed,
+            penalties=pens,
         )
         return stepper, LambdaLR(stepper, SCHEDULES[cfg.schedule])
     if cfg.cuda_graph:
         raise ValueError("cuda_graph applies to the ODE stepper (optimizer='ode') only")
     return BaselineOptimizer(
-        flat, cfg.optimizer, lr=cfg.lr, betas=cfg.betas, reg=cfg.reg, distributed=distributed
+        flat, cfg.optimizer, lr=cfg.lr, betas=cfg.betas, reg=cfg.reg, distributed=distributed, penalties=pens
     ), None
 
 

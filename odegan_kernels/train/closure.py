@@ -8,6 +8,7 @@ import torch
 from ..game.autograd import game_gradients
 from ..game.contract import Stage, StageResult
 from ..game.mlp import MLPPair, pair_for
+from ..game.regularisers import FIELD_PENALTIES
 from ..graphs import StaticBatches
 
 
@@ -16,7 +17,8 @@ def choose_engine(cfg, D, G) -> MLPPair | None:
     capture keeps autograd: one captured step already has no per-op overhead."""
     if cfg.grads == "autograd":
         return None
-    pair, why = pair_for(D, G, cfg.loss, cfg.penalty_method, autocast=cfg.autocast)
+    pens = tuple(k for k in FIELD_PENALTIES if getattr(cfg, k))
+    pair, why = pair_for(D, G, cfg.loss, cfg.penalty_method, autocast=cfg.autocast, penalties=pens)
     if why is None and cfg.cuda_graph:
         why = "cuda_graph=True captures the autograd step"
     if why is not None:
@@ -33,7 +35,9 @@ class GameClosure:
     once per step (the colab). In graph mode (``static`` set) the real batches come from static slots that
     ``fill_static`` refills before each replay, and z (and the labels to generate) are drawn inside the graph
     from the device's default generator, which CUDA graphs advance on every replay. ``batch`` holds the
-    current stage's inputs (x, z, y_real, y_fake).
+    current stage's inputs (x, z, y_real, y_fake), and, when asked for, WGAN-GP's interpolation weights and the
+    instance noise, drawn with z from the same generator (the default one in graph mode), so runs reproduce.
+    Annealed instance noise in graph mode reads its std from a device tensor that ``fill_static(step)`` refreshes.
     """
 
     def __init__(self, cfg, problem, data_gen: torch.Generator, z_gen: torch.Generator, static=None) -> None:
@@ -42,9 +46,19 @@ class GameClosure:
         self.static: StaticBatches | None = static
         self.engine = choose_engine(cfg, problem.D, problem.G)
         self.batch: dict = {}
+        self.sigma = None if static is None else torch.full((), self.noise_std(0), device=cfg.device)
 
-    def fill_static(self) -> None:
+    def noise_std(self, step: int) -> float:
+        """The instance noise's std at ``step``: constant, or annealed linearly to 0 over instance_noise_anneal."""
+        sigma, span = self.cfg.instance_noise, self.cfg.instance_noise_anneal
+        return sigma * max(0.0, 1.0 - step / span) if span > 0 else sigma
+
+    def fill_static(self, step: int | None = None) -> None:
         self.static.fill(lambda: self.problem.draw(self.cfg.batch, self.data_gen))
+        if step is not None:
+            self.sigma.fill_(self.noise_std(step))
+        elif self.cfg.instance_noise_anneal > 0 and self.cfg.instance_noise > 0:
+            raise ValueError("annealed instance noise under cuda_graph needs fill_static(step) before every step")
 
     def _draw(self, stage_index: int) -> None:
         cfg, k = self.cfg, self.problem.num_classes
@@ -62,7 +76,12 @@ class GameClosure:
             if k:
                 y_real = y_real.to(dev)
                 y_fake = torch.randint(k, (cfg.batch,), generator=self.z_gen, device=dev)
-        self.batch = {"x": x, "z": z, "y_real": y_real, "y_fake": y_fake, "fake0": None}
+        gen = None if self.static is not None else self.z_gen
+        mix = torch.rand(cfg.batch, generator=gen, device=dev) if cfg.wgan_gp else None
+        noise = None
+        if cfg.instance_noise:
+            noise = tuple(torch.randn(x.shape, generator=gen, device=dev, dtype=x.dtype) for _ in range(2))
+        self.batch = {"x": x, "z": z, "y_real": y_real, "y_fake": y_fake, "fake0": None, "mix": mix, "noise": noise}
 
     def __call__(self, stage: Stage) -> StageResult:
         cfg = self.cfg
@@ -72,9 +91,15 @@ class GameClosure:
         # Decoupled D-only stages see G frozen at the step's start: with shared data, the samples G drew
         # at stage 0 are exactly the ones it would draw again, so reuse them.
         reuse = stage.players == (0,) and cfg.data_per_stage == "shared" and b["fake0"] is not None
-        fake = b["fake0"] if reuse else None
+        fake = b["fake0"] if reuse and "consensus" not in stage.penalties else None
+        noise = b["noise"]
+        if noise is not None:  # the std: a float eagerly, a device tensor refreshed outside the graph in graph mode
+            sigma = self.noise_std(stage.step) if self.sigma is None else self.sigma
+            noise = (noise[0] * sigma, noise[1] * sigma)
         if self.engine is not None:  # only stage 0's result reaches the logs: leave the loss values out elsewhere
-            out = self.engine(b["x"], b["z"], cfg.loss, stage.players, stage.penalty, fake, values=stage.index == 0)
+            out = self.engine(
+                b["x"], b["z"], cfg.loss, stage.players, stage.penalty, fake, stage.index == 0, instance_noise=noise
+            )
         else:
             out = game_gradients(
                 self.problem.D,
@@ -89,6 +114,9 @@ class GameClosure:
                 autocast=cfg.autocast,
                 y_real=b["y_real"],
                 y_fake=b["y_fake"],
+                penalties=stage.penalties,
+                mix=b["mix"],
+                instance_noise=noise,
             )
         if stage.index == 0:
             b["fake0"] = out.fake

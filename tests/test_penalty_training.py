@@ -1,0 +1,238 @@
+"""The penalty family inside the optimisers: the ODE stepper (joint and decoupled, every stage, lazy intervals), the
+Adam/SGD baselines, and the trainer's options, each against a step written out by hand from the same field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from odegan_kernels import FlatParams, ODEStepper, game_gradients
+from odegan_kernels.game import FIELD_PENALTIES, Penalty, apply_penalty, penalty_specs
+from odegan_kernels.models import mog_pair
+from odegan_kernels.models.resnet128 import ConditionalResNetDiscriminator, ConditionalResNetGenerator
+from odegan_kernels.train import Config, Trainer, make_config
+from odegan_kernels.train.baselines import BaselineOptimizer
+
+RK4 = ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)
+EULER = ((),), (1.0,)
+
+
+def _setup(seed=0):
+    D, G = mog_pair(z_dim=4, hidden=8, seed=seed)
+    D, G = D.double(), G.double()
+    flat = FlatParams([D, G], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed + 1)
+    real, z = (
+        torch.randn(16, 2, generator=gen, dtype=torch.float64),
+        torch.randn(16, 4, generator=gen, dtype=torch.float64),
+    )
+    mix = torch.rand(16, generator=gen, dtype=torch.float64)
+    return D, G, flat, real, z, mix
+
+
+def _closure(D, G, real, z, mix, calls=None):
+    def closure(stage):
+        if calls is not None:
+            calls.append(stage)
+        return game_gradients(
+            D, G, real, z, players=stage.players, penalty=stage.penalty, penalties=stage.penalties, mix=mix
+        )
+
+    return closure
+
+
+def _field(flat, D, G, real, z, mix, weights, players=(0, 1)):
+    """The regularised field's gradient part at the current parameters: g + sum_i w_i grad P_i (one flat vector)."""
+    names = tuple(n for n in weights if n != "g_reg" and set(FIELD_PENALTIES[n]) & set(players))
+    flat.zero_grad()
+    res = game_gradients(D, G, real, z, players=players, penalty="g_reg" in weights, penalties=names, mix=mix)
+    kept = {n: w for n, w in weights.items() if n in names or (n == "g_reg" and 0 in players)}
+    apply_penalty(res, flat, kept, players=players)
+    return flat.grads.clone()
+
+
+def _reference_step(flat, D, G, real, z, mix, h, weights, tableau, coupling="joint"):
+    """One explicit RK step of the regularised field written out (g_reg weights as given, at stage 1 only)."""
+    A, b = tableau
+    x0 = flat.params.clone()
+    segs = flat.segments
+    ks = []
+    for i in range(len(b)):
+        w_i = {n: w for n, w in weights.items() if n != "g_reg" or i == 0}
+        if i == 0 or coupling == "joint":
+            with torch.no_grad():
+                flat.params.copy_(x0 - h * sum(a * k for a, k in zip(A[i], ks)) if i else x0)
+            ks.append(_field(flat, D, G, real, z, mix, w_i))
+            continue
+        k = torch.zeros_like(x0)
+        for q, (lo, hi) in enumerate(segs):  # each player at its own stage point, the other at the step's start
+            point = x0 - h * sum(a * kk for a, kk in zip(A[i], ks))
+            with torch.no_grad():
+                flat.params.copy_(x0)
+                flat.params[lo:hi] = point[lo:hi]
+            k[lo:hi] = _field(flat, D, G, real, z, mix, w_i, players=(q,))[lo:hi]
+        ks.append(k)
+    with torch.no_grad():
+        flat.params.copy_(x0 - h * sum(bb * k for bb, k in zip(b, ks)))
+    return flat.params.clone()
+
+
+@pytest.mark.parametrize("coupling", ["joint", "decoupled"])
+@pytest.mark.parametrize("names", [("r1",), ("r2",), ("wgan_gp",), ("consensus",), tuple(FIELD_PENALTIES)])
+def test_rk4_step_applies_the_penalties_at_every_stage(names, coupling):
+    weights = {n: 0.3 + 0.1 * i for i, n in enumerate(names)}
+    h, lam = 0.05, 0.2
+    D, G, flat, real, z, mix = _setup()
+    st = ODEStepper(flat, "rk4", h=h, reg=lam, coupling=coupling, penalties=weights)
+    calls = []
+    cl = _closure(D, G, real, z, mix, calls)
+    start = flat.params.clone()
+    st.step(cl)
+    got = flat.params.clone()
+    assert all(set(c.penalties) == {n for n in names if set(FIELD_PENALTIES[n]) & set(c.players)} for c in calls)
+    assert len(calls) == (4 if coupling == "joint" else 1 + 3 * 2)
+    with torch.no_grad():
+        flat.params.copy_(start)
+    want = _reference_step(flat, D, G, real, z, mix, h, {"g_reg": lam / (1 / 6), **weights}, RK4, coupling)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    with torch.no_grad():
+        flat.params.copy_(start)
+    plain = _reference_step(flat, D, G, real, z, mix, h, {"g_reg": lam / (1 / 6)}, RK4, coupling)
+    assert (got - plain).abs().max() > 1e-6, "the penalties must move the step"
+
+
+def test_lazy_penalty_every_k_steps_with_k_scaling():
+    D, G, flat, real, z, mix = _setup()
+    st = ODEStepper(flat, "euler", h=0.05, penalties=[Penalty("r1", 0.5, every=3)])
+    calls = []
+    cl = _closure(D, G, real, z, mix, calls)
+    start = want = flat.params.clone()
+    for step in range(7):
+        with torch.no_grad():
+            flat.params.copy_(want)
+        weights = {"r1": 1.5} if step % 3 == 0 else {}
+        want = _reference_step(flat, D, G, real, z, mix, 0.05, weights, EULER)
+    with torch.no_grad():
+        flat.params.copy_(start)
+    st.sync()
+    for _ in range(7):
+        st.step(cl)
+    assert [c.penalties for c in calls] == [("r1",) if s % 3 == 0 else () for s in range(7)]
+    torch.testing.assert_close(flat.params, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_baselines_take_the_same_penalty_path(kind):
+    D, G, flat, real, z, mix = _setup()
+    opt = BaselineOptimizer(flat, kind, lr=0.01, reg=0.2, penalties={"r1": 1.0, "consensus": 0.1})
+    start = flat.params.clone()
+    out = opt.step(_closure(D, G, real, z, mix))
+    assert {t.name for t in out.terms} == {"r1", "consensus"} and out.penalty is not None
+    got = flat.params.clone()
+    with torch.no_grad():
+        flat.params.copy_(start)
+    k = _field(flat, D, G, real, z, mix, {"g_reg": 0.2, "r1": 1.0, "consensus": 0.1})
+    if kind == "sgd":
+        torch.testing.assert_close(got, start - 0.01 * k, rtol=1e-12, atol=1e-14)
+    else:  # Adam's first step moves each coordinate by lr * sign(grad) (up to eps)
+        big = k.abs() > 1e-3
+        torch.testing.assert_close((start - got)[big], 0.01 * torch.sign(k[big]), rtol=1e-4, atol=1e-9)
+
+
+def test_refusals():
+    D, G, flat, *_ = _setup()
+    with pytest.raises(ValueError, match="lazy penalties"):
+        ODEStepper(flat, "rk4", penalties={"r1": (1.0, 16)}, cuda_graph=True)
+    with pytest.raises(ValueError, match="give its weight as reg="):
+        penalty_specs({"g_reg": 1.0})
+    with pytest.raises(ValueError, match="unknown penalty"):
+        penalty_specs({"r3": 1.0})
+    with pytest.raises(ValueError, match="every"):
+        penalty_specs({"r1": (1.0, 0)})
+    with pytest.raises(ValueError, match=">= 0"):
+        penalty_specs({"r1": float("nan")})
+    st = ODEStepper(flat, "euler", h=0.1, penalties={"r1": 1.0})
+    with pytest.raises(TypeError, match="Stage argument"):
+        st.step(lambda: None)
+    with pytest.raises(TypeError, match="PenaltyTerm 'r1'"):
+        st.step(lambda stage: None)
+    assert penalty_specs({"r1": 0.0, "r2": 1}) == (Penalty("r2", 1),)
+
+
+def test_conditional_pair_steps_with_every_penalty():
+    torch.manual_seed(0)
+    D = ConditionalResNetDiscriminator(num_classes=3, ch=2, image_size=32)
+    G = ConditionalResNetGenerator(z_dim=8, num_classes=3, ch=2, image_size=32)
+    flat = FlatParams([D, G])
+    gen = torch.Generator().manual_seed(0)
+    real, z = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1, torch.randn(4, 8, generator=gen)
+    y_real, y_fake = torch.randint(3, (4,), generator=gen), torch.randint(3, (4,), generator=gen)
+    st = ODEStepper(flat, "rk4", h=0.01, reg=0.02, penalties=dict.fromkeys(FIELD_PENALTIES, 1.0))
+
+    def closure(stage):
+        return game_gradients(
+            D, G, real, z, players=stage.players, penalty=stage.penalty, penalties=stage.penalties,
+            y_real=y_real, y_fake=y_fake, generator=gen,
+        )  # fmt: skip
+
+    start = flat.params.clone()
+    out = st.step(closure)
+    assert {t.name for t in out.terms} == set(FIELD_PENALTIES)
+    assert all(torch.isfinite(t.value) for t in out.terms) and torch.isfinite(flat.params).all()
+    assert (flat.params - start).abs().max() > 0
+
+
+# -- the trainer --------------------------------------------------------------------------------------------------
+def _trainer(tmp_path, preset="mog-joint", **kw):
+    cfg = make_config(
+        preset, steps=10, out=str(tmp_path), progress=False, eval_every=10**6, plot_every=10**6, ckpt_every=10**6, **kw
+    )
+    return Trainer(cfg)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(r1=1.0),
+        dict(r2=1.0),
+        dict(wgan_gp=1.0, loss="wasserstein"),
+        dict(consensus=0.1),
+        dict(r1=4.0, penalty_every=4),
+        dict(instance_noise=0.1, instance_noise_anneal=5),
+        dict(loss="lsgan", r1=0.5),
+        dict(optimizer="sgd", lr=0.01, r2=1.0),
+    ],
+)
+@pytest.mark.parametrize("preset", ["mog", "mog-joint"])  # decoupled + shared data + after-step g_reg, and joint
+def test_trainer_options_run_log_and_reproduce(tmp_path, preset, options):
+    runs = []
+    for i in range(2):
+        tr = _trainer(tmp_path / str(i), preset, **options)
+        stats = [tr.train_step() for _ in range(5)]
+        runs.append(tr.flat.params.clone())
+        assert torch.isfinite(runs[-1]).all()
+    assert torch.equal(runs[0], runs[1]), "the same options and seed must give the same run (noise from its streams)"
+    for name in FIELD_PENALTIES:
+        if options.get(name):
+            every = options.get("penalty_every", 1)
+            assert [name in s for s in stats] == [i % every == 0 for i in range(5)]
+    if options.get("instance_noise"):
+        assert tr.game_closure.noise_std(0) == 0.1 and tr.game_closure.noise_std(5) == 0.0
+    plain = _trainer(
+        tmp_path / "plain", preset, **{k: v for k, v in options.items() if k in ("optimizer", "lr", "loss")}
+    )
+    for _ in range(5):
+        plain.train_step()
+    assert not torch.equal(plain.flat.params, runs[0]), "the option must change the run"
+
+
+def test_field_penalties_take_autograd_and_noise_keeps_the_hand_derived_engine(tmp_path):
+    assert _trainer(tmp_path, r1=1.0).game_closure.engine is None
+    assert _trainer(tmp_path, instance_noise=0.1).game_closure.engine is not None
+    with pytest.raises(ValueError, match="grads='mlp' cannot run here: the gradient penalties"):
+        _trainer(tmp_path, r1=1.0, grads="mlp")
+
+
+def test_penalty_options_must_match_on_resume():
+    keys = Config.resume_keys()
+    assert {"r1", "r2", "wgan_gp", "consensus", "penalty_every", "instance_noise", "instance_noise_anneal"} <= set(keys)
