@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK = r"""
 import torch, odegan_kernels.ops as ops
 from odegan_kernels.ops import csrc, reference
-assert csrc.load(), csrc._state
-assert csrc._state["loaded"] == __import__("os").environ["ODEGAN_CSRC_LIB"], csrc._state
+assert csrc.load(), csrc.status()
+assert csrc.status()["loaded"] == __import__("os").environ["ODEGAN_CSRC_LIB"], csrc.status()
 gen = torch.Generator().manual_seed(0)
 n = 10007
 g, x0, acc = (torch.randn(n, generator=gen) for _ in range(3))
@@ -34,7 +34,7 @@ for a, b in zip(got, want):
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-6) and not a.isnan().any()
 ts = [torch.randn(70000, generator=gen), torch.randn(3, generator=gen)]
 assert torch.allclose(ops.sqnorm(ts, backend="csrc"), sum(t.double().square().sum() for t in ts).float())
-print("CUDA kernels registered:", torch._C._dispatch_has_kernel_for_dispatch_key("odegan_kernels::stage", "CUDA"))
+print("CUDA kernels registered:", csrc.status()["cuda_kernels"])
 """
 
 
@@ -95,7 +95,7 @@ def test_on_demand_build_with_cuda_kernels(tmp_path):
         env["CUDA_HOME"] = str(Path(here[0]).parent)
     code = (
         "from odegan_kernels.ops import csrc; print(csrc.build(with_cuda=True)); "
-        "print('CUDA kernels registered:', csrc._has_cuda_kernel())"
+        "print('CUDA kernels registered:', csrc.status()['cuda_kernels'])"
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -117,27 +117,19 @@ def _sass(lib: Path) -> str | None:
 # -- which library the loader takes ----------------------------------------------------------------------
 @pytest.fixture
 def loader(monkeypatch, tmp_path):
-    """csrc's loader as a fresh process sees it, over a copy of the sources (to edit), its own extensions cache
-    and CMake build path; load_library records the path instead of loading (this process has the library)."""
+    """csrc's list of libraries to try over a copy of the sources (to edit), its own extensions cache and CMake
+    build path; returns the copy and a function giving the libraries load() would try, in order."""
     src = tmp_path / "csrc"
     shutil.copytree(csrc.CSRC, src)
     monkeypatch.setattr(csrc, "CSRC", src)
     monkeypatch.setattr(csrc, "CMAKE_LIB", tmp_path / "build-csrc" / "libodegan_kernels_csrc.so")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
     monkeypatch.delenv("ODEGAN_CSRC_LIB", raising=False)
-    monkeypatch.setattr(csrc, "_has_op", lambda name: False)
-    monkeypatch.setattr(csrc, "_register_python_side", lambda: None)
-    monkeypatch.setitem(csrc._state, "loaded", None)
-    loaded: list[str] = []
-    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
 
-    def load() -> list[str]:
-        csrc._state["loaded"] = None
-        loaded.clear()
-        csrc.load()
-        return list(loaded)
+    def tried() -> list[str]:
+        return [str(path) for path, skip in csrc.candidates() if skip is None]
 
-    return src, load
+    return src, tried
 
 
 def _fake_library(path: Path, mtime: float | None = None) -> Path:
@@ -147,21 +139,25 @@ def _fake_library(path: Path, mtime: float | None = None) -> Path:
     return path
 
 
+def _skipped(path: Path) -> str | None:
+    return dict(csrc.candidates())[path]
+
+
 def test_a_cached_build_of_other_sources_is_not_loaded(loader):
-    src, load = loader
-    assert load() == [] and "not built" in csrc._state["why"]
+    src, tried = loader
+    assert tried() == [] and _skipped(csrc.jit_library(with_cuda=False)) == "not built"
     # A build of exactly these sources is taken whatever its age: an installed wheel's files are newer than
     # a library built before from the same sources.
     built = _fake_library(csrc.jit_library(with_cuda=False), mtime=1)
-    assert load() == [str(built)]
+    assert tried() == [str(built)]
     # Edit a source: its key changes, so the library built before is left alone even though it is newer.
     cpu = src / "cpu" / "ops_cpu.cpp"
     cpu.write_text(cpu.read_text() + "\n// edited\n")
     os.utime(built, (time.time() + 3600,) * 2)
     assert csrc.jit_library(with_cuda=False) != built
-    assert load() == [] and "not built" in csrc._state["why"]
+    assert tried() == []
     rebuilt = _fake_library(csrc.jit_library(with_cuda=False))
-    assert load() == [str(rebuilt)]
+    assert tried() == [str(rebuilt)]
 
 
 def test_cache_key_covers_sources_torch_python_and_flags(loader, monkeypatch, tmp_path):
@@ -185,25 +181,66 @@ def test_cache_key_covers_sources_torch_python_and_flags(loader, monkeypatch, tm
 
 
 def test_loader_order_and_the_cmake_build_age_check(loader, monkeypatch, tmp_path):
-    _, load = loader
+    _, tried = loader
     jit = _fake_library(csrc.jit_library(with_cuda=False))
     cmake = _fake_library(csrc.CMAKE_LIB, mtime=1)  # older than every source: a stale build
-    assert load() == [str(jit)]
-    assert "stale build, skipped" not in csrc._state["why"]  # loaded: no reason recorded
+    assert tried() == [str(jit)] and "stale build, skipped" in _skipped(cmake)
     jit.unlink()
-    assert load() == [] and "stale build, skipped" in csrc._state["why"]
-    os.utime(cmake, None)  # newer than the sources: the CMake build wins over the on-demand one
+    assert tried() == []
+    os.utime(cmake, None)  # newer than the sources: the CMake build comes before the on-demand one
     _fake_library(csrc.jit_library(with_cuda=False))
-    assert load() == [str(cmake)]
+    assert tried() == [str(cmake), str(jit)]
     explicit = _fake_library(tmp_path / "mine.so", mtime=1)  # $ODEGAN_CSRC_LIB: taken as it is, first
     monkeypatch.setenv("ODEGAN_CSRC_LIB", str(explicit))
-    assert load() == [str(explicit)]
+    assert tried() == [str(explicit), str(cmake), str(jit)]
+
+
+LOAD = r"""
+import json, sys
+from pathlib import Path
+from odegan_kernels.ops import csrc
+csrc.CMAKE_LIB = Path(sys.argv[1])  # no CMake build
+ok = csrc.load()
+print(json.dumps({"ok": ok, **csrc.status()}))
+"""
+
+
+def _load_in_a_fresh_process(tmp_path, **env) -> dict:
+    import json
+
+    env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    res = subprocess.run(
+        [sys.executable, "-c", LOAD, str(tmp_path / "no-cmake-build.so")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_load_says_what_it_could_not_load_and_takes_the_next(tmp_path):
+    """A file that is no library (a mismatched build) is named in the reason, and the next candidate loads."""
+    bad = _fake_library(tmp_path / "broken.so")
+    empty_cache = str(tmp_path / "torch_extensions")
+    got = _load_in_a_fresh_process(tmp_path, ODEGAN_CSRC_LIB=str(bad), TORCH_EXTENSIONS_DIR=empty_cache)
+    assert got["ok"] is False and got["loaded"] is None
+    assert "broken.so" in got["why"] and "failed to load" in got["why"] and "csrc build" in got["why"]
+    # the library this session uses (conftest built it) comes next when the cache is the real one
+    real = csrc.status()["loaded"]
+    assert real and Path(real).is_file()
+    if real not in (str(csrc.jit_library(with_cuda=True)), str(csrc.jit_library(with_cuda=False))):
+        pytest.skip(f"this session's library {real} is not an on-demand build")
+    cache = str(Path(real).parents[1])
+    got = _load_in_a_fresh_process(tmp_path, ODEGAN_CSRC_LIB=str(bad), TORCH_EXTENSIONS_DIR=cache)
+    assert got == {"ok": True, "loaded": real, "why": None, "cuda_kernels": csrc.status()["cuda_kernels"]}
 
 
 def test_loader_never_looks_in_setuptools_build_folder(monkeypatch):
     """pip wheel . and python -m build write build/ into the checkout: no library is looked for there."""
     monkeypatch.delenv("ODEGAN_CSRC_LIB", raising=False)
-    paths = [path for path, _ in csrc._candidates()]
+    paths = [path for path, _ in csrc.candidates()]
     assert csrc.CHECKOUT / "build-csrc" / "libodegan_kernels_csrc.so" in paths
     assert not [p for p in paths if csrc.CHECKOUT / "build" in p.parents], paths
 

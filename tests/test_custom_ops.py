@@ -79,6 +79,28 @@ def test_csrc_checks_its_own_arguments():
         stage(*(torch.zeros(0) for _ in range(4)), c, [0], None, False)
     with pytest.raises(RuntimeError, match="reg has 17 elements"):
         stage(p, g, x0, acc, c, [0], torch.zeros(17), False)
+    for i, name in enumerate(("params", "grads", "x0", "acc")):  # as ATen's in-place ops do, with grad mode on
+        bufs = [torch.full((16,), float("nan")) for _ in range(4)]
+        bufs[i].requires_grad_()
+        with pytest.raises(RuntimeError, match=f"{name} requires grad"):
+            stage(*bufs, c, [0], None, True)
+        assert all(b.isnan().all() for b in bufs), "a refused call wrote a buffer"
+        with torch.no_grad():  # allowed there: a leaf's own graph is not at stake
+            stage(*bufs, c, [0], None, True)
+    # Every buffer it writes has its version bumped: a backward through a graph that saved one of them fails
+    # (grads, only read, stays usable).
+    for i, written in enumerate((True, False, True, True)):
+        bufs = [torch.zeros(16) for _ in range(4)]
+        w = torch.ones(16, requires_grad=True)
+        loss = (w * bufs[i]).sum()  # saves bufs[i] for w's gradient
+        stage(*bufs, c, [0], None, True)
+        if written:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+        else:
+            loss.backward()
+    with pytest.raises(RuntimeError, match="reg requires grad"):
+        stage(p, g, x0, acc, c, [0], torch.zeros(3, requires_grad=True), False)
     with pytest.raises(RuntimeError, match="no tensor arguments"):  # the dispatcher refuses before us
         torch.ops.odegan_kernels.sqnorm([])
     with pytest.raises(RuntimeError, match=r"tensors\[1\] is Double"):
@@ -88,17 +110,39 @@ def test_csrc_checks_its_own_arguments():
 @pytest.mark.skipif(TRITON is not None, reason=f"triton backend unavailable: {TRITON}")
 def test_triton_sqnorm_capture_path_equals_table_path():
     """The per-tensor launches used under CUDA-graph capture give exactly the table path's result."""
-    from odegan_kernels.ops.triton_kernels import SQ_CHUNK, _launch_sqnorm
+    from odegan_kernels.ops.triton_kernels import SQ_CHUNK, launch_sqnorm
 
     gen = torch.Generator().manual_seed(3)
     ts = [torch.randn(n, generator=gen).to(DEVICE) for n in (1, 17, SQ_CHUNK, SQ_CHUNK + 5, 3 * SQ_CHUNK - 1)]
-    a = _launch_sqnorm(ts, per_tensor=False)
-    b = _launch_sqnorm(ts, per_tensor=True)
+    a = launch_sqnorm(ts, per_tensor=False)
+    b = launch_sqnorm(ts, per_tensor=True)
     assert torch.equal(a, b)
     assert torch.allclose(a.double(), sum(t.double().square().sum() for t in ts), rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", [b for b in ("triton", "csrc") if ops.why_unavailable(b) is None])
+# each compiled backend's registered (stage, sqnorm) ops
+CUSTOM_OPS = {
+    "triton": lambda: (torch.ops.odegan_kernels.triton_stage, torch.ops.odegan_kernels.triton_sqnorm),
+    "csrc": lambda: (torch.ops.odegan_kernels.stage, torch.ops.odegan_kernels.sqnorm),
+}
+COMPILED = [b for b in CUSTOM_OPS if ops.why_unavailable(b) is None]
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_opcheck_stage_with_more_segments_than_one_launch_takes(backend):
+    """Nine and 33 segments (one launch takes at most 8): schema, fake and autograd registration still hold."""
+    stage, _ = CUSTOM_OPS[backend]()
+    gen = torch.Generator().manual_seed(1)
+    n = 700
+    for nseg in (9, 33):
+        starts = [0] + sorted(torch.randperm(n - 1, generator=gen)[: nseg - 1].add(1).tolist())
+        bufs = [torch.randn(n, generator=gen).to(DEVICE) for _ in range(4)]
+        coeffs = torch.randn(nseg, 5, generator=gen).to(DEVICE)
+        reg = torch.randn(n // 2, generator=gen).to(DEVICE)
+        torch.library.opcheck(stage, (*bufs, coeffs, starts, reg, True))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
 def test_custom_ops_under_torch_compile(backend):
     """A stage and a sqnorm inside torch.compile(fullgraph=True): no graph break, same result as eager."""
     from odegan_kernels.ops import reference
@@ -107,11 +151,12 @@ def test_custom_ops_under_torch_compile(backend):
     n, segs = 1000, [(0, 400), (400, 1000)]
     g, x0, acc = (torch.randn(n, generator=gen).to(DEVICE) for _ in range(3))
     coeffs = torch.randn(2, 5, generator=gen).to(DEVICE)
-    mod = ops._module(backend)
+    stage, sqnorm = CUSTOM_OPS[backend]()
+    starts = [s for s, _ in segs]
 
     def step(p, g, x0, acc, coeffs):
-        mod.stage(p, g, x0, acc, coeffs, segs, None, True)
-        return mod.sqnorm([p, acc])
+        stage(p, g, x0, acc, coeffs, starts, None, True)
+        return sqnorm([p, acc])
 
     want_p, want_x0, want_acc = torch.empty(n, device=DEVICE), x0.clone(), acc.clone()
     reference.stage(want_p, g, want_x0, want_acc, coeffs, segs, write_x0=True)

@@ -141,6 +141,9 @@ def test_auto_records_its_choice(monkeypatch):
     assert ops.choices[("stage", DEVICE.type)] in BACKENDS
     monkeypatch.setenv("ODEGAN_BACKEND", "reference")
     assert ops.resolve("auto", torch.device("cpu"), "stage") == "reference"
+    assert ops.choices[("stage", "cpu")] == "reference"  # a forced choice is recorded too
+    monkeypatch.delenv("ODEGAN_BACKEND")
+    assert ops.resolve("auto", "cpu", "sqnorm") == ops.choices[("sqnorm", "cpu")]  # a device name works too
     monkeypatch.setenv("ODEGAN_BACKEND", "nope")
     with pytest.raises(ValueError, match="ODEGAN_BACKEND"):
         ops.resolve("auto", torch.device("cpu"), "stage")
@@ -167,17 +170,207 @@ def test_deprecated_cuda_alias_warns_and_runs_csrc(monkeypatch, rng):
     assert "cuda" not in ops.BACKENDS and "csrc" in ops.BACKENDS
 
 
-def test_supports_says_which_backend_runs_on_which_device(monkeypatch):
+@pytest.fixture
+def fresh_backends():
+    """The dispatch looks for backends again before and after the test (which changes what is available)."""
+    ops.reset_backends()
+    yield
+    ops.reset_backends()
+
+
+def test_supports_says_which_backend_runs_on_which_device(monkeypatch, fresh_backends):
     assert ops.supports("reference", "cpu") and ops.supports("foreach", torch.device("cpu"))
     assert ops.supports("csrc", "cpu") == (ops.why_unavailable("csrc") is None)  # conftest builds it
     assert ops.supports("csrc", "meta") is False
-    monkeypatch.setitem(ops._unavailable, "triton", "not here")
-    monkeypatch.delitem(ops._modules, "triton", raising=False)
-    assert ops.supports("triton", "cpu") is False and ops.supports("triton", "cuda") is False
     with pytest.warns(DeprecationWarning, match="use 'csrc'"):
         assert ops.supports("cuda", "cpu")
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.supports("auto", "cpu")
+
+
+def test_an_unavailable_backend_says_why(monkeypatch, fresh_backends):
+    pytest.importorskip("triton", reason="needs triton_kernels importable, to make it report itself unavailable")
+    from odegan_kernels.ops import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "available", lambda: (False, "not here"))
+    ops.reset_backends()
+    assert ops.why_unavailable("triton") == "not here"
+    assert ops.supports("triton", "cpu") is False and ops.supports("triton", "cuda") is False
+    with pytest.raises(RuntimeError, match="backend 'triton' is unavailable: not here"):
+        ops.resolve("triton", "cpu", "stage")
+    monkeypatch.setenv("ODEGAN_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match=r"backend 'triton' \(set by ODEGAN_BACKEND\) is unavailable"):
+        ops.resolve("auto", "cpu", "stage")
+
+
+# -- any number of segments ------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["auto"] + BACKENDS)
+@pytest.mark.parametrize("nseg", [1, 8, 9, 33])
+@pytest.mark.parametrize("n", [1021, 4099])
+def test_stage_any_number_of_segments(backend, nseg, n, rng):
+    """A compiled launch takes at most 8 segments; more go in several launches, with reg's prefix ending in any
+    of them (and auto must not pick a backend that refuses)."""
+    for reg_len in (None, n // 3, n):
+        run_stage(backend, n, nseg, rand_coeffs(rng), torch.float32, rng, reg_len=reg_len, write_x0=True)
+    run_stage(backend, n, nseg, rand_coeffs(rng), torch.float64, rng, reg_len=n // 2)
+    run_stage(backend, n, nseg, rand_coeffs(rng), torch.float32, rng, poison_acc=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stage_empty_segments_across_launches(backend, rng):
+    """Zero-length segments (a player with no parameters), some where one launch's group of 8 ends."""
+    bounds = [0, 0, 5, 5, 5, 40, 41, 41, 41, 90, 90, 90, 300, 300]
+    segs = list(zip(bounds[:-1], bounds[1:]))
+    g, x0, acc = (torch.randn(300, generator=rng).to(DEVICE) for _ in range(3))
+    coeffs = torch.randn(len(segs), 5, generator=rng).to(DEVICE)
+    reg = torch.randn(95, generator=rng).to(DEVICE)
+    want = [poison(torch.empty(300, device=DEVICE)), x0.clone(), acc.clone()]
+    reference.stage(want[0], g, want[1], want[2], coeffs, segs, reg=reg, write_x0=True)
+    got = [poison(torch.empty(300, device=DEVICE)), x0.clone(), acc.clone()]
+    ops.rk_stage(got[0], g, got[1], got[2], coeffs, segs, reg=reg, write_x0=True, backend=backend)
+    for key, a, b in zip(("params", "x0", "acc"), got, want):
+        assert_close(a, b, what=f"{backend} {key}", **TOL[torch.float32])
+
+
+# -- tensors that require grad: refused with autograd recording, versions bumped without -----------
+STAGE_ARGS = ("params", "grads", "x0", "acc", "reg", "coeffs")
+
+
+def _stage_call(backend, needs_grad: str | None = None, poisoned: bool = True):
+    bufs = {k: torch.zeros(64, device=DEVICE) for k in ("params", "x0", "acc", "reg")}
+    bufs["grads"] = torch.ones(64, device=DEVICE)
+    if poisoned:
+        for k in ("params", "x0", "acc"):
+            poison(bufs[k])
+    bufs["coeffs"] = torch.ones(2, 5, device=DEVICE)
+    if needs_grad:
+        bufs[needs_grad].requires_grad_()
+
+    def call():
+        b = bufs
+        ops.rk_stage(
+            b["params"],
+            b["grads"],
+            b["x0"],
+            b["acc"],
+            b["coeffs"],
+            [(0, 20), (20, 64)],
+            reg=b["reg"],
+            write_x0=True,
+            backend=backend,
+        )
+
+    return bufs, call
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("name", STAGE_ARGS)
+def test_stage_refuses_tensors_that_require_grad(backend, name):
+    """The op writes in place and has no derivative: a leaf written behind autograd's back, or an input whose
+    gradient path is silently cut, is refused by every backend, before anything is written."""
+    bufs, call = _stage_call(backend, needs_grad=name)
+    with pytest.raises(RuntimeError, match=f"{name} requires grad.*detach\\(\\) or call it under torch.no_grad"):
+        call()
+    for k in ("params", "x0", "acc"):
+        assert bufs[k].isnan().all(), f"{backend}: the refused call wrote {k}"
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("name", ["params", "x0", "acc"])
+def test_stage_bumps_the_version_of_what_it_writes(backend, name):
+    """Under no_grad a leaf that requires grad may be written (as torch's own in-place ops allow); a graph
+    that saved it before must then refuse its backward, not silently use the new values."""
+    bufs, call = _stage_call(backend, needs_grad=name, poisoned=False)
+    w = torch.ones(64, device=DEVICE, requires_grad=True)
+    loss = (w * bufs[name]).sum()  # saves the buffer for w's gradient
+    with torch.no_grad():
+        call()
+    assert bufs[name].ne(0).all(), "the stage did not write"  # k = 1: acc = 1, params = x0 = 2
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+# -- arguments of the wrong kind: a TypeError or ValueError that names the argument -----------------
+BAD_STAGE_ARGS = [
+    (dict(segments=5), TypeError, r"segments must be a sequence of \(start, end\) pairs.*got int"),
+    (dict(segments=None), TypeError, "segments must be a sequence.*got NoneType"),
+    (dict(segments="0:16"), TypeError, "segments must be a sequence.*got str"),
+    (dict(segments=[(0, 2.5), (2.5, 16)]), TypeError, r"segments\[0\] end must be an int.*2\.5"),
+    (dict(segments=[(0.0, 16)]), TypeError, r"segments\[0\] start must be an int.*float"),
+    (dict(segments=[(False, True), (1, 16)]), TypeError, r"segments\[0\] start must be an int.*bool"),
+    (dict(segments=[(0, torch.tensor(16.0))]), TypeError, r"segments\[0\] end must be an int"),
+    (dict(segments=[(0,)]), TypeError, r"segments\[0\] must be a \(start, end\) pair"),
+    (dict(segments=[0, 16]), TypeError, r"segments\[0\] must be a \(start, end\) pair, got 0"),
+    (dict(segments=[(0, 16, 1)]), TypeError, r"segments\[0\] must be a \(start, end\) pair"),
+    (dict(segments=[]), ValueError, "segments is empty"),
+    (dict(segments=[(0, 10), (9, 16)]), ValueError, "segment 1 is \\[9, 16\\) after position 10"),
+    (dict(write_x0=1), TypeError, "write_x0 must be True or False, got 1"),
+    (dict(write_x0="yes"), TypeError, "write_x0 must be True or False"),
+    (dict(write_x0=None), TypeError, "write_x0 must be True or False"),
+    (dict(coeffs="abcde"), TypeError, r"coeffs must be an \[1, 5\] tensor or a nested sequence.*got str"),
+    (dict(coeffs=None), TypeError, "coeffs must be an .* got NoneType"),
+    (dict(coeffs=[[1.0, 2.0, "x", 4.0, 5.0]]), TypeError, "coeffs must be an .*tensor or a nested sequence"),
+    (dict(coeffs=[]), ValueError, r"coeffs must have shape \[1, 5\]"),
+    (dict(coeffs=torch.zeros(1, 5, dtype=torch.float64)), TypeError, r"coeffs is torch.float64.*coeffs.to"),
+    (dict(coeffs=torch.zeros(1, 5).to_sparse()), TypeError, "coeffs is a torch.sparse_coo tensor"),
+    (dict(reg=[0.0] * 4), TypeError, "reg must be a tensor, got list"),
+    (dict(grads=[0.0] * 16), TypeError, "grads must be a tensor, got list"),
+    (dict(params=torch.zeros(16).to_sparse()), TypeError, "params is a torch.sparse_coo tensor"),
+    (dict(backend=None), TypeError, "backend must be a string"),
+    (dict(backend=3), TypeError, "backend must be a string"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"] + BACKENDS)
+@pytest.mark.parametrize("kwargs, exc, match", BAD_STAGE_ARGS, ids=lambda v: str(v)[:40] if isinstance(v, dict) else "")
+def test_stage_bad_argument_types(backend, kwargs, exc, match):
+    p, g, x0, acc = _bufs()
+    poison(p)
+    args = dict(params=p, grads=g, x0=x0, acc=acc, coeffs=torch.zeros(1, 5, device=DEVICE), segments=[(0, 16)])
+    args.update(backend=backend)
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) and not v.is_sparse else v for k, v in kwargs.items()})
+    if "segments" in kwargs and isinstance(kwargs["segments"], list) and len(kwargs["segments"]) == 2:
+        args["coeffs"] = torch.zeros(2, 5, device=DEVICE)
+    with pytest.raises(exc, match=match):
+        ops.rk_stage(**args)
+    assert p.isnan().all() or "params" in kwargs, "a refused call wrote params"
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_stage_integer_like_bounds_are_taken(backend, rng):
+    """Bounds that are integers of another type (numpy, 0-d integer tensors) are exact: accepted."""
+    np = pytest.importorskip("numpy")
+    n = 64
+    segs = [(np.int64(0), torch.tensor(20)), (20, np.int32(n))]
+    g, x0, acc = (torch.randn(n, generator=rng).to(DEVICE) for _ in range(3))
+    coeffs = torch.randn(2, 5, generator=rng).to(DEVICE)
+    want = [poison(torch.empty(n, device=DEVICE)), x0.clone(), acc.clone()]
+    reference.stage(want[0], g, want[1], want[2], coeffs, [(0, 20), (20, n)])
+    got = [poison(torch.empty(n, device=DEVICE)), x0.clone(), acc.clone()]
+    ops.rk_stage(got[0], g, got[1], got[2], coeffs, segs, backend=backend)
+    for a, b in zip(got, want):
+        assert_close(a, b, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_stage_coeffs_overlapping_an_output_is_refused(backend):
+    p, g, x0, acc = _bufs(20)
+    with pytest.raises(ValueError, match="params .* overlaps coeffs"):
+        ops.rk_stage(p, g, x0, acc, p[:10].view(2, 5), [(0, 10), (10, 20)], backend=backend)
+    with pytest.raises(ValueError, match="x0 .* overlaps coeffs"):
+        ops.rk_stage(p, g, x0, acc, x0[5:10], [(0, 20)], write_x0=True, backend=backend)
+    ops.rk_stage(p, g, x0, acc, g[5:10], [(0, 20)], backend=backend)  # an input may hold them: only read
+
+
+def test_dispatch_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"op must be one of \('stage', 'sqnorm'\); got 'stagee'"):
+        ops.resolve("auto", "cpu", "stagee")
+    with pytest.raises(ValueError, match="backend must be one of 'reference'.*got 'fast'"):
+        ops.why_unavailable("fast")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        ops.why_unavailable(None)
+    with pytest.raises(TypeError, match="backend must be a string"):
+        ops.sqnorm([torch.ones(2)], backend=["csrc"])
 
 
 # -- sqnorm ----------------------------------------------------------------------------------------

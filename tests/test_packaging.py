@@ -34,7 +34,7 @@ def dists(tmp_path_factory):
 
 def _sources() -> list[str]:
     """The C++/CUDA sources in the checkout, as paths from its root."""
-    files = [f.relative_to(ROOT).as_posix() for f in csrc._source_files()]
+    files = [f.relative_to(ROOT).as_posix() for f in csrc.sources()]
     assert {"odegan_kernels/csrc/ops.cpp", "odegan_kernels/csrc/cuda/ops_cuda.cu"} <= set(files), files
     return files
 

@@ -29,21 +29,21 @@ def build(fn, sig, consts, attrs, warps=4):
 stage_sig = {"p_ptr": "*fp32", "g_ptr": "*fp32", "x0_ptr": "*fp32", "acc_ptr": "*fp32", "r_ptr": "*fp32",
              "coef_ptr": "*fp32", "seg_ptr": "*i64", "n": "i64", "r_len": "i64", "NSEG": "constexpr",
              "HAS_REG": "constexpr", "WRITE_X0": "constexpr", "BLOCK": "constexpr"}
-for nseg in (1, 2, 5):
+for nseg in (1, 2, 5, tk.MAX_SEGMENTS):
     for has_reg in (False, True):
         for write in (False, True):
             for block, warps in ((1024, 4), (4096, 8)):
                 consts = {"NSEG": nseg, "HAS_REG": has_reg, "WRITE_X0": write, "BLOCK": block}
-                ptx = build(tk._stage_kernel, stage_sig, consts, aligned(9), warps)
+                ptx = build(tk.KERNELS["stage"], stage_sig, consts, aligned(9), warps)
                 assert "ld.global.v4" in ptx and "st.global.v4" in ptx, (nseg, has_reg, write, block)
-                build(tk._stage_kernel, stage_sig, consts, {})  # unaligned pointers compile too
+                build(tk.KERNELS["stage"], stage_sig, consts, {})  # unaligned pointers compile too
 for dt, f64 in (("fp32", False), ("fp64", True)):
-    build(tk._sqnorm_partials_kernel, {"addr_ptr": "*i64", "len_ptr": "*i64", "part_ptr": "*" + dt,
+    build(tk.KERNELS["sqnorm_partials"], {"addr_ptr": "*i64", "len_ptr": "*i64", "part_ptr": "*" + dt,
           "IS_F64": "constexpr", "BLOCK": "constexpr", "ITERS": "constexpr"},
           {"IS_F64": f64, "BLOCK": 1024, "ITERS": 4}, {})
-    build(tk._sqnorm_one_kernel, {"x_ptr": "*" + dt, "n": "i64", "part_ptr": "*" + dt, "IS_F64": "constexpr",
+    build(tk.KERNELS["sqnorm_one"], {"x_ptr": "*" + dt, "n": "i64", "part_ptr": "*" + dt, "IS_F64": "constexpr",
           "BLOCK": "constexpr", "ITERS": "constexpr"}, {"IS_F64": f64, "BLOCK": 1024, "ITERS": 4}, aligned(3))
-    build(tk._sum_kernel, {"part_ptr": "*" + dt, "out_ptr": "*" + dt, "m": "i64", "IS_F64": "constexpr",
+    build(tk.KERNELS["sum"], {"part_ptr": "*" + dt, "out_ptr": "*" + dt, "m": "i64", "IS_F64": "constexpr",
           "BLOCK": "constexpr", "ITERS": "constexpr"}, {"IS_F64": f64, "BLOCK": 1024, "ITERS": 3}, {})
 print("compiled")
 """

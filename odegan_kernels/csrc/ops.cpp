@@ -1,4 +1,6 @@
 // Schemas, argument checks and dispatch registration for the odegan_kernels operator library.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -24,8 +26,6 @@ void check_stage_args(const at::Tensor& params, const at::Tensor& grads, const a
     TORCH_CHECK(t->numel() == n, "odegan stage: ", name, " has ", t->numel(), " elements, params has ", n);
   }
   TORCH_CHECK(!starts.empty() && starts[0] == 0, "odegan stage: starts must begin at 0");
-  TORCH_CHECK(static_cast<int64_t>(starts.size()) <= kMaxSegments, "odegan stage: at most ", kMaxSegments,
-              " segments, got ", starts.size());
   for (size_t i = 1; i < starts.size(); ++i) {
     TORCH_CHECK(starts[i] >= starts[i - 1] && starts[i] <= n, "odegan stage: starts must be ascending within [0, ",
                 n, "]");
@@ -57,6 +57,39 @@ void check_sqnorm_args(at::TensorList tensors) {
   }
 }
 
+// The stage op's Autograd kernel. It writes params, acc and x0 in place and has no derivative, so, as ATen's
+// in-place ops do: with grad mode on, a tensor argument that requires grad is refused (a leaf would be written
+// behind autograd's back; any other would lose its gradient path); and every buffer it writes has its version
+// bumped, so a backward through a graph that saved one of them fails instead of silently using the new values.
+// (sqnorm's autograd is registered from Python.)
+void stage_autograd(c10::DispatchKeySet ks, at::Tensor params, const at::Tensor& grads, at::Tensor x0, at::Tensor acc,
+                    const at::Tensor& coeffs, at::IntArrayRef starts, const c10::optional<at::Tensor>& reg,
+                    bool write_x0) {
+  if (c10::GradMode::is_enabled()) {
+    const std::pair<const char*, const at::Tensor*> named[] = {{"params", &params}, {"grads", &grads}, {"x0", &x0},
+                                                               {"acc", &acc},       {"coeffs", &coeffs}};
+    for (const auto& [name, t] : named) {
+      TORCH_CHECK(!t->requires_grad(), "odegan stage: ", name,
+                  " requires grad, but the stage op updates flat buffers in place and is not differentiable: pass ",
+                  name, ".detach() or call it under torch.no_grad()");
+    }
+    TORCH_CHECK(!reg.has_value() || !reg->requires_grad(),
+                "odegan stage: reg requires grad, but the stage op is not differentiable: pass reg.detach() or call "
+                "it under torch.no_grad()");
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("odegan_kernels::stage", "")
+                             .typed<void(at::Tensor, const at::Tensor&, at::Tensor, at::Tensor, const at::Tensor&,
+                                         at::IntArrayRef, const c10::optional<at::Tensor>&, bool)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, x0, acc, coeffs, starts, reg, write_x0);
+  }
+  params.unsafeGetTensorImpl()->bump_version();
+  acc.unsafeGetTensorImpl()->bump_version();
+  if (write_x0) x0.unsafeGetTensorImpl()->bump_version();
+}
+
 }  // namespace odegan
 
 TORCH_LIBRARY(odegan_kernels, m) {
@@ -70,6 +103,8 @@ TORCH_LIBRARY_IMPL(odegan_kernels, CPU, m) {
   m.impl("stage", &odegan::stage_cpu);
   m.impl("sqnorm", &odegan::sqnorm_cpu);
 }
+
+TORCH_LIBRARY_IMPL(odegan_kernels, Autograd, m) { m.impl("stage", &odegan::stage_autograd); }
 
 #ifdef ODEGAN_WITH_CUDA
 TORCH_LIBRARY_IMPL(odegan_kernels, CUDA, m) {

@@ -23,6 +23,7 @@ void stage_cuda(at::Tensor params, const at::Tensor& grads, at::Tensor x0, at::T
 at::Tensor sqnorm_cuda(at::TensorList tensors);
 #endif
 
+// Segments per CUDA launch (their starts travel by value in the kernel's arguments); more go in several launches.
 constexpr int kMaxSegments = 8;
 
 }  // namespace odegan

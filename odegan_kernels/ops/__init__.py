@@ -29,6 +29,8 @@ choices: dict[tuple[str, str], str] = {}  # (op, device type) -> backend auto pi
 def _canonical(backend: str) -> str:
     """The backend's current name; a deprecated alias gives a DeprecationWarning that points at the first caller
     outside ops/ (so Python's default filters show it to a script that passes the old name)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if backend not in _ALIASES:
         return backend
     new = _ALIASES[backend]
@@ -58,11 +60,28 @@ def _module(name: str):
     return mod
 
 
+def _check_backend(backend: str) -> str:
+    backend = _canonical(backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    return backend
+
+
 def why_unavailable(backend: str) -> str | None:
     """None if the backend is usable, else one line saying why not."""
-    backend = _canonical(backend)
+    backend = _check_backend(backend)
     _module(backend)
     return _unavailable.get(backend)
+
+
+def reset_backends() -> None:
+    """Forget which backends were found and what auto chose, so the next call looks again: after building the
+    csrc library or installing triton in a running process, or in a test that changes what is available."""
+    for name in list(_modules):
+        if name not in ("reference", "foreach"):
+            del _modules[name]
+    _unavailable.clear()
+    choices.clear()
 
 
 def _supports(mod, device: torch.device) -> bool:
@@ -71,24 +90,30 @@ def _supports(mod, device: torch.device) -> bool:
 
 def supports(backend: str, device: torch.device | str) -> bool:
     """True when ``backend`` is available here and runs on tensors of ``device``'s type."""
-    backend = _canonical(backend)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    backend = _check_backend(backend)
     mod = _module(backend)
     return mod is not None and _supports(mod, torch.device(device))
 
 
-def resolve(backend: str, device: torch.device, op: str) -> str:
+OPS = ("stage", "sqnorm")
+
+
+def resolve(backend: str, device: torch.device | str, op: str) -> str:
+    """The backend that runs ``op`` ("stage" or "sqnorm") on tensors of ``device`` for ``backend=``."""
     backend = _canonical(backend)
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}; got {op!r}")
+    device = torch.device(device)
+    via = ""
     if backend == "auto":
         forced = os.environ.get("ODEGAN_BACKEND")
         if forced:
             forced = _canonical(forced)
             if forced not in BACKENDS:
                 raise ValueError(f"ODEGAN_BACKEND={forced!r} is not one of {BACKENDS}")
-            backend = forced
+            backend, via = forced, " (set by ODEGAN_BACKEND)"
         else:
             for name in _AUTO_ORDER.get(device.type, ("foreach",)):
                 mod = _module(name)
@@ -99,9 +124,11 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
             return "foreach"
     mod = _module(backend)
     if mod is None:
-        raise RuntimeError(f"backend {backend!r} is unavailable: {_unavailable[backend]}")
+        raise RuntimeError(f"backend {backend!r}{via} is unavailable: {_unavailable[backend]}")
     if not _supports(mod, device):
-        raise RuntimeError(f"backend {backend!r} does not run on {device.type} tensors")
+        raise RuntimeError(f"backend {backend!r}{via} does not run on {device.type} tensors")
+    if via:
+        choices[(op, device.type)] = backend
     return backend
 
 
@@ -128,4 +155,14 @@ def sqnorm(tensors, backend: str = "auto") -> torch.Tensor:
     return _modules[name].sqnorm(tensors)
 
 
-__all__ = ["rk_stage", "sqnorm", "resolve", "supports", "why_unavailable", "BACKENDS", "choices"]
+__all__ = [
+    "rk_stage",
+    "sqnorm",
+    "resolve",
+    "supports",
+    "why_unavailable",
+    "reset_backends",
+    "BACKENDS",
+    "OPS",
+    "choices",
+]

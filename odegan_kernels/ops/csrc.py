@@ -77,7 +77,8 @@ def _build_args(with_cuda: bool) -> dict:
     )
 
 
-def _source_files() -> list[Path]:
+def sources() -> list[Path]:
+    """Every C++/CUDA source and header under csrc/: what cache_key hashes and the wheel and sdist ship."""
     return sorted(f for f in CSRC.rglob("*") if f.suffix in SOURCE_SUFFIXES)
 
 
@@ -85,7 +86,7 @@ def cache_key(with_cuda: bool) -> str:
     """16 hex digits of a hash of every source file (its path in csrc/ and its contents), the torch, CUDA and
     Python versions and the build flags: what names the on-demand build's folder and library."""
     h = hashlib.sha256()
-    for f in _source_files():
+    for f in sources():
         data = f.read_bytes()
         h.update(f"{f.relative_to(CSRC).as_posix()}\0{len(data)}\0".encode())
         h.update(data)
@@ -103,16 +104,42 @@ def jit_library(with_cuda: bool) -> Path:
     return Path(root) / name / f"{name}.so"
 
 
-def _candidates() -> list[tuple[Path, bool]]:
-    """(library, whether it must be newer than the sources), in the order load() tries them. Only the CMake
-    build is checked by age: the on-demand builds are named by their sources' hash."""
-    out = []
+def candidates() -> list[tuple[Path, str | None]]:
+    """Every library load() may take, in the order it tries them, each with None when it is there to be tried
+    or the reason it is passed over (not built; a CMake build older than the sources). Only the CMake build is
+    checked by age: the on-demand builds are named by their sources' hash."""
+    found: list[tuple[Path, bool]] = []
     if os.environ.get("ODEGAN_CSRC_LIB"):
-        out.append((Path(os.environ["ODEGAN_CSRC_LIB"]), False))
+        found.append((Path(os.environ["ODEGAN_CSRC_LIB"]), False))
     if (CHECKOUT / "CMakeLists.txt").is_file():
-        out.append((CMAKE_LIB, True))
-    out += [(jit_library(with_cuda), False) for with_cuda in (True, False)]  # the CUDA build has the CPU kernels too
+        found.append((CMAKE_LIB, True))
+    # the CUDA build has the CPU kernels too
+    found += [(jit_library(with_cuda), False) for with_cuda in (True, False)]
+    out: list[tuple[Path, str | None]] = []
+    newest_source = None
+    for path, check_age in found:
+        if not path.is_file():
+            out.append((path, "not built"))
+            continue
+        if check_age:
+            if newest_source is None:
+                newest_source = max((f.stat().st_mtime for f in sources()), default=0.0)
+            if path.stat().st_mtime < newest_source:
+                out.append((path, f"older than {CSRC} (stale build, skipped)"))
+                continue
+        out.append((path, None))
     return out
+
+
+def status() -> dict:
+    """The loader's state: ``loaded`` (the library's path, "already registered", or None), ``why`` (None once
+    loaded, else why not) and ``cuda_kernels`` (whether CUDA kernels are registered). Loads nothing."""
+    loaded = _state["loaded"]
+    return {
+        "loaded": loaded,
+        "why": None if loaded else _state["why"],
+        "cuda_kernels": bool(loaded) and _has_cuda_kernel(),
+    }
 
 
 def _register_python_side() -> None:
@@ -136,16 +163,12 @@ def load() -> bool:
         _register_python_side()
         return True
     tried = []
-    newest_source = None
-    for path, check_age in _candidates():
-        if not path.is_file():
+    for path, skip in candidates():
+        if skip == "not built":
             continue
-        if check_age:
-            if newest_source is None:
-                newest_source = max((f.stat().st_mtime for f in _source_files()), default=0.0)
-            if path.stat().st_mtime < newest_source:
-                tried.append(f"{path}: older than {CSRC} (stale build, skipped)")
-                continue
+        if skip is not None:
+            tried.append(f"{path}: {skip}")
+            continue
         try:
             torch.ops.load_library(str(path))
             _state["loaded"] = str(path)

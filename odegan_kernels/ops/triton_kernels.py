@@ -204,6 +204,15 @@ if triton is not None:
             total += tl.load(part_ptr + offs, mask=offs < m, other=0.0)
         tl.store(out_ptr, tl.sum(total, axis=0))
 
+    # every kernel by name, for ahead-of-time compilation (tests/test_triton_compile.py)
+    KERNELS = {
+        "stage": _stage_kernel,
+        "sqnorm_partials": _sqnorm_partials_kernel,
+        "sqnorm_one": _sqnorm_one_kernel,
+        "sum": _sum_kernel,
+    }
+else:
+    KERNELS = {}
 
 _seg_cache: dict = {}
 
@@ -217,18 +226,38 @@ def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
 
 
-def _segment_table(segments: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
-    key = (segments, device)
+def _segment_table(starts: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    key = (starts, device)
     tab = _seg_cache.get(key)
     if tab is None:
-        tab = _device_table([s for s, _ in segments], device)
+        tab = _device_table(list(starts), device)
         _seg_cache[key] = tab
     return tab
 
 
-def _launch_stage(params, grads, x0, acc, coeffs, starts: list[int], reg, write_x0: bool) -> None:
+MAX_SEGMENTS = 8  # per launch: the kernel unrolls a loop over its NSEG segments; more go in groups of this many
+
+
+def launch_stage(params, grads, x0, acc, coeffs, starts: list[int], reg, write_x0: bool) -> None:
+    """The stage over every segment: one launch per group of up to MAX_SEGMENTS segments (one launch for the
+    usual two players), each over its own part of the buffers."""
     n = params.numel()
-    segments = tuple(zip(starts, starts[1:] + [n]))
+    bounds = list(starts) + [n]
+    for first in range(0, len(starts), MAX_SEGMENTS):
+        last = min(first + MAX_SEGMENTS, len(starts))
+        lo, hi = bounds[first], bounds[last]
+        if hi == lo:
+            continue  # empty segments only
+        if (lo, hi) == (0, n):
+            _launch_group(params, grads, x0, acc, reg, coeffs, tuple(starts), write_x0)
+            continue
+        r = reg if reg is None or lo == 0 else (reg[lo : min(hi, reg.numel())] if reg.numel() > lo else None)
+        part = [t[lo:hi] for t in (params, grads, x0, acc)]
+        _launch_group(*part, r, coeffs[first:last], tuple(s - lo for s in starts[first:last]), write_x0)
+
+
+def _launch_group(params, grads, x0, acc, reg, coeffs, starts: tuple[int, ...], write_x0: bool) -> None:
+    n = params.numel()
     block, warps = launch_settings(n)
     _stage_kernel[(triton.cdiv(n, block),)](
         params,
@@ -237,10 +266,10 @@ def _launch_stage(params, grads, x0, acc, coeffs, starts: list[int], reg, write_
         acc,
         reg if reg is not None else grads,
         coeffs,
-        _segment_table(segments, params.device),
+        _segment_table(starts, params.device),
         n,
         reg.numel() if reg is not None else 0,
-        NSEG=len(segments),
+        NSEG=len(starts),
         HAS_REG=reg is not None,
         WRITE_X0=write_x0,
         BLOCK=block,
@@ -275,7 +304,7 @@ def _chunk_table(tensors) -> tuple[torch.Tensor, torch.Tensor]:
     return hit
 
 
-def _launch_sqnorm(tensors, per_tensor: bool | None = None) -> torch.Tensor:
+def launch_sqnorm(tensors, per_tensor: bool | None = None) -> torch.Tensor:
     """Partial sums per CHUNK, then one fixed-order sum (deterministic).
 
     Partials come from one launch over an address table or, while a CUDA graph is being captured (where a
@@ -320,7 +349,7 @@ def triton_stage(
     reg: torch.Tensor | None,
     write_x0: bool,
 ) -> None:
-    _launch_stage(params, grads, x0, acc, coeffs, list(starts), reg, write_x0)
+    launch_stage(params, grads, x0, acc, coeffs, list(starts), reg, write_x0)
 
 
 @triton_stage.register_fake
@@ -330,7 +359,7 @@ def _(params, grads, x0, acc, coeffs, starts, reg, write_x0):
 
 @torch.library.custom_op("odegan_kernels::triton_sqnorm", mutates_args=())
 def triton_sqnorm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return _launch_sqnorm([t.contiguous() for t in tensors])
+    return launch_sqnorm([t.contiguous() for t in tensors])
 
 
 register_sqnorm_op("odegan_kernels::triton_sqnorm")

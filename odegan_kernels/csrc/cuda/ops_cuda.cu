@@ -179,32 +179,44 @@ void stage_cuda(at::Tensor params, const at::Tensor& grads, at::Tensor x0, at::T
   check_stage_args(params, grads, x0, acc, coeffs, starts, reg);
   const c10::cuda::CUDAGuard guard(params.device());
   const int64_t n = params.numel();
-  Segments segs{};
-  segs.n = static_cast<int>(starts.size());
-  for (int i = 0; i < segs.n; ++i) segs.start[i] = starts[i];
+  const int64_t nseg = static_cast<int64_t>(starts.size());
   auto stream = at::cuda::getCurrentCUDAStream();
   constexpr int threads = 256;
-  if (params.scalar_type() == at::kFloat) {
-    const float* r = reg.has_value() ? reg->data_ptr<float>() : nullptr;
-    const int64_t rlen = reg.has_value() ? reg->numel() : 0;
-    const bool vec = aligned16(params.data_ptr()) && aligned16(grads.data_ptr()) && aligned16(x0.data_ptr()) &&
-                     aligned16(acc.data_ptr()) && (r == nullptr || aligned16(r));
-    if (vec) {
-      stage_vec4_kernel<<<grid_for(std::max<int64_t>(n / 4, 1), threads), threads, 0, stream>>>(
-          params.data_ptr<float>(), grads.data_ptr<float>(), x0.data_ptr<float>(), acc.data_ptr<float>(), r, rlen,
-          coeffs.data_ptr<float>(), segs, n, write_x0);
+  // One launch per group of up to kMaxSegments segments (one launch for the usual two players), each over its own
+  // part [lo, hi) of the buffers with the group's segment starts relative to lo.
+  for (int64_t first = 0; first < nseg; first += kMaxSegments) {
+    const int64_t last = std::min<int64_t>(nseg, first + kMaxSegments);
+    const int64_t lo = starts[first];
+    const int64_t hi = last < nseg ? starts[last] : n;
+    const int64_t len = hi - lo;
+    if (len == 0) continue;  // empty segments only
+    Segments segs{};
+    segs.n = static_cast<int>(last - first);
+    for (int i = 0; i < segs.n; ++i) segs.start[i] = starts[first + i] - lo;
+    const int64_t rlen = reg.has_value() ? std::max<int64_t>(0, std::min<int64_t>(reg->numel(), hi) - lo) : 0;
+    if (params.scalar_type() == at::kFloat) {
+      float* p = params.data_ptr<float>() + lo;
+      const float* g = grads.data_ptr<float>() + lo;
+      float* x = x0.data_ptr<float>() + lo;
+      float* a = acc.data_ptr<float>() + lo;
+      const float* r = rlen > 0 ? reg->data_ptr<float>() + lo : nullptr;
+      const float* cf = coeffs.data_ptr<float>() + 5 * first;
+      const bool vec = aligned16(p) && aligned16(g) && aligned16(x) && aligned16(a) && (r == nullptr || aligned16(r));
+      if (vec) {
+        stage_vec4_kernel<<<grid_for(std::max<int64_t>(len / 4, 1), threads), threads, 0, stream>>>(
+            p, g, x, a, r, rlen, cf, segs, len, write_x0);
+      } else {
+        stage_scalar_kernel<float><<<grid_for(len, threads), threads, 0, stream>>>(p, g, x, a, r, rlen, cf, segs, len,
+                                                                                   write_x0);
+      }
     } else {
-      stage_scalar_kernel<float><<<grid_for(n, threads), threads, 0, stream>>>(
-          params.data_ptr<float>(), grads.data_ptr<float>(), x0.data_ptr<float>(), acc.data_ptr<float>(), r, rlen,
-          coeffs.data_ptr<float>(), segs, n, write_x0);
+      const double* r = rlen > 0 ? reg->data_ptr<double>() + lo : nullptr;
+      stage_scalar_kernel<double><<<grid_for(len, threads), threads, 0, stream>>>(
+          params.data_ptr<double>() + lo, grads.data_ptr<double>() + lo, x0.data_ptr<double>() + lo,
+          acc.data_ptr<double>() + lo, r, rlen, coeffs.data_ptr<double>() + 5 * first, segs, len, write_x0);
     }
-  } else {
-    const double* r = reg.has_value() ? reg->data_ptr<double>() : nullptr;
-    stage_scalar_kernel<double><<<grid_for(n, threads), threads, 0, stream>>>(
-        params.data_ptr<double>(), grads.data_ptr<double>(), x0.data_ptr<double>(), acc.data_ptr<double>(), r,
-        reg.has_value() ? reg->numel() : 0, coeffs.data_ptr<double>(), segs, n, write_x0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor sqnorm_cuda(at::TensorList tensors) {
