@@ -7,7 +7,17 @@ import dataclasses
 import json
 import sys
 
-from .train import PRESETS, Config, NonFiniteError, Trainer, make_config
+from . import ops
+from .train import (
+    PRESETS,
+    CheckpointError,
+    Config,
+    NonFiniteError,
+    Trainer,
+    TrainingInterrupted,
+    load_config,
+    make_config,
+)
 from .train.config import RENAMED
 
 
@@ -22,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="odegan", description="ODE-GAN training with fused kernels.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a preset (resumes from OUT/checkpoint.pt if present)")
-    t.add_argument("preset", choices=sorted(PRESETS))
+    t.add_argument("preset", nargs="?", choices=sorted(PRESETS), help="a preset (or --config FILE)")
+    t.add_argument("--config", help="a JSON file of options (a run's own config.json works), instead of a preset")
     t.add_argument("--steps", type=int)
     t.add_argument("--out", help="run folder (config, metrics.jsonl, plots, checkpoint)")
     t.add_argument("--seed", type=int)
@@ -31,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--h-g", dest="h_g", type=float, help="G's step size")
     t.add_argument("--reg", type=float, help="regulariser weight lambda")
     t.add_argument("--device")
-    t.add_argument("--backend", choices=["auto", "triton", "csrc", "foreach", "reference", "cuda"], help="fused-op backend (cuda: the deprecated name of csrc)")
+    t.add_argument(
+        "--backend", choices=["auto", *ops.BACKENDS, "cuda"], help="fused-op backend ('cuda': old name of csrc)"
+    )
     t.add_argument("--data", help="local dataset path (cifar10: the folder holding cifar-10-batches-py)")
     t.add_argument(
         "--set",
@@ -41,11 +54,69 @@ def build_parser() -> argparse.ArgumentParser:
         help="any Config field, e.g. --set coupling=joint --set eval_every=500",
     )
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument(
+        "--allow-change",
+        action="store_true",
+        help="resume although --h, --h-g, --reg or lr differ from the checkpoint's (recorded in metrics.jsonl)",
+    )
+    t.add_argument("--dry-run", action="store_true", help="print every option, its value and its meaning, and exit")
     t.add_argument("--no-progress", action="store_true")
     sub.add_parser("presets", help="list presets and their options")
     sub.add_parser("backends", help="which op backends run here, and why not")
     return p
+
+
+def _options(args) -> dict:
+    """The options given on the command line (flags and --set), by Config name; ValueError names a bad one."""
+    overrides = {
+        k: getattr(args, k) for k in ("steps", "out", "seed", "method", "h", "h_g", "reg", "device", "backend", "data")
+    }
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        key = RENAMED.get(key, key)
+        if not sep:
+            raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
+        if key not in fields:
+            raise ValueError(f"unknown option {key!r}; options are {sorted(fields)}")
+        overrides[key] = _parse_value(value)
+    if args.no_progress:
+        overrides["progress"] = False
+    return overrides
+
+
+def _train(args) -> int:
+    try:
+        if args.config and args.preset:
+            raise ValueError("give a preset or --config FILE, not both")
+        if not args.config and not args.preset:
+            raise ValueError(f"give a preset ({', '.join(sorted(PRESETS))}) or --config FILE")
+        overrides = _options(args)
+        cfg = load_config(args.config, **overrides) if args.config else make_config(args.preset, **overrides)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"odegan: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        meaning = Config.help()
+        for k, v in dataclasses.asdict(cfg).items():
+            print(f"{k} = {json.dumps(v)}  # {meaning[k]}")
+        return 0
+    try:
+        summary = Trainer(cfg).run(resume=not args.fresh, allow_change=args.allow_change)
+    except TrainingInterrupted as exc:
+        print(f"odegan: {exc}", file=sys.stderr)
+        return 130
+    except (NonFiniteError, CheckpointError, ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"odegan: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # under torchrun the trainer joined a group
+            dist.destroy_process_group()
+    if summary.get("rank", 0) == 0:
+        print(json.dumps(summary))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -61,43 +132,7 @@ def main(argv=None) -> int:
             why = ops.why_unavailable(b)
             print(f"{b:10s} {'available' if why is None else 'unavailable: ' + why}")
         return 0
-    overrides = {
-        k: getattr(args, k) for k in ("steps", "out", "seed", "method", "h", "h_g", "reg", "device", "backend", "data")
-    }
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        key = RENAMED.get(key, key)
-        if not sep:
-            print(f"odegan: --set needs KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        if key not in fields:
-            print(f"odegan: unknown option {key!r}; options are {sorted(fields)}", file=sys.stderr)
-            return 2
-        overrides[key] = _parse_value(value)
-    if args.no_progress:
-        overrides["progress"] = False
-    try:
-        cfg = make_config(args.preset, **overrides)
-    except (ValueError, TypeError) as exc:
-        print(f"odegan: {exc}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        print(json.dumps(dataclasses.asdict(cfg), indent=2))
-        return 0
-    try:
-        summary = Trainer(cfg).run(resume=not args.fresh)
-    except (NonFiniteError, ValueError, FileNotFoundError) as exc:
-        print(f"odegan: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():  # under torchrun the trainer joined a group
-            dist.destroy_process_group()
-    if summary.get("rank", 0) == 0:
-        print(json.dumps(summary))
-    return 0
+    return _train(args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .data import MixtureOfGaussians
-from .metrics import mode_metrics
+from .metrics import check_fid_inputs, mode_metrics
 
 
 class Problem:
@@ -84,6 +84,7 @@ class DiracProblem(Problem):
 
 
 ARCHS = ("dcgan", "resnet", "resnet128")
+PROBLEMS = ("mog", "dirac", "cifar10", "imagefolder")
 
 
 class ImageProblem(Problem):
@@ -255,6 +256,8 @@ def plot_image_grid(samples: torch.Tensor, path: Path, title: str = "") -> None:
 
 
 def build_problem(name: str, cfg, rank: int = 0, world: int = 1) -> Problem:
+    if name in ("mog", "dirac") and (cfg.fid_real or cfg.inception_weights):
+        raise ValueError(f"fid_real and inception_weights are for the image problems; {name!r} has its own metrics")
     if name == "mog":
         return MoGProblem(cfg.z_dim, cfg.hidden, seed=cfg.seed, device=cfg.device)
     if name == "dirac":
@@ -262,6 +265,7 @@ def build_problem(name: str, cfg, rank: int = 0, world: int = 1) -> Problem:
     if name in ("cifar10", "imagefolder"):
         if not cfg.data:
             raise ValueError(f"problem {name!r} needs --data PATH (a local folder; nothing is downloaded)")
+        check_fid_inputs(cfg.fid_real, cfg.inception_weights)  # now, not at the first evaluation
         return ImageProblem(
             cfg.data,
             name,
@@ -279,4 +283,4 @@ def build_problem(name: str, cfg, rank: int = 0, world: int = 1) -> Problem:
             rank=rank,
             world=world,
         )
-    raise ValueError(f"unknown problem {name!r}; choose mog, dirac, cifar10 or imagefolder")
+    raise ValueError(f"unknown problem {name!r}; choose one of {PROBLEMS}")

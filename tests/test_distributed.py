@@ -131,6 +131,8 @@ def test_trainer_under_torchrun(tmp_path):
     logged = [r["step"] for r in rows if "loss_d" in r]
     assert logged == [2, 4, 6, 8]  # rank 0 alone writes
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        ".lock",
+        "checkpoint.prev.pt",
         "checkpoint.pt",
         "config.json",
         "metrics.jsonl",

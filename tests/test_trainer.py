@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from odegan_kernels import cli
-from odegan_kernels.train import NonFiniteError, Trainer, atomic_save, make_config
+from odegan_kernels.train import Config, NonFiniteError, Trainer, atomic_save, make_config
 
 FAST = dict(eval_every=10, log_every=5, plot_every=10, ckpt_every=10, eval_samples=256, progress=False)
 
@@ -70,10 +70,14 @@ def test_nan_stops_with_a_clear_error(tmp_path):
         return x * float("nan") if tr.step >= 12 else x
 
     tr.problem.real_batch = corrupt_after_step_12
-    with pytest.raises(NonFiniteError, match="non-finite values in loss_d.* by step 15"):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss_d.* by step 15 \(3 rollbacks allowed\)"):
         tr.run()
+    # each rollback is recorded, with the step size halved each time; then the run stops
+    events = [r for r in tr.metrics.rows() if r.get("event") == "diverged"]
+    assert [(e["step"], e["rolled_back_to"], e["retries_left"]) for e in events] == [(15, 10, 2), (15, 10, 1), (15, 10, 0)]
+    assert [e["h"][0] for e in events] == pytest.approx([0.05, 0.025, 0.0125])
     # the last good checkpoint (step 10) is intact and resumable
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 10 and all(torch.isfinite(v).all() for v in state["D"].values())
 
 
@@ -131,7 +135,9 @@ def test_cli_errors_and_dry_run(capsys):
     assert cli.main(["train", "mog", "--set", "nope=1"]) == 2
     assert "unknown option 'nope'" in capsys.readouterr().err
     assert cli.main(["train", "mog", "--dry-run", "--set", "coupling=joint"]) == 0
-    assert json.loads(capsys.readouterr().out)["coupling"] == "joint"
+    lines = capsys.readouterr().out.splitlines()
+    assert 'coupling = "joint"  # joint (one RK step of both players) | decoupled (each with the other frozen)' in lines
+    assert len(lines) == len(Config.help()) and all("  # " in line for line in lines)  # every option, explained
     assert cli.main(["backends"]) == 0
     assert "foreach" in capsys.readouterr().out
 
@@ -391,7 +397,7 @@ def test_image_options_are_checked(tmp_path):
         Trainer(tiny_imagenet_config(tmp_path, arch="resnet"))
     with pytest.raises(ValueError, match="power of two"):
         Trainer(tiny_imagenet_config(tmp_path, image_size=48))
-    with pytest.raises(ValueError, match="unknown architecture"):
+    with pytest.raises(ValueError, match=r"arch must be one of \('dcgan', 'resnet', 'resnet128'\), got 'vit'"):
         Trainer(tiny_imagenet_config(tmp_path, arch="vit"))
     write_cifar10(tmp_path / "cifar")
     with pytest.raises(ValueError, match="CIFAR-10 images are 32x32"):

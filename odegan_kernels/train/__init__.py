@@ -1,18 +1,23 @@
-"""The trainer: options and presets, checkpoints, logging, and the training loop."""
+"""The trainer: options and presets, checkpoints, logging, divergence recovery, and the training loop."""
 
-from .checkpoint import atomic_save, load_checkpoint
-from .config import PRESETS, Config, make_config, resolve_device
+from .checkpoint import CheckpointError, RunLock, atomic_save, load_latest, read_checkpoint
+from .config import PRESETS, Config, load_config, make_config, resolve_device
 from .logging import plot_metrics
-from .loop import NonFiniteError, Trainer
+from .loop import NonFiniteError, Trainer, TrainingInterrupted
 
 __all__ = [
     "PRESETS",
+    "CheckpointError",
     "Config",
     "NonFiniteError",
+    "RunLock",
     "Trainer",
+    "TrainingInterrupted",
     "atomic_save",
-    "load_checkpoint",
+    "load_config",
+    "load_latest",
     "make_config",
     "plot_metrics",
+    "read_checkpoint",
     "resolve_device",
 ]

@@ -1,18 +1,28 @@
-"""Checkpoint files: written atomically, so a crash never leaves a torn one."""
+"""Checkpoint files and the run folder: atomic writes that keep the previous checkpoint, loading that runs no
+code from the file, and a lock so two runs never share one folder."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
+CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 
-def atomic_save(obj, path: Path) -> None:
+
+class CheckpointError(RuntimeError):
+    """A checkpoint (or the run folder) cannot be used; the message names the file and what to do."""
+
+
+def atomic_save(obj, path: Path, previous: Path | None = None) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over the target.
 
-    A crash at any point leaves either the old checkpoint or the new one, never a torn file.
+    A crash at any point leaves either the old checkpoint or the new one, never a torn file. With
+    ``previous``, the file being replaced is first renamed there, so the last two checkpoints are kept.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -21,13 +31,128 @@ def atomic_save(obj, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
 
 
-def load_checkpoint(path: Path, device) -> dict:
-    """A checkpoint written by atomic_save, with its tensors on ``device``."""
-    return torch.load(path, map_location=device, weights_only=False)
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: Path, device="cpu") -> dict:
+    """A checkpoint's contents, with its tensors on ``device``.
+
+    Loaded with ``weights_only=True``: a file that holds anything but tensors and plain containers (a pickled
+    object that could run code when loaded) is refused, as are empty, truncated or corrupt files.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc) or "weights_only" in str(exc):
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain containers; it was refused because "
+                "loading it could run code. Delete or move it if you did not write it"
+            ) from None
+        raise CheckpointError(f"{path} is corrupt ({_first_line(exc)}); delete or move it") from None
+    except (EOFError, RuntimeError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is empty, truncated or corrupt ({_first_line(exc)}); delete or move it"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not an odegan checkpoint (no 'step'); delete or move it")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def load_latest(out: Path, device="cpu") -> tuple[dict, Path] | None:
+    """The newest readable checkpoint in a run folder and its path (None when there is none). When the newest
+    is unreadable the previous one is used, with a warning naming both."""
+    out = Path(out)
+    newest, previous = out / CHECKPOINT, out / PREVIOUS
+    if not newest.exists() and not previous.exists():
+        return None
+    try:
+        return read_checkpoint(newest, device), newest
+    except (CheckpointError, FileNotFoundError) as exc:
+        if not previous.exists():
+            if isinstance(exc, FileNotFoundError):
+                return None
+            raise
+        try:
+            state = read_checkpoint(previous, device)
+        except CheckpointError as exc2:
+            raise CheckpointError(f"no usable checkpoint in {out}: {exc}; and {exc2}") from None
+        why = "is missing" if isinstance(exc, FileNotFoundError) else f"is unusable ({exc})"
+        warnings.warn(f"{newest} {why}: resuming from the previous checkpoint {previous}", stacklevel=2)
+        return state, previous
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete checkpoint temporaries that a killed write left behind (the run folder is locked by now)."""
+    stale = [p for p in Path(out).glob(CHECKPOINT + ".*.tmp")] + [p for p in Path(out).glob(PREVIOUS + ".*.tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``.lock``, held with flock for the life of the process): a second
+    run on the same folder is refused with the other process's id instead of interleaving its files."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(
+                f"run folder {self.path.parent} is in use by another run (process {other}); wait for it to end, "
+                "or use another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

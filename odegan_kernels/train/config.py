@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 
 import torch
 
-RESUME = "must_match_on_resume"
+RESUME, CHANGE = "must_match_on_resume", "may_change_on_resume"
 
 
-def option(default, help: str, match: bool = False):
-    """A Config field with its one-line meaning; ``match``: a resumed run must ask for the checkpoint's value
-    (the option changes the trajectory)."""
-    return field(default=default, metadata={"help": help, RESUME: match})
+def option(default, help: str, match: bool = False, change: bool = False):
+    """A Config field with its one-line meaning. ``match``: the option changes the trajectory's mathematics,
+    so a resumed run must ask for the checkpoint's value; ``change``: ... unless the user explicitly allows a
+    change (--allow-change: a new step size or weight from the resumed step on). Options that change only the
+    rounding (device, backend, grads engine, threads, cuda_graph) may differ on resume."""
+    return field(default=default, metadata={"help": help, RESUME: match, CHANGE: change})
 
 
 @dataclass
@@ -23,9 +28,11 @@ class Config:
     problem: str = option("mog", "mog | dirac | cifar10 | imagefolder", match=True)
     optimizer: str = option("ode", "ode (Runge-Kutta on the gradient field) | adam | sgd (baselines)", match=True)
     method: str = option("rk4", "Runge-Kutta method: euler | heun | midpoint | ralston | rk3 | rk4", match=True)
-    h: float = option(0.04, "step size of D (and of G unless h_g is set)", match=True)
-    h_g: float | None = option(None, "step size of G (None: h)", match=True)
-    reg: float = option(0.02, "weight lambda of ODE-GAN's regulariser grad_theta ||dl_G/dphi||^2", match=True)
+    h: float = option(0.04, "step size of D (and of G unless h_g is set)", match=True, change=True)
+    h_g: float | None = option(None, "step size of G (None: h)", match=True, change=True)
+    reg: float = option(
+        0.02, "weight lambda of ODE-GAN's regulariser grad_theta ||dl_G/dphi||^2", match=True, change=True
+    )
     penalty_at: str = option("first_stage", "where the regulariser enters: first_stage | after_step", match=True)
     coupling: str = option(
         "joint", "joint (one RK step of both players) | decoupled (each with the other frozen)", match=True
@@ -47,12 +54,12 @@ class Config:
         0, "anneal the instance noise's std linearly to 0 over this many steps (0: constant)", match=True
     )
     penalty_method: str = option(
-        "double_backward", "how the regulariser is computed: double_backward | finite_difference | jvp"
+        "double_backward", "how the regulariser is computed: double_backward | finite_difference | jvp", match=True
     )
-    autocast: bool = option(False, "bf16 forward/backward (parameters, gradients and stage math stay fp32)")
+    autocast: bool = option(False, "bf16 forward/backward (parameters, gradients and stage math stay fp32)", match=True)
     grads: str = option("auto", "gradient engine: autograd | mlp (hand-derived, ReLU MLP pairs) | auto")
-    lr: float = option(1e-4, "learning rate of the adam / sgd baselines")
-    betas: tuple[float, float] = option((0.5, 0.999), "Adam's betas")
+    lr: float = option(1e-4, "learning rate of the adam / sgd baselines", match=True, change=True)
+    betas: tuple[float, float] = option((0.5, 0.999), "Adam's betas", match=True)
     steps: int = option(30_000, "train until this many steps")
     batch: int = option(512, "batch size per stage (per rank under torchrun)", match=True)
     z_dim: int = option(32, "latent dimension", match=True)
@@ -78,6 +85,8 @@ class Config:
     ckpt_minutes: float = option(10.0, "... and at least every this many minutes")
     out: str = option("runs/mog", "run folder")
     progress: bool = option(True, "show a progress bar")
+    recover_retries: int = option(3, "divergence: roll back to the last good state this many times, then stop")
+    recover_factor: float = option(0.5, "divergence: multiply the step size by this at each rollback")
 
     @classmethod
     def resume_keys(cls) -> tuple[str, ...]:
@@ -85,28 +94,111 @@ class Config:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(RESUME))
 
     @classmethod
+    def changeable_keys(cls) -> tuple[str, ...]:
+        """The resume options that --allow-change lets a resumed run change."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(CHANGE))
+
+    @classmethod
     def help(cls) -> dict[str, str]:
         """Each option's one-line meaning."""
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
     def validate(self) -> None:
-        if self.optimizer not in ("ode", "adam", "sgd"):
-            raise ValueError(f"optimizer must be ode, adam or sgd, got {self.optimizer!r}")
-        from ..game.autograd import ENGINES
-        from ..game.losses import LOSSES
-        from ..game.penalty import METHODS
+        """Raise ValueError / TypeError naming the first option whose value is not allowed."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
+        for name, allowed in choices().items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(self, name)!r}")
+        if not (self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        for name in POSITIVE:
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and (name not in FINITE or math.isfinite(v))):
+                raise ValueError(f"{name} must be positive{' and finite' if name in FINITE else ''}, got {v!r}")
+        for name in NON_NEGATIVE:
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 < self.recover_factor < 1:
+            raise ValueError(f"recover_factor must be in (0, 1), got {self.recover_factor!r}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
-        if self.penalty_method not in METHODS:
-            raise ValueError(f"penalty_method must be one of {METHODS}, got {self.penalty_method!r}")
-        if self.grads not in ENGINES:
-            raise ValueError(f"grads must be one of {ENGINES}, got {self.grads!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {self.loss!r}")
-        if self.data_per_stage not in ("shared", "fresh"):
-            raise ValueError(f"data_per_stage must be shared or fresh, got {self.data_per_stage!r}")
-        for name in ("steps", "batch", "z_dim", "eval_every", "log_every", "eval_samples", "image_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+POSITIVE = (
+    "h", "h_g", "lr", "steps", "batch", "z_dim", "hidden", "image_size", "width", "fid_samples", "eval_every",
+    "eval_samples", "log_every", "plot_every", "ckpt_every", "ckpt_minutes",
+)  # fmt: skip
+NON_NEGATIVE = ("reg", "seed", "threads", "workers", "recover_retries")
+FINITE = ("h", "h_g", "lr")
+
+
+def choices() -> dict[str, tuple]:
+    """The options with a fixed set of values, and those values."""
+    from ..game.autograd import ENGINES
+    from ..game.losses import LOSSES
+    from ..game.penalty import METHODS
+    from ..ode import COUPLINGS, PENALTY_PLACEMENTS, SCHEDULES, TABLEAUS
+    from ..ops import BACKENDS
+    from ..problems import ARCHS, PROBLEMS
+
+    return {
+        "problem": PROBLEMS,
+        "optimizer": ("ode", "adam", "sgd"),
+        "method": tuple(TABLEAUS),
+        "penalty_at": PENALTY_PLACEMENTS,
+        "coupling": COUPLINGS,
+        "data_per_stage": ("fresh", "shared"),
+        "schedule": tuple(SCHEDULES),
+        "loss": tuple(LOSSES),
+        "penalty_method": METHODS,
+        "grads": ENGINES,
+        "backend": ("auto", *BACKENDS, "cuda"),
+        "arch": ARCHS,
+    }
+
+
+def coerce(name: str, value, hint):
+    """``value`` as option ``name``'s type (``hint``), or a TypeError naming the option and what it expects."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return int(value) if isinstance(value, (int, str)) else _fail()
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value) if isinstance(value, (int, float, str)) else _fail()
+        if hint is str:
+            return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else _fail()
+        if origin is tuple:
+            items = list(value) if isinstance(value, (list, tuple)) else _fail()
+            if len(items) != len(typing.get_args(hint)):
+                raise ValueError
+            return tuple(coerce(name, v, t) for v, t in zip(items, typing.get_args(hint)))
+    except (ValueError, TypeError):
+        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+        raise TypeError(f"option {name} expects {want}, got {value!r}") from None
+    return value
+
+
+def _fail():
+    raise ValueError
 
 
 # The paper's colab on the 16-Gaussian mixture (its public notebook, odegan_mog16.ipynb).
@@ -183,6 +275,28 @@ def make_config(preset: str = "mog", **overrides) -> Config:
     if bad:
         raise ValueError(f"unknown option(s) {sorted(bad)}; options are {sorted(fields)}")
     cfg = Config(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    cfg.validate()
+    return cfg
+
+
+def load_config(path, **overrides) -> Config:
+    """A Config from a JSON file (a run's own config.json round-trips), with ``overrides`` on top, validated."""
+    import json
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    try:
+        options = renamed(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{path} must hold a JSON object of options")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = set(options) - fields - {"extra"}  # 'extra' was an unused field of 0.1's config.json
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {sorted(unknown)}; options are {sorted(fields)}")
+    options = {k: v for k, v in options.items() if k in fields}
+    cfg = Config(**{**options, **{k: v for k, v in renamed(overrides).items() if v is not None}})
     cfg.validate()
     return cfg
 

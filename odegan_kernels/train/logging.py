@@ -9,7 +9,8 @@ import torch
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON row per log interval and per evaluation, appended; only rank 0 writes."""
+    """metrics.jsonl: one JSON row per log interval (it has ``steps_per_s``), per evaluation, and per event (it
+    has ``event``), appended; only rank 0 writes."""
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path, self.enabled = Path(path), enabled
@@ -23,28 +24,67 @@ class MetricsLog:
         if self.enabled:
             self.path.unlink(missing_ok=True)
 
+    def rows(self) -> list[dict]:
+        """The rows written so far (a line torn by a kill is skipped)."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def truncate(self, step: int, pending: tuple[str, ...] = ()) -> None:
+        """Keep only what a run resumed (or rolled back) at ``step`` has done: rows of earlier steps, rows of
+        ``step`` whose kind ("log", "eval") is not still ``pending``, and every event row."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in self.rows() if "event" in r or _kept(r, step, pending)]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(self.path)
+
+
+def _kept(row: dict, step: int, pending) -> bool:
+    s = row.get("step", 0)
+    kind = "log" if "steps_per_s" in row else "eval"
+    return s < step or (s == step and kind not in pending)
+
 
 class IntervalMeans:
-    """Sums of the per-step statistics over a log interval, kept on the device (no host sync per step)."""
+    """Sums of the per-step statistics over a log interval, kept on the device (no host sync per step); a
+    non-finite statistic makes its sum non-finite, so the sums double as the divergence flag."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for k, v in stats.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
 
-    def means(self, n: int, flag: torch.Tensor, world: int = 1) -> tuple[dict[str, float], bool]:
-        """(each statistic's mean over ``n`` steps and over the ranks, whether any rank raised ``flag``), in one
-        host sync and, under torchrun, one all-reduce, so every rank decides alike; then starts a new interval."""
-        keys = list(self.sums)
-        vals = torch.stack([self.sums[k].float().reshape(()) for k in keys] + [flag])
+    def means(self, extra: list[torch.Tensor], world: int = 1) -> tuple[dict[str, float], list[float]]:
+        """(each statistic's mean over the interval's steps and over the ranks, the ``extra`` 0-dim values summed
+        over the ranks), in one host sync and, under torchrun, one all-reduce, so every rank decides alike;
+        then starts a new interval."""
+        keys, k = list(self.sums), len(extra)
+        vals = torch.stack([self.sums[key].float().reshape(()) for key in keys] + [e.float() for e in extra])
         if world > 1:
             torch.distributed.all_reduce(vals)
-            vals[:-1] /= world
-        out = vals.tolist()
-        self.sums = {}
-        return {k: v / n for k, v in zip(keys, out)}, out[-1] > 0
+            vals[: len(keys)] /= world
+        out, n = vals.tolist(), max(self.count, 1)
+        self.sums, self.count = {}, 0
+        return {key: v / n for key, v in zip(keys, out)}, out[len(keys) :] if k else []
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.detach().clone() for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = dict(state.get("sums", {}))
+        self.count = int(state.get("count", 0))
 
 
 def plot_metrics(out: Path) -> None:
@@ -54,7 +94,7 @@ def plot_metrics(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in MetricsLog(out / "metrics.jsonl").rows() if "event" not in r]
     keys = [
         k
         for k in ("loss_d", "loss_g", "penalty", "modes", "high_quality", "kl", "radius", "fid")

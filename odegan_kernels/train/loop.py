@@ -19,22 +19,24 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import all_gather_objects, init_distributed
+from ..distributed import init_distributed
 from ..flat import FlatParams
 from ..graphs import StaticBatches
 from ..problems import build_problem
-from .baselines import build_optimizer, scheduler_state_at
-from .checkpoint import atomic_save, load_checkpoint
+from .baselines import build_optimizer
+from .checkpoint import (
+    CHECKPOINT,
+    RunLock,
+    remove_stale_temporaries,
+)
 from .closure import GameClosure, RandomStreams
-from .config import Config, renamed, resolve_device
+from .config import Config, resolve_device
 from .logging import IntervalMeans, MetricsLog, plot_metrics
+from .recovery import Recovery
+from .state import NonFiniteError, StopRequests, TrainerState, TrainingInterrupted
 
 
-class NonFiniteError(RuntimeError):
-    """Training reached non-finite values (the message says where, and which checkpoint is the last good one)."""
-
-
-class Trainer:
+class Trainer(TrainerState):
     """Builds the problem, the flat parameters, the optimiser and the closure from a Config; ``run()`` trains."""
 
     def __init__(self, cfg: Config) -> None:
@@ -65,6 +67,9 @@ class Trainer:
         self.game_closure = GameClosure(cfg, self.problem, self.streams.data, self.streams.z, static)
         self.closure = self.game_closure  # what the optimiser calls (wrap it to observe or inject)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main)
+        self.means = IntervalMeans()
+        self.pending: list[str] = []  # what is still to do after the last finished step (log, eval, plot, ckpt)
+        self.recovery = Recovery(self, cfg.recover_factor, cfg.recover_retries)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimiser step; returns its statistics (0-dim tensors on the device: losses, penalty)."""
@@ -92,87 +97,44 @@ class Trainer:
     def evaluate(self) -> dict:
         return {"step": self.step, **self.problem.evaluate(self.samples())}
 
-    # -- checkpoints -----------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Everything a resumed run needs; collective under torchrun (every rank's random streams)."""
-        return {
-            "step": self.step,
-            "D": self.D.state_dict(),
-            "G": self.G.state_dict(),
-            "opt": self.opt.state_dict(),
-            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-            "problem": self.problem.state_dict(),
-            "rng": all_gather_objects(self.streams.state(), self.world),  # one entry per rank
-            "config": dataclasses.asdict(self.cfg),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = renamed(state.get("config", {}))
-        for key in Config.resume_keys():
-            if key in saved and _norm(saved[key]) != _norm(getattr(self.cfg, key)):
-                raise ValueError(
-                    f"checkpoint was trained with {key}={saved[key]!r} but this run asks for "
-                    f"{key}={getattr(self.cfg, key)!r}; use another --out or match the option"
-                )
-        self.D.load_state_dict(state["D"])
-        self.G.load_state_dict(state["G"])
-        self.flat.check_modules(self.D, self.G)
-        self.opt.load_state_dict(state["opt"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(
-                state.get("scheduler") or scheduler_state_at(self.scheduler, int(state["step"]))
-            )
-            self.opt.h = self.scheduler.get_last_lr()
-        self.problem.load_state_dict(state.get("problem", {}))
-        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        if len(rng) != self.world:
-            raise ValueError(
-                f"checkpoint was written by {len(rng)} rank(s) but this run has {self.world}: each rank's "
-                "data and noise streams continue from it, so resume with the same number of processes"
-            )
-        self.streams.set_state(rng[self.rank])
-        self.step = int(state["step"])
-
-    def save_checkpoint(self) -> Path:
-        """Write checkpoint.pt atomically; never over a good checkpoint with non-finite parameters.
-
-        Under torchrun every rank calls this (the random streams are gathered) and rank 0 writes.
-        """
-        path = self.out / "checkpoint.pt"
-        if not bool(torch.isfinite(self.flat.params).all()):  # the same on every rank: params are shared
-            raise NonFiniteError(
-                f"non-finite parameters at step {self.step}; kept the last good checkpoint {path}. "
-                "Lower the step size h or raise reg."
-            )
-        state = self.state_dict()
-        if self.is_main:
-            atomic_save(state, path)
-        return path
-
-    def maybe_resume(self) -> bool:
-        path = self.out / "checkpoint.pt"
-        if not path.exists():
-            return False
-        self.load_state_dict(load_checkpoint(path, self.cfg.device))
-        return True
-
     # -- the loop ----------------------------------------------------------------------------------------
-    def run(self, resume: bool = True) -> dict:
+    def run(self, resume: bool = True, allow_change: bool = False) -> dict:
+        """Train to ``cfg.steps``, resuming from the run folder unless ``resume=False``; returns the summary.
+
+        ``allow_change``: resume although h, h_g, reg or lr differ from the checkpoint's (recorded in
+        metrics.jsonl). Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint (a second one stops
+        at once, rolling the unfinished step back) and raises TrainingInterrupted; the run resumes exactly.
+        """
+        lock = None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(self.out).acquire()
+        try:
+            with StopRequests(immediate=self.world > 1) as self._stop:
+                return self._run(resume, allow_change)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, resume: bool, allow_change: bool) -> dict:
         from tqdm import tqdm
 
         cfg, main = self.cfg, self.is_main
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        resumed = resume and self.maybe_resume()
+            remove_stale_temporaries(self.out)
+        resumed = resume and self.maybe_resume(allow_change) is not None
         if main:
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        if not resumed:
+        if resumed:
+            self.metrics.truncate(self.step, tuple(self.pending))
+        else:
             self.metrics.clear()
             if main:
                 self.metrics.write(self.evaluate())
-        last_ckpt = time.monotonic()
+        self._last_ckpt, self._result = time.monotonic(), {}
         t0, s0 = time.perf_counter(), self.step
-        bar = tqdm(
+        self._rate = lambda: (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
+        self._bar = tqdm(
             total=cfg.steps,
             initial=self.step,
             disable=not (cfg.progress and main),
@@ -180,65 +142,109 @@ class Trainer:
             mininterval=0.1 if sys.stderr.isatty() else 30,
             desc=f"{cfg.problem} {cfg.optimizer}:{cfg.method}",
         )
-        result: dict = {}
-        means = IntervalMeans()
-        rng_before, data_before = self.streams.state(), self.problem.state_dict()
+        self._pmax0, self._warned = float(self.flat.params.abs().max()), 0.0
+        self.recovery.snapshot()
+        rng_before, data_before, in_step = self.streams.state(), self.problem.state_dict(), False
         try:
+            self._finish_step()  # what an interrupted run left to do after its last step
             while self.step < cfg.steps:
-                # an interrupted step is replayed exactly on resume: its noise and its data
-                rng_before, data_before = self.streams.state(), self.problem.state_dict()
-                means.add(self.train_step())
-                bar.update(1)
-                want_ckpt = False
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                    late = time.monotonic() - last_ckpt > 60 * cfg.ckpt_minutes
-                    rec, want_ckpt = means.means(n, self.flat.params.new_tensor(float(late and main)), self.world)
-                    bad = [k for k, v in rec.items() if not math.isfinite(v)]
-                    if bad or not bool(torch.isfinite(self.flat.params).all()):
-                        raise NonFiniteError(
-                            f"non-finite {'values in ' + ', '.join(bad) if bad else 'parameters'} by step "
-                            f"{self.step}; the last good checkpoint (if any) is {self.out / 'checkpoint.pt'}. "
-                            "Lower the step size h or raise reg."
-                        )
-                    rate = (self.step - s0) / (time.perf_counter() - t0)
-                    self.metrics.write({"step": self.step, **rec, "steps_per_s": rate})
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
-                if main and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    result = self.evaluate()
-                    self.metrics.write(result)
-                    bar.write(
-                        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
-                    )
-                if main and (self.step % cfg.plot_every == 0 or self.step == cfg.steps):
-                    title = f"{cfg.problem} {cfg.method} step {self.step}"
-                    self.problem.plot(self.samples(), self.out / f"samples_{self.step:07d}.png", title)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or want_ckpt:
-                    self.save_checkpoint()
-                    last_ckpt = time.monotonic()
+                rng_before, data_before, in_step = self.streams.state(), self.problem.state_dict(), True
+                stats = self.train_step()
+                in_step = False
+                self.means.add(stats)
+                self._bar.update(1)
+                self.pending = self._due()
+                self._finish_step()
         except KeyboardInterrupt:
-            if self.world > 1:
-                # the ranks stop at different points, so a collective save could hang: keep the last one
-                bar.write(f"rank {self.rank} interrupted at step {self.step}; the last checkpoint stands")
-                raise
-            # the interrupted step was rolled back by the stepper: save what the completed steps reached
-            bar.write(f"interrupted at step {self.step}: saving {self.out / 'checkpoint.pt'}")
-            self.streams.set_state(rng_before)
-            self.problem.load_state_dict(data_before)
-            self.save_checkpoint()
-            raise
+            if in_step:  # the stepper rolled the unfinished step back: replay its noise and data on resume
+                self.streams.set_state(rng_before)
+                self.problem.load_state_dict(data_before)
+            if self.world > 1:  # the ranks stop at different points: a collective save could hang
+                raise TrainingInterrupted(
+                    f"rank {self.rank} interrupted at step {self.step}; the last checkpoint stands"
+                ) from None
+            path = self.save_checkpoint()
+            raise TrainingInterrupted(
+                f"interrupted at step {self.step}; saved {path}; rerun the same command to resume"
+            ) from None
         finally:
-            bar.close()
-        elapsed = time.perf_counter() - t0
-        if not main:
-            return {"step": self.step, "rank": self.rank, "seconds": elapsed}
-        if not result:  # resumed at or past cfg.steps: nothing ran, still report where the run stands
-            result = self.evaluate()
-        summary = {**result, "seconds": elapsed, "steps_per_s": (self.step - s0) / max(elapsed, 1e-9)}
+            self._bar.close()
+        return self._summary(self._rate())
+
+    def _due(self) -> list[str]:
+        cfg, s = self.cfg, self.step
+        last = s == cfg.steps
+        every = (("log", cfg.log_every), ("eval", cfg.eval_every), ("plot", cfg.plot_every), ("ckpt", cfg.ckpt_every))
+        return [item for item, n in every if s % n == 0 or last]
+
+    def _finish_step(self) -> None:
+        """Do what is due after the last finished step, one item at a time (an interrupted run saves the rest as
+        pending, and its resumption does it first); stop here when a stop was requested."""
+        while self.pending:
+            self._stop.check(self)
+            item = self.pending.pop(0)
+            if item == "log":
+                self._log_interval()
+            elif item == "eval" and self.is_main:
+                self._result = self.evaluate()
+                self.metrics.write(self._result)
+                self._bar.write(
+                    " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self._result.items())
+                )
+            elif item == "plot" and self.is_main:
+                title = f"{self.cfg.problem} {self.cfg.method} step {self.step}"
+                self.problem.plot(self.samples(), self.out / f"samples_{self.step:07d}.png", title)
+            elif item == "ckpt":
+                self.save_checkpoint()
+                self._last_ckpt = time.monotonic()
+        self._stop.check(self)
+
+    def _log_interval(self) -> None:
+        """The interval's means and the divergence check (one host sync, one all-reduce under torchrun): a row in
+        metrics.jsonl, or a rollback to the last good state with a smaller step size."""
+        late = time.monotonic() - self._last_ckpt > 60 * self.cfg.ckpt_minutes
+        params = self.flat.params
+        rec, (late_any, pmax) = self.means.means(
+            [params.new_tensor(float(late and self.is_main)), params.abs().max()], self.world
+        )
+        bad = [k for k, v in rec.items() if not math.isfinite(v)] + ([] if math.isfinite(pmax) else ["parameters"])
+        if bad:
+            what = f"non-finite {', '.join(bad)} by step {self.step}"
+            event = self.recovery.rollback()
+            if event is None:
+                raise NonFiniteError(
+                    f"{what} ({self.cfg.recover_retries} rollbacks allowed); the last good checkpoint (if any) is "
+                    f"{self.out / CHECKPOINT}. Lower the step size h or raise reg (rerun with --allow-change to keep "
+                    "this run folder)."
+                )
+            self.metrics.truncate(self.step)
+            self.metrics.write(event)
+            self._bar.write(
+                f"{what}: rolled back to step {self.step}, h now {event['h']} ({event['retries_left']} retries left)"
+            )
+            self.pending = []  # the good state's step had done its own
+            return
+        self.metrics.write({"step": self.step, **rec, "steps_per_s": self._rate()})
+        self._bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
+        if pmax > 1e3 * max(self._pmax0, 1e-12) and pmax > 10 * self._warned:
+            self._warned = pmax
+            self.metrics.write(
+                {"step": self.step, "event": "param_growth", "max_abs": pmax, "initial_max_abs": self._pmax0}
+            )
+            self._bar.write(
+                f"warning: max |parameter| {pmax:.3g} at step {self.step} (was {self._pmax0:.3g}): h may be too large"
+            )
+        if late_any > 0 and "ckpt" not in self.pending:
+            self.pending.append("ckpt")
+        self.recovery.snapshot()
+
+    def _summary(self, rate: float) -> dict:
+        if not self.is_main:
+            return {"step": self.step, "rank": self.rank, "steps_per_s": rate}
+        result = self._result or self.evaluate()  # resumed at or past cfg.steps: still report where the run stands
+        if not self._result:  # nothing ran: the run's own speed, from its last logged interval
+            rate = next((r["steps_per_s"] for r in reversed(self.metrics.rows()) if "steps_per_s" in r), 0.0)
+        summary = {**result, "steps_per_s": rate}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_metrics(self.out)
         return summary
-
-
-def _norm(v):
-    return list(v) if isinstance(v, tuple) else v
