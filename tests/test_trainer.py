@@ -74,7 +74,11 @@ def test_nan_stops_with_a_clear_error(tmp_path):
         tr.run()
     # each rollback is recorded, with the step size halved each time; then the run stops
     events = [r for r in tr.metrics.rows() if r.get("event") == "diverged"]
-    assert [(e["step"], e["rolled_back_to"], e["retries_left"]) for e in events] == [(15, 10, 2), (15, 10, 1), (15, 10, 0)]
+    assert [(e["step"], e["rolled_back_to"], e["retries_left"]) for e in events] == [
+        (15, 10, 2),
+        (15, 10, 1),
+        (15, 10, 0),
+    ]
     assert [e["h"][0] for e in events] == pytest.approx([0.05, 0.025, 0.0125])
     # the last good checkpoint (step 10) is intact and resumable
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
