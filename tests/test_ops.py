@@ -416,6 +416,40 @@ def test_sqnorm_bad_inputs(backend):
         ops.sqnorm([torch.ones(3, dtype=torch.int64)], backend=backend)
 
 
+BAD_SQNORM_ARGS = [
+    ([1.0, 2.0], TypeError, r"tensors\[0\] is a float, not a tensor: pass tensors"),
+    ([torch.ones(2), 3], TypeError, r"tensors\[1\] is a int, not a tensor"),
+    (None, TypeError, "tensors must be a tensor or a sequence of tensors, got NoneType"),
+    (5, TypeError, "tensors must be a tensor or a sequence of tensors, got int"),
+    ("ab", TypeError, "tensors must be a tensor or a sequence of tensors, got str"),
+    ({"w": torch.ones(2)}, TypeError, "tensors must be a tensor or a sequence of tensors, got dict"),
+    ([torch.ones(3).to_sparse()], TypeError, r"tensors\[0\] is a torch.sparse_coo tensor.*to_dense"),
+    ([torch.ones(3, dtype=torch.bool)], TypeError, "torch.bool"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"] + BACKENDS)
+@pytest.mark.parametrize("tensors, exc, match", BAD_SQNORM_ARGS, ids=lambda v: type(v).__name__)
+def test_sqnorm_bad_argument_types(backend, tensors, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.sqnorm(tensors, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_sqnorm_of_views_generators_and_empty_tensors(backend, rng):
+    """Non-contiguous views, a generator, one bare tensor and tensors with no elements all give the reference's
+    sum (an all-empty list sums to an exact zero)."""
+    base = torch.randn(64, 33, generator=rng).to(DEVICE)
+    views = [base.t(), base[::3, 1::2], base[:, 5], torch.empty(0, 4, device=DEVICE)]
+    want = reference.sqnorm([v.contiguous() for v in views])
+    got = ops.sqnorm((v for v in views), backend=backend)
+    assert_close(got.reshape(1), want.reshape(1), what=f"{backend} views", rtol=1e-5, atol=1e-6)
+    one = ops.sqnorm(base, backend=backend)
+    assert_close(one.reshape(1), base.square().sum().reshape(1), what=f"{backend} one tensor", rtol=1e-5, atol=1e-6)
+    zero = ops.sqnorm([torch.empty(0, device=DEVICE), torch.empty(3, 0, device=DEVICE)], backend=backend)
+    assert zero.dtype == torch.float32 and zero.item() == 0.0
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, by design
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 def test_sqnorm_overflow_is_inf_not_an_error(backend):
