@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     sub.add_parser("presets", help="list presets and their options")
     sub.add_parser("backends", help="which op backends run here, and why not")
+    st = sub.add_parser("study", help="a study with closed-form answers: dirac (which training methods converge)")
+    st.add_argument("name", choices=["dirac"])
+    st.add_argument("args", nargs=argparse.REMAINDER, help="the study's own options (--steps, --h, --out, ...)")
     return p
 
 
@@ -132,6 +135,10 @@ def main(argv=None) -> int:
             why = ops.why_unavailable(b)
             print(f"{b:10s} {'available' if why is None else 'unavailable: ' + why}")
         return 0
+    if args.cmd == "study":
+        from .study import main as study_main
+
+        return study_main(args.args)
     return _train(args)
 
 

@@ -20,6 +20,7 @@ LAYERS = [
     {"data", "metrics"},
     {"problems"},
     {"train"},
+    {"study"},
     {"cli", "__main__"},
 ]
 MAX_LINES = 400
