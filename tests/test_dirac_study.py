@@ -126,3 +126,17 @@ def test_the_command_writes_the_table_and_the_figure(tmp_path):
     assert table.count("\n| ") == 2 + len(methods())
     assert (tmp_path / "trajectories.png").stat().st_size > 10_000
     assert "WGAN-GP" in table and "none: " in table
+
+
+@pytest.mark.parametrize("preset,converges", [("dirac-r1", True), ("dirac-consensus", True), ("dirac-wgan-gp", False)])
+def test_the_trainer_presets_reproduce_the_study(tmp_path, preset, converges):
+    """The trainer's options reach the same answer as the study (float32 here, float64 there)."""
+    from odegan_kernels.train import Trainer, make_config
+
+    cfg = make_config(preset, out=str(tmp_path), progress=False, eval_every=10**6, log_every=500)
+    summary = Trainer(cfg).run(resume=False)
+    method = {"dirac-r1": "R1", "dirac-consensus": "consensus", "dirac-wgan-gp": "WGAN-GP"}[preset]
+    m = next(m for m in methods() if m.name == method and m.update == "simultaneous")
+    study_end = trajectory(m, steps=cfg.steps, h=cfg.h)[-1]
+    assert (summary["radius"] < 1e-3) == converges, summary
+    assert summary["radius"] == pytest.approx(math.hypot(*study_end), rel=1e-2, abs=1e-6)

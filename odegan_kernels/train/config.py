@@ -255,6 +255,14 @@ PRESETS: dict[str, dict] = {
         IMAGE_RUN, problem="imagefolder", arch="resnet128", image_size=128, workers=8, out="runs/imagenet128"
     ),
 }
+# DiracGAN under simultaneous GD (Euler, h 0.1, the minimax loss) with Mescheder et al. 2018's regularisers: the
+# study's settings (odegan study dirac, docs/RESULTS.md): R1 and consensus converge, WGAN-GP does not.
+for _name, _extra in (("r1", dict(r1=0.3)), ("consensus", dict(consensus=1.0)), ("wgan-gp", dict(wgan_gp=1.0))):
+    _loss = "wasserstein" if _name == "wgan-gp" else "minimax"
+    PRESETS[f"dirac-{_name}"] = {
+        **PRESETS["dirac"], "method": "euler", "h": 0.1, "reg": 0.0, "loss": _loss, "steps": 1000,
+        "out": f"runs/dirac-{_name}", **_extra,
+    }  # fmt: skip
 
 
 RENAMED = {"penalty": "penalty_at"}  # options renamed in 0.2: old name -> new name
