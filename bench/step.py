@@ -120,7 +120,7 @@ def naive_step(D, G, real, z):
 
 
 def stepper_for(D, G, method="rk4", cuda_graph=False, penalty_method="double_backward"):
-    flat = FlatParams([D, G])
+    flat = FlatParams(D=D, G=G)
     st = ODEStepper(flat, method, h=H, reg=LAM, penalty_at="first_stage", coupling="joint", cuda_graph=cuda_graph)
     return flat, st
 
@@ -279,7 +279,7 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
 
     # (f) Adam and Euler on the same model
     D, G, real, z = make_models(name, device, batch)
-    flat_a = FlatParams([D, G])
+    flat_a = FlatParams(D=D, G=G)
     adam = torch.optim.Adam(flat_a.parameters(), lr=1e-4, betas=(0.5, 0.999), fused=is_cuda or None)
 
     def adam_step():

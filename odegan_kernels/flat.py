@@ -38,30 +38,54 @@ class FlatEntry(NamedTuple):
     name: str
 
 
+def _named_players(players, names, named) -> tuple[list, list[str]]:
+    """(players, names) from FlatParams' arguments; refuses anything that would name players by their order."""
+    if named:
+        if players is not None or names is not None:
+            raise TypeError("give the players as keywords (FlatParams(D=..., G=...)) or a list with names=, not both")
+        order = sorted(named, key=lambda k: k != "D")  # D first: the after-step penalty covers a prefix
+        return [named[k] for k in order], order
+    if players is None:
+        raise TypeError("FlatParams needs players: FlatParams(D=disc, G=gen), or FlatParams([a, b], names=[...])")
+    if isinstance(players, (nn.Module, torch.Tensor)):
+        players = [players]
+    players = list(players)
+    if not players:
+        raise ValueError("FlatParams needs at least one player")
+    if names is None:
+        if len(players) > 1:
+            raise TypeError(
+                f"FlatParams got {len(players)} players without names: which is the discriminator? Name them: "
+                "FlatParams(D=disc, G=gen), or FlatParams([...], names=[...])"
+            )
+        names = ["player0"]
+    names = list(names)
+    if len(names) != len(players):
+        raise ValueError(f"got {len(names)} names for {len(players)} players")
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"player names must be distinct non-empty strings, got {names}")
+    return players, names
+
+
 class FlatParams:
     """Parameters and gradients of several players in two contiguous buffers.
 
-    After construction every ``p.data`` and ``p.grad`` is a view into ``self.params`` / ``self.grads``,
-    so ``loss.backward()`` accumulates straight into the flat gradient buffer and ``zero_grad`` is one
-    memset. ``segments[i] = (start, end)`` is player ``i``'s half-open range; segments are contiguous and
-    cover the buffer. Modules keep their ordinary ``state_dict``.
+    Players are named, never told apart by their order: ``FlatParams(D=disc, G=gen)`` (D first in the
+    buffers whatever the keyword order, as the penalty paths expect), or ``FlatParams([a, b], names=["x", "y"])``
+    for other games; a single player needs no name. After construction every ``p.data`` and ``p.grad`` is a
+    view into ``self.params`` / ``self.grads``, so ``loss.backward()`` accumulates straight into the flat
+    gradient buffer and ``zero_grad`` is one memset. ``segments[i] = (start, end)`` is player ``i``'s half-open
+    range; segments are contiguous and cover the buffer. Modules keep their ordinary ``state_dict``.
     """
 
     def __init__(
         self,
-        players: Sequence[nn.Module | Iterable[torch.Tensor]],
+        players: Sequence[nn.Module | Iterable[torch.Tensor]] | None = None,
         names: Sequence[str] | None = None,
         dtype: torch.dtype = torch.float32,
+        **named: nn.Module | Iterable[torch.Tensor],
     ) -> None:
-        if len(players) == 0:
-            raise ValueError("FlatParams needs at least one player")
-        names = (
-            list(names)
-            if names is not None
-            else (["D", "G"] if len(players) == 2 else [f"player{i}" for i in range(len(players))])
-        )
-        if len(names) != len(players):
-            raise ValueError(f"got {len(names)} names for {len(players)} players")
+        players, names = _named_players(players, names, named)
         self.names = names
         self.dtype = dtype
         align = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
@@ -112,6 +136,7 @@ class FlatParams:
         self.grads = torch.zeros(offset, dtype=dtype, device=device)
         self.segments: list[tuple[int, int]] = segments
         self._layout = layout
+        self._modules = [(n, m) for n, m in zip(names, players) if isinstance(m, nn.Module)]
         with torch.no_grad():
             for p, off, _ in layout:
                 self.params[off : off + p.numel()].copy_(p.detach().reshape(-1))
@@ -159,36 +184,57 @@ class FlatParams:
     def zero_grad(self, player: int | str | None = None) -> None:
         """One memset over the flat gradient buffer (or one player's segment).
 
-        Gradients that user code detached from the buffer (``zero_grad(set_to_none=True)``) are re-attached.
+        Gradients that user code detached from the buffer (``zero_grad(set_to_none=True)``, ``p.grad = ...``)
+        are re-attached as views of it.
         """
         if player is None:
             self.grads.zero_()
         else:
             self.player_grads(player).zero_()
+        base, size = self.grads.data_ptr(), self.grads.element_size()
         for p, off, _ in self._layout:
-            if p.grad is None:
+            if p.grad is None or p.grad.data_ptr() != base + off * size:
                 p.grad = self.grads[off : off + p.numel()].view_as(p)
 
     def check(self) -> None:
-        """Raise if a parameter or gradient no longer lives in the flat buffers.
-
-        Catches a module whose parameters were replaced or re-assigned after flattening, and gradients
-        replaced by out-of-place accumulation (e.g. ``backward(create_graph=True)``), which would
-        otherwise be silently ignored by the fused kernels.
-        """
-        base_p, base_g = self.params.data_ptr(), self.grads.data_ptr()
-        size = self.params.element_size()
+        """Raise if a parameter no longer lives in the flat buffers, or a player's module now holds a
+        parameter that was not flattened (``layer.weight = nn.Parameter(...)`` after flattening): either would
+        be silently left untrained by the fused kernels. Then checks the gradients (``check_grads``)."""
+        base_p, size = self.params.data_ptr(), self.params.element_size()
         for p, off, name in self._layout:
             if p.data_ptr() != base_p + off * size:
                 raise RuntimeError(
                     f"parameter {name} no longer lives in the flat buffer (it was replaced or re-assigned "
                     "after flattening); build a new FlatParams after changing the model"
                 )
-            if p.grad is not None and p.grad.data_ptr() != base_g + off * size:
+        known = {id(e.param) for e in self._layout}
+        for pname, m in self._modules:
+            for name, p in m.named_parameters():
+                if p.requires_grad and id(p) not in known:
+                    raise RuntimeError(
+                        f"parameter {pname}.{name} was not flattened: it was assigned after FlatParams was built "
+                        "(e.g. layer.weight = nn.Parameter(...)) and would never be trained; change values in "
+                        "place (with torch.no_grad(): layer.weight.copy_(...)) or build a new FlatParams"
+                    )
+        self.check_grads()
+
+    def check_grads(self) -> None:
+        """Raise if a gradient was replaced by a tensor outside the flat buffer, or set to None: the fused
+        kernels would read the flat buffer and never see it."""
+        base_g, size = self.grads.data_ptr(), self.grads.element_size()
+        for p, off, name in self._layout:
+            g = p.grad
+            if g is None:
                 raise RuntimeError(
-                    f"gradient of {name} was replaced by a tensor outside the flat buffer (out-of-place "
-                    "accumulation, e.g. backward(create_graph=True)); use torch.autograd.grad for "
-                    "higher-order terms, or call FlatParams.zero_grad() before backward"
+                    f"the gradient of {name} was set to None (p.grad = None or zero_grad(set_to_none=True)) while "
+                    "the step needs it; zero gradients with FlatParams.zero_grad() or optimizer.zero_grad()"
+                )
+            if g.data_ptr() != base_g + off * size:
+                raise RuntimeError(
+                    f"the gradient of {name} was replaced by a tensor outside the flat buffer (p.grad = ..., or "
+                    "out-of-place accumulation such as backward(create_graph=True)), so the step would not see "
+                    "it; accumulate into it instead: p.grad.add_(g), or backward() into the existing .grad "
+                    "(torch.autograd.grad for higher-order terms)"
                 )
 
     def check_modules(self, *modules: nn.Module) -> None:

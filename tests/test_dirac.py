@@ -16,7 +16,7 @@ from odegan_kernels.models.dirac import dirac_pair
 
 def run(method, psi, theta, h, steps, reg=0.0, penalty="first_stage", coupling="joint", loss="minimax"):
     D, G = dirac_pair(psi, theta, dtype=torch.float64)
-    flat = FlatParams([D, G], dtype=torch.float64)
+    flat = FlatParams(D=D, G=G, dtype=torch.float64)
     st = ODEStepper(flat, method, h=h, reg=reg, penalty_at=penalty, coupling=coupling)
     real = torch.zeros(1, 1, dtype=torch.float64)
     z = torch.zeros(1, 1, dtype=torch.float64)

@@ -21,7 +21,7 @@ def _data(steps):
 
 def _train(coupling, penalty, reg, steps, rank=None, world=1, distributed=False):
     D, G = mog_pair(seed=1)
-    flat = FlatParams([D, G])
+    flat = FlatParams(D=D, G=G)
     st = ODEStepper(flat, "rk4", h=0.1, reg=reg, penalty_at=penalty, coupling=coupling, distributed=distributed)
     for x, z in _data(steps):
         if rank is not None:  # this rank's half of every batch
@@ -79,7 +79,7 @@ def test_regularised_ranks_stay_identical():
 def test_distributed_needs_an_initialised_group():
     D, G = mog_pair()
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
-        ODEStepper(FlatParams([D, G]), distributed=True)
+        ODEStepper(FlatParams(D=D, G=G), distributed=True)
 
 
 # -- the trainer under torchrun ------------------------------------------------------------------------

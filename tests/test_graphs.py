@@ -14,7 +14,7 @@ from .conftest import gpu
 def test_refuses_cpu_parameters():
     D, G = mog_pair()
     with pytest.raises(GraphCaptureError, match="needs the players' parameters on a CUDA device"):
-        ODEStepper(FlatParams([D, G]), cuda_graph=True)
+        ODEStepper(FlatParams(D=D, G=G), cuda_graph=True)
 
 
 def test_trainer_refuses_graph_for_baselines():
@@ -86,7 +86,7 @@ def _pair_on_cuda(seed=0):
 
 def _run(cuda_graph: bool, coupling: str, penalty: str, steps: int, data, zs, schedule):
     D, G = _pair_on_cuda()
-    flat = FlatParams([D, G])
+    flat = FlatParams(D=D, G=G)
     st = ODEStepper(
         flat,
         "rk4",
@@ -139,7 +139,7 @@ def test_no_host_sync_inside_the_step():
     zs = [torch.randn(4, 256, 32, generator=gen).cuda() for _ in range(6)]
     for cuda_graph in (False, True):
         D, G = _pair_on_cuda()
-        flat = FlatParams([D, G])
+        flat = FlatParams(D=D, G=G)
         st = ODEStepper(flat, "rk4", h=0.1, reg=0.07, cuda_graph=cuda_graph)
         x, z = data[0].clone(), zs[0].clone()
 
@@ -162,7 +162,7 @@ def test_no_host_sync_inside_the_step():
 @pytest.mark.gpu
 def test_closure_that_syncs_is_refused():
     D, G = _pair_on_cuda()
-    flat = FlatParams([D, G])
+    flat = FlatParams(D=D, G=G)
     st = ODEStepper(flat, "euler", h=0.1, cuda_graph=True, graph_warmup=1)
     x, z = torch.randn(64, 2).cuda(), torch.randn(64, 32).cuda()
 

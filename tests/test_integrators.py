@@ -57,7 +57,7 @@ def test_per_player_step_sizes():
     u = nn.Parameter(torch.randn(3, generator=gen, dtype=torch.float64))
     w = nn.Parameter(torch.randn(3, generator=gen, dtype=torch.float64))
     u0, w0 = u.detach().clone(), w.detach().clone()
-    flat = FlatParams([[u], [w]], dtype=torch.float64)
+    flat = FlatParams([[u], [w]], names=["D", "G"], dtype=torch.float64)
 
     def closure():
         u.grad.copy_(-(A @ u.detach()))
@@ -235,7 +235,7 @@ def _bilinear_game(dtype=torch.float64):
 def test_decoupled_coupling_freezes_the_other_player():
     M, th, ph = _bilinear_game()
     th0, ph0 = th.detach().clone(), ph.detach().clone()
-    flat = FlatParams([[th], [ph]], dtype=torch.float64)
+    flat = FlatParams([[th], [ph]], names=["D", "G"], dtype=torch.float64)
     calls = []
 
     def closure(stage):
@@ -258,7 +258,7 @@ def _penalty_game():
     W = torch.randn(2, 3, generator=gen, dtype=torch.float64)
     th = nn.Parameter(torch.randn(3, generator=gen, dtype=torch.float64))
     ph = nn.Parameter(torch.randn(2, generator=gen, dtype=torch.float64))
-    flat = FlatParams([[th], [ph]], dtype=torch.float64)
+    flat = FlatParams([[th], [ph]], names=["D", "G"], dtype=torch.float64)
 
     def closure(stage):
         ld = 0.5 * th.square().sum()
@@ -353,7 +353,7 @@ def _integrator_buffers(st: ODEStepper) -> int:
 )
 def test_integrator_memory(coupling, penalty, expected):
     M, th, ph = _bilinear_game()
-    flat = FlatParams([[th], [ph]], dtype=torch.float64)
+    flat = FlatParams([[th], [ph]], names=["D", "G"], dtype=torch.float64)
     st = ODEStepper(flat, "rk4", h=0.1, reg=0.1, penalty_at=penalty, coupling=coupling)
 
     def closure(stage):

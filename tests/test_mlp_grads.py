@@ -89,7 +89,7 @@ def test_reused_fakes_and_no_values():
     x, z = _batch(gen, 64, 64)
     fake = G(z).detach()
     pair = MLPPair(D, G)
-    flat = FlatParams([D, G], dtype=torch.float64)
+    flat = FlatParams(D=D, G=G, dtype=torch.float64)
     out = pair(x, z, players=(0,), fake=fake + 1.0, values=False)
     assert (out.loss_d, out.loss_g, out.penalty, out.penalty_grad) == (None,) * 4
     assert torch.equal(out.fake, fake + 1.0)
@@ -130,7 +130,7 @@ def test_what_is_recognised():
 
 def test_game_gradients_engine_switch():
     D, G = _pair(torch.float64)
-    flat = FlatParams([D, G], dtype=torch.float64)
+    flat = FlatParams(D=D, G=G, dtype=torch.float64)
     gen = torch.Generator().manual_seed(3)
     x, z = _batch(gen, 64, 64)
     results = {}
@@ -200,7 +200,7 @@ def test_adam_baseline_takes_a_given_penalty_gradient(tmp_path):
 
 def test_stepper_refuses_a_wrongly_shaped_penalty_gradient():
     D, G = mog_pair()
-    st = ODEStepper(FlatParams([D, G]), "euler", h=0.1, reg=0.1, penalty_at="after_step")
+    st = ODEStepper(FlatParams(D=D, G=G), "euler", h=0.1, reg=0.1, penalty_at="after_step")
     with pytest.raises(ValueError, match="one tensor per parameter of the regularised player"):
         st.step(lambda stage: {"penalty_grad": [torch.zeros(3)], "penalty": torch.zeros(())})
 

@@ -37,7 +37,7 @@ def test_shapes_init_and_one_rk4_step(arch):
             std = 1 / math.sqrt(fan_in)
             assert m.weight.abs().max() <= 2 * std + 1e-7  # truncated at 2 sigma
             assert m.bias is None or m.bias.abs().max() == 0
-    flat = FlatParams([D, G])
+    flat = FlatParams(D=D, G=G)
     st = ODEStepper(flat, "rk4", h=0.04, reg=0.02)
     real = torch.rand(4, 4, 3, 32, 32) * 2 - 1
     zs = torch.randn(4, 4, 128)
@@ -114,7 +114,7 @@ def test_conditional_resnet_bad_labels():
 
 def test_conditional_rk4_step_with_penalty():
     D, G = _conditional_pair()
-    flat = FlatParams([D, G])
+    flat = FlatParams(D=D, G=G)
     st = ODEStepper(flat, "rk4", h=0.04, reg=0.02)
     real = torch.rand(4, 4, 3, 32, 32) * 2 - 1
     zs, yr, yf = torch.randn(4, 4, 16), torch.randint(5, (4, 4)), torch.randint(5, (4, 4))

@@ -64,7 +64,7 @@ def make_pair(kind: str, dtype=torch.float64, batch: int | None = None, seed: in
 def ours(D, G, real, z, name, loss="ns", mix=None, y_real=None, y_fake=None, autocast=False):
     """The penalty's gradient as the optimisers get it: game_gradients' term, then apply_penalty (weight 1)
     into zeroed flat gradients. Returns (D's part, G's part) as flat vectors."""
-    flat = FlatParams([D, G], dtype=next(D.parameters()).dtype)
+    flat = FlatParams(D=D, G=G, dtype=next(D.parameters()).dtype)
     flat.zero_grad()
     pens = () if name == "g_reg" else (name,)
     res = game_gradients(
@@ -221,7 +221,7 @@ def test_consensus_in_a_one_player_call_fills_only_that_player():
     player's gradient (and penalty part) lands."""
     D, G, real, z, _, _ = make_pair("mlp")
     full_d, full_g = ours(D, G, real, z, "consensus")
-    flat = FlatParams([D, G], dtype=torch.float64)
+    flat = FlatParams(D=D, G=G, dtype=torch.float64)
     flat.zero_grad()
     res = game_gradients(D, G, real, z, players=(1,), penalties=("consensus",))
     flat.zero_grad()
@@ -239,7 +239,7 @@ def test_refusals_name_the_fix():
     with pytest.raises(ValueError, match="regularise D: players must include 0"):
         game_gradients(D, G, real, z, players=(1,), penalties=("r1",))
     res = game_gradients(D, G, real, z)
-    flat = FlatParams([D, G], dtype=torch.float64)
+    flat = FlatParams(D=D, G=G, dtype=torch.float64)
     with pytest.raises(TypeError, match="PenaltyTerm 'r1'"):
         apply_penalty(res, flat, {"r1": 1.0})
     with pytest.raises(ValueError, match="engine='mlp' cannot run here: the gradient penalties"):
@@ -251,7 +251,7 @@ def test_instance_noise_matches_between_the_engines():
     D, G, real, z, _, _ = make_pair("mlp")
     gen = torch.Generator().manual_seed(3)
     noise = tuple(0.3 * torch.randn(real.shape, generator=gen, dtype=real.dtype) for _ in range(2))
-    flat = FlatParams([D, G], dtype=torch.float64)
+    flat = FlatParams(D=D, G=G, dtype=torch.float64)
     got = {}
     for engine in ("autograd", "mlp"):
         flat.zero_grad()

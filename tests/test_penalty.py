@@ -42,7 +42,7 @@ def test_regulariser_grad_against_finite_differences():
 
 def test_game_gradients_penalty_matches_regulariser_grad():
     D, G, z = _pair()
-    flat = FlatParams([D, G], dtype=torch.float64)
+    flat = FlatParams(D=D, G=G, dtype=torch.float64)
     real = torch.randn(16, 2, dtype=torch.float64)
     out = game_gradients(D, G, real, z, penalty=True)
     want = regulariser_grad(g_loss(D(G(z))), list(D.parameters()), list(G.parameters()))

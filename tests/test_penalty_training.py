@@ -20,7 +20,7 @@ EULER = ((),), (1.0,)
 def _setup(seed=0):
     D, G = mog_pair(z_dim=4, hidden=8, seed=seed)
     D, G = D.double(), G.double()
-    flat = FlatParams([D, G], dtype=torch.float64)
+    flat = FlatParams(D=D, G=G, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed + 1)
     real, z = (
         torch.randn(16, 2, generator=gen, dtype=torch.float64),
@@ -163,7 +163,7 @@ def test_conditional_pair_steps_with_every_penalty():
     torch.manual_seed(0)
     D = ConditionalResNetDiscriminator(num_classes=3, ch=2, image_size=32)
     G = ConditionalResNetGenerator(z_dim=8, num_classes=3, ch=2, image_size=32)
-    flat = FlatParams([D, G])
+    flat = FlatParams(D=D, G=G)
     gen = torch.Generator().manual_seed(0)
     real, z = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1, torch.randn(4, 8, generator=gen)
     y_real, y_fake = torch.randint(3, (4,), generator=gen), torch.randint(3, (4,), generator=gen)

@@ -85,7 +85,7 @@ def plain_gradients(D, G, real, z, loss):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_cheaper_evaluation_equals_plain(loss):
     D, G, z, real = _setup(torch.float64)
-    flat = FlatParams([D, G], dtype=torch.float64)
+    flat = FlatParams(D=D, G=G, dtype=torch.float64)
     gd, gg = plain_gradients(D, G, real, z, loss)
     flat.zero_grad()
     game_gradients(D, G, real, z, loss)  # zero-sum losses take the one-backward path here
@@ -95,7 +95,7 @@ def test_cheaper_evaluation_equals_plain(loss):
 
 def test_zero_sum_flag_is_checked():
     D, G, z, real = _setup(torch.float64)
-    FlatParams([D, G], dtype=torch.float64)
+    FlatParams(D=D, G=G, dtype=torch.float64)
     with pytest.raises(ValueError, match="zero_sum=True needs a zero-sum loss"):
         game_gradients(D, G, real, z, "ns", zero_sum=True)
 
@@ -103,7 +103,7 @@ def test_zero_sum_flag_is_checked():
 def test_bf16_autocast_accuracy():
     """bf16 forward/backward against fp32: error of the order of bf16's precision (2^-8), stated."""
     D, G, z, real = _setup(torch.float32)
-    flat = FlatParams([D, G])
+    flat = FlatParams(D=D, G=G)
     flat.zero_grad()
     game_gradients(D, G, real, z)
     ref = flat.grads.clone()
@@ -120,7 +120,7 @@ def test_step_with_penalty_variant_matches_double_backward(method, placement):
     results = []
     for m in ("double_backward", method):
         D, G, z, real = _setup(torch.float64)
-        flat = FlatParams([D, G], dtype=torch.float64)
+        flat = FlatParams(D=D, G=G, dtype=torch.float64)
         st = ODEStepper(flat, "rk4", h=0.1, reg=0.5, penalty_at=placement)
         closure = lambda stage: game_gradients(
             D,

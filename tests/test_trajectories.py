@@ -50,7 +50,7 @@ def _stepper_run(
 ):
     D, G = mog_pair(8, 12, seed=seed)
     D, G = D.double(), G.double()
-    flat = FlatParams([D, G], dtype=torch.float64)
+    flat = FlatParams(D=D, G=G, dtype=torch.float64)
     st = ODEStepper(flat, **opts)
     sched = LambdaLR(st, schedule) if schedule else None
     gen = torch.Generator().manual_seed(seed + 7)

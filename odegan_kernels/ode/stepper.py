@@ -163,7 +163,6 @@ class ODEStepper(torch.optim.Optimizer):
             ]
         self._coeffs = torch.zeros(len(self._stages), nseg, 5, dtype=dt, device=dev)
         self._coeff_key = None
-        self._versions = None
         self._scratch = None
         self.distributed = distributed
         self.process_group = process_group
@@ -244,14 +243,10 @@ class ODEStepper(torch.optim.Optimizer):
         held = [self.x0, self.acc, self._reg_buf, *(self._scratch or ())]
         return [t for t in held if t is not None]
 
-    # -- x0 bookkeeping -------------------------------------------------------------------------------
-    def _param_versions(self) -> int:
-        return sum(p._version for p in self.flat.parameters())
-
     def sync(self) -> None:
-        """Take the parameters as they are now as the next step's start point."""
-        self.x0.copy_(self.flat.params)  # outside any graph: the captured step never reads params first
-        self._versions = self._param_versions()
+        """Take the parameters as they are now as the next step's start point (every step does this itself; kept
+        for callers of 0.1)."""
+        self.x0.copy_(self.flat.params)
 
     # -- the step --------------------------------------------------------------------------------------
     @staticmethod
@@ -283,19 +278,17 @@ class ODEStepper(torch.optim.Optimizer):
                 "the penalty (reg > 0) needs a closure that takes the Stage argument and returns the "
                 "regulariser when stage.penalty is set (game/contract.py)"
             )
+        self.flat.zero_grad()  # re-attaches gradients a user set to None between steps
         self.flat.check()
-        if self._versions is None or self._param_versions() != self._versions:
-            self.sync()
+        self.x0.copy_(self.flat.params)  # the step's start as the parameters are now: edits between steps count
         self._refresh_coeffs()  # outside any graph: replays read the coefficient tensor
         try:
             first = self.graph(closure) if self.graph is not None else self._run_stages(closure)
         except BaseException:
-            # A failure or Ctrl-C mid-step leaves params at a stage point; x0 still holds the step's start
-            # (only the last stage op overwrites it), so put the parameters back there.
+            # A failure or Ctrl-C mid-step leaves params at a stage point; x0 holds the step's start.
             self.flat.params.copy_(self.x0)
             raise
         self.steps += 1
-        self._versions = self._param_versions()
         return first
 
     def _run_stages(self, closure):
@@ -311,7 +304,9 @@ class ODEStepper(torch.optim.Optimizer):
                 flat.zero_grad()
                 pens = tuple(due(self.penalties, self.steps, everyone))
                 stage = Stage(i, self.steps, everyone, i == 0 and self.reg > 0, pens)
-                out = self._apply_penalty(call(stage), stage)
+                out = call(stage)
+                flat.check_grads()  # a closure that assigned p.grad = ... would move nothing
+                out = self._apply_penalty(out, stage)
                 if i == 0:
                     first = returned(out)
             else:
@@ -327,7 +322,6 @@ class ODEStepper(torch.optim.Optimizer):
                 self._coeffs[i],
                 flat.segments,
                 reg=self._reg_buf if last else None,
-                write_x0=last,
                 backend=self.backend,
             )
         return first
@@ -355,7 +349,9 @@ class ODEStepper(torch.optim.Optimizer):
                     holds[s] = want
             flat.zero_grad()
             stage = Stage(i, self.steps, (q,), False, tuple(due(self.penalties, self.steps, (q,))))
-            self._apply_penalty(call(stage), stage)
+            out = call(stage)
+            flat.check_grads()
+            self._apply_penalty(out, stage)
             gstash[lo:hi].copy_(flat.grads[lo:hi])
         flat.grads.copy_(gstash)
         # params are left as they are: the stage op that follows writes every one without reading it
@@ -391,4 +387,4 @@ class ODEStepper(torch.optim.Optimizer):
         self.steps = int(ode["steps"])
         self.reg = float(ode["reg"])
         self._coeff_key = None
-        self._versions = None  # take the (possibly reloaded) parameters as the next start point
+

@@ -49,7 +49,7 @@ class Trainer(TrainerState):
         self.out = Path(cfg.out)
         self.problem = build_problem(cfg.problem, cfg, self.rank, self.world)
         self.D, self.G = self.problem.D, self.problem.G
-        self.flat = FlatParams([self.D, self.G])
+        self.flat = FlatParams(D=self.D, G=self.G)
         if self.world > 1:  # every rank starts from rank 0's parameters
             torch.distributed.broadcast(self.flat.params, 0)
         dev = torch.device(cfg.device)
