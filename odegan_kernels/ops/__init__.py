@@ -139,9 +139,14 @@ def rk_stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0: bool 
 
         k = g + e*r;  acc <- a*acc + b*k;  params <- x0 + c*k + d*acc;  x0 <- params if write_x0
 
-    ``reg`` (optional) covers a prefix of the buffer (D's segment); beyond its length r counts as zero.
-    ``acc`` is not read where a == 0. ``coeffs`` is an ``[nseg, 5]`` tensor on the buffers' device (a
-    captured CUDA graph replays with whatever it holds) or a nested sequence of floats.
+    ``segments`` are (start, end) int pairs covering the buffer in order, any number of them (one per player;
+    empty ones allowed). ``reg`` (optional) covers a prefix of the buffer (D's segment); beyond its length r
+    counts as zero. ``acc`` is not read where a == 0. ``coeffs`` is an ``[nseg, 5]`` tensor on the buffers'
+    device (a captured CUDA graph replays with whatever it holds) or a nested sequence of floats.
+
+    The op is not differentiable: with grad mode on, a tensor argument that requires grad is refused (as torch
+    refuses an in-place write to a leaf); under no_grad the buffers it writes have their versions bumped, so a
+    graph that saved one of them refuses its backward.
     """
     coeffs, segs = check_stage_args(params, grads, x0, acc, coeffs, segments, reg, write_x0)
     name = resolve(backend, params.device, "stage")
@@ -149,7 +154,9 @@ def rk_stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0: bool 
 
 
 def sqnorm(tensors, backend: str = "auto") -> torch.Tensor:
-    """Sum of squared L2 norms over a list of tensors, in one reduction; differentiable twice."""
+    """Sum of squared L2 norms over a list of tensors (or one tensor), in one reduction; differentiable twice.
+
+    The tensors share one floating dtype and one device; any shape or strides, empty ones included."""
     tensors = check_tensor_list(tensors)
     name = resolve(backend, tensors[0].device, "sqnorm")
     return _modules[name].sqnorm(tensors)
