@@ -31,6 +31,16 @@ def mode_metrics(samples: torch.Tensor, centres: torch.Tensor, std: float, min_c
     least ``min_count`` high-quality samples are nearest to it. The KL is taken over the high-quality
     samples' nearest modes (log K when there are none: as far from uniform as a point mass).
     """
+    for name, t in (("samples", samples), ("centres", centres)):
+        if not torch.is_tensor(t) or t.dim() != 2 or t.shape[0] == 0:
+            got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+            raise ValueError(f"{name} must be a non-empty [N, D] tensor (one point per row), got {got}")
+    if samples.shape[1] != centres.shape[1]:
+        raise ValueError(f"samples are {samples.shape[1]}-D but centres are {centres.shape[1]}-D")
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
+        raise ValueError(f"std must be a positive number, got {std!r}")
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+        raise ValueError(f"min_count must be a positive int, got {min_count!r}")
     samples = samples.float().cpu()
     centres = centres.float().cpu()
     dist = torch.cdist(samples, centres)

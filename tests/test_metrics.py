@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from odegan_kernels.data import MixtureOfGaussians
@@ -74,3 +75,21 @@ def test_mixture_sampler_draws_on_its_generators_device(monkeypatch):
     assert mog.sample(512, torch.Generator().manual_seed(0)).device.type == "meta"
     assert mog.sample(100, torch.Generator().manual_seed(0)).shape == (100, 2)  # random-mode path
     assert calls == ["randn", "randint", "randn"]
+
+
+def test_mode_metrics_arguments_are_checked():
+    c = MOG.centres
+    with pytest.raises(ValueError, match=r"samples must be a non-empty \[N, D\] tensor .*got \(5,\)"):
+        mode_metrics(torch.zeros(5), c, MOG.std)
+    with pytest.raises(ValueError, match=r"samples must be .*got \(0, 2\)"):
+        mode_metrics(torch.zeros(0, 2), c, MOG.std)
+    with pytest.raises(ValueError, match="centres must be .*got list"):
+        mode_metrics(torch.zeros(4, 2), [[0.0, 0.0]], MOG.std)
+    with pytest.raises(ValueError, match="samples are 3-D but centres are 2-D"):
+        mode_metrics(torch.zeros(4, 3), c, MOG.std)
+    for bad in (0.0, -1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="std must be a positive number"):
+            mode_metrics(torch.zeros(4, 2), c, bad)
+    for bad in (0, 2.5, False):
+        with pytest.raises(ValueError, match="min_count must be a positive int"):
+            mode_metrics(torch.zeros(4, 2), c, MOG.std, min_count=bad)
