@@ -62,17 +62,19 @@ def read_checkpoint(path: Path, device="cpu") -> dict:
     """
     path = Path(path)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # a damaged file can also trip the unpickler's protocol warning
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc) or "weights_only" in str(exc):
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):  # an object that names code to run
             raise CheckpointError(
                 f"{path} holds objects other than tensors and plain containers; it was refused because "
                 "loading it could run code. Delete or move it if you did not write it"
             ) from None
         raise CheckpointError(f"{path} is corrupt ({_first_line(exc)}); delete or move it") from None
-    except (EOFError, RuntimeError, OSError, ValueError) as exc:
+    except Exception as exc:  # anything a damaged file makes the unpickler raise (EOFError, struct.error, ...)
         raise CheckpointError(
             f"{path} is empty, truncated or corrupt ({_first_line(exc)}); delete or move it"
         ) from None

@@ -68,16 +68,19 @@ class IntervalMeans:
 
     def means(self, extra: list[torch.Tensor], world: int = 1) -> tuple[dict[str, float], list[float]]:
         """(each statistic's mean over the interval's steps and over the ranks, the ``extra`` 0-dim values summed
-        over the ranks), in one host sync and, under torchrun, one all-reduce, so every rank decides alike;
-        then starts a new interval."""
+        over the ranks), in one host sync and, under torchrun, one all-reduce, so every rank decides alike.
+        The sums stay until ``reset()`` (an interrupted log interval is logged on resume)."""
         keys, k = list(self.sums), len(extra)
         vals = torch.stack([self.sums[key].float().reshape(()) for key in keys] + [e.float() for e in extra])
         if world > 1:
             torch.distributed.all_reduce(vals)
             vals[: len(keys)] /= world
         out, n = vals.tolist(), max(self.count, 1)
-        self.sums, self.count = {}, 0
         return {key: v / n for key, v in zip(keys, out)}, out[len(keys) :] if k else []
+
+    def reset(self) -> None:
+        """Start a new interval."""
+        self.sums, self.count = {}, 0
 
     def state_dict(self) -> dict:
         return {"sums": {k: v.detach().clone() for k, v in self.sums.items()}, "count": self.count}

@@ -155,6 +155,8 @@ class Trainer(TrainerState):
                 self._bar.update(1)
                 self.pending = self._due()
                 self._finish_step()
+        except TrainingInterrupted:
+            raise  # stopped at a step boundary, checkpoint written
         except KeyboardInterrupt:
             if in_step:  # the stepper rolled the unfinished step back: replay its noise and data on resume
                 self.streams.set_state(rng_before)
@@ -182,7 +184,7 @@ class Trainer(TrainerState):
         pending, and its resumption does it first); stop here when a stop was requested."""
         while self.pending:
             self._stop.check(self)
-            item = self.pending.pop(0)
+            item = self.pending[0]  # removed once done: an interrupted item is redone on resume
             if item == "log":
                 self._log_interval()
             elif item == "eval" and self.is_main:
@@ -195,8 +197,12 @@ class Trainer(TrainerState):
                 title = f"{self.cfg.problem} {self.cfg.method} step {self.step}"
                 self.problem.plot(self.samples(), self.out / f"samples_{self.step:07d}.png", title)
             elif item == "ckpt":
+                self.pending.pop(0)  # the checkpoint holds what is left after it
                 self.save_checkpoint()
                 self._last_ckpt = time.monotonic()
+                continue
+            if self.pending[:1] == [item]:  # (a rollback empties the list)
+                self.pending.pop(0)
         self._stop.check(self)
 
     def _log_interval(self) -> None:
@@ -225,6 +231,7 @@ class Trainer(TrainerState):
             self.pending = []  # the good state's step had done its own
             return
         self.metrics.write({"step": self.step, **rec, "steps_per_s": self._rate()})
+        self.means.reset()
         self._bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
         if pmax > 1e3 * max(self._pmax0, 1e-12) and pmax > 10 * self._warned:
             self._warned = pmax
