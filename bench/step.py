@@ -14,6 +14,10 @@ Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into 
   parts      4 gradient evaluations + the penalty, each timed alone in the step's regime (eager, or each
              captured in its own graph for 'graph'): the step over this is the overhead ratio
   adam       one Adam step (one gradient evaluation + the optimizer); euler: an Euler ODE step
+  pen:*      the gradient-penalty family: the joint RK4 step with one penalty (g_reg, r1, r2, wgan_gp,
+             consensus; r1_lazy16: R1 every 16 steps, amortised) against pen:none, the same step without
+             any, all through autograd and timed round-robin so a busy machine slows every row alike
+             (--no-penalties skips them)
 """
 
 from __future__ import annotations
@@ -170,7 +174,7 @@ def graphed(fn, device, warmup=3):
     return g.replay
 
 
-def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: float) -> None:
+def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: float, penalties: bool = True) -> None:
     is_cuda = device.type == "cuda"
 
     nan = float("nan")
@@ -293,6 +297,53 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
     cl_e = closure_for(D, G, real, z)
     record("euler", lambda: st_e.step(cl_e), params=[flat_e.params])
     sync(device)
+    if penalties:
+        for variant, med, p20, p80, note in penalty_rows(name, device, batch, rep_ms):
+            row(variant, med, p20, p80, note=note)
+            print(f"{name:5s} {variant:14s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}] {note}", flush=True)
+
+
+# (g) the gradient-penalty family: (variant, g_reg's lambda, the field penalties)
+PENALTY_VARIANTS = (
+    ("pen:none", 0.0, {}),
+    ("pen:g_reg", LAM, {}),
+    ("pen:r1", 0.0, {"r1": 1.0}),
+    ("pen:r2", 0.0, {"r2": 1.0}),
+    ("pen:wgan_gp", 0.0, {"wgan_gp": 1.0}),
+    ("pen:consensus", 0.0, {"consensus": 0.1}),
+    ("pen:r1_lazy16", 0.0, {"r1": (1.0, 16)}),
+)
+
+
+def penalty_rows(name: str, device, batch: int, rep_ms: float, rounds: int = 5) -> list[tuple]:
+    """(variant, median, p20, p80, note) of each penalty's RK4 step, timed in ``rounds`` round-robin passes over
+    the variants (the median of each pass's median), so load on a shared machine hits every variant alike."""
+    import statistics
+
+    steps = {}
+    for variant, reg, pens in PENALTY_VARIANTS:
+        D, G, real, z = make_models(name, device, batch)
+        flat = FlatParams(D=D, G=G)
+        st = ODEStepper(flat, "rk4", h=H, reg=reg, penalties=pens)
+        gen = torch.Generator(device=device).manual_seed(0)  # WGAN-GP's interpolation weights
+
+        def closure(stage, D=D, G=G, real=real, z=z, gen=gen):
+            return game_gradients(
+                D, G, real[stage.index], z[stage.index], players=stage.players, penalty=stage.penalty,
+                penalties=stage.penalties, generator=gen,
+            )  # fmt: skip
+
+        steps[variant] = (lambda st=st, cl=closure: st.step(cl), flat)
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    for _ in range(rounds):
+        for variant, (fn, _) in steps.items():
+            times[variant].append(bench(fn, device, warmup_ms=rep_ms / (4 * rounds), rep_ms=rep_ms / rounds)[0])
+    out = []
+    for variant, ts in times.items():
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else ts * 4
+        finite = bool(torch.isfinite(steps[variant][1].params).all())
+        out.append((variant, statistics.median(ts), q[0], q[-1], "" if finite else "DIVERGED: timed non-finite"))
+    return out
 
 
 def report(rows: list[dict], out: Path, env: dict) -> None:
@@ -321,6 +372,8 @@ def report(rows: list[dict], out: Path, env: dict) -> None:
         ratio("compile_fd", "ours", "torch.compile (FD penalty) / ours eager")
         ratio("ours", "adam", "ODE RK4 step / Adam step")
         ratio("euler", "adam", "ODE Euler step / Adam step")
+        for variant, *_ in PENALTY_VARIANTS[1:]:
+            ratio(variant, "pen:none", f"RK4 step with {variant[4:]} / the same step without penalties")
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     try:
         import matplotlib
@@ -350,6 +403,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dcgan-batch", type=int, default=None, help="batch of the image models")
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-penalties", action="store_true", help="skip the gradient-penalty rows (pen:*)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cores = torch.get_num_threads()
@@ -363,7 +417,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(1 if m == "mlp" else cores)
         batch = 512 if m == "mlp" else (args.dcgan_batch or (64 if device.type == "cuda" else 8))
         start = len(rows)
-        run_model(m, device, batch, rows, env, rep)
+        run_model(m, device, batch, rows, env, rep, penalties=not args.no_penalties)
         # written after every model, so a run stopped at a time limit keeps what it measured
         append_csv(out, rows[start:])
         report(rows, out, env)
