@@ -65,6 +65,7 @@ def image_loader(
     image_size: int = 32,
     rank: int = 0,
     world: int = 1,
+    channels: int = 3,
 ):
     """A DataLoader of (images scaled to [-1, 1], labels) from a local path (never downloads).
 
@@ -74,7 +75,10 @@ def image_loader(
 
     ``cifar10``: the torchvision CIFAR10 layout (``root/cifar-10-batches-py``); ``imagefolder``: any
     torchvision ImageFolder tree (ImageNet's train/ folder included), resized and centre-cropped.
+    ``channels``: 3 (RGB) or 1 (images converted to grayscale).
     """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     try:
         import torchvision
         from torchvision import transforms
@@ -87,7 +91,8 @@ def image_loader(
     path = Path(root)
     if not path.exists():
         raise FileNotFoundError(f"data path {root!r} does not exist (nothing is downloaded: give a local copy)")
-    norm = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    norm = transforms.Normalize((0.5,) * channels, (0.5,) * channels)
+    gray = [transforms.Grayscale(1)] if channels == 1 else []
     if dataset == "cifar10":
         if not (path / "cifar-10-batches-py").is_dir():
             raise FileNotFoundError(
@@ -113,13 +118,13 @@ def image_loader(
                 self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
         ds = LocalCIFAR10(
-            str(path), train=True, download=False, transform=transforms.Compose([transforms.ToTensor(), norm])
+            str(path), train=True, download=False, transform=transforms.Compose([*gray, transforms.ToTensor(), norm])
         )
     elif dataset == "imagefolder":
         ds = torchvision.datasets.ImageFolder(
             str(path),
             transform=transforms.Compose(
-                [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(), norm]
+                [*gray, transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(), norm]
             ),
         )
     else:

@@ -111,6 +111,7 @@ class ImageProblem(Problem):
         width: int | None = None,
         rank: int = 0,
         world: int = 1,
+        channels: int = 3,
     ) -> None:
         from .data import image_loader
         from .models.dcgan import DCGANDiscriminator, DCGANGenerator
@@ -121,19 +122,30 @@ class ImageProblem(Problem):
             raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
         if arch != "resnet128" and image_size != 32:
             raise ValueError(f"arch {arch!r} makes 32x32 images; image_size={image_size} needs arch='resnet128'")
-        if width is not None and arch != "resnet128":
-            raise ValueError(f"width sets the resnet128 pair's base channel count; arch {arch!r} has fixed widths")
+        if width is not None and arch == "resnet":
+            raise ValueError("width sets the dcgan and resnet128 pairs' base channel count; arch 'resnet' is fixed")
+        if channels != 3 and arch != "dcgan":
+            raise ValueError(f"channels={channels} (grayscale data) needs arch='dcgan'; arch {arch!r} takes RGB")
         if dataset == "cifar10" and image_size != 32:
             raise ValueError(f"CIFAR-10 images are 32x32; image_size={image_size} needs an ImageFolder dataset")
         # the data first: a conditional pair needs the number of classes
         self.loader = image_loader(
-            data, dataset, batch, seed=seed, workers=workers, image_size=image_size, rank=rank, world=world
+            data,
+            dataset,
+            batch,
+            seed=seed,
+            workers=workers,
+            image_size=image_size,
+            rank=rank,
+            world=world,
+            channels=channels,
         )
         torch.manual_seed(seed)
         self.z_dim = z_dim
-        self.sample_shape = (3, image_size, image_size)
+        self.sample_shape = (channels, image_size, image_size)
         if arch == "dcgan":
-            self.D, self.G = DCGANDiscriminator().to(device), DCGANGenerator(z_dim).to(device)
+            kw = {"channels": channels, **({} if width is None else {"width": width})}
+            self.D, self.G = DCGANDiscriminator(**kw).to(device), DCGANGenerator(z_dim, **kw).to(device)
         elif arch == "resnet":
             self.D, self.G = ResNetDiscriminator().to(device), ResNetGenerator(z_dim).to(device)
         else:
@@ -280,6 +292,7 @@ def build_problem(name: str, cfg, rank: int = 0, world: int = 1) -> Problem:
             arch=cfg.arch,
             image_size=cfg.image_size,
             width=cfg.width,
+            channels=cfg.channels,
             rank=rank,
             world=world,
         )

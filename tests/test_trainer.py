@@ -414,3 +414,43 @@ def test_image_options_are_checked(tmp_path):
         "cifar",
         "joint",
     )
+
+
+def test_tensorboard_and_console_ticks(tmp_path, capsys):
+    """TensorBoard events beside metrics.jsonl (scalars and sample pictures); without a progress bar (or when
+    piped) one plain line per log interval, nothing interleaved."""
+    pytest.importorskip("tensorboard", reason="tensorboard is in the [dev] extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(make_config("mog", steps=20, out=str(tmp_path), **FAST)).run()
+    lines = capsys.readouterr().out.splitlines()
+    ticks = [line for line in lines if line.startswith("step ") and "steps/s" in line]
+    assert [t.split()[1] for t in ticks] == ["5/20", "10/20", "15/20", "20/20"]
+    assert all("loss_d=" in t and "\r" not in t for t in ticks)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss_d", "train/loss_g", "train/penalty", "eval/modes"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("train/loss_d")] == [5, 10, 15, 20]
+    loss_rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss_d" in x]
+    assert [e.value for e in events.Scalars("train/loss_d")] == pytest.approx([r["loss_d"] for r in loss_rows])
+    assert "samples" in tags["images"]
+    off = make_config("mog", steps=5, out=str(tmp_path / "off"), tensorboard=False, **FAST)
+    Trainer(off).run()
+    assert not (tmp_path / "off" / "tensorboard").exists()
+
+
+def test_small_grayscale_dcgan(tmp_path):
+    """The reference DCGAN made narrow for quick trials, on 1-channel images."""
+    pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
+    write_imagefolder(tmp_path / "data", size=(32, 32))
+    cfg = tiny_image_config(tmp_path, "imagefolder", steps=2, batch=4, width=8, channels=1, eval_samples=8)
+    tr = Trainer(cfg)
+    assert tr.problem.sample_shape == (1, 32, 32)
+    assert tr.G(torch.randn(2, 128)).shape == (2, 1, 32, 32)
+    assert tr.flat.numel < 250_000  # width 64: 6.7 million
+    assert tr.run()["step"] == 2 and torch.isfinite(tr.flat.params).all()
+    with pytest.raises(ValueError, match="channels=1 .* needs arch='dcgan'"):
+        Trainer(tiny_image_config(tmp_path, "imagefolder", arch="resnet", channels=1))
+    with pytest.raises(ValueError, match="channels must be"):
+        make_config("cifar10", channels=0)

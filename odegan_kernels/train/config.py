@@ -72,7 +72,10 @@ class Config:
     data: str | None = option(None, "local dataset path (cifar10: the folder holding cifar-10-batches-py)")
     arch: str = option("dcgan", "image models: dcgan | resnet (32x32) | resnet128 (class-conditional)", match=True)
     image_size: int = option(32, "resnet128 on an ImageFolder: any power of two >= 32 (128 for ImageNet)", match=True)
-    width: int | None = option(None, "resnet128's base channel count (None: 64, SN-GAN's ImageNet width)", match=True)
+    width: int | None = option(
+        None, "dcgan / resnet128 base channel count (None: 64, the reference's and SN-GAN's)", match=True
+    )
+    channels: int = option(3, "image channels: 3 (RGB) or 1 (grayscale; arch dcgan)", match=True)
     workers: int = option(2, "data-loader worker processes")
     fid_real: str | None = option(None, "real images (folder or torch-fidelity input) for FID/IS")
     fid_samples: int = option(10_000, "generated samples per FID/IS evaluation")
@@ -84,7 +87,8 @@ class Config:
     ckpt_every: int = option(5_000, "write checkpoint.pt every this many steps")
     ckpt_minutes: float = option(10.0, "... and at least every this many minutes")
     out: str = option("runs/mog", "run folder")
-    progress: bool = option(True, "show a progress bar")
+    progress: bool = option(True, "show a progress bar on a terminal (else, and when piped: a line per log interval)")
+    tensorboard: bool = option(True, "also write TensorBoard events to OUT/tensorboard when tensorboard is installed")
     recover_retries: int = option(3, "divergence: roll back to the last good state this many times, then stop")
     recover_factor: float = option(0.5, "divergence: multiply the step size by this at each rollback")
 
@@ -127,8 +131,8 @@ class Config:
 
 
 POSITIVE = (
-    "h", "h_g", "lr", "steps", "batch", "z_dim", "hidden", "image_size", "width", "fid_samples", "eval_every",
-    "eval_samples", "log_every", "plot_every", "ckpt_every", "ckpt_minutes",
+    "h", "h_g", "lr", "steps", "batch", "z_dim", "hidden", "image_size", "width", "channels", "fid_samples",
+    "eval_every", "eval_samples", "log_every", "plot_every", "ckpt_every", "ckpt_minutes",
 )  # fmt: skip
 NON_NEGATIVE = ("reg", "seed", "threads", "workers", "recover_retries")
 FINITE = ("h", "h_g", "lr")

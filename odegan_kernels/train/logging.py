@@ -115,3 +115,79 @@ def plot_metrics(out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=80)
     plt.close(fig)
+
+
+class Console:
+    """What a run prints: a progress bar on a terminal (with ``progress``), else one line per log interval; an
+    evaluation or a warning is one line either way. Piped output gets plain lines only, so nothing interleaves."""
+
+    def __init__(self, enabled: bool, progress: bool, total: int, initial: int, desc: str) -> None:
+        import sys
+
+        self.enabled = enabled
+        self.bar = None
+        if enabled and progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc=desc, file=sys.stderr)
+        self.total = total
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def interval(self, step: int, rec: dict[str, float], rate: float) -> None:
+        """An interval's means: the bar's postfix, or a line."""
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
+        else:
+            values = " ".join(f"{k}={v:.4g}" for k, v in rec.items())
+            self.write(f"step {step}/{self.total} {values} ({rate:.1f} steps/s)")
+
+    def write(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TensorBoardLog:
+    """TensorBoard events beside metrics.jsonl (scalars, sample images or figures), when the tensorboard package
+    is installed; otherwise nothing (it is never required)."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                return
+            self.writer = SummaryWriter(log_dir=str(Path(out) / "tensorboard"))
+
+    def scalars(self, record: dict, prefix: str) -> None:
+        if self.writer is None:
+            return
+        step = int(record.get("step", 0))
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        self.writer.flush()
+
+    def picture(self, path: Path, step: int) -> None:
+        """A picture the run drew (the samples' PNG), as an image at ``step``."""
+        if self.writer is None:
+            return
+        import matplotlib.image
+
+        self.writer.add_image("samples", matplotlib.image.imread(str(path))[..., :3], step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from .checkpoint import (
 )
 from .closure import GameClosure, RandomStreams
 from .config import Config, resolve_device
-from .logging import IntervalMeans, MetricsLog, plot_metrics
+from .logging import Console, IntervalMeans, MetricsLog, TensorBoardLog, plot_metrics
 from .recovery import Recovery
 from .state import NonFiniteError, StopRequests, TrainerState, TrainingInterrupted
 
@@ -117,8 +116,6 @@ class Trainer(TrainerState):
                 lock.release()
 
     def _run(self, resume: bool, allow_change: bool) -> dict:
-        from tqdm import tqdm
-
         cfg, main = self.cfg, self.is_main
         if main:
             remove_stale_temporaries(self.out)
@@ -134,14 +131,9 @@ class Trainer(TrainerState):
         self._last_ckpt, self._result = time.monotonic(), {}
         t0, s0 = time.perf_counter(), self.step
         self._rate = lambda: (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
-        self._bar = tqdm(
-            total=cfg.steps,
-            initial=self.step,
-            disable=not (cfg.progress and main),
-            dynamic_ncols=True,
-            mininterval=0.1 if sys.stderr.isatty() else 30,
-            desc=f"{cfg.problem} {cfg.optimizer}:{cfg.method}",
-        )
+        desc = f"{cfg.problem} {cfg.optimizer}:{cfg.method}"
+        self._console = Console(main, cfg.progress, cfg.steps, self.step, desc)
+        self._tb = TensorBoardLog(self.out, main and cfg.tensorboard)
         self._pmax0, self._warned = float(self.flat.params.abs().max()), 0.0
         self.recovery.snapshot()
         rng_before, data_before, in_step = self.streams.state(), self.problem.state_dict(), False
@@ -152,7 +144,7 @@ class Trainer(TrainerState):
                 stats = self.train_step()
                 in_step = False
                 self.means.add(stats)
-                self._bar.update(1)
+                self._console.update(1)
                 self.pending = self._due()
                 self._finish_step()
         except TrainingInterrupted:
@@ -170,7 +162,8 @@ class Trainer(TrainerState):
                 f"interrupted at step {self.step}; saved {path}; rerun the same command to resume"
             ) from None
         finally:
-            self._bar.close()
+            self._console.close()
+            self._tb.close()
         return self._summary(self._rate())
 
     def _due(self) -> list[str]:
@@ -190,12 +183,16 @@ class Trainer(TrainerState):
             elif item == "eval" and self.is_main:
                 self._result = self.evaluate()
                 self.metrics.write(self._result)
-                self._bar.write(
+                self._tb.scalars(self._result, "eval")
+                self._console.write(
                     " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self._result.items())
                 )
             elif item == "plot" and self.is_main:
                 title = f"{self.cfg.problem} {self.cfg.method} step {self.step}"
-                self.problem.plot(self.samples(), self.out / f"samples_{self.step:07d}.png", title)
+                path = self.out / f"samples_{self.step:07d}.png"
+                self.problem.plot(self.samples(), path, title)
+                if path.exists():
+                    self._tb.picture(path, self.step)
             elif item == "ckpt":
                 self.pending.pop(0)  # the checkpoint holds what is left after it
                 self.save_checkpoint()
@@ -225,20 +222,22 @@ class Trainer(TrainerState):
                 )
             self.metrics.truncate(self.step)
             self.metrics.write(event)
-            self._bar.write(
+            self._console.write(
                 f"{what}: rolled back to step {self.step}, h now {event['h']} ({event['retries_left']} retries left)"
             )
             self.pending = []  # the good state's step had done its own
             return
-        self.metrics.write({"step": self.step, **rec, "steps_per_s": self._rate()})
+        row = {"step": self.step, **rec, "steps_per_s": self._rate()}
+        self.metrics.write(row)
         self.means.reset()
-        self._bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items()})
+        self._console.interval(self.step, rec, row["steps_per_s"])
+        self._tb.scalars(row, "train")
         if pmax > 1e3 * max(self._pmax0, 1e-12) and pmax > 10 * self._warned:
             self._warned = pmax
             self.metrics.write(
                 {"step": self.step, "event": "param_growth", "max_abs": pmax, "initial_max_abs": self._pmax0}
             )
-            self._bar.write(
+            self._console.write(
                 f"warning: max |parameter| {pmax:.3g} at step {self.step} (was {self._pmax0:.3g}): h may be too large"
             )
         if late_any > 0 and "ckpt" not in self.pending:
