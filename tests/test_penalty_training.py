@@ -236,3 +236,82 @@ def test_field_penalties_take_autograd_and_noise_keeps_the_hand_derived_engine(t
 def test_penalty_options_must_match_on_resume():
     keys = Config.resume_keys()
     assert {"r1", "r2", "wgan_gp", "consensus", "penalty_every", "instance_noise", "instance_noise_anneal"} <= set(keys)
+
+
+# -- graph mode ---------------------------------------------------------------------------------------------------
+def test_graph_mode_draws_from_the_default_generator_and_refreshes_the_std(tmp_path):
+    """What a captured step needs, checked on the CPU: WGAN-GP's mix and the instance noise come from the
+    device's default generator (graphs advance it per replay), not the run's z stream; the annealed std lives in a
+    tensor that fill_static(step) refreshes outside the graph."""
+    from odegan_kernels.game import Stage
+    from odegan_kernels.graphs import StaticBatches
+    from odegan_kernels.train.closure import GameClosure
+
+    cfg = make_config("mog-joint", out=str(tmp_path), wgan_gp=1.0, instance_noise=0.2, instance_noise_anneal=10)
+    tr = Trainer(cfg)
+    static = StaticBatches(4, cfg.batch, tr.problem.sample_shape, labels=False, device="cpu")
+    cl = GameClosure(cfg, tr.problem, tr.streams.data, tr.streams.z, static)
+    z_state = tr.streams.z.get_state()
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        cl.fill_static(step=5)
+        cl(Stage(0, 0, (0, 1), False, ("wgan_gp",)))
+        draws.append((cl.batch["mix"].clone(), cl.batch["noise"][0].clone()))
+    assert torch.equal(tr.streams.z.get_state(), z_state), "graph mode must not draw from the run's z stream"
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    assert cl.sigma.item() == pytest.approx(0.1)  # 0.2 x (1 - 5/10)
+    with pytest.raises(ValueError, match="fill_static\\(step\\)"):
+        cl.fill_static()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh)")
+def test_captured_step_with_every_penalty_equals_the_eager_step():
+    gen = torch.Generator().manual_seed(0)
+    steps = 6
+    data = [torch.randn(4, 128, 2, generator=gen).cuda() for _ in range(steps)]
+    zs = [torch.randn(4, 128, 8, generator=gen).cuda() for _ in range(steps)]
+    mixes = [torch.rand(4, 128, generator=gen).cuda() for _ in range(steps)]
+    pens = {"r1": 1.0, "r2": 0.5, "wgan_gp": 1.0, "consensus": 0.1}
+    results = {}
+    for cuda_graph in (False, True):
+        torch.manual_seed(0)
+        D, G = mog_pair(z_dim=8, hidden=16, seed=0)
+        D, G = D.cuda(), G.cuda()
+        flat = FlatParams(D=D, G=G)
+        st = ODEStepper(flat, "rk4", h=0.05, reg=0.07, penalties=pens, cuda_graph=cuda_graph)
+        x, z, mix = data[0].clone(), zs[0].clone(), mixes[0].clone()  # static inputs, refilled per step
+
+        def closure(stage):
+            i = stage.index
+            return game_gradients(
+                D, G, x[i], z[i], players=stage.players, penalty=stage.penalty, penalties=stage.penalties, mix=mix[i]
+            )
+
+        out = []
+        for s in range(steps):
+            x.copy_(data[s])
+            z.copy_(zs[s])
+            mix.copy_(mixes[s])
+            st.step(closure)
+            out.append(flat.params.clone())
+        results[cuda_graph] = out
+        if cuda_graph:
+            assert st.graph.captured
+    for e, g in zip(results[False], results[True]):
+        assert torch.isfinite(g).all()
+        assert ((g - e).norm() / e.norm()).item() <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh)")
+def test_trainer_graph_mode_with_the_penalty_family(tmp_path):
+    cfg = make_config(
+        "mog-joint", device="cuda", cuda_graph=True, steps=40, eval_every=40, log_every=20, plot_every=10**9,
+        out=str(tmp_path), progress=False, r1=1.0, wgan_gp=1.0, consensus=0.1, instance_noise=0.05,
+    )  # fmt: skip
+    summary = Trainer(cfg).run()
+    assert summary["step"] == 40
+    rows = [r for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"r1"' in r]
+    assert rows and all("nan" not in r.lower() for r in rows)
