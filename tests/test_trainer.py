@@ -454,3 +454,11 @@ def test_small_grayscale_dcgan(tmp_path):
         Trainer(tiny_image_config(tmp_path, "imagefolder", arch="resnet", channels=1))
     with pytest.raises(ValueError, match="channels must be"):
         make_config("cifar10", channels=0)
+
+
+def test_dirac_draws_its_trajectory(tmp_path):
+    summary = Trainer(make_config("dirac", steps=100, out=str(tmp_path), progress=False)).run()
+    assert summary["radius"] < 1.0  # RK4 with the regulariser heads for the equilibrium
+    assert (tmp_path / "trajectory.png").stat().st_size > 1000 and (tmp_path / "metrics.png").exists()
+    points = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in points if "psi" in r]) == 11  # step 0 and every 10 steps: the picture's points

@@ -110,11 +110,27 @@ def plot_metrics(out: Path) -> None:
     for ax, k in zip(axes, keys):
         pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        if k == "radius" and all(p[1] > 0 for p in pts):
+            ax.set_yscale("log")  # DiracGAN: convergence and divergence are exponential
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=80)
     plt.close(fig)
+    track = [(r["psi"], r["theta"]) for r in rows if "psi" in r and "theta" in r]
+    if len(track) > 1:  # DiracGAN: the players' path in the (psi, theta) plane
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot([t[0] for t in track], [t[1] for t in track], "-", lw=1)
+        ax.plot(*track[0], "go", label="start")
+        ax.plot(*track[-1], "rs", label=f"step {rows[-1]['step']}")
+        ax.plot(0, 0, "k+", ms=12, label="equilibrium")
+        ax.set_xlabel("psi (D)")
+        ax.set_ylabel("theta (G)")
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "trajectory.png", dpi=80)
+        plt.close(fig)
 
 
 class Console:
