@@ -200,10 +200,10 @@ def fid_is(
     """FID against ``real`` (a folder of images, flat or a class-folder tree, or a torch-fidelity input name)
     and the Inception Score.
 
-    ``generate(n)`` returns n images in [-1, 1], NCHW. torch-fidelity is imported here, not at package import.
-    ``feature_extractor_weights_path`` is the Inception weights file (offline machines must give it; without it
-    torch-fidelity's copy in torch's hub cache is used, downloaded if missing). Real images are resized and
-    centre-cropped to the generated size, as the image loader does.
+    ``generate(n)`` returns n images in [-1, 1], NCHW, RGB or grayscale. torch-fidelity is imported here, not at
+    package import. ``feature_extractor_weights_path`` is the Inception weights file (offline machines must give
+    it; without it torch-fidelity's copy in torch's hub cache is used, downloaded if missing). Real images are
+    resized and centre-cropped to the generated size, as the image loader does.
     """
     torch_fidelity = _torch_fidelity()
     if not callable(generate):
@@ -223,13 +223,14 @@ def fid_is(
         n = min(batch, left)
         with torch.no_grad():
             x = generate(n)
-        if not torch.is_tensor(x) or x.dim() != 4 or x.shape[0] != n or x.shape[1] != 3:
+        if not torch.is_tensor(x) or x.dim() != 4 or x.shape[0] != n or x.shape[1] not in (1, 3):
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"generate({n}) must return {n} RGB images as an [{n}, 3, H, W] tensor, got {got}")
+            raise ValueError(f"generate({n}) must return {n} images as an [{n}, 3 or 1, H, W] tensor, got {got}")
         if not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"generate({n}) returned {bad} non-finite values: FID/IS of such samples mean nothing")
-        images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        # grayscale as RGB, R = G = B, as torch-fidelity reads a grayscale real image
+        images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().expand(-1, 3, -1, -1))
         left -= n
     fake = torch.cat(images)
 

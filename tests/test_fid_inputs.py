@@ -97,6 +97,17 @@ def test_fid_against_a_class_folder_tree(class_tree, weights):
     assert abs(same["fid"]) < 1e-2 * other["fid"], (same, other)
 
 
+def test_grayscale_samples_against_grayscale_images(tmp_path, weights):
+    """A one-channel generator (grayscale data) is read as RGB with R = G = B, as torch-fidelity reads the
+    grayscale real images: the same images on both sides give FID zero."""
+    root = tmp_path / "real"
+    gray = [x[:1] for x in write_images(root / "digits", 10, seed=5, mode="L")]
+    kw = dict(num_samples=10, batch=4, device="cpu", feature_extractor_weights_path=str(weights), isc=False)
+    same = fid_is(replay(gray), str(root), **kw)
+    other = fid_is(lambda n: noise(n)[:, :1], str(root), **kw)
+    assert abs(same["fid"]) < 1e-2 * other["fid"], (same, other)
+
+
 def test_real_images_of_other_sizes_are_resized_and_cropped(tmp_path, weights):
     """An ImageNet-like tree holds images of several sizes: they are resized and centre-cropped to the
     generated size, as the image loader does, instead of failing to batch."""
@@ -267,10 +278,9 @@ def test_fid_is_arguments(class_tree, weights):
             run(noise, batch=bad)
     with pytest.raises(TypeError, match="isc must be True or False"):
         run(noise, isc="yes")
-    with pytest.raises(
-        ValueError, match=r"generate\(4\) must return 4 RGB images as an \[4, 3, H, W\] tensor, got \(4, 1"
-    ):
-        run(lambda n: torch.zeros(n, 1, 32, 32))
+    msg = r"generate\(4\) must return 4 images as an \[4, 3 or 1, H, W\] tensor, got \(4, 2"
+    with pytest.raises(ValueError, match=msg):
+        run(lambda n: torch.zeros(n, 2, 32, 32))
     with pytest.raises(ValueError, match=r"generate\(4\) must return .* got list"):
         run(lambda n: [torch.zeros(3, 32, 32)] * n)
     nan = lambda n: noise(n).index_fill_(0, torch.tensor([1]), float("nan"))

@@ -121,7 +121,7 @@ def figure(rows: list[dict], path: Path, lim: float = 2.5) -> None:
     fig.supxlabel("theta (generator)")
     fig.supylabel("psi (discriminator)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 

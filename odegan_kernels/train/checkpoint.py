@@ -112,8 +112,9 @@ def load_latest(out: Path, device="cpu") -> tuple[dict, Path] | None:
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete checkpoint temporaries that a killed write left behind (the run folder is locked by now)."""
-    stale = [p for p in Path(out).glob(CHECKPOINT + ".*.tmp")] + [p for p in Path(out).glob(PREVIOUS + ".*.tmp")]
+    """Delete temporaries that a killed write left behind (the run folder is locked by now)."""
+    patterns = (CHECKPOINT + ".*.tmp", PREVIOUS + ".*.tmp", "metrics.jsonl.tmp")
+    stale = [p for pattern in patterns for p in Path(out).glob(pattern)]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

@@ -210,6 +210,7 @@ class Trainer(TrainerState):
         rec, (late_any, pmax) = self.means.means(
             [params.new_tensor(float(late and self.is_main)), params.abs().max()], self.world
         )
+        pmax /= self.world  # summed over the ranks, which hold the same parameters
         bad = [k for k, v in rec.items() if not math.isfinite(v)] + ([] if math.isfinite(pmax) else ["parameters"])
         if bad:
             what = f"non-finite {', '.join(bad)} by step {self.step}"
