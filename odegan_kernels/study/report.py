@@ -123,6 +123,12 @@ def figure(rows: list[dict], path: Path, lim: float = 2.5) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)
+    try:  # a 64-colour palette: a sixth of the bytes, the same picture (line art)
+        from PIL import Image
+
+        Image.open(path).convert("P", palette=Image.ADAPTIVE, colors=64).save(path, optimize=True)
+    except ImportError:
+        pass
 
 
 def main(argv=None) -> int:
