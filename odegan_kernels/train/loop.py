@@ -73,7 +73,7 @@ class Trainer(TrainerState):
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimiser step; returns its statistics (0-dim tensors on the device: losses, penalty)."""
         if self.game_closure.static is not None:
-            self.game_closure.fill_static()
+            self.game_closure.fill_static(self.step)  # the step also sets annealed instance noise's std
         result = self.opt.step(self.closure)
         if self.scheduler is not None:
             self.scheduler.step()
