@@ -310,6 +310,7 @@ def test_trainer_graph_mode_with_the_penalty_family(tmp_path):
     cfg = make_config(
         "mog-joint", device="cuda", cuda_graph=True, steps=40, eval_every=40, log_every=20, plot_every=10**9,
         out=str(tmp_path), progress=False, r1=1.0, wgan_gp=1.0, consensus=0.1, instance_noise=0.05,
+        instance_noise_anneal=20,
     )  # fmt: skip
     summary = Trainer(cfg).run()
     assert summary["step"] == 40
