@@ -108,8 +108,8 @@ ts = [torch.randn(70000, generator=gen, dtype=torch.float64), torch.randn(3, gen
 got, want = ops.sqnorm(ts, backend="csrc"), ops.sqnorm(ts, backend="reference")
 assert torch.allclose(got, want, rtol=1e-12), (got, want)
 assert ops.why_unavailable("csrc") is None and ops.resolve("auto", torch.device("cpu"), "stage") == "csrc"
-assert csrc._state["loaded"].startswith(os.environ["TORCH_EXTENSIONS_DIR"]), csrc._state
-print("rk_stage and sqnorm: csrc == reference; library", csrc._state["loaded"])
+assert csrc.status()["loaded"].startswith(os.environ["TORCH_EXTENSIONS_DIR"]), csrc.status()
+print("rk_stage and sqnorm: csrc == reference; library", csrc.status()["loaded"])
 EOF
 
 step "odegan train dirac --steps 200"

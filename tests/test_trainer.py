@@ -254,11 +254,15 @@ def test_fid_evaluation_hands_torch_fidelity_real_samples(tmp_path, monkeypatch)
             lo=int(xs.min()),
             hi=int(xs.max()),
             real=input2,
+            weights=torch.load(kw["feature_extractor_weights_path"], weights_only=True),
             **kw,
         )
         return {"frechet_inception_distance": 12.5, "inception_score_mean": 3.25}
 
     monkeypatch.setattr(torch_fidelity, "calculate_metrics", calculate_metrics)
+    write_imagefolder(tmp_path / "real")
+    weights = {"Conv2d_1a_3x3.conv.weight": torch.randn(32, 3, 3, 3), "fc.weight": torch.randn(1008, 2048)}
+    torch.save(weights, tmp_path / "weights.pth")
     cfg = tiny_cifar10_config(
         tmp_path,
         steps=1,
@@ -270,8 +274,9 @@ def test_fid_evaluation_hands_torch_fidelity_real_samples(tmp_path, monkeypatch)
     assert result["fid"] == 12.5 and result["is"] == 3.25
     assert seen["n"] == 37 and seen["dtype"] == torch.uint8 and seen["shape"] == (3, 32, 32)
     assert 0 <= seen["lo"] < seen["hi"] <= 255
-    assert seen["real"] == str(tmp_path / "real") and seen["fid"] and seen["isc"]
-    assert seen["feature_extractor_weights_path"] == str(tmp_path / "weights.pth")
+    assert seen["real"] == str(tmp_path / "real") and seen["samples_find_deep"] and seen["fid"] and seen["isc"]
+    got = seen["weights"]
+    assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):

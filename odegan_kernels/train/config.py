@@ -128,6 +128,15 @@ class Config:
             raise ValueError(f"recover_factor must be in (0, 1), got {self.recover_factor!r}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.inception_weights and not self.fid_real:
+            raise ValueError(
+                "inception_weights is set but fid_real is not: FID/IS compare with real images; set fid_real too, "
+                "or drop inception_weights"
+            )
+        if (self.fid_real or self.inception_weights) and self.problem not in ("cifar10", "imagefolder"):
+            raise ValueError(
+                f"fid_real and inception_weights are for the image problems; {self.problem!r} has its own metrics"
+            )
 
 
 POSITIVE = (
