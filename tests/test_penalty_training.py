@@ -316,3 +316,21 @@ def test_trainer_graph_mode_with_the_penalty_family(tmp_path):
     assert summary["step"] == 40
     rows = [r for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"r1"' in r]
     assert rows and all("nan" not in r.lower() for r in rows)
+
+
+def test_a_lazy_penalty_is_logged_as_the_mean_over_the_steps_that_computed_it(tmp_path):
+    from odegan_kernels.train.logging import IntervalMeans
+
+    tr = _trainer(tmp_path, r1=4.0, penalty_every=4)
+    means, r1 = IntervalMeans(), []
+    for _ in range(8):
+        stats = tr.train_step()
+        means.add(stats)
+        if "r1" in stats:
+            r1.append(stats["r1"].item())
+    assert len(r1) == 2
+    rec, _ = means.means([])
+    assert rec["r1"] == pytest.approx(sum(r1) / 2, rel=1e-6)
+    restored = IntervalMeans()
+    restored.load_state_dict(means.state_dict())
+    assert restored.means([])[0] == rec

@@ -60,10 +60,12 @@ class IntervalMeans:
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.seen: dict[str, int] = {}  # steps that reported each statistic (a lazy penalty: every k-th)
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for k, v in stats.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.seen[k] = self.seen.get(k, 0) + 1
         self.count += 1
 
     def means(self, extra: list[torch.Tensor], world: int = 1) -> tuple[dict[str, float], list[float]]:
@@ -76,18 +78,20 @@ class IntervalMeans:
             torch.distributed.all_reduce(vals)
             vals[: len(keys)] /= world
         out, n = vals.tolist(), max(self.count, 1)
-        return {key: v / n for key, v in zip(keys, out)}, out[len(keys) :] if k else []
+        return {key: v / self.seen.get(key, n) for key, v in zip(keys, out)}, out[len(keys) :] if k else []
 
     def reset(self) -> None:
         """Start a new interval."""
-        self.sums, self.count = {}, 0
+        self.sums, self.count, self.seen = {}, 0, {}
 
     def state_dict(self) -> dict:
-        return {"sums": {k: v.detach().clone() for k, v in self.sums.items()}, "count": self.count}
+        sums = {k: v.detach().clone() for k, v in self.sums.items()}
+        return {"sums": sums, "count": self.count, "seen": dict(self.seen)}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = dict(state.get("sums", {}))
         self.count = int(state.get("count", 0))
+        self.seen = dict(state.get("seen", dict.fromkeys(self.sums, self.count)))
 
 
 def plot_metrics(out: Path) -> None:
