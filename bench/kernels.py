@@ -1,14 +1,14 @@
-"""Kernel throughput: the RK stage op, a full RK4 combination, and sqnorm, for every backend and baseline.
+"""Kernel throughput: the RK stage op, a full RK4 combination, sqnorm and ema_update, for every backend and baseline.
 
     python -m bench.kernels                 # CPU: a small sweep of the CPU backends
     python -m bench.kernels --device cuda   # GPU: P from 1e4 to 1e9 (or what fits), every backend
 
 Bytes counted per element (fp32, 4 bytes each): stage op with a != 0: reads g, x0, acc; writes acc, p
 = 5 accesses. RK4 combination: stage 1 (a = 0, acc unread) 4 + stages 2-3 5 each + stage 4 (also
-writes x0) 6 = 20. sqnorm: 1 read. Copy bandwidth (read + write) is measured in the same run and every
-GB/s is also given as a percentage of it. Baselines: the same stage over ~100 parameter tensors
-(per-tensor eager, as public ODE-GAN ports do it; the best torch._foreach formulation), and
-torch.compile of the flat formulation. Rows are appended to a CSV; a markdown table and a PNG plot
+writes x0) 6 = 20. sqnorm: 1 read. ema_update: reads avg and params, writes avg = 3. Copy bandwidth
+(read + write) is measured in the same run and every GB/s is also given as a percentage of it. Baselines: the
+same stage over ~100 parameter tensors (per-tensor eager, as public ODE-GAN ports do it; the best torch._foreach
+formulation), and torch.compile of the flat formulation. Rows are appended to a CSV; a markdown table and a PNG plot
 are written next to it.
 """
 
@@ -181,6 +181,8 @@ def run(device: torch.device, sizes: list[int], providers: list[str], out: Path)
                 continue
             ts = B.lists["g"]
             record("sqnorm", prov, n, bench(lambda prov=prov: ops.sqnorm(ts, backend=prov), device), 4, copy_gbs)
+            ema = lambda prov=prov: ops.ema_update(B.acc, B.x0, 0.999, backend=prov)  # noqa: E731
+            record("ema", prov, n, bench(ema, device), 12, copy_gbs)
         sync(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -201,7 +203,7 @@ def write_report(rows: list[dict], out: Path, env: dict) -> None:
     md = out.with_suffix(".md")
     head = (
         f"# Kernel benchmark\n\n{env['device']} · torch {env['torch']} · triton {env['triton']} · "
-        f"{env['date']}\n\nCommand: `{env['command']}`\n\nBytes per element: stage 20, rk4 80, sqnorm 4 "
+        f"{env['date']}\n\nCommand: `{env['command']}`\n\nBytes per element: stage 20, rk4 80, sqnorm 4, ema 12 "
         "(every % is of the copy's rate, counting bytes read plus bytes written: a pure read stream such as sqnorm's "
         "moves bytes at that same total rate).\n\n"
     )
@@ -213,8 +215,8 @@ def write_report(rows: list[dict], out: Path, env: dict) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for ax, op in zip(axes, ("stage", "rk4", "sqnorm")):
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+        for ax, op in zip(axes, ("stage", "rk4", "sqnorm", "ema")):
             for prov in sorted({r["provider"] for r in rows if r["op"] == op}):
                 pts = [(r["P"], r["GB_s"]) for r in rows if r["op"] == op and r["provider"] == prov]
                 ax.plot([p for p, _ in pts], [g for _, g in pts], marker="o", label=prov)

@@ -27,13 +27,19 @@ g, x0, acc = (torch.randn(n, generator=gen) for _ in range(3))
 coeffs = torch.randn(2, 5, generator=gen)
 reg = torch.randn(4000, generator=gen)
 want = [torch.full((n,), float("nan")), acc.clone(), x0.clone()]
-reference.stage(want[0], g, want[2], want[1], coeffs, [(0, 3001), (3001, n)], reg=reg, write_x0=True)
+reference.stage(want[0], g, want[2], want[1], coeffs, [(0, 3001), (3001, n)], reg_grad=reg, write_x0=True)
 got = [torch.full((n,), float("nan")), acc.clone(), x0.clone()]
-ops.rk_stage(got[0], g, got[2], got[1], coeffs, [(0, 3001), (3001, n)], reg=reg, write_x0=True, backend="csrc")
+ops.rk_stage(got[0], g, got[2], got[1], coeffs, [(0, 3001), (3001, n)], reg_grad=reg, write_x0=True, backend="csrc")
 for a, b in zip(got, want):
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-6) and not a.isnan().any()
 ts = [torch.randn(70000, generator=gen), torch.randn(3, generator=gen)]
 assert torch.allclose(ops.sqnorm(ts, backend="csrc"), sum(t.double().square().sum() for t in ts).float())
+for decay in (0.999, torch.tensor(0.3)):
+    avg, params = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    want = avg.clone()
+    reference.ema_update(want, params, decay)
+    ops.ema_update(avg, params, decay, backend="csrc")
+    assert torch.allclose(avg, want, rtol=1e-6, atol=1e-6) and not avg.isnan().any()
 print("CUDA kernels registered:", csrc.status()["cuda_kernels"])
 """
 
@@ -79,6 +85,9 @@ def test_cmake_build_with_cuda_kernels(tmp_path):
         stage = sass[sass.index("stage_vec4_kernel") :]
         stage = stage[: stage.find("Function :", 10)]
         assert "LDG.E.128" in stage and "STG.E.128" in stage, "the float4 stage kernel lost its 16-byte accesses"
+        for scalar in ("float", "double"):  # ema_vec_kernel<float> and <double>: float4 / double2 accesses
+            ema = _function(sass, f"ema_vec_kernel<{scalar}>", f"ema_vec_kernelI{scalar[0]}E")
+            assert "LDG.E.128" in ema and "STG.E.128" in ema, f"ema_vec_kernel<{scalar}> lost its 16-byte accesses"
 
 
 @pytest.mark.slow
@@ -100,6 +109,14 @@ def test_on_demand_build_with_cuda_kernels(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "CUDA kernels registered: True" in res.stdout and str(tmp_path) in res.stdout
+
+
+def _function(sass: str, *names: str) -> str:
+    """The SASS of the first function whose header names one of ``names`` (demangled or mangled)."""
+    for part in sass.split("Function :")[1:]:
+        if any(name in part.splitlines()[0] for name in names):
+            return part
+    raise AssertionError(f"no function {names} in the SASS")
 
 
 def _sass(lib: Path) -> str | None:

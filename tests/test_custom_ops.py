@@ -77,7 +77,7 @@ def test_csrc_checks_its_own_arguments():
         stage(p, g, x0, acc, torch.zeros(2, 5), [0, 20], None, False)
     with pytest.raises(RuntimeError, match="params is empty"):
         stage(*(torch.zeros(0) for _ in range(4)), c, [0], None, False)
-    with pytest.raises(RuntimeError, match="reg has 17 elements"):
+    with pytest.raises(RuntimeError, match="reg_grad has 17 elements"):
         stage(p, g, x0, acc, c, [0], torch.zeros(17), False)
     for i, name in enumerate(("params", "grads", "x0", "acc")):  # as ATen's in-place ops do, with grad mode on
         bufs = [torch.full((16,), float("nan")) for _ in range(4)]
@@ -99,7 +99,7 @@ def test_csrc_checks_its_own_arguments():
                 loss.backward()
         else:
             loss.backward()
-    with pytest.raises(RuntimeError, match="reg requires grad"):
+    with pytest.raises(RuntimeError, match="reg_grad requires grad"):
         stage(p, g, x0, acc, c, [0], torch.zeros(3, requires_grad=True), False)
     with pytest.raises(RuntimeError, match="no tensor arguments"):  # the dispatcher refuses before us
         torch.ops.odegan_kernels.sqnorm([])
@@ -166,3 +166,91 @@ def test_custom_ops_under_torch_compile(backend):
     assert torch.allclose(p, want_p, atol=1e-6) and torch.allclose(accc, want_acc, atol=1e-6)
     assert torch.allclose(x0c, want_p, atol=1e-6)
     assert torch.allclose(out, reference.sqnorm([want_p, want_acc]), rtol=1e-5)
+
+
+# -- ema_update --------------------------------------------------------------------------------------------
+EMA_OPS = {
+    "triton": lambda: torch.ops.odegan_kernels.triton_ema_update,
+    "csrc": lambda: torch.ops.odegan_kernels.ema_update,
+}
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_opcheck_ema_update(backend):
+    """Schema (avg mutated, nothing else), fake kernel and autograd registration, float and tensor decay, fp32
+    and fp64, empty and odd sizes."""
+    op = EMA_OPS[backend]()
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        for n in (0, 1, 301):
+            avg, params = (torch.randn(n, generator=gen, dtype=dtype).to(DEVICE) for _ in range(2))
+            torch.library.opcheck(op, (avg.clone(), params, None, 0.75))
+            torch.library.opcheck(op, (avg.clone(), params, torch.tensor(0.25, dtype=dtype, device=DEVICE), 0.0))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_ema_update_under_torch_compile(backend):
+    """An RK stage and the average's update in one torch.compile(fullgraph=True) region: no graph break."""
+    from odegan_kernels.ops import reference
+
+    gen = torch.Generator().manual_seed(0)
+    n = 1000
+    g, x0, acc, avg = (torch.randn(n, generator=gen).to(DEVICE) for _ in range(4))
+    coeffs = torch.randn(1, 5, generator=gen).to(DEVICE)
+    decay = torch.tensor(0.9, device=DEVICE)
+    stage, _ = CUSTOM_OPS[backend]()
+    ema = EMA_OPS[backend]()
+
+    def step(p, x0, acc, avg):
+        stage(p, g, x0, acc, coeffs, [0], None, True)
+        ema(avg, p, decay, 0.0)
+
+    want = [torch.empty(n, device=DEVICE), x0.clone(), acc.clone(), avg.clone()]
+    reference.stage(want[0], g, want[1], want[2], coeffs, [(0, n)], write_x0=True)
+    reference.ema_update(want[3], want[0], decay)
+    got = [torch.full((n,), float("nan"), device=DEVICE), x0.clone(), acc.clone(), avg.clone()]
+    torch.compile(step, backend="aot_eager", fullgraph=True)(*got)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@needs_csrc
+def test_csrc_ema_update_checks_its_own_arguments():
+    """The C++ entry point validates with TORCH_CHECK without the Python wrapper; its Autograd kernel refuses
+    tensors that require grad and bumps avg's version."""
+    op = torch.ops.odegan_kernels.ema_update
+    avg, params = torch.zeros(16), torch.ones(16)
+    with pytest.raises(RuntimeError, match="params is Double but avg is Float"):
+        op(avg, params.double(), None, 0.5)
+    with pytest.raises(RuntimeError, match="params has 15 elements but avg has 16"):
+        op(avg, params[:15], None, 0.5)
+    with pytest.raises(RuntimeError, match="avg must be 1-D"):
+        op(avg.view(4, 4), params, None, 0.5)
+    with pytest.raises(RuntimeError, match="params must be contiguous"):
+        op(avg, torch.ones(32)[::2], None, 0.5)
+    with pytest.raises(RuntimeError, match="avg must be float32 or float64"):
+        op(avg.half(), params.half(), None, 0.5)
+    with pytest.raises(RuntimeError, match="overlaps params"):
+        op(avg, avg, None, 0.5)
+    with pytest.raises(RuntimeError, match=r"decay must be finite, in \[0, 1\]"):
+        op(avg, params, None, 1.5)
+    with pytest.raises(RuntimeError, match=r"decay must be finite, in \[0, 1\]"):
+        op(avg, params, torch.tensor(float("nan")), 0.0)  # on a CPU the tensor's value is read: checked too
+    with pytest.raises(RuntimeError, match="decay_tensor must be 0-dim"):
+        op(avg, params, torch.ones(1), 0.0)
+    with pytest.raises(RuntimeError, match="decay_tensor must be of avg's dtype"):
+        op(avg, params, torch.tensor(0.5, dtype=torch.float64), 0.0)
+    assert avg.eq(0).all(), "a refused call wrote avg"
+    for i, name in enumerate(("avg", "params", "decay_tensor")):
+        args = [torch.full((16,), float("nan")), torch.ones(16), torch.tensor(0.5)]
+        args[i].requires_grad_()
+        with pytest.raises(RuntimeError, match=f"{name} requires grad"):
+            op(*args, 0.0)
+        assert args[0].isnan().all(), "a refused call wrote avg"
+    avg = torch.zeros(16)
+    w = torch.ones(16, requires_grad=True)
+    loss = (w * avg).sum()  # saves avg for w's gradient
+    op(avg, params, torch.tensor(0.5), 0.0)
+    assert avg.eq(0.5).all()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -34,9 +34,9 @@ def run_stage(backend, n, nseg, coeffs_fn, dtype, gen, reg_len=None, write_x0=Fa
     coeffs = coeffs.to(DEVICE)
     want = dict(p=torch.empty(n, dtype=dtype, device=DEVICE), acc=acc.clone(), x0=x0.clone())
     poison(want["p"])
-    reference.stage(want["p"], g.clone(), want["x0"], want["acc"], coeffs, segs, reg=reg, write_x0=write_x0)
+    reference.stage(want["p"], g.clone(), want["x0"], want["acc"], coeffs, segs, reg_grad=reg, write_x0=write_x0)
     got = dict(p=poison(torch.empty(n, dtype=dtype, device=DEVICE)), acc=acc.clone(), x0=x0.clone())
-    ops.rk_stage(got["p"], g, got["x0"], got["acc"], coeffs, segs, reg=reg, write_x0=write_x0, backend=backend)
+    ops.rk_stage(got["p"], g, got["x0"], got["acc"], coeffs, segs, reg_grad=reg, write_x0=write_x0, backend=backend)
     for key in ("p", "acc", "x0"):
         assert_close(got[key], want[key], what=f"{backend} {key} n={n} segs={segs[:3]}", **TOL[dtype])
     if not write_x0:
@@ -125,8 +125,8 @@ def test_stage_bad_inputs(backend):
         ops.rk_stage(p, g, x0, acc, torch.zeros(2, 5, device=DEVICE), [(0, 10), (11, 16)], backend=backend)
     with pytest.raises(ValueError, match=r"coeffs must have shape \[1, 5\]"):
         ops.rk_stage(p, g, x0, acc, torch.zeros(1, 4, device=DEVICE), seg, backend=backend)
-    with pytest.raises(ValueError, match="reg has 17 elements"):
-        ops.rk_stage(p, g, x0, acc, c, seg, reg=torch.zeros(17, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="reg_grad has 17 elements"):
+        ops.rk_stage(p, g, x0, acc, c, seg, reg_grad=torch.zeros(17, device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match="is on meta"):
         ops.rk_stage(p, g, x0, torch.zeros(16, device="meta"), c, seg, backend=backend)
 
@@ -168,6 +168,27 @@ def test_deprecated_cuda_alias_warns_and_runs_csrc(monkeypatch, rng):
     with pytest.warns(DeprecationWarning, match="use 'csrc'"):
         assert ops.resolve("auto", torch.device("cpu"), "stage") == "csrc"
     assert "cuda" not in ops.BACKENDS and "csrc" in ops.BACKENDS
+
+
+def test_deprecated_reg_alias_warns_and_gives_the_same_result(rng):
+    """rk_stage's reg= (now reg_grad=, the regulariser's gradient, not ODEStepper's weight reg) still works, with one
+    DeprecationWarning pointing at the caller; both names at once is an error."""
+    n, segs = 300, [(0, 120), (120, 300)]
+    g, x0, acc = (torch.randn(n, generator=rng).to(DEVICE) for _ in range(3))
+    r, coeffs = torch.randn(120, generator=rng).to(DEVICE), torch.randn(2, 5, generator=rng).to(DEVICE)
+    new = [poison(torch.empty(n, device=DEVICE)), x0.clone(), acc.clone()]
+    ops.rk_stage(new[0], g, new[1], new[2], coeffs, segs, reg_grad=r, write_x0=True)
+    old = [poison(torch.empty(n, device=DEVICE)), x0.clone(), acc.clone()]
+    with pytest.warns(DeprecationWarning, match="reg= is deprecated: use reg_grad=") as rec:
+        ops.rk_stage(old[0], g, old[1], old[2], coeffs, segs, reg=r, write_x0=True)
+    assert len(rec) == 1 and rec[0].filename == __file__, "the warning should point at the caller's line"
+    for a, b in zip(old, new):
+        assert torch.equal(a, b)
+    positional = [poison(torch.empty(n, device=DEVICE)), x0.clone(), acc.clone()]
+    ops.rk_stage(positional[0], g, positional[1], positional[2], coeffs, segs, r, True)  # the old position
+    assert all(torch.equal(a, b) for a, b in zip(positional, new))
+    with pytest.raises(TypeError, match="both reg_grad= and reg="):
+        ops.rk_stage(old[0], g, old[1], old[2], coeffs, segs, reg_grad=r, reg=r)
 
 
 @pytest.fixture
@@ -225,19 +246,19 @@ def test_stage_empty_segments_across_launches(backend, rng):
     coeffs = torch.randn(len(segs), 5, generator=rng).to(DEVICE)
     reg = torch.randn(95, generator=rng).to(DEVICE)
     want = [poison(torch.empty(300, device=DEVICE)), x0.clone(), acc.clone()]
-    reference.stage(want[0], g, want[1], want[2], coeffs, segs, reg=reg, write_x0=True)
+    reference.stage(want[0], g, want[1], want[2], coeffs, segs, reg_grad=reg, write_x0=True)
     got = [poison(torch.empty(300, device=DEVICE)), x0.clone(), acc.clone()]
-    ops.rk_stage(got[0], g, got[1], got[2], coeffs, segs, reg=reg, write_x0=True, backend=backend)
+    ops.rk_stage(got[0], g, got[1], got[2], coeffs, segs, reg_grad=reg, write_x0=True, backend=backend)
     for key, a, b in zip(("params", "x0", "acc"), got, want):
         assert_close(a, b, what=f"{backend} {key}", **TOL[torch.float32])
 
 
 # -- tensors that require grad: refused with autograd recording, versions bumped without -----------
-STAGE_ARGS = ("params", "grads", "x0", "acc", "reg", "coeffs")
+STAGE_ARGS = ("params", "grads", "x0", "acc", "reg_grad", "coeffs")
 
 
 def _stage_call(backend, needs_grad: str | None = None, poisoned: bool = True):
-    bufs = {k: torch.zeros(64, device=DEVICE) for k in ("params", "x0", "acc", "reg")}
+    bufs = {k: torch.zeros(64, device=DEVICE) for k in ("params", "x0", "acc", "reg_grad")}
     bufs["grads"] = torch.ones(64, device=DEVICE)
     if poisoned:
         for k in ("params", "x0", "acc"):
@@ -255,7 +276,7 @@ def _stage_call(backend, needs_grad: str | None = None, poisoned: bool = True):
             b["acc"],
             b["coeffs"],
             [(0, 20), (20, 64)],
-            reg=b["reg"],
+            reg_grad=b["reg_grad"],
             write_x0=True,
             backend=backend,
         )
@@ -313,7 +334,7 @@ BAD_STAGE_ARGS = [
     (dict(coeffs=[]), ValueError, r"coeffs must have shape \[1, 5\]"),
     (dict(coeffs=torch.zeros(1, 5, dtype=torch.float64)), TypeError, r"coeffs is torch.float64.*coeffs.to"),
     (dict(coeffs=torch.zeros(1, 5).to_sparse()), TypeError, "coeffs is a torch.sparse_coo tensor"),
-    (dict(reg=[0.0] * 4), TypeError, "reg must be a tensor, got list"),
+    (dict(reg_grad=[0.0] * 4), TypeError, "reg_grad must be a tensor, got list"),
     (dict(grads=[0.0] * 16), TypeError, "grads must be a tensor, got list"),
     (dict(params=torch.zeros(16).to_sparse()), TypeError, "params is a torch.sparse_coo tensor"),
     (dict(backend=None), TypeError, "backend must be a string"),
@@ -363,7 +384,7 @@ def test_stage_coeffs_overlapping_an_output_is_refused(backend):
 
 
 def test_dispatch_arguments_are_checked():
-    with pytest.raises(ValueError, match=r"op must be one of \('stage', 'sqnorm'\); got 'stagee'"):
+    with pytest.raises(ValueError, match=r"op must be one of \('stage', 'sqnorm', 'ema_update'\); got 'stagee'"):
         ops.resolve("auto", "cpu", "stagee")
     with pytest.raises(ValueError, match="backend must be one of 'reference'.*got 'fast'"):
         ops.why_unavailable("fast")

@@ -1,7 +1,10 @@
 // Schemas, argument checks and dispatch registration for the odegan_kernels operator library.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "ops.h"
 
@@ -9,7 +12,7 @@ namespace odegan {
 
 void check_stage_args(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& x0,
                       const at::Tensor& acc, const at::Tensor& coeffs, at::IntArrayRef starts,
-                      const c10::optional<at::Tensor>& reg) {
+                      const c10::optional<at::Tensor>& reg_grad) {
   const auto n = params.numel();
   TORCH_CHECK(n > 0, "odegan stage: params is empty");
   TORCH_CHECK(params.scalar_type() == at::kFloat || params.scalar_type() == at::kDouble,
@@ -35,12 +38,43 @@ void check_stage_args(const at::Tensor& params, const at::Tensor& grads, const a
   TORCH_CHECK(coeffs.is_contiguous() && coeffs.scalar_type() == params.scalar_type() &&
                   coeffs.device() == params.device(),
               "odegan stage: coeffs must be contiguous, of params' dtype and on params' device");
-  if (reg.has_value()) {
-    const auto& r = reg.value();
+  if (reg_grad.has_value()) {
+    const auto& r = reg_grad.value();
     TORCH_CHECK(r.dim() == 1 && r.is_contiguous() && r.scalar_type() == params.scalar_type() &&
                     r.device() == params.device(),
-                "odegan stage: reg must be a contiguous 1-D tensor of params' dtype on params' device");
-    TORCH_CHECK(r.numel() <= n, "odegan stage: reg has ", r.numel(), " elements, more than params (", n, ")");
+                "odegan stage: reg_grad must be a contiguous 1-D tensor of params' dtype on params' device");
+    TORCH_CHECK(r.numel() <= n, "odegan stage: reg_grad has ", r.numel(), " elements, more than params (", n, ")");
+  }
+}
+
+void check_ema_args(const at::Tensor& avg, const at::Tensor& params, const c10::optional<at::Tensor>& decay_tensor,
+                    double decay) {
+  TORCH_CHECK(avg.scalar_type() == at::kFloat || avg.scalar_type() == at::kDouble,
+              "odegan ema_update: avg must be float32 or float64, got ", avg.scalar_type());
+  const std::pair<const char*, const at::Tensor*> named[] = {{"avg", &avg}, {"params", &params}};
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK(t->dim() == 1, "odegan ema_update: ", name, " must be 1-D, got ", t->dim(), " dims");
+    TORCH_CHECK(t->is_contiguous(), "odegan ema_update: ", name, " must be contiguous");
+  }
+  TORCH_CHECK(params.scalar_type() == avg.scalar_type(), "odegan ema_update: params is ", params.scalar_type(),
+              " but avg is ", avg.scalar_type());
+  TORCH_CHECK(params.device() == avg.device(), "odegan ema_update: params is on ", params.device(), " but avg is on ",
+              avg.device());
+  TORCH_CHECK(params.numel() == avg.numel(), "odegan ema_update: params has ", params.numel(),
+              " elements but avg has ", avg.numel());
+  TORCH_CHECK(at::get_overlap_status(avg, params) == at::MemOverlapStatus::No,
+              "odegan ema_update: avg (the output) overlaps params in memory");
+  if (decay_tensor.has_value()) {
+    const auto& d = decay_tensor.value();
+    TORCH_CHECK(d.dim() == 0, "odegan ema_update: decay_tensor must be 0-dim, got ", d.dim(), " dims");
+    TORCH_CHECK(d.scalar_type() == avg.scalar_type() && d.device() == avg.device(),
+                "odegan ema_update: decay_tensor must be of avg's dtype on avg's device, got ", d.scalar_type(),
+                " on ", d.device());
+    TORCH_CHECK(at::get_overlap_status(avg, d) == at::MemOverlapStatus::No,
+                "odegan ema_update: avg (the output) overlaps decay_tensor in memory");
+  } else {
+    TORCH_CHECK(std::isfinite(decay) && decay >= 0.0 && decay <= 1.0,
+                "odegan ema_update: decay must be finite, in [0, 1], got ", decay);
   }
 }
 
@@ -63,7 +97,7 @@ void check_sqnorm_args(at::TensorList tensors) {
 // bumped, so a backward through a graph that saved one of them fails instead of silently using the new values.
 // (sqnorm's autograd is registered from Python.)
 void stage_autograd(c10::DispatchKeySet ks, at::Tensor params, const at::Tensor& grads, at::Tensor x0, at::Tensor acc,
-                    const at::Tensor& coeffs, at::IntArrayRef starts, const c10::optional<at::Tensor>& reg,
+                    const at::Tensor& coeffs, at::IntArrayRef starts, const c10::optional<at::Tensor>& reg_grad,
                     bool write_x0) {
   if (c10::GradMode::is_enabled()) {
     const std::pair<const char*, const at::Tensor*> named[] = {{"params", &params}, {"grads", &grads}, {"x0", &x0},
@@ -73,9 +107,9 @@ void stage_autograd(c10::DispatchKeySet ks, at::Tensor params, const at::Tensor&
                   " requires grad, but the stage op updates flat buffers in place and is not differentiable: pass ",
                   name, ".detach() or call it under torch.no_grad()");
     }
-    TORCH_CHECK(!reg.has_value() || !reg->requires_grad(),
-                "odegan stage: reg requires grad, but the stage op is not differentiable: pass reg.detach() or call "
-                "it under torch.no_grad()");
+    TORCH_CHECK(!reg_grad.has_value() || !reg_grad->requires_grad(),
+                "odegan stage: reg_grad requires grad, but the stage op is not differentiable: pass reg_grad.detach() "
+                "or call it under torch.no_grad()");
   }
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("odegan_kernels::stage", "")
@@ -83,11 +117,38 @@ void stage_autograd(c10::DispatchKeySet ks, at::Tensor params, const at::Tensor&
                                          at::IntArrayRef, const c10::optional<at::Tensor>&, bool)>();
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, x0, acc, coeffs, starts, reg, write_x0);
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, x0, acc, coeffs, starts, reg_grad,
+                  write_x0);
   }
   params.unsafeGetTensorImpl()->bump_version();
   acc.unsafeGetTensorImpl()->bump_version();
   if (write_x0) x0.unsafeGetTensorImpl()->bump_version();
+}
+
+// ema_update's Autograd kernel, as the stage op's: tensors that require grad refused with grad mode on, avg's
+// version bumped.
+void ema_update_autograd(c10::DispatchKeySet ks, at::Tensor avg, const at::Tensor& params,
+                         const c10::optional<at::Tensor>& decay_tensor, double decay) {
+  if (c10::GradMode::is_enabled()) {
+    const std::pair<const char*, const at::Tensor*> named[] = {{"avg", &avg}, {"params", &params}};
+    for (const auto& [name, t] : named) {
+      TORCH_CHECK(!t->requires_grad(), "odegan ema_update: ", name,
+                  " requires grad, but ema_update updates flat buffers in place and is not differentiable: pass ",
+                  name, ".detach() or call it under torch.no_grad()");
+    }
+    TORCH_CHECK(!decay_tensor.has_value() || !decay_tensor->requires_grad(),
+                "odegan ema_update: decay_tensor requires grad, but ema_update is not differentiable: pass "
+                "decay.detach() or call it under torch.no_grad()");
+  }
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("odegan_kernels::ema_update", "")
+          .typed<void(at::Tensor, const at::Tensor&, const c10::optional<at::Tensor>&, double)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, avg, params, decay_tensor, decay);
+  }
+  avg.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace odegan
@@ -95,20 +156,27 @@ void stage_autograd(c10::DispatchKeySet ks, at::Tensor params, const at::Tensor&
 TORCH_LIBRARY(odegan_kernels, m) {
   m.def(
       "stage(Tensor(a!) params, Tensor grads, Tensor(b!) x0, Tensor(c!) acc, Tensor coeffs, int[] starts, "
-      "Tensor? reg, bool write_x0) -> ()");
+      "Tensor? reg_grad, bool write_x0) -> ()");
   m.def("sqnorm(Tensor[] tensors) -> Tensor");
+  // decay_tensor (0-dim, on the buffers' device, read there: a graph replays with its new value) overrides decay
+  m.def("ema_update(Tensor(a!) avg, Tensor params, Tensor? decay_tensor, float decay) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(odegan_kernels, CPU, m) {
   m.impl("stage", &odegan::stage_cpu);
   m.impl("sqnorm", &odegan::sqnorm_cpu);
+  m.impl("ema_update", &odegan::ema_update_cpu);
 }
 
-TORCH_LIBRARY_IMPL(odegan_kernels, Autograd, m) { m.impl("stage", &odegan::stage_autograd); }
+TORCH_LIBRARY_IMPL(odegan_kernels, Autograd, m) {
+  m.impl("stage", &odegan::stage_autograd);
+  m.impl("ema_update", &odegan::ema_update_autograd);
+}
 
 #ifdef ODEGAN_WITH_CUDA
 TORCH_LIBRARY_IMPL(odegan_kernels, CUDA, m) {
   m.impl("stage", &odegan::stage_cuda);
   m.impl("sqnorm", &odegan::sqnorm_cuda);
+  m.impl("ema_update", &odegan::ema_update_cuda);
 }
 #endif

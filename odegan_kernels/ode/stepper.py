@@ -321,7 +321,7 @@ class ODEStepper(torch.optim.Optimizer):
                 self.acc,
                 self._coeffs[i],
                 flat.segments,
-                reg=self._reg_buf if last else None,
+                reg_grad=self._reg_buf if last else None,
                 backend=self.backend,
             )
         return first

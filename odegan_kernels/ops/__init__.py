@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from . import foreach, reference
-from .utils import check_stage_args, check_tensor_list
+from .utils import check_ema_args, check_stage_args, check_tensor_list
 
 BACKENDS = ("reference", "foreach", "triton", "csrc")
 _ALIASES = {"cuda": "csrc"}  # deprecated names -> backends
@@ -95,11 +95,11 @@ def supports(backend: str, device: torch.device | str) -> bool:
     return mod is not None and _supports(mod, torch.device(device))
 
 
-OPS = ("stage", "sqnorm")
+OPS = ("stage", "sqnorm", "ema_update")
 
 
 def resolve(backend: str, device: torch.device | str, op: str) -> str:
-    """The backend that runs ``op`` ("stage" or "sqnorm") on tensors of ``device`` for ``backend=``."""
+    """The backend that runs ``op`` (one of OPS) on tensors of ``device`` for ``backend=``."""
     backend = _canonical(backend)
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
@@ -132,7 +132,22 @@ def resolve(backend: str, device: torch.device | str, op: str) -> str:
     return backend
 
 
-def rk_stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0: bool = False, backend: str = "auto") -> None:
+_NOT_GIVEN = object()
+
+
+def rk_stage(
+    params,
+    grads,
+    x0,
+    acc,
+    coeffs,
+    segments,
+    reg_grad=None,
+    write_x0: bool = False,
+    backend: str = "auto",
+    *,
+    reg=_NOT_GIVEN,
+) -> None:
     """One fused stage of a low-storage explicit Runge-Kutta step, in place over flat buffers.
 
     Per segment s with scalars ``coeffs[s] = (a, b, c, d, e)``::
@@ -140,17 +155,41 @@ def rk_stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0: bool 
         k = g + e*r;  acc <- a*acc + b*k;  params <- x0 + c*k + d*acc;  x0 <- params if write_x0
 
     ``segments`` are (start, end) int pairs covering the buffer in order, any number of them (one per player;
-    empty ones allowed). ``reg`` (optional) covers a prefix of the buffer (D's segment); beyond its length r
-    counts as zero. ``acc`` is not read where a == 0. ``coeffs`` is an ``[nseg, 5]`` tensor on the buffers'
-    device (a captured CUDA graph replays with whatever it holds) or a nested sequence of floats.
+    empty ones allowed). ``reg_grad`` (optional) is r, the regulariser's gradient; it covers a prefix of the
+    buffer (D's segment), and beyond its length r counts as zero. (``reg=`` is its old name, deprecated: it was
+    easily taken for ODEStepper's ``reg``, the regulariser's weight.) ``acc`` is not read where a == 0.
+    ``coeffs`` is an ``[nseg, 5]`` tensor on the buffers' device (a captured CUDA graph replays with whatever
+    it holds) or a nested sequence of floats.
 
     The op is not differentiable: with grad mode on, a tensor argument that requires grad is refused (as torch
     refuses an in-place write to a leaf); under no_grad the buffers it writes have their versions bumped, so a
     graph that saved one of them refuses its backward.
     """
-    coeffs, segs = check_stage_args(params, grads, x0, acc, coeffs, segments, reg, write_x0)
+    if reg is not _NOT_GIVEN:
+        if reg_grad is not None:
+            raise TypeError("rk_stage got both reg_grad= and reg= (its deprecated name): pass reg_grad= only")
+        warnings.warn("rk_stage's reg= is deprecated: use reg_grad=", DeprecationWarning, stacklevel=2)
+        reg_grad = reg
+    coeffs, segs = check_stage_args(params, grads, x0, acc, coeffs, segments, reg_grad, write_x0)
     name = resolve(backend, params.device, "stage")
-    _modules[name].stage(params, grads, x0, acc, coeffs, segs, reg=reg, write_x0=write_x0)
+    _modules[name].stage(params, grads, x0, acc, coeffs, segs, reg_grad=reg_grad, write_x0=write_x0)
+
+
+def ema_update(avg, params, decay, backend: str = "auto") -> None:
+    """An exponential moving average's step, in place over flat buffers: ``avg <- decay*avg + (1-decay)*params``.
+
+    ``avg`` and ``params`` are separate contiguous 1-D buffers of one float dtype and device (any length, empty
+    included); ``decay`` is a float in [0, 1] or a 0-dim tensor of their dtype on their device, read there (a
+    captured CUDA graph replays with whatever it holds; its value is checked only on a CPU, where reading it
+    costs no device sync). Every backend computes in the buffers' dtype: decay taken in it and 1 - decay computed
+    there. NaN or inf in either buffer propagates (decay 0 still reads avg: 0*NaN is NaN).
+
+    Not differentiable, as rk_stage: with grad mode on, a tensor argument that requires grad is refused; under
+    no_grad avg's version is bumped.
+    """
+    decay = check_ema_args(avg, params, decay)
+    name = resolve(backend, avg.device, "ema_update")
+    _modules[name].ema_update(avg, params, decay)
 
 
 def sqnorm(tensors, backend: str = "auto") -> torch.Tensor:
@@ -164,6 +203,7 @@ def sqnorm(tensors, backend: str = "auto") -> torch.Tensor:
 
 __all__ = [
     "rk_stage",
+    "ema_update",
     "sqnorm",
     "resolve",
     "supports",

@@ -1,4 +1,4 @@
-"""The compiled csrc library (torch.ops.odegan_kernels.stage / .sqnorm, CPU and CUDA kernels).
+"""The compiled csrc library (torch.ops.odegan_kernels.stage / .sqnorm / .ema_update, CPU and CUDA kernels).
 
 Its sources ship inside the package (odegan_kernels/csrc/), so ``python -m odegan_kernels.ops.csrc build``
 works in a checkout and from an installed wheel alike. Loaded from, in order: $ODEGAN_CSRC_LIB; in a source
@@ -148,8 +148,14 @@ def _register_python_side() -> None:
         return
 
     @torch.library.register_fake("odegan_kernels::stage")
-    def _(params, grads, x0, acc, coeffs, starts, reg, write_x0):
+    def _(params, grads, x0, acc, coeffs, starts, reg_grad, write_x0):
         return None
+
+    if _has_op("ema_update"):  # a library named by $ODEGAN_CSRC_LIB may predate the op
+
+        @torch.library.register_fake("odegan_kernels::ema_update")
+        def _(avg, params, decay_tensor, decay):
+            return None
 
     register_sqnorm_op("odegan_kernels::sqnorm")
     _state["registered"] = True
@@ -233,8 +239,15 @@ def _has_cuda_kernel() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("odegan_kernels::stage", "CUDA")
 
 
-def stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0=False):
-    torch.ops.odegan_kernels.stage(params, grads, x0, acc, coeffs, [s for s, _ in segments], reg, write_x0)
+def stage(params, grads, x0, acc, coeffs, segments, reg_grad=None, write_x0=False):
+    torch.ops.odegan_kernels.stage(params, grads, x0, acc, coeffs, [s for s, _ in segments], reg_grad, write_x0)
+
+
+def ema_update(avg, params, decay):
+    if isinstance(decay, torch.Tensor):
+        torch.ops.odegan_kernels.ema_update(avg, params, decay, 0.0)
+    else:
+        torch.ops.odegan_kernels.ema_update(avg, params, None, decay)
 
 
 def sqnorm(tensors):

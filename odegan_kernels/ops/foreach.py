@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .utils import reg_slices, sqnorm_backward
+from .utils import ema_weights, reg_slices, sqnorm_backward
 
 
-def stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0=False):
+def stage(params, grads, x0, acc, coeffs, segments, reg_grad=None, write_x0=False):
     ks, accs, xs, x0s = [], [], [], []
     for lo, hi in segments:
         ks.append(grads[lo:hi])
@@ -19,10 +19,10 @@ def stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0=False):
         x0s.append(x0[lo:hi])
     cols = [list(col.unbind(0)) for col in coeffs.unbind(1)]
     a, b, c, d, e = cols
-    if reg is not None:
+    if reg_grad is not None:
         ks = list(ks)
         for s, (lo, hi) in enumerate(segments):
-            r, m = reg_slices(reg, lo, hi)
+            r, m = reg_slices(reg_grad, lo, hi)
             if r is not None:
                 k = ks[s].clone()
                 k[:m].add_(r * e[s])
@@ -38,6 +38,17 @@ def stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0=False):
     torch._foreach_addcmul_(xs, accs, d)
     if write_x0:
         torch._foreach_copy_(x0s, xs)
+
+
+def ema_update(avg, params, decay):
+    """Two foreach passes, avg *= d then avg += (1 - d)*params; a tensor decay stays on the device."""
+    if isinstance(decay, torch.Tensor):
+        torch._foreach_mul_([avg], decay)
+        torch._foreach_addcmul_([avg], [params], [1 - decay])
+    else:
+        d, w = ema_weights(decay, avg.dtype)
+        torch._foreach_mul_([avg], d)
+        torch._foreach_add_([avg], [params], alpha=w)
 
 
 class _SqNorm(torch.autograd.Function):

@@ -1,6 +1,7 @@
-"""Triton kernels: the RK stage over all segments in one launch, and a multi-tensor sqnorm.
+"""Triton kernels: the RK stage over all segments in one launch, a multi-tensor sqnorm, and (from triton_ema) the
+weight average's update.
 
-Both are torch.library custom ops (``odegan_kernels::triton_stage``, ``odegan_kernels::triton_sqnorm``), so
+All are torch.library custom ops (``odegan_kernels::triton_stage``, ``triton_sqnorm``, ``triton_ema_update``), so
 they run under torch.compile and inside CUDA graphs. Scalars come from device tensors: a captured graph
 replays with whatever the coefficient tensor holds. On a CPU they run under TRITON_INTERPRET=1 (tests).
 """
@@ -12,7 +13,8 @@ from collections import OrderedDict
 
 import torch
 
-from .utils import register_sqnorm_op
+from .triton_ema import EMA_KERNELS, ema_update  # noqa: F401  (ema_update: this backend's op, beside its kernel)
+from .utils import launch_settings, register_sqnorm_op
 
 try:
     import triton
@@ -35,16 +37,6 @@ def available() -> tuple[bool, str]:
 
 def supports(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _interpreting())
-
-
-def launch_settings(n: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for an elementwise pass over n elements: big blocks amortise index math once
-    there are enough of them to fill the machine; small problems keep more programs in flight."""
-    if n >= 1 << 22:
-        return 4096, 8
-    if n >= 1 << 16:
-        return 2048, 8
-    return 1024, 4
 
 
 if triton is not None:
@@ -210,6 +202,7 @@ if triton is not None:
         "sqnorm_partials": _sqnorm_partials_kernel,
         "sqnorm_one": _sqnorm_one_kernel,
         "sum": _sum_kernel,
+        **EMA_KERNELS,
     }
 else:
     KERNELS = {}
@@ -238,7 +231,7 @@ def _segment_table(starts: tuple[int, ...], device: torch.device) -> torch.Tenso
 MAX_SEGMENTS = 8  # per launch: the kernel unrolls a loop over its NSEG segments; more go in groups of this many
 
 
-def launch_stage(params, grads, x0, acc, coeffs, starts: list[int], reg, write_x0: bool) -> None:
+def launch_stage(params, grads, x0, acc, coeffs, starts: list[int], reg_grad, write_x0: bool) -> None:
     """The stage over every segment: one launch per group of up to MAX_SEGMENTS segments (one launch for the
     usual two players), each over its own part of the buffers."""
     n = params.numel()
@@ -249,14 +242,16 @@ def launch_stage(params, grads, x0, acc, coeffs, starts: list[int], reg, write_x
         if hi == lo:
             continue  # empty segments only
         if (lo, hi) == (0, n):
-            _launch_group(params, grads, x0, acc, reg, coeffs, tuple(starts), write_x0)
+            _launch_group(params, grads, x0, acc, reg_grad, coeffs, tuple(starts), write_x0)
             continue
-        r = reg if reg is None or lo == 0 else (reg[lo : min(hi, reg.numel())] if reg.numel() > lo else None)
+        r = reg_grad
+        if r is not None and lo > 0:
+            r = r[lo : min(hi, r.numel())] if r.numel() > lo else None
         part = [t[lo:hi] for t in (params, grads, x0, acc)]
         _launch_group(*part, r, coeffs[first:last], tuple(s - lo for s in starts[first:last]), write_x0)
 
 
-def _launch_group(params, grads, x0, acc, reg, coeffs, starts: tuple[int, ...], write_x0: bool) -> None:
+def _launch_group(params, grads, x0, acc, reg_grad, coeffs, starts: tuple[int, ...], write_x0: bool) -> None:
     n = params.numel()
     block, warps = launch_settings(n)
     _stage_kernel[(triton.cdiv(n, block),)](
@@ -264,13 +259,13 @@ def _launch_group(params, grads, x0, acc, reg, coeffs, starts: tuple[int, ...], 
         grads,
         x0,
         acc,
-        reg if reg is not None else grads,
+        reg_grad if reg_grad is not None else grads,
         coeffs,
         _segment_table(starts, params.device),
         n,
-        reg.numel() if reg is not None else 0,
+        reg_grad.numel() if reg_grad is not None else 0,
         NSEG=len(starts),
-        HAS_REG=reg is not None,
+        HAS_REG=reg_grad is not None,
         WRITE_X0=write_x0,
         BLOCK=block,
         num_warps=warps,
@@ -346,14 +341,14 @@ def triton_stage(
     acc: torch.Tensor,
     coeffs: torch.Tensor,
     starts: list[int],
-    reg: torch.Tensor | None,
+    reg_grad: torch.Tensor | None,
     write_x0: bool,
 ) -> None:
-    launch_stage(params, grads, x0, acc, coeffs, list(starts), reg, write_x0)
+    launch_stage(params, grads, x0, acc, coeffs, list(starts), reg_grad, write_x0)
 
 
 @triton_stage.register_fake
-def _(params, grads, x0, acc, coeffs, starts, reg, write_x0):
+def _(params, grads, x0, acc, coeffs, starts, reg_grad, write_x0):
     return None
 
 
@@ -366,8 +361,9 @@ register_sqnorm_op("odegan_kernels::triton_sqnorm")
 
 
 # -- the backend interface used by ops.dispatch ------------------------------------------------------------
-def stage(params, grads, x0, acc, coeffs, segments, reg=None, write_x0=False):
-    torch.ops.odegan_kernels.triton_stage(params, grads, x0, acc, coeffs, [s for s, _ in segments], reg, write_x0)
+def stage(params, grads, x0, acc, coeffs, segments, reg_grad=None, write_x0=False):
+    starts = [s for s, _ in segments]
+    torch.ops.odegan_kernels.triton_stage(params, grads, x0, acc, coeffs, starts, reg_grad, write_x0)
 
 
 def sqnorm(tensors):

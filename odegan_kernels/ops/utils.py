@@ -1,7 +1,10 @@
-"""Input validation shared by every backend of the fused ops, so each op fails the same clear way."""
+"""Input validation shared by every backend of the fused ops, so each op fails the same clear way; and the
+launch helpers the compiled backends share."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -88,34 +91,41 @@ def check_segments(segments: Sequence[tuple[int, int]], n: int) -> tuple[tuple[i
     return tuple(segs)
 
 
-def _check_no_grad(name: str, t: torch.Tensor) -> None:
-    """The stage op writes its buffers in place and has no derivative: with autograd recording, a tensor that
+def _check_no_grad(name: str, t: torch.Tensor, op: str = "rk_stage") -> None:
+    """The in-place ops write their buffers and have no derivative: with autograd recording, a tensor that
     requires grad would either be written behind autograd's back (a leaf) or lose its gradient path."""
     if t.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
-            f"{name} requires grad, but rk_stage updates flat buffers in place and is not differentiable: "
+            f"{name} requires grad, but {op} updates flat buffers in place and is not differentiable: "
             f"pass {name}.detach() or call it under torch.no_grad() (FlatParams' buffers never require grad)"
         )
 
 
-def check_stage_args(params, grads, x0, acc, coeffs, segments, reg, write_x0, dtypes=(torch.float32, torch.float64)):
+def _check_flat(name: str, t, op: str, dtypes) -> None:
+    """A dense, contiguous 1-D buffer of a supported dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} is a {t.layout} tensor: {op} needs a dense (strided) buffer")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be a flat 1-D buffer, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous: pass a contiguous buffer ({name}.contiguous() copies)")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} is {t.dtype}; this backend supports {', '.join(map(str, dtypes))}")
+
+
+def check_stage_args(
+    params, grads, x0, acc, coeffs, segments, reg_grad, write_x0, dtypes=(torch.float32, torch.float64)
+):
     """Validate the stage op's arguments; return (coeffs tensor, segments tuple)."""
     if not isinstance(write_x0, bool):
         raise TypeError(f"write_x0 must be True or False, got {write_x0!r} of type {type(write_x0).__name__}")
     named = {"params": params, "grads": grads, "x0": x0, "acc": acc}
-    if reg is not None:
-        named["reg"] = reg
+    if reg_grad is not None:
+        named["reg_grad"] = reg_grad
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise TypeError(f"{name} is a {t.layout} tensor: the stage op needs a dense (strided) buffer")
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be a flat 1-D buffer, got shape {tuple(t.shape)}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous: pass a contiguous buffer ({name}.contiguous() copies)")
-        if t.dtype not in dtypes:
-            raise TypeError(f"{name} is {t.dtype}; this backend supports {', '.join(map(str, dtypes))}")
+        _check_flat(name, t, "the stage op", dtypes)
         if t.dtype != params.dtype:
             raise TypeError(f"{name} is {t.dtype} but params is {params.dtype}")
         if t.device != params.device:
@@ -127,8 +137,8 @@ def check_stage_args(params, grads, x0, acc, coeffs, segments, reg, write_x0, dt
     for name in ("grads", "x0", "acc"):
         if named[name].numel() != n:
             raise ValueError(f"{name} has {named[name].numel()} elements but params has {n}")
-    if reg is not None and reg.numel() > n:
-        raise ValueError(f"reg has {reg.numel()} elements, more than params ({n})")
+    if reg_grad is not None and reg_grad.numel() > n:
+        raise ValueError(f"reg_grad has {reg_grad.numel()} elements, more than params ({n})")
     segs = check_segments(segments, n)
     coeffs = as_coeffs(coeffs, len(segs), params)
     _check_no_grad("coeffs", coeffs)
@@ -169,12 +179,75 @@ def check_tensor_list(tensors, name: str = "tensors", dtypes=(torch.float32, tor
     return tensors
 
 
-def reg_slices(reg: torch.Tensor | None, lo: int, hi: int):
-    """The part of segment [lo, hi) that ``reg`` covers, as (reg slice, length) or (None, 0)."""
-    if reg is None or reg.numel() <= lo:
+def reg_slices(reg_grad: torch.Tensor | None, lo: int, hi: int):
+    """The part of segment [lo, hi) that ``reg_grad`` covers, as (its slice, length) or (None, 0)."""
+    if reg_grad is None or reg_grad.numel() <= lo:
         return None, 0
-    m = min(hi, reg.numel())
-    return reg[lo:m], m - lo
+    m = min(hi, reg_grad.numel())
+    return reg_grad[lo:m], m - lo
+
+
+def check_ema_args(avg, params, decay, dtypes=(torch.float32, torch.float64)):
+    """Validate ema_update's arguments; return ``decay`` as a float in [0, 1] or as the 0-dim tensor given.
+
+    A tensor decay's value is checked only where reading it costs no device sync (a CPU tensor); on a GPU it is
+    the caller's to keep in [0, 1] (so a captured graph can replay with a new value, read on the device)."""
+    op = "ema_update"
+    for name, t in (("avg", avg), ("params", params)):
+        _check_flat(name, t, op, dtypes)
+        _check_no_grad(name, t, op)
+    if params.dtype != avg.dtype:
+        raise TypeError(f"params is {params.dtype} but avg is {avg.dtype}")
+    if params.device != avg.device:
+        raise ValueError(f"params is on {params.device} but avg is on {avg.device}")
+    if params.numel() != avg.numel():
+        raise ValueError(f"params has {params.numel()} elements but avg has {avg.numel()}")
+    if _overlaps(avg, params):
+        raise ValueError("avg (the output) overlaps params in memory; ema_update needs separate buffers")
+    if isinstance(decay, torch.Tensor):
+        if decay.layout != torch.strided:
+            raise TypeError(f"decay is a {decay.layout} tensor: pass a dense 0-dim tensor")
+        if decay.dim() != 0:
+            raise ValueError(f"decay must be a float or a 0-dim tensor, got a tensor of shape {tuple(decay.shape)}")
+        if decay.dtype != avg.dtype:
+            raise TypeError(f"decay is {decay.dtype} but avg is {avg.dtype}: pass decay.to({avg.dtype})")
+        if decay.device != avg.device:
+            raise ValueError(f"decay is on {decay.device} but avg is on {avg.device}: pass decay.to(avg.device)")
+        _check_no_grad("decay", decay, op)
+        if _overlaps(avg, decay):
+            raise ValueError("avg (the output) overlaps decay in memory; ema_update needs separate buffers")
+        if decay.device.type == "cpu":
+            _check_decay_value(float(decay))
+        return decay
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+        raise TypeError(f"decay must be a float in [0, 1] or a 0-dim tensor, got {type(decay).__name__}")
+    decay = float(decay)
+    _check_decay_value(decay)
+    return decay
+
+
+def _check_decay_value(decay: float) -> None:
+    if not math.isfinite(decay):
+        raise ValueError(f"decay must be finite, in [0, 1]; got {decay!r}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1] (the weight kept by the average), got {decay!r}")
+
+
+def ema_weights(decay: float, dtype: torch.dtype) -> tuple[float, float]:
+    """(decay, 1 - decay) as every backend computes them for a float decay: decay rounded to the buffers' dtype,
+    then 1 - decay in that dtype, so the two weights sum to one there."""
+    d = torch.tensor(decay, dtype=dtype)
+    return float(d), float(1 - d)
+
+
+def launch_settings(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for an elementwise Triton pass over n elements: big blocks amortise index math once
+    there are enough of them to fill the machine; small problems keep more programs in flight."""
+    if n >= 1 << 22:
+        return 4096, 8
+    if n >= 1 << 16:
+        return 2048, 8
+    return 1024, 4
 
 
 def sqnorm_backward(tensors, grad_out):

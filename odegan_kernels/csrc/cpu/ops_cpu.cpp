@@ -1,4 +1,5 @@
-// CPU kernels: the fused stage (parallel over elements) and a deterministic squared norm.
+// CPU kernels: the fused stage and the weight average's update (parallel over elements), and a deterministic
+// squared norm.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -51,12 +52,12 @@ void stage_segment(T* p, const T* g, T* x0, T* acc, const T* r, int64_t rlen, co
 }  // namespace
 
 void stage_cpu(at::Tensor params, const at::Tensor& grads, at::Tensor x0, at::Tensor acc, const at::Tensor& coeffs,
-               at::IntArrayRef starts, const c10::optional<at::Tensor>& reg, bool write_x0) {
-  check_stage_args(params, grads, x0, acc, coeffs, starts, reg);
+               at::IntArrayRef starts, const c10::optional<at::Tensor>& reg_grad, bool write_x0) {
+  check_stage_args(params, grads, x0, acc, coeffs, starts, reg_grad);
   const int64_t n = params.numel();
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "odegan_stage_cpu", [&] {
-    const scalar_t* r = reg.has_value() ? reg->data_ptr<scalar_t>() : nullptr;
-    const int64_t rlen = reg.has_value() ? reg->numel() : 0;
+    const scalar_t* r = reg_grad.has_value() ? reg_grad->data_ptr<scalar_t>() : nullptr;
+    const int64_t rlen = reg_grad.has_value() ? reg_grad->numel() : 0;
     for (size_t s = 0; s < starts.size(); ++s) {
       const int64_t lo = starts[s];
       const int64_t hi = s + 1 < starts.size() ? starts[s + 1] : n;
@@ -64,6 +65,24 @@ void stage_cpu(at::Tensor params, const at::Tensor& grads, at::Tensor x0, at::Te
                               acc.data_ptr<scalar_t>(), r, rlen, coeffs.data_ptr<scalar_t>() + 5 * s, lo, hi,
                               write_x0);
     }
+  });
+}
+
+void ema_update_cpu(at::Tensor avg, const at::Tensor& params, const c10::optional<at::Tensor>& decay_tensor,
+                    double decay) {
+  check_ema_args(avg, params, decay_tensor, decay);
+  const int64_t n = avg.numel();
+  AT_DISPATCH_FLOATING_TYPES(avg.scalar_type(), "odegan_ema_update_cpu", [&] {
+    // The weights in the buffers' dtype, 1 - d computed there (as every backend does): they sum to one there.
+    const scalar_t d = decay_tensor.has_value() ? *decay_tensor->data_ptr<scalar_t>() : static_cast<scalar_t>(decay);
+    TORCH_CHECK(std::isfinite(d) && d >= scalar_t(0) && d <= scalar_t(1),
+                "odegan ema_update: decay must be finite, in [0, 1], got ", d);
+    const scalar_t w = scalar_t(1) - d;
+    scalar_t* __restrict a = avg.data_ptr<scalar_t>();
+    const scalar_t* __restrict p = params.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1 << 15, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) a[i] = d * a[i] + w * p[i];
+    });
   });
 }
 

@@ -1,6 +1,6 @@
-// CUDA kernels: the fused RK stage (16-byte vector access) and a multi-tensor deterministic squared norm.
-// Everything launches on the current stream with its metadata passed by value, so both ops can be
-// captured in a CUDA graph and replayed with new coefficient values.
+// CUDA kernels: the fused RK stage and the weight average's update (16-byte vector access), and a multi-tensor
+// deterministic squared norm. Everything launches on the current stream with its metadata passed by value, so
+// every op can be captured in a CUDA graph and replayed with new coefficient (or decay) values.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
@@ -122,6 +122,52 @@ int grid_for(int64_t work, int threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 32LL * sms)));
 }
 
+// -- ema_update -----------------------------------------------------------------------------------------------
+// The decay from the device (decay_ptr, a 0-dim tensor: a captured graph replays with its new value) or by value.
+template <typename T>
+__device__ __forceinline__ T ema_decay(const T* decay_ptr, T decay) {
+  return decay_ptr != nullptr ? __ldg(decay_ptr) : decay;
+}
+
+template <typename T>
+__global__ void ema_scalar_kernel(T* avg, const T* p, const T* decay_ptr, T decay, int64_t n) {
+  const T d = ema_decay(decay_ptr, decay);
+  const T w = T(1) - d;  // in T, as every backend: the two weights sum to one there
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    avg[i] = d * avg[i] + w * p[i];
+  }
+}
+
+// 16 bytes of T: loads and stores of it are single 128-bit accesses (LDG.E.128 / STG.E.128).
+template <typename T>
+struct alignas(16) Pack16 {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+// Both buffers 16-byte aligned (FlatParams' segments are; the host checks): float4 / double2 accesses, the
+// n % N tail done by the first threads of block 0.
+template <typename T>
+__global__ void ema_vec_kernel(T* avg, const T* p, const T* decay_ptr, T decay, int64_t n) {
+  constexpr int N = Pack16<T>::N;
+  const T d = ema_decay(decay_ptr, decay);
+  const T w = T(1) - d;
+  const int64_t nvec = n / N;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < nvec;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    Pack16<T> a = reinterpret_cast<const Pack16<T>*>(avg)[v];
+    const Pack16<T> x = reinterpret_cast<const Pack16<T>*>(p)[v];
+#pragma unroll
+    for (int j = 0; j < N; ++j) a.v[j] = d * a.v[j] + w * x.v[j];
+    reinterpret_cast<Pack16<T>*>(avg)[v] = a;
+  }
+  if (blockIdx.x == 0 && threadIdx.x < n % N) {
+    const int64_t i = N * nvec + threadIdx.x;
+    avg[i] = d * avg[i] + w * p[i];
+  }
+}
+
 // -- sqnorm -------------------------------------------------------------------------------------------------
 constexpr int kSqThreads = 512;
 constexpr int64_t kSqChunk = 16384;  // elements per block
@@ -175,8 +221,8 @@ __global__ void sum_kernel(const T* partials, int64_t m, T* out) {
 }  // namespace
 
 void stage_cuda(at::Tensor params, const at::Tensor& grads, at::Tensor x0, at::Tensor acc, const at::Tensor& coeffs,
-                at::IntArrayRef starts, const c10::optional<at::Tensor>& reg, bool write_x0) {
-  check_stage_args(params, grads, x0, acc, coeffs, starts, reg);
+                at::IntArrayRef starts, const c10::optional<at::Tensor>& reg_grad, bool write_x0) {
+  check_stage_args(params, grads, x0, acc, coeffs, starts, reg_grad);
   const c10::cuda::CUDAGuard guard(params.device());
   const int64_t n = params.numel();
   const int64_t nseg = static_cast<int64_t>(starts.size());
@@ -193,13 +239,14 @@ void stage_cuda(at::Tensor params, const at::Tensor& grads, at::Tensor x0, at::T
     Segments segs{};
     segs.n = static_cast<int>(last - first);
     for (int i = 0; i < segs.n; ++i) segs.start[i] = starts[first + i] - lo;
-    const int64_t rlen = reg.has_value() ? std::max<int64_t>(0, std::min<int64_t>(reg->numel(), hi) - lo) : 0;
+    const int64_t rlen =
+        reg_grad.has_value() ? std::max<int64_t>(0, std::min<int64_t>(reg_grad->numel(), hi) - lo) : 0;
     if (params.scalar_type() == at::kFloat) {
       float* p = params.data_ptr<float>() + lo;
       const float* g = grads.data_ptr<float>() + lo;
       float* x = x0.data_ptr<float>() + lo;
       float* a = acc.data_ptr<float>() + lo;
-      const float* r = rlen > 0 ? reg->data_ptr<float>() + lo : nullptr;
+      const float* r = rlen > 0 ? reg_grad->data_ptr<float>() + lo : nullptr;
       const float* cf = coeffs.data_ptr<float>() + 5 * first;
       const bool vec = aligned16(p) && aligned16(g) && aligned16(x) && aligned16(a) && (r == nullptr || aligned16(r));
       if (vec) {
@@ -210,13 +257,36 @@ void stage_cuda(at::Tensor params, const at::Tensor& grads, at::Tensor x0, at::T
                                                                                    write_x0);
       }
     } else {
-      const double* r = rlen > 0 ? reg->data_ptr<double>() + lo : nullptr;
+      const double* r = rlen > 0 ? reg_grad->data_ptr<double>() + lo : nullptr;
       stage_scalar_kernel<double><<<grid_for(len, threads), threads, 0, stream>>>(
           params.data_ptr<double>() + lo, grads.data_ptr<double>() + lo, x0.data_ptr<double>() + lo,
           acc.data_ptr<double>() + lo, r, rlen, coeffs.data_ptr<double>() + 5 * first, segs, len, write_x0);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+void ema_update_cuda(at::Tensor avg, const at::Tensor& params, const c10::optional<at::Tensor>& decay_tensor,
+                     double decay) {
+  check_ema_args(avg, params, decay_tensor, decay);
+  const int64_t n = avg.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(avg.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  constexpr int threads = 256;
+  AT_DISPATCH_FLOATING_TYPES(avg.scalar_type(), "odegan_ema_update_cuda", [&] {
+    scalar_t* a = avg.data_ptr<scalar_t>();
+    const scalar_t* p = params.data_ptr<scalar_t>();
+    const scalar_t* dp = decay_tensor.has_value() ? decay_tensor->data_ptr<scalar_t>() : nullptr;
+    const scalar_t d = static_cast<scalar_t>(decay);
+    if (aligned16(a) && aligned16(p)) {
+      constexpr int64_t N = Pack16<scalar_t>::N;
+      ema_vec_kernel<scalar_t><<<grid_for(std::max<int64_t>(n / N, 1), threads), threads, 0, stream>>>(a, p, dp, d, n);
+    } else {
+      ema_scalar_kernel<scalar_t><<<grid_for(n, threads), threads, 0, stream>>>(a, p, dp, d, n);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 at::Tensor sqnorm_cuda(at::TensorList tensors) {
