@@ -191,6 +191,10 @@ class FlatParams:
             self.grads.zero_()
         else:
             self.player_grads(player).zero_()
+        self.attach_grads()
+
+    def attach_grads(self) -> None:
+        """Make every ``p.grad`` a view of the flat gradient buffer again where user code detached it."""
         base, size = self.grads.data_ptr(), self.grads.element_size()
         for p, off, _ in self._layout:
             if p.grad is None or p.grad.data_ptr() != base + off * size:

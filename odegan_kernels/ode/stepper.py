@@ -278,7 +278,7 @@ class ODEStepper(torch.optim.Optimizer):
                 "the penalty (reg > 0) needs a closure that takes the Stage argument and returns the "
                 "regulariser when stage.penalty is set (game/contract.py)"
             )
-        self.flat.zero_grad()  # re-attaches gradients a user set to None between steps
+        self.flat.attach_grads()  # gradients a user detached between steps (zero_grad(set_to_none=True))
         self.flat.check()
         self.x0.copy_(self.flat.params)  # the step's start as the parameters are now: edits between steps count
         self._refresh_coeffs()  # outside any graph: replays read the coefficient tensor
