@@ -169,7 +169,7 @@ def graphed(fn, device, warmup=3):
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
+    with torch.cuda.graph(g, stream=s, capture_error_mode="thread_local"):
         fn()
     return g.replay
 
@@ -235,17 +235,34 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
         t_pen = record("eval+pen_mlp", eval_pen_m, "with the penalty, hand-derived")
         row("parts_mlp", 3 * t_plain + t_pen, note="3 x eval_mlp + eval+pen_mlp")
 
+    def captured(variant, make):
+        """make() (warm-up and capture) guarded: a failed capture is a recorded row, not the end of the run."""
+        try:
+            return make()
+        except Exception as exc:
+            first = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            print(f"{name:5s} {variant:10s} capture failed: {first}", flush=True)
+            row(variant, note=f"capture failed: {first}")
+            return None
+
     if is_cuda:
         D, G, real, z = make_models(name, device, batch)
         flat_g, st_g = stepper_for(D, G, cuda_graph=True)
         closure_g = closure_for(D, G, real, z)
-        for _ in range(4):  # warm-up and capture, outside the timing
-            st_g.step(closure_g)
-        record("graph", lambda: st_g.step(closure_g), params=[flat_g.params])
 
+        def warm_and_capture():
+            for _ in range(4):  # warm-up and capture, outside the timing
+                st_g.step(closure_g)
+            return lambda: st_g.step(closure_g)
+
+        step_g = captured("graph", warm_and_capture)
+        if step_g is not None:
+            record("graph", step_g, params=[flat_g.params])
         eval_plain_g, eval_pen_g = part_evaluations(flat_g, st_g, closure_g)
-        tp = record("eval_g", graphed(eval_plain_g, device), "one evaluation, own graph")
-        tq = record("eval+pen_g", graphed(eval_pen_g, device), "penalty evaluation, own graph")
+        replay_plain = captured("eval_g", lambda: graphed(eval_plain_g, device))
+        replay_pen = captured("eval+pen_g", lambda: graphed(eval_pen_g, device))
+        tp = record("eval_g", replay_plain, "one evaluation, own graph") if replay_plain else nan
+        tq = record("eval+pen_g", replay_pen, "penalty evaluation, own graph") if replay_pen else nan
         row("parts_g", 3 * tp + tq, note="3 x eval_g + eval+pen_g")
 
     # (d) torch.compile: compiled modules in our stepper. The shared forward retains D's graph for the second

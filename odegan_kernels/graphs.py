@@ -27,6 +27,19 @@ def check_capturable(flat) -> None:
         raise GraphCaptureError("cuda_graph=True needs CUDA, which this torch build cannot use here")
 
 
+def capture_error(exc: Exception) -> GraphCaptureError:
+    """A failed capture's error, saying what most likely caused it and keeping the original message."""
+    msg = str(exc)
+    first = f"{type(exc).__name__}: {msg.splitlines()[0] if msg else ''}"
+    if any(k in msg for k in ("not permitted when stream is capturing", "StreamCaptureUnsupported", "synchroniz")):
+        return GraphCaptureError(
+            "the step could not be captured: something in it synchronises with the host (.item(), printing or "
+            "testing a tensor's value, a copy from pageable CPU memory, a data-dependent shape). cuda_graph=True "
+            f"needs a closure that only launches GPU work. The error was: {first}"
+        )
+    return GraphCaptureError(f"the step could not be captured. The error was: {first}")
+
+
 class StepGraph:
     """Runs ``run_step(closure)`` eagerly ``warmup`` times on a side stream, then captures and replays it.
 
@@ -74,20 +87,27 @@ class StepGraph:
             torch.cuda.current_stream().wait_stream(self.stream)
             self.warmed += 1
             return out
+        graph, out = torch.cuda.CUDAGraph(), None
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=self.stream):
+        torch.cuda.empty_cache()
+        # Inside the stream context, so a failed capture never leaves the side stream current; thread_local, so
+        # another thread's CUDA calls (a DataLoader's pin-memory thread) do not break the capture.
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
                 out = self.run_step(closure)
-        except RuntimeError as exc:
-            msg = str(exc)
-            if "captur" in msg or "not permitted" in msg or "synchroniz" in msg:
-                raise GraphCaptureError(
-                    "the step could not be captured: something in it synchronises with the host (.item(), "
-                    "printing or testing a tensor's value, a copy from pageable CPU memory, a data-dependent "
-                    f"shape). cuda_graph=True needs a closure that only launches GPU work. ({msg.splitlines()[0]})"
-                ) from exc
-            raise
+            except BaseException as exc:
+                try:
+                    graph.capture_end()
+                except Exception:
+                    pass  # the capture is invalid after a failure; the step's own error is what matters
+                if not isinstance(exc, Exception):
+                    raise  # KeyboardInterrupt and friends as they are
+                raise capture_error(exc) from exc
+            try:
+                graph.capture_end()
+            except RuntimeError as exc:
+                raise capture_error(exc) from exc
         self.graph, self.outputs, self.code = graph, out, code
         graph.replay()  # capture records without running: this step still has to happen
         return out

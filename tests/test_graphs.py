@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from odegan_kernels import FlatParams, ODEStepper, game_gradients
-from odegan_kernels.graphs import GraphCaptureError, StaticBatches, StepGraph
+from odegan_kernels.graphs import GraphCaptureError, StaticBatches, StepGraph, capture_error
 from odegan_kernels.models import mog_pair
 from odegan_kernels.train import Trainer, make_config
 
@@ -214,3 +214,45 @@ def test_every_problem_states_its_sample_shape(tmp_path):
     for preset in ("mog", "dirac"):
         tr = Trainer(make_config(preset, out=str(tmp_path), progress=False))
         assert tuple(tr.problem.real_batch(4, tr.streams.data).shape[1:]) == tr.problem.sample_shape
+
+
+def test_capture_errors_keep_the_original_message():
+    """A failed capture says what most likely caused it only when the error says so, and always carries the
+    original error's type and first line."""
+    sync = capture_error(RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore"))
+    assert "synchronises with the host" in str(sync)
+    assert "RuntimeError: CUDA error: operation not permitted when stream is capturing" in str(sync)
+    other = capture_error(ValueError("module load failed: cuModuleLoadData"))
+    assert "synchronises" not in str(other) and "ValueError: module load failed: cuModuleLoadData" in str(other)
+
+
+@gpu
+@pytest.mark.gpu
+def test_failed_capture_leaves_the_current_stream_and_the_parameters(tmp_path):
+    D, G = _pair_on_cuda()
+    flat = FlatParams(D=D, G=G)
+    st = ODEStepper(flat, "euler", h=0.1, cuda_graph=True, graph_warmup=1)
+    x, z = torch.randn(64, 2).cuda(), torch.randn(64, 32).cuda()
+
+    def syncing(stage):
+        out = game_gradients(D, G, x, z, players=stage.players)
+        float(out.loss_d)  # a host read: refused under capture
+        return out
+
+    st.step(syncing)
+    before, stream = flat.params.clone(), torch.cuda.current_stream()
+    with pytest.raises(GraphCaptureError, match="synchronises with the host"):
+        st.step(syncing)
+    assert torch.cuda.current_stream() == stream and torch.equal(flat.params, before)
+
+
+@gpu
+@pytest.mark.gpu
+def test_graph_mode_with_loader_workers(tmp_path):
+    """Capture while the DataLoader's worker and pin-memory threads run (thread_local capture mode)."""
+    pytest.importorskip("torchvision", reason="image data needs torchvision")
+    from .test_trainer import tiny_imagenet_config, write_imagefolder
+
+    write_imagefolder(tmp_path / "data", per_class=12)
+    tr = Trainer(tiny_imagenet_config(tmp_path, steps=6, device="cuda", cuda_graph=True, workers=2))
+    assert tr.run()["step"] == 6 and torch.isfinite(tr.flat.params).all()
