@@ -60,6 +60,10 @@ class Config:
     grads: str = option("auto", "gradient engine: autograd | mlp (hand-derived, ReLU MLP pairs) | auto")
     lr: float = option(1e-4, "learning rate of the adam / sgd baselines", match=True, change=True)
     betas: tuple[float, float] = option((0.5, 0.999), "Adam's betas", match=True)
+    ema: float = option(
+        0.0, "decay of an exponential moving average of G's weights, used for samples, plots, FID (0: off)", match=True
+    )
+    ema_start: int = option(0, "steps before the average begins (until then it copies G's weights)", match=True)
     steps: int = option(30_000, "train until this many steps")
     batch: int = option(512, "batch size per stage (per rank under torchrun)", match=True)
     z_dim: int = option(32, "latent dimension", match=True)
@@ -126,6 +130,8 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 < self.recover_factor < 1:
             raise ValueError(f"recover_factor must be in (0, 1), got {self.recover_factor!r}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1) (the average's decay; 0: off), got {self.ema!r}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.inception_weights and not self.fid_real:
@@ -143,7 +149,7 @@ POSITIVE = (
     "h", "h_g", "lr", "steps", "batch", "z_dim", "hidden", "image_size", "width", "channels", "fid_samples",
     "eval_every", "eval_samples", "log_every", "plot_every", "ckpt_every", "ckpt_minutes",
 )  # fmt: skip
-NON_NEGATIVE = ("reg", "seed", "threads", "workers", "recover_retries")
+NON_NEGATIVE = ("reg", "seed", "threads", "workers", "recover_retries", "ema_start")
 FINITE = ("h", "h_g", "lr")
 
 

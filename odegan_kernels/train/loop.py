@@ -30,6 +30,7 @@ from .checkpoint import (
 )
 from .closure import GameClosure, RandomStreams
 from .config import Config, resolve_device
+from .ema import GeneratorAverage
 from .logging import Console, IntervalMeans, MetricsLog, TensorBoardLog, plot_metrics
 from .recovery import Recovery
 from .state import NonFiniteError, StopRequests, TrainerState, TrainingInterrupted
@@ -59,6 +60,7 @@ class Trainer(TrainerState):
         self.fixed_y = torch.arange(cfg.eval_samples, device=dev) % k if k else None  # every class in turn
         self.step = 0
         self.opt, self.scheduler = build_optimizer(cfg, self.flat, distributed=self.world > 1)
+        self.ema = GeneratorAverage(self.flat, cfg.ema, cfg.ema_start, cfg.backend)  # off when cfg.ema == 0
         static = None
         if cfg.cuda_graph:
             slots = len(self.opt.tableau.b) if cfg.data_per_stage == "fresh" else 1
@@ -77,24 +79,23 @@ class Trainer(TrainerState):
         result = self.opt.step(self.closure)
         if self.scheduler is not None:
             self.scheduler.step()
+        self.ema.update(self.step + 1)
         self.step += 1
         return result.scalars()
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
     def samples(self) -> torch.Tensor:
-        """Samples from the fixed latents (and labels), with BN running statistics."""
-        was = self.G.training
-        self.G.eval()
-        try:
+        """Samples from the fixed latents (and labels), with BN running statistics; with ema on, from G's weight
+        average (its BN statistics stay the trained ones: GeneratorAverage)."""
+        with self.ema.evaluating(self.G):
             if self.fixed_y is None:
                 return torch.cat([self.G(z) for z in self.fixed_z.split(1024)])
             return torch.cat([self.G(z, y) for z, y in zip(self.fixed_z.split(1024), self.fixed_y.split(1024))])
-        finally:
-            self.G.train(was)
 
     def evaluate(self) -> dict:
-        return {"step": self.step, **self.problem.evaluate(self.samples())}
+        with self.ema.swapped_in():  # FID draws from G itself: the average there too
+            return {"step": self.step, **self.problem.evaluate(self.samples())}
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self, resume: bool = True, allow_change: bool = False) -> dict:

@@ -35,6 +35,7 @@ class TrainerState:
             "step": self.step,
             "D": self.D.state_dict(),
             "G": self.G.state_dict(),
+            "ema": self.ema.state_dict(),
             "opt": self.opt.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "problem": self.problem.state_dict(),
@@ -48,6 +49,7 @@ class TrainerState:
         self.D.load_state_dict(state["D"])
         self.G.load_state_dict(state["G"])
         self.flat.check_modules(self.D, self.G)
+        self.ema.load_state_dict(state.get("ema"))
         self.opt.load_state_dict(state["opt"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
