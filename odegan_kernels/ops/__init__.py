@@ -175,7 +175,7 @@ def rk_stage(
     _modules[name].stage(params, grads, x0, acc, coeffs, segs, reg_grad=reg_grad, write_x0=write_x0)
 
 
-def ema_update(avg, params, decay, backend: str = "auto") -> None:
+def ema_update(avg: torch.Tensor, params: torch.Tensor, decay: float | torch.Tensor, backend: str = "auto") -> None:
     """An exponential moving average's step, in place over flat buffers: ``avg <- decay*avg + (1-decay)*params``.
 
     ``avg`` and ``params`` are separate contiguous 1-D buffers of one float dtype and device (any length, empty
