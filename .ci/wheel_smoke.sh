@@ -100,7 +100,7 @@ coeffs, reg = torch.randn(2, 5, generator=gen), torch.randn(4000, generator=gen)
 out = {}
 for backend in ("reference", "csrc"):
     bufs = [torch.full((n,), float("nan")), x0.clone(), acc.clone()]
-    ops.rk_stage(bufs[0], g, bufs[1], bufs[2], coeffs, segs, reg=reg, write_x0=True, backend=backend)
+    ops.rk_stage(bufs[0], g, bufs[1], bufs[2], coeffs, segs, reg_grad=reg, write_x0=True, backend=backend)
     out[backend] = bufs
 for a, b in zip(out["csrc"], out["reference"]):
     assert not a.isnan().any() and torch.allclose(a, b, rtol=1e-6, atol=1e-6), (a - b).abs().max()

@@ -112,6 +112,7 @@ def test_trainer_under_torchrun(tmp_path):
     """Two ranks: identical parameters on both, exact resume (each rank's streams are in the checkpoint),
     one writer of the run folder, the Adam baseline averaged too; a resume with another world size is
     refused with a clear message."""
+    import importlib.util
     import json
 
     from odegan_kernels.train import Trainer, make_config
@@ -139,6 +140,7 @@ def test_trainer_under_torchrun(tmp_path):
         "metrics.png",
         "samples_0000008.png",
         "summary.json",
+        *(["tensorboard"] if importlib.util.find_spec("tensorboard") else []),
     ]
     # the two ranks drew different data: a single process from the same seed ends elsewhere
     single = Trainer(make_config("mog", steps=8, out=str(tmp_path / "single"), **RUN))

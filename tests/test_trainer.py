@@ -402,7 +402,7 @@ def test_image_options_are_checked(tmp_path):
     write_imagefolder(tmp_path / "data")
     with pytest.raises(ValueError, match="needs arch='resnet128'"):
         Trainer(tiny_imagenet_config(tmp_path, arch="dcgan", width=None, image_size=64))
-    with pytest.raises(ValueError, match="width sets the resnet128"):
+    with pytest.raises(ValueError, match="width sets the dcgan and resnet128 pairs"):
         Trainer(tiny_imagenet_config(tmp_path, arch="resnet"))
     with pytest.raises(ValueError, match="power of two"):
         Trainer(tiny_imagenet_config(tmp_path, image_size=48))
