@@ -280,7 +280,9 @@ _table_cache: OrderedDict = OrderedDict()
 def _chunk_table(tensors) -> tuple[torch.Tensor, torch.Tensor]:
     """(address, length) of every CHUNK-sized piece of every tensor, cached by the tensors' addresses so
     steady-state calls (and a graph's replays, whose pool addresses are fixed) build nothing."""
-    key = tuple((t.data_ptr(), t.numel()) for t in tensors)
+    # the element size is in the key: a float64 view of float32 storage has the same address and may have
+    # the same length, but other chunk addresses
+    key = tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for t in tensors)
     hit = _table_cache.get(key)
     if hit is not None:
         _table_cache.move_to_end(key)
@@ -299,6 +301,19 @@ def _chunk_table(tensors) -> tuple[torch.Tensor, torch.Tensor]:
     return hit
 
 
+_warmed: set = set()
+
+
+def _warm_capture_path(tensors) -> None:
+    """Run the per-tensor path once, eagerly, for every new signature of a call: the variants a capture will
+    launch are then compiled and loaded before it (loading a module during a capture is refused on some
+    drivers). Triton specialises on the pointers' 16-byte alignment and on the lengths, so those are the key."""
+    key = tuple((t.dtype, t.numel(), t.data_ptr() % 16 == 0) for t in tensors)
+    if key not in _warmed:
+        launch_sqnorm(tensors, per_tensor=True)
+        _warmed.add(key)
+
+
 def launch_sqnorm(tensors, per_tensor: bool | None = None) -> torch.Tensor:
     """Partial sums per CHUNK, then one fixed-order sum (deterministic).
 
@@ -312,6 +327,8 @@ def launch_sqnorm(tensors, per_tensor: bool | None = None) -> torch.Tensor:
         return out
     if per_tensor is None:
         per_tensor = out.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if out.device.type == "cuda" and not per_tensor:
+            _warm_capture_path(tensors)
     is_f64 = dtype == torch.float64
     if per_tensor:
         chunks = [triton.cdiv(t.numel(), SQ_CHUNK) for t in tensors]
