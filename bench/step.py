@@ -174,7 +174,9 @@ def graphed(fn, device, warmup=3):
     return g.replay
 
 
-def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: float, penalties: bool = True) -> None:
+def run_model(
+    name: str, device, batch: int, rows: list, env: dict, rep_ms: float, penalties: bool = True, only_pen: bool = False
+) -> None:
     is_cuda = device.type == "cuda"
 
     nan = float("nan")
@@ -211,6 +213,8 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
         print(f"{name:5s} {variant:10s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}]  peak {peak:8.1f} MB {note}", flush=True)
         return med
 
+    if only_pen:
+        return record_penalty_rows(name, device, batch, rep_ms, row)
     D, G, real, z = make_models(name, device, batch)
     record("naive", lambda: naive_step(D, G, real, z), params=list(D.parameters()) + list(G.parameters()))
 
@@ -315,9 +319,13 @@ def run_model(name: str, device, batch: int, rows: list, env: dict, rep_ms: floa
     record("euler", lambda: st_e.step(cl_e), params=[flat_e.params])
     sync(device)
     if penalties:
-        for variant, med, p20, p80, note in penalty_rows(name, device, batch, rep_ms):
-            row(variant, med, p20, p80, note=note)
-            print(f"{name:5s} {variant:14s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}] {note}", flush=True)
+        record_penalty_rows(name, device, batch, rep_ms, row)
+
+
+def record_penalty_rows(name: str, device, batch: int, rep_ms: float, row) -> None:
+    for variant, med, p20, p80, note in penalty_rows(name, device, batch, rep_ms):
+        row(variant, med, p20, p80, note=note)
+        print(f"{name:5s} {variant:14s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}] {note}", flush=True)
 
 
 # (g) the gradient-penalty family: (variant, g_reg's lambda, the field penalties)
@@ -421,6 +429,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-penalties", action="store_true", help="skip the gradient-penalty rows (pen:*)")
+    ap.add_argument("--penalties-only", action="store_true", help="only the gradient-penalty rows (pen:*)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cores = torch.get_num_threads()
@@ -434,7 +443,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(1 if m == "mlp" else cores)
         batch = 512 if m == "mlp" else (args.dcgan_batch or (64 if device.type == "cuda" else 8))
         start = len(rows)
-        run_model(m, device, batch, rows, env, rep, penalties=not args.no_penalties)
+        run_model(m, device, batch, rows, env, rep, not args.no_penalties, args.penalties_only)
         # written after every model, so a run stopped at a time limit keeps what it measured
         append_csv(out, rows[start:])
         report(rows, out, env)
