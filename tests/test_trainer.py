@@ -305,9 +305,12 @@ def test_checkpoint_refuses_non_finite_parameters(tmp_path):
 
 
 def test_rerun_of_a_finished_run_reports_its_metrics(tmp_path):
-    Trainer(make_config("mog", steps=10, out=str(tmp_path), **FAST)).run()
+    first = Trainer(make_config("mog", steps=10, out=str(tmp_path), **FAST)).run()
     summary = Trainer(make_config("mog", steps=10, out=str(tmp_path), **FAST)).run()
     assert summary["step"] == 10 and "modes" in summary
+    # nothing ran this time: the run's own speed (its last logged interval), never 0
+    last = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "steps_per_s" in x][-1]
+    assert summary["steps_per_s"] == last["steps_per_s"] > 0 and first["steps_per_s"] > 0
 
 
 @pytest.mark.parametrize(
