@@ -3,7 +3,8 @@
 from .checkpoint import CheckpointError, RunLock, atomic_save, load_latest, read_checkpoint
 from .config import PRESETS, Config, load_config, make_config, resolve_device
 from .logging import plot_metrics
-from .loop import NonFiniteError, Trainer, TrainingInterrupted
+from .loop import Trainer
+from .state import NonFiniteError, TrainingInterrupted
 
 __all__ = [
     "PRESETS",

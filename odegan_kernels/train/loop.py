@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -23,17 +22,13 @@ from ..flat import FlatParams
 from ..graphs import StaticBatches
 from ..problems import build_problem
 from .baselines import build_optimizer
-from .checkpoint import (
-    CHECKPOINT,
-    RunLock,
-    remove_stale_temporaries,
-)
+from .checkpoint import RunLock, remove_stale_temporaries
 from .closure import GameClosure, RandomStreams
 from .config import Config, resolve_device
 from .ema import GeneratorAverage
 from .logging import Console, IntervalMeans, MetricsLog, TensorBoardLog, plot_metrics
 from .recovery import Recovery
-from .state import NonFiniteError, StopRequests, TrainerState, TrainingInterrupted
+from .state import StopRequests, TrainerState, TrainingInterrupted
 
 
 class Trainer(TrainerState):
@@ -135,8 +130,7 @@ class Trainer(TrainerState):
         desc = f"{cfg.problem} {cfg.optimizer}:{cfg.method}"
         self._console = Console(main, cfg.progress, cfg.steps, self.step, desc)
         self._tb = TensorBoardLog(self.out, main and cfg.tensorboard)
-        self._pmax0, self._warned = float(self.flat.params.abs().max()), 0.0
-        self.recovery.snapshot()
+        self.recovery.start()
         rng_before, data_before, in_step = self.streams.state(), self.problem.state_dict(), False
         try:
             self._finish_step()  # what an interrupted run left to do after its last step
@@ -211,22 +205,11 @@ class Trainer(TrainerState):
         rec, (late_any, pmax) = self.means.means(
             [params.new_tensor(float(late and self.is_main)), params.abs().max()], self.world
         )
-        pmax /= self.world  # summed over the ranks, which hold the same parameters
-        bad = [k for k, v in rec.items() if not math.isfinite(v)] + ([] if math.isfinite(pmax) else ["parameters"])
-        if bad:
-            what = f"non-finite {', '.join(bad)} by step {self.step}"
-            event = self.recovery.rollback()
-            if event is None:
-                raise NonFiniteError(
-                    f"{what} ({self.cfg.recover_retries} rollbacks allowed); the last good checkpoint (if any) is "
-                    f"{self.out / CHECKPOINT}. Lower the step size h or raise reg (rerun with --allow-change to keep "
-                    "this run folder)."
-                )
+        event = self.recovery.check(rec, pmax / self.world)  # the ranks hold the same parameters
+        if event is not None:  # rolled back (or NonFiniteError when no retry is left)
             self.metrics.truncate(self.step)
             self.metrics.write(event)
-            self._console.write(
-                f"{what}: rolled back to step {self.step}, h now {event['h']} ({event['retries_left']} retries left)"
-            )
+            self._console.write(event.pop("message"))
             self.pending = []  # the good state's step had done its own
             return
         row = {"step": self.step, **rec, "steps_per_s": self._rate()}
@@ -234,14 +217,10 @@ class Trainer(TrainerState):
         self.means.reset()
         self._console.interval(self.step, rec, row["steps_per_s"])
         self._tb.scalars(row, "train")
-        if pmax > 1e3 * max(self._pmax0, 1e-12) and pmax > 10 * self._warned:
-            self._warned = pmax
-            self.metrics.write(
-                {"step": self.step, "event": "param_growth", "max_abs": pmax, "initial_max_abs": self._pmax0}
-            )
-            self._console.write(
-                f"warning: max |parameter| {pmax:.3g} at step {self.step} (was {self._pmax0:.3g}): h may be too large"
-            )
+        warning = self.recovery.growth(pmax / self.world)
+        if warning is not None:
+            self._console.write(warning.pop("message"))
+            self.metrics.write(warning)
         if late_any > 0 and "ckpt" not in self.pending:
             self.pending.append("ckpt")
         self.recovery.snapshot()

@@ -1,11 +1,15 @@
 """Divergence recovery: a copy of the last state that passed the divergence check, and on non-finite values a
-rollback to it with a smaller step size, a bounded number of times."""
+rollback to it with a smaller step size, a bounded number of times; warnings when parameters run away."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
+
+from .checkpoint import CHECKPOINT
+from .state import NonFiniteError
 
 
 def to_cpu(obj):
@@ -43,6 +47,44 @@ class Recovery:
         self.left = retries
         self.good: dict | None = None
         self.failed_at = -1
+
+    def start(self) -> None:
+        """At the start of a run: the parameters' scale to compare with, and the first good state."""
+        self.pmax0, self.warned = float(self.trainer.flat.params.abs().max()), 0.0
+        self.snapshot()
+
+    def check(self, means: dict[str, float], pmax: float) -> dict | None:
+        """None when the interval's means and the largest |parameter| are finite; else a rollback's record (with
+        a one-line ``message``), or NonFiniteError when no retry is left."""
+        bad = [k for k, v in means.items() if not math.isfinite(v)] + ([] if math.isfinite(pmax) else ["parameters"])
+        if not bad:
+            return None
+        tr = self.trainer
+        what = f"non-finite {', '.join(bad)} by step {tr.step}"
+        event = self.rollback()
+        if event is None:
+            raise NonFiniteError(
+                f"{what} ({self.retries} rollbacks allowed); the last good checkpoint (if any) is "
+                f"{tr.out / CHECKPOINT}. Lower the step size h or raise reg (rerun with --allow-change to keep "
+                "this run folder)."
+            )
+        message = f"{what}: rolled back to step {tr.step}, h now {event['h']} ({event['retries_left']} retries left)"
+        return {**event, "message": message}
+
+    def growth(self, pmax: float) -> dict | None:
+        """A warning row when the largest |parameter| has grown 1000x past its start (again 10x past the last
+        warning): a run too large a step size drives away without ever becoming non-finite."""
+        if not (pmax > 1e3 * max(self.pmax0, 1e-12) and pmax > 10 * self.warned):
+            return None
+        self.warned = pmax
+        step = self.trainer.step
+        return {
+            "step": step,
+            "event": "param_growth",
+            "max_abs": pmax,
+            "initial_max_abs": self.pmax0,
+            "message": f"warning: max |parameter| {pmax:.3g} at step {step} (was {self.pmax0:.3g}): h may be too large",
+        }
 
     def snapshot(self) -> None:
         """Remember the trainer's state as good (called after a passed check)."""
