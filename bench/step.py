@@ -371,11 +371,15 @@ def penalty_rows(name: str, device, batch: int, rep_ms: float, rounds: int = 5) 
     return out
 
 
-def report(rows: list[dict], out: Path, env: dict) -> None:
+def report(rows: list[dict], out: Path, env: dict, threads: int | None = None) -> None:
     md = [
         f"# Step benchmark\n\n{env['device']} · torch {env['torch']} · triton {env['triton']} · {env['date']}\n",
         f"Command: `{env['command']}`\n",
-        "On a CPU the toy pair runs on one thread (it is 1.7x slower on two) and DCGAN on all of them.\n",
+        (
+            f"On a CPU every model ran on {threads} thread(s) (--threads).\n"
+            if threads
+            else "On a CPU the toy pair runs on one thread (it is 1.7x slower on two) and DCGAN on all of them.\n"
+        ),
         markdown_table(rows, ["model", "batch", "variant", "median_ms", "p20_ms", "p80_ms", "peak_MB", "note"]),
         "\n## Ratios (same run)\n",
     ]
@@ -427,6 +431,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--dcgan-batch", type=int, default=None, help="batch of the image models")
     ap.add_argument("--rep-ms", type=float, default=None)
+    ap.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for every model (default: 1 for mlp, all for the rest)"
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-penalties", action="store_true", help="skip the gradient-penalty rows (pen:*)")
     ap.add_argument("--penalties-only", action="store_true", help="only the gradient-penalty rows (pen:*)")
@@ -440,13 +447,13 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"step_{device.type}.csv"
     for m in models.split(","):
         if device.type == "cpu":  # the toy's tiny matrices run fastest on one thread (1.7x slower on two)
-            torch.set_num_threads(1 if m == "mlp" else cores)
+            torch.set_num_threads(args.threads or (1 if m == "mlp" else cores))
         batch = 512 if m == "mlp" else (args.dcgan_batch or (64 if device.type == "cuda" else 8))
         start = len(rows)
         run_model(m, device, batch, rows, env, rep, not args.no_penalties, args.penalties_only)
         # written after every model, so a run stopped at a time limit keeps what it measured
         append_csv(out, rows[start:])
-        report(rows, out, env)
+        report(rows, out, env, args.threads)
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return 0
 
