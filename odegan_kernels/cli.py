@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import sys
 
@@ -18,7 +19,7 @@ from .train import (
     load_config,
     make_config,
 )
-from .train.config import RENAMED
+from .train.config import RENAMED, check_environment
 
 
 def _parse_value(text: str):
@@ -34,14 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a preset (resumes from OUT/checkpoint.pt if present)")
     t.add_argument("preset", nargs="?", choices=sorted(PRESETS), help="a preset (or --config FILE)")
     t.add_argument("--config", help="a JSON file of options (a run's own config.json works), instead of a preset")
-    t.add_argument("--steps", type=int)
+    t.add_argument("--steps", type=int, help="train until this many steps (a finished run continues)")
     t.add_argument("--out", help="run folder (config, metrics.jsonl, plots, checkpoint)")
-    t.add_argument("--seed", type=int)
+    t.add_argument("--seed", type=int, help="seed of the initial parameters and the data and noise streams")
     t.add_argument("--method", help="euler, heun, midpoint, ralston, rk3, rk4")
     t.add_argument("--h", type=float, help="step size (D's, and G's unless --h-g)")
     t.add_argument("--h-g", dest="h_g", type=float, help="G's step size")
     t.add_argument("--reg", type=float, help="regulariser weight lambda")
-    t.add_argument("--device")
+    t.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     t.add_argument(
         "--backend", choices=["auto", *ops.BACKENDS, "cuda"], help="fused-op backend ('cuda': old name of csrc)"
     )
@@ -53,14 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any Config field, e.g. --set coupling=joint --set eval_every=500",
     )
-    t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    t.add_argument(
+        "--fresh", action="store_true", help="start over: an earlier run's files in --out move to OUT/replaced-<time>/"
+    )
     t.add_argument(
         "--allow-change",
         action="store_true",
         help="resume although --h, --h-g, --reg or lr differ from the checkpoint's (recorded in metrics.jsonl)",
     )
     t.add_argument("--dry-run", action="store_true", help="print every option, its value and its meaning, and exit")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar: one line per log interval")
     sub.add_parser("presets", help="list presets and their options")
     sub.add_parser("backends", help="which op backends run here, and why not")
     st = sub.add_parser("study", help="a study with closed-form answers: dirac (which training methods converge)")
@@ -81,7 +84,9 @@ def _options(args) -> dict:
         if not sep:
             raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
         if key not in fields:
-            raise ValueError(f"unknown option {key!r}; options are {sorted(fields)}")
+            near = difflib.get_close_matches(key, fields, n=3)
+            hint = f"did you mean {' or '.join(near)}?" if near else "odegan train PRESET --dry-run lists them"
+            raise ValueError(f"unknown option {key!r}; {hint}")
         overrides[key] = _parse_value(value)
     if args.no_progress:
         overrides["progress"] = False
@@ -96,6 +101,8 @@ def _train(args) -> int:
             raise ValueError(f"give a preset ({', '.join(sorted(PRESETS))}) or --config FILE")
         overrides = _options(args)
         cfg = load_config(args.config, **overrides) if args.config else make_config(args.preset, **overrides)
+        if not args.dry_run:
+            check_environment(cfg)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"odegan: {exc}", file=sys.stderr)
         return 2
@@ -109,7 +116,7 @@ def _train(args) -> int:
     except TrainingInterrupted as exc:
         print(f"odegan: {exc}", file=sys.stderr)
         return 130
-    except (NonFiniteError, CheckpointError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (NonFiniteError, CheckpointError, ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         print(f"odegan: {exc}", file=sys.stderr)
         return 1
     finally:

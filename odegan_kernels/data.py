@@ -84,7 +84,9 @@ def image_loader(
         from torchvision import transforms
     except Exception as exc:  # torchvision loads only with a matching torch build
         raise RuntimeError(
-            f"image data needs torchvision: pip install 'odegan-kernels[vision]' ({type(exc).__name__}: {exc})"
+            "image data needs torchvision, built for this torch: from a checkout, pip install -c constraints.txt "
+            "-e '.[vision]' (keeps the pinned torch); otherwise install the torchvision release that matches "
+            f"torch {torch.__version__} ({type(exc).__name__}: {exc})"
         ) from exc
     from pathlib import Path
 

@@ -47,6 +47,8 @@ def _named_players(players, names, named) -> tuple[list, list[str]]:
         return [named[k] for k in order], order
     if players is None:
         raise TypeError("FlatParams needs players: FlatParams(D=disc, G=gen), or FlatParams([a, b], names=[...])")
+    if isinstance(names, (nn.Module, torch.Tensor)):
+        raise TypeError("FlatParams(D, G) is ambiguous: name the players, FlatParams(D=D, G=G)")
     if isinstance(players, (nn.Module, torch.Tensor)):
         players = [players]
     players = list(players)
@@ -208,8 +210,9 @@ class FlatParams:
         for p, off, name in self._layout:
             if p.data_ptr() != base_p + off * size:
                 raise RuntimeError(
-                    f"parameter {name} no longer lives in the flat buffer (it was replaced or re-assigned "
-                    "after flattening); build a new FlatParams after changing the model"
+                    f"parameter {name} no longer lives in the flat buffer: it was replaced or re-assigned after "
+                    "flattening, or another FlatParams was built over the same modules (one owns them at a time); "
+                    "build a new FlatParams (and optimiser) after changing the model"
                 )
         known = {id(e.param) for e in self._layout}
         for pname, m in self._modules:

@@ -118,6 +118,8 @@ def test_players_are_named_never_ordered():
     D, G = mog_pair()
     with pytest.raises(TypeError, match="without names: which is the discriminator"):
         FlatParams([G, D])
+    with pytest.raises(TypeError, match=r"FlatParams\(D, G\) is ambiguous"):
+        FlatParams(D, G)
     flat = FlatParams(G=G, D=D)  # keyword order does not matter
     assert flat.names == ["D", "G"] and flat.parameters("D") == list(D.parameters())
     assert FlatParams([G, D], names=["G", "D"]).segment("D")[0] > 0  # an explicit list keeps its order

@@ -470,3 +470,33 @@ def test_dirac_draws_its_trajectory(tmp_path):
     assert (tmp_path / "trajectory.png").stat().st_size > 1000 and (tmp_path / "metrics.png").exists()
     points = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in points if "psi" in r]) == 11  # step 0 and every 10 steps: the picture's points
+
+
+def test_cli_refuses_what_this_machine_cannot_run(tmp_path, capsys):
+    """An unavailable backend or device, or graph capture off a GPU: one line, exit 2, nothing written."""
+    out = tmp_path / "run"
+    cases = [(["--set", "cuda_graph=true"], "cuda_graph=True needs a CUDA device")]
+    if not torch.cuda.is_available():
+        cases += [(["--device", "cuda"], "torch sees no CUDA device")]  # (tests run Triton through its interpreter)
+    for args, msg in cases:
+        assert cli.main(["train", "mog", "--steps", "5", "--out", str(out), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()
+    assert cli.main(["train", "mog", "--set", "coupling_=joint"]) == 2
+    assert "did you mean coupling?" in capsys.readouterr().err
+
+
+def test_fresh_sets_the_earlier_run_aside(tmp_path, capsys):
+    Trainer(make_config("mog", steps=20, out=str(tmp_path), **FAST)).run()
+    before = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    Trainer(make_config("mog", steps=10, out=str(tmp_path), **FAST)).run(resume=False)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == before
+    assert "moved to" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint.prev.pt").exists()  # only the new run's checkpoints remain
+    assert read_rows(tmp_path)[-1]["step"] == 10 and not (tmp_path / "samples_0000020.png").exists()
+
+
+def read_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

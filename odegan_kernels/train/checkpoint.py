@@ -120,6 +120,30 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return stale
 
 
+RUN_FILES = (CHECKPOINT, PREVIOUS, "config.json", "metrics.jsonl", "metrics.png", "summary.json", "trajectory.png")
+
+
+def set_aside(out: Path) -> Path | None:
+    """Move an earlier run's files out of the way (into ``out/replaced-<time>/``) before a fresh run writes
+    there, so nothing of it mixes with the new run and nothing is lost; the folder used, or None."""
+    out = Path(out)
+    found = [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("samples_*.png"))
+    found += [out / "tensorboard"] if (out / "tensorboard").is_dir() else []
+    if not found:
+        return None
+    import time
+
+    dest = out / time.strftime("replaced-%Y%m%d-%H%M%S")
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = out / time.strftime(f"replaced-%Y%m%d-%H%M%S-{n}")
+    dest.mkdir()
+    for path in found:
+        os.replace(path, dest / path.name)
+    return dest
+
+
 class RunLock:
     """An exclusive lock on a run folder (``.lock``, held with flock for the life of the process): a second
     run on the same folder is refused with the other process's id instead of interleaving its files."""

@@ -332,3 +332,21 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def check_environment(cfg: Config) -> None:
+    """Refuse, before anything is built or written, what this machine cannot run: a CUDA device that is not
+    there, a kernel backend that is unavailable, CUDA-graph capture off a GPU. ValueError names the option."""
+    from .. import ops
+
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but torch sees no CUDA device here; use --device cpu (or auto)")
+    if cfg.backend != "auto":
+        why = ops.why_unavailable(cfg.backend)
+        if why is not None:
+            raise ValueError(f"backend={cfg.backend!r} is unavailable here: {why}; use --backend auto")
+        if not ops.supports(cfg.backend, torch.device(device)):
+            raise ValueError(f"backend={cfg.backend!r} does not run on {device} tensors; use --backend auto")
+    if cfg.cuda_graph and not device.startswith("cuda"):
+        raise ValueError(f"cuda_graph=True needs a CUDA device, and this run is on {device}; leave cuda_graph off")

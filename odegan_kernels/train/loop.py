@@ -115,7 +115,7 @@ class Trainer(TrainerState):
         cfg, main = self.cfg, self.is_main
         if main:
             remove_stale_temporaries(self.out)
-        resumed = resume and self.maybe_resume(allow_change) is not None
+        resumed = self.maybe_resume(allow_change) is not None if resume else self.start_fresh()
         if main:
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         if resumed:

@@ -13,7 +13,7 @@ import torch
 
 from ..distributed import all_gather_objects
 from .baselines import scheduler_state_at
-from .checkpoint import CHECKPOINT, PREVIOUS, atomic_save, load_latest
+from .checkpoint import CHECKPOINT, PREVIOUS, atomic_save, load_latest, set_aside
 from .config import Config, renamed
 
 
@@ -129,8 +129,23 @@ class TrainerState:
         changes = self.load_state_dict(found[0], allow_change)
         if changes and self.is_main:
             self.metrics.write({"step": self.step, "event": "resumed_with_changes", "changes": changes})
-            print(f"resumed {self.out} at step {self.step} with changes {changes}", file=sys.stderr)
+        steps, at = self.cfg.steps, f"{self.out} is at step {self.step} of {self.cfg.steps}"
+        if self.step >= steps:
+            self._say(f"{at}: nothing left to do (--steps N continues it, --fresh starts over)")
+        else:
+            self._say(f"resuming: {at}" + (f", with the changes {changes}" if changes else ""))
         return changes
+
+    def start_fresh(self) -> bool:
+        """A run that ignores the folder's checkpoint: an earlier run's files are set aside first. False."""
+        moved = set_aside(self.out) if self.is_main else None
+        if moved is not None:
+            self._say(f"fresh run: the earlier run's files in {self.out} moved to {moved}")
+        return False
+
+    def _say(self, line: str) -> None:
+        if self.is_main:
+            print(line, file=sys.stderr, flush=True)
 
 
 class StopRequests:
