@@ -66,17 +66,21 @@ def _named_players(players, names, named) -> tuple[list, list[str]]:
         raise ValueError(f"got {len(names)} names for {len(players)} players")
     if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"player names must be distinct non-empty strings, got {names}")
+    if "D" in names and names[0] != "D":  # the discriminator is player 0, whatever order the list gives
+        i = names.index("D")
+        players, names = [players[i]] + players[:i] + players[i + 1 :], ["D"] + names[:i] + names[i + 1 :]
     return players, names
 
 
 class FlatParams:
     """Parameters and gradients of several players in two contiguous buffers.
 
-    Players are named, never told apart by their order: ``FlatParams(D=disc, G=gen)`` (D first in the
-    buffers whatever the keyword order, as the penalty paths expect), or ``FlatParams([a, b], names=["x", "y"])``
-    for other games; a single player needs no name. After construction every ``p.data`` and ``p.grad`` is a
-    view into ``self.params`` / ``self.grads``, so ``loss.backward()`` accumulates straight into the flat
-    gradient buffer and ``zero_grad`` is one memset. ``segments[i] = (start, end)`` is player ``i``'s half-open
+    Players are named, never told apart by their order: ``FlatParams(D=disc, G=gen)``, or a list with ``names=``. A
+    player named D is player 0 (first in the buffers) whatever order it was given in: the optimisers' player indices
+    (``Stage.players``, the regularised player) count from D. Other games name their players as they like
+    (``names=["x", "y"]``: x is player 0); a single player needs no name. After construction every ``p.data`` and
+    ``p.grad`` is a view into ``self.params`` / ``self.grads``, so ``loss.backward()`` accumulates straight into the
+    flat gradient buffer and ``zero_grad`` is one memset. ``segments[i] = (start, end)`` is player ``i``'s half-open
     range; segments are contiguous and cover the buffer. Modules keep their ordinary ``state_dict``.
     """
 
@@ -139,6 +143,7 @@ class FlatParams:
         self.segments: list[tuple[int, int]] = segments
         self._layout = layout
         self._modules = [(n, m) for n, m in zip(names, players) if isinstance(m, nn.Module)]
+        self._known = {id(e.param) for e in layout}
         with torch.no_grad():
             for p, off, _ in layout:
                 self.params[off : off + p.numel()].copy_(p.detach().reshape(-1))
@@ -202,7 +207,21 @@ class FlatParams:
             if p.grad is None or p.grad.data_ptr() != base + off * size:
                 p.grad = self.grads[off : off + p.numel()].view_as(p)
 
-    def check(self) -> None:
+    def buffers(self) -> list[torch.Tensor]:
+        """The players' module buffers (BatchNorm's running statistics and counters), in a fixed order."""
+        return [b for _, m in self._modules for b in m.buffers()]
+
+    def stash_buffers(self, restore: bool = False) -> None:
+        """Copy the module buffers aside (one foreach copy into tensors kept for the purpose), or put the copy
+        back: an optimiser undoing an unfinished step undoes its BatchNorm updates too."""
+        bufs = self.buffers()
+        if not bufs:
+            return
+        if len(getattr(self, "_stash", ())) != len(bufs):
+            self._stash = [b.detach().clone() for b in bufs]
+        torch._foreach_copy_(*((bufs, self._stash) if restore else (self._stash, bufs)))
+
+    def check(self, grads: bool = True) -> None:
         """Raise if a parameter no longer lives in the flat buffers, or a player's module now holds a
         parameter that was not flattened (``layer.weight = nn.Parameter(...)`` after flattening): either would
         be silently left untrained by the fused kernels. Then checks the gradients (``check_grads``)."""
@@ -214,16 +233,18 @@ class FlatParams:
                     "flattening, or another FlatParams was built over the same modules (one owns them at a time); "
                     "build a new FlatParams (and optimiser) after changing the model"
                 )
-        known = {id(e.param) for e in self._layout}
+        known = self._known
         for pname, m in self._modules:
-            for name, p in m.named_parameters():
-                if p.requires_grad and id(p) not in known:
-                    raise RuntimeError(
-                        f"parameter {pname}.{name} was not flattened: it was assigned after FlatParams was built "
-                        "(e.g. layer.weight = nn.Parameter(...)) and would never be trained; change values in "
-                        "place (with torch.no_grad(): layer.weight.copy_(...)) or build a new FlatParams"
-                    )
-        self.check_grads()
+            if all(id(p) in known or not p.requires_grad for p in m.parameters()):
+                continue  # the common case, without building names
+            name = next(n for n, p in m.named_parameters() if p.requires_grad and id(p) not in known)
+            raise RuntimeError(
+                f"parameter {pname}.{name} was not flattened: it was assigned after FlatParams was built "
+                "(e.g. layer.weight = nn.Parameter(...)) and would never be trained; change values in "
+                "place (with torch.no_grad(): layer.weight.copy_(...)) or build a new FlatParams"
+            )
+        if grads:
+            self.check_grads()
 
     def check_grads(self) -> None:
         """Raise if a gradient was replaced by a tensor outside the flat buffer, or set to None: the fused

@@ -82,9 +82,11 @@ class StepGraph:
             # Real steps, on a side stream as torch.cuda.graphs asks: they build Triton's compiled kernels,
             # autograd's state and every cached table before capture.
             self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                out = self.run_step(closure)
-            torch.cuda.current_stream().wait_stream(self.stream)
+            try:
+                with torch.cuda.stream(self.stream):
+                    out = self.run_step(closure)
+            finally:  # also after a failure: the caller's rollback must come after the side stream's work
+                torch.cuda.current_stream().wait_stream(self.stream)
             self.warmed += 1
             return out
         graph, out = torch.cuda.CUDAGraph(), None
@@ -101,8 +103,8 @@ class StepGraph:
                     graph.capture_end()
                 except Exception:
                     pass  # the capture is invalid after a failure; the step's own error is what matters
-                if not isinstance(exc, Exception):
-                    raise  # KeyboardInterrupt and friends as they are
+                if not isinstance(exc, RuntimeError):
+                    raise  # the closure's own errors (and KeyboardInterrupt) as they are
                 raise capture_error(exc) from exc
             try:
                 graph.capture_end()

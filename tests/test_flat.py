@@ -122,7 +122,10 @@ def test_players_are_named_never_ordered():
         FlatParams(D, G)
     flat = FlatParams(G=G, D=D)  # keyword order does not matter
     assert flat.names == ["D", "G"] and flat.parameters("D") == list(D.parameters())
-    assert FlatParams([G, D], names=["G", "D"]).segment("D")[0] > 0  # an explicit list keeps its order
+    listed = FlatParams([G, D], names=["G", "D"])  # a player named D is player 0 whatever the list's order
+    assert listed.names == ["D", "G"] and listed.segment("D")[0] == 0 and listed.parameters(0) == list(D.parameters())
+    other = FlatParams([G, D], names=["x", "y"])  # other games keep their order: x is player 0
+    assert other.parameters(0) == list(G.parameters())
     with pytest.raises(TypeError, match="not both"):
         FlatParams([D], D=D)
     with pytest.raises(ValueError, match="distinct"):

@@ -294,3 +294,36 @@ def test_config_file_round_trips(tmp_path, capsys):
     assert "steps = 5  # train until this many steps" in lines and 'penalty_at = "after_step"' in " ".join(lines)
     assert cli.main(["train", "mog", "--config", str(tmp_path / "a" / "config.json")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["bookkeeping", "log_row"])
+def test_a_second_signal_never_leaves_a_half_done_update(tmp_path, where):
+    """Two Ctrl-Cs in the middle of a step's bookkeeping (the schedule stepped, the counter not yet), or right after
+    a log row's sums were reset (its pending mark still set): the second waits for the update to finish whole, so
+    the checkpoint it leaves is consistent and resumes exactly."""
+    straight = _uninterrupted(tmp_path)
+    out = tmp_path / "b"
+    tr = Trainer(make_config("mog", steps=30, out=str(out), **FAST))
+    owner, name = (tr.ema, "update") if where == "bookkeeping" else (tr.means, "reset")
+    inner = getattr(owner, name)
+
+    def then_twice(*args, **kw):
+        result = inner(*args, **kw)
+        if tr.step in (14, 15) and not getattr(then_twice, "done", False):
+            then_twice.done = True
+            os.kill(os.getpid(), signal.SIGINT)  # asks to stop at the next boundary
+            os.kill(os.getpid(), signal.SIGINT)  # and now, in the middle of an update that must finish
+        return result
+
+    setattr(owner, name, then_twice)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tr.run()
+    finally:
+        delattr(owner, name)
+    state = read_checkpoint(out / "checkpoint.pt")
+    assert state["scheduler"]["last_epoch"] == state["step"] == state["opt"]["ode"]["steps"]
+    resumed = Trainer(make_config("mog", steps=30, out=str(out), **FAST))
+    resumed.run()
+    assert torch.equal(resumed.flat.params, straight.flat.params)
+    assert _rows(out) == _rows(tmp_path / "straight")

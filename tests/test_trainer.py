@@ -223,6 +223,8 @@ def test_image_resume_equals_uninterrupted(tmp_path):
     c = Trainer(run("c", 7))
     c.run()
     assert torch.equal(a.flat.params, b.flat.params) and torch.equal(a.flat.params, c.flat.params)
+    for k, v in a.G.state_dict().items():  # BatchNorm's statistics too: the undone step's updates are undone
+        assert torch.equal(v, c.G.state_dict()[k]), k
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

@@ -28,6 +28,7 @@ Before each call the optimiser zeroes the flat gradients (one memset). The closu
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -124,9 +125,33 @@ def as_result(out) -> StageResult | None:
 
 
 def returned(out):
-    """What ``step()`` hands back for the closure's stage-0 return value."""
+    """What ``step()`` hands back for the closure's stage-0 return value: a StageResult (a mapping of its field
+    names becomes one) with its tensors detached; any other mapping or value with its tensors detached."""
     if isinstance(out, StageResult):
         return out.detached()
     if isinstance(out, Mapping):
-        return as_result(out).detached()
+        if set(out) <= set(FIELDS):
+            return as_result(out).detached()
+        return type(out)((k, _detach(v)) for k, v in out.items()) if isinstance(out, dict) else out
     return _detach(out)
+
+
+_TAKES_STAGE: dict = {}
+
+
+def stage_caller(closure):
+    """``closure`` as a function of the Stage: it gets the Stage when it can take one argument, else it is called
+    with none (torch.optim's form). Read from its signature once per function."""
+    key = getattr(closure, "__code__", None) or type(closure)
+    takes = _TAKES_STAGE.get(key)
+    if takes is None:
+        try:
+            inspect.signature(closure).bind(None)
+            takes = True
+        except TypeError:
+            takes = False
+        except ValueError:  # no signature to read (some builtins): pass the stage
+            takes = True
+        if getattr(closure, "__code__", None) is not None:
+            _TAKES_STAGE[key] = takes
+    return closure if takes else (lambda stage: closure())

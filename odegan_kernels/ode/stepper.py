@@ -6,7 +6,6 @@ using two buffers beyond params and grads (x0: the step's start, acc: the runnin
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,7 +15,7 @@ import torch
 from .. import ops
 from ..distributed import average_across_ranks
 from ..flat import FlatParams
-from ..game.contract import Stage, StageResult, returned
+from ..game.contract import Stage, StageResult, returned, stage_caller
 from ..game.penalty import apply_stage_penalties
 from ..game.regularisers import Penalty, due, penalty_specs
 from .schedules import SCHEDULES
@@ -39,7 +38,8 @@ def _step_sizes(h, n: int) -> list[float]:
     return [float(x) for x in hs]
 
 
-def _check_reg(reg) -> float:
+def check_reg(reg) -> float:
+    """lambda as a float, or a TypeError / ValueError naming it."""
     if isinstance(reg, bool) or not isinstance(reg, (int, float)):
         raise TypeError(f"reg (the regulariser weight lambda) must be a number, got {reg!r}")
     if not math.isfinite(reg) or reg < 0:
@@ -121,7 +121,7 @@ class ODEStepper(torch.optim.Optimizer):
         self._stages = compile_tableau(self.tableau)
         nseg = len(flat.segments)
         hs = _step_sizes(h, nseg)
-        reg = _check_reg(reg)
+        reg = check_reg(reg)
         if penalty_at not in PENALTY_PLACEMENTS:
             raise ValueError(f"penalty_at must be one of {PENALTY_PLACEMENTS}, got {penalty_at!r}")
         if coupling not in COUPLINGS:
@@ -163,6 +163,8 @@ class ODEStepper(torch.optim.Optimizer):
             ]
         self._coeffs = torch.zeros(len(self._stages), nseg, 5, dtype=dt, device=dev)
         self._coeff_key = None
+        self.rolled_back = False  # whether the last step was interrupted and undone
+        self.last_result = None  # what the last finished step returned
         self._scratch = None
         self.distributed = distributed
         self.process_group = process_group
@@ -199,12 +201,14 @@ class ODEStepper(torch.optim.Optimizer):
 
     @reg.setter
     def reg(self, value: float) -> None:
-        value = _check_reg(value)
+        value = check_reg(value)
         if (value > 0) != (self._reg > 0):
             raise ValueError(
                 f"reg {self._reg} -> {value} switches the regulariser {'on' if value > 0 else 'off'}, which changes "
                 "what each step computes: build a new ODEStepper with the new reg"
             )
+        if value != self._reg and self.graph is not None and self.graph.captured:
+            self.graph.reset()  # the first-stage weight lambda/b1 is part of the captured work: capture again
         self._reg = value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -249,17 +253,6 @@ class ODEStepper(torch.optim.Optimizer):
         self.x0.copy_(self.flat.params)
 
     # -- the step --------------------------------------------------------------------------------------
-    @staticmethod
-    def _calling(closure) -> Callable[[Stage], object]:
-        """``closure`` as a function of the Stage: it is passed when the closure can take one argument."""
-        try:
-            inspect.signature(closure).bind(None)
-        except TypeError:
-            return lambda stage: closure()
-        except ValueError:  # no signature to read (some builtins): pass the stage
-            pass
-        return closure
-
     def _apply_penalty(self, out, stage: Stage) -> StageResult:
         """The stage's penalties into its gradients (g_reg: into stage 1's, or the after-step buffer): one path."""
         w = self.penalty_weight if self._reg_views is None else 1.0
@@ -273,35 +266,40 @@ class ODEStepper(torch.optim.Optimizer):
         """
         if closure is None or not callable(closure):
             raise TypeError("ODEStepper.step needs a closure: it evaluates the gradients once per RK stage")
-        if (self.reg > 0 or self.penalties) and self._calling(closure) is not closure:
+        if (self.reg > 0 or self.penalties) and stage_caller(closure) is not closure:
             raise TypeError(
-                "the penalty (reg > 0) needs a closure that takes the Stage argument and returns the "
-                "regulariser when stage.penalty is set (game/contract.py)"
+                "the penalties (reg > 0, or penalties=) need a closure that takes the Stage argument and returns "
+                "them when the stage asks (stage.penalty, stage.penalties: game/contract.py)"
             )
         self.flat.attach_grads()  # gradients a user detached between steps (zero_grad(set_to_none=True))
-        self.flat.check()
+        self.flat.check(grads=False)
         self.x0.copy_(self.flat.params)  # the step's start as the parameters are now: edits between steps count
+        self.flat.stash_buffers()  # BN statistics as at the step's start, for an unfinished step's undoing
         self._refresh_coeffs()  # outside any graph: replays read the coefficient tensor
+        self.rolled_back, before = False, self.steps
         try:
             first = self.graph(closure) if self.graph is not None else self._run_stages(closure)
+            self.last_result = first
+            self.steps += 1
         except BaseException:
-            # A failure or Ctrl-C mid-step leaves params at a stage point; x0 holds the step's start.
-            self.flat.params.copy_(self.x0)
+            if self.steps == before:  # the step did not finish: back to its start (x0), buffers included
+                self.flat.params.copy_(self.x0)
+                self.flat.stash_buffers(restore=True)
+                self.rolled_back = True
             raise
-        self.steps += 1
         return first
 
     def _run_stages(self, closure):
         """The device work of one step: every stage's closure call and fused stage op."""
         flat = self.flat
-        call = self._calling(closure)
+        call = stage_caller(closure)
         nstages = len(self._stages)
         nplayers = len(flat.segments)
         everyone = tuple(range(nplayers))
         first = None
         for i in range(nstages):
             if self.coupling == "joint" or i == 0:
-                flat.zero_grad()
+                flat.grads.zero_()  # attached at the step's start, checked after every call
                 pens = tuple(due(self.penalties, self.steps, everyone))
                 stage = Stage(i, self.steps, everyone, i == 0 and self.reg > 0, pens)
                 out = call(stage)
@@ -347,7 +345,7 @@ class ODEStepper(torch.optim.Optimizer):
                 if holds[s] != want:
                     flat.params[a:b].copy_((point if s == q else self.x0)[a:b])
                     holds[s] = want
-            flat.zero_grad()
+            flat.grads.zero_()
             stage = Stage(i, self.steps, (q,), False, tuple(due(self.penalties, self.steps, (q,))))
             out = call(stage)
             flat.check_grads()
@@ -382,9 +380,14 @@ class ODEStepper(torch.optim.Optimizer):
                 raise ValueError(
                     f"checkpoint was made with {key}={ode[key]!r} but this stepper has {key}={mine[key]!r}"
                 )
+        reg = check_reg(float(ode["reg"]))
+        if (reg > 0) != (self._reg > 0):
+            raise ValueError(
+                f"checkpoint was made with reg={reg} but this stepper has reg={self._reg}: the regulariser is on in "
+                "one and off in the other, which changes what a step computes"
+            )
         if "param_groups" in state:
             super().load_state_dict({k: v for k, v in state.items() if k != "ode"})
         self.steps = int(ode["steps"])
-        self.reg = float(ode["reg"])
+        self.reg = reg
         self._coeff_key = None
-

@@ -9,19 +9,18 @@ are averaged once per step.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..distributed import average_across_ranks
 from ..flat import FlatParams
-from ..game.contract import Stage, returned
+from ..game.contract import Stage, returned, stage_caller
 from ..game.penalty import apply_stage_penalties
 from ..game.regularisers import FIELD_PENALTIES, due, penalty_specs
 from ..ode.schedules import SCHEDULES
-from ..ode.stepper import ODEStepper
+from ..ode.stepper import ODEStepper, check_reg
 from .config import Config
+from .interrupts import critical
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -43,30 +42,38 @@ class BaselineOptimizer:
     ) -> None:
         if kind not in OPTIMIZERS:
             raise ValueError(f"kind must be one of {OPTIMIZERS}, got {kind!r}")
-        if not math.isfinite(reg) or reg < 0:
-            raise ValueError(f"reg (the regulariser weight lambda) must be >= 0, got {reg}")
         self.flat = flat
-        self.reg = float(reg)
+        self.reg = check_reg(reg)
         self.penalties = penalty_specs(penalties)
         self.regularised = flat.index(regularised)
         self.distributed, self.process_group = distributed, process_group
         self.steps = 0
+        self.last_result = None  # what the last finished step returned
         groups = [{"params": flat.parameters(i)} for i in range(len(flat.segments))]
         self.optimizer = (
             torch.optim.Adam(groups, lr=lr, betas=betas) if kind == "adam" else torch.optim.SGD(groups, lr=lr)
         )
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's param groups (one per player; ``lr`` is the step size)."""
+        return self.optimizer.param_groups
 
     def step(self, closure):
         """One gradient evaluation and one optimizer step; returns what the closure returned (detached)."""
         self.flat.zero_grad()
         everyone = tuple(range(len(self.flat.segments)))
         stage = Stage(0, self.steps, everyone, self.reg > 0, tuple(due(self.penalties, self.steps, everyone)))
-        out = apply_stage_penalties(closure(stage), self.flat, stage, self.penalties, self.reg, None, self.regularised)
+        out = stage_caller(closure)(stage)
+        self.flat.check_grads()  # a closure that assigned p.grad = ... would escape the ranks' all-reduce
+        out = apply_stage_penalties(out, self.flat, stage, self.penalties, self.reg, None, self.regularised)
         if self.distributed:
             average_across_ranks(self.flat.grads, self.process_group)
-        self.optimizer.step()
-        self.steps += 1
-        return returned(out)
+        with critical():  # Adam's update cannot be undone halfway: an interrupt waits for its end
+            self.optimizer.step()
+            self.last_result = returned(out)
+            self.steps += 1
+        return self.last_result
 
     def state_dict(self) -> dict:
         return {**self.optimizer.state_dict(), "steps": self.steps}

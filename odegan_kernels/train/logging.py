@@ -88,10 +88,25 @@ class IntervalMeans:
         sums = {k: v.detach().clone() for k, v in self.sums.items()}
         return {"sums": sums, "count": self.count, "seen": dict(self.seen)}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.sums = dict(state.get("sums", {}))
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """``device``: where the sums live in this run (a checkpoint or a host-side snapshot may hold them
+        elsewhere)."""
+        self.sums = {k: v.to(device) if device is not None else v for k, v in state.get("sums", {}).items()}
         self.count = int(state.get("count", 0))
         self.seen = dict(state.get("seen", dict.fromkeys(self.sums, self.count)))
+
+
+def write_summary(out: Path, result: dict, rate: float | None) -> dict:
+    """summary.json (the last evaluation and the speed) and metrics.png. ``rate`` None: nothing ran this time,
+    so the run's own speed is its last logged interval's."""
+    if rate is None:
+        rate = next(
+            (r["steps_per_s"] for r in reversed(MetricsLog(out / "metrics.jsonl").rows()) if "steps_per_s" in r), 0.0
+        )
+    summary = {**result, "steps_per_s": rate}
+    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_metrics(Path(out))
+    return summary
 
 
 def plot_metrics(out: Path) -> None:
@@ -163,6 +178,9 @@ class Console:
         else:
             values = " ".join(f"{k}={v:.4g}" for k, v in rec.items())
             self.write(f"step {step}/{self.total} {values} ({rate:.1f} steps/s)")
+
+    def evaluation(self, result: dict) -> None:
+        self.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
     def write(self, line: str) -> None:
         if not self.enabled:

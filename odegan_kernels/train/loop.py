@@ -26,9 +26,10 @@ from .checkpoint import RunLock, remove_stale_temporaries
 from .closure import GameClosure, RandomStreams
 from .config import Config, resolve_device
 from .ema import GeneratorAverage
-from .logging import Console, IntervalMeans, MetricsLog, TensorBoardLog, plot_metrics
+from .interrupts import StopRequests, TrainingInterrupted, critical
+from .logging import Console, IntervalMeans, MetricsLog, TensorBoardLog, write_summary
 from .recovery import Recovery
-from .state import StopRequests, TrainerState, TrainingInterrupted
+from .state import TrainerState
 
 
 class Trainer(TrainerState):
@@ -63,6 +64,7 @@ class Trainer(TrainerState):
         self.game_closure = GameClosure(cfg, self.problem, self.streams.data, self.streams.z, static)
         self.closure = self.game_closure  # what the optimiser calls (wrap it to observe or inject)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main)
+        self._stop = StopRequests()  # run() installs the signal handlers
         self.means = IntervalMeans()
         self.pending: list[str] = []  # what is still to do after the last finished step (log, eval, plot, ckpt)
         self.recovery = Recovery(self, cfg.recover_factor, cfg.recover_retries)
@@ -71,12 +73,21 @@ class Trainer(TrainerState):
         """One optimiser step; returns its statistics (0-dim tensors on the device: losses, penalty)."""
         if self.game_closure.static is not None:
             self.game_closure.fill_static(self.step)  # the step also sets annealed instance noise's std
-        result = self.opt.step(self.closure)
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.ema.update(self.step + 1)
-        self.step += 1
-        return result.scalars()
+        self.opt.step(self.closure)  # an interrupt inside is rolled back by the stepper
+        return self._after_opt_step()
+
+    def _after_opt_step(self) -> dict[str, torch.Tensor]:
+        """The step's bookkeeping, whole or not at all (an interrupt waits for it): the schedule, the average of G,
+        the counter, the interval's sums and what is due after the step."""
+        with critical():
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.ema.update(self.step + 1)
+            self.step += 1
+            stats = self.opt.last_result.scalars()
+            self.means.add(stats)
+            self.pending = self._due()
+        return stats
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -136,26 +147,14 @@ class Trainer(TrainerState):
             self._finish_step()  # what an interrupted run left to do after its last step
             while self.step < cfg.steps:
                 rng_before, data_before, in_step = self.streams.state(), self.problem.state_dict(), True
-                stats = self.train_step()
+                self.train_step()
                 in_step = False
-                self.means.add(stats)
                 self._console.update(1)
-                self.pending = self._due()
                 self._finish_step()
         except TrainingInterrupted:
             raise  # stopped at a step boundary, checkpoint written
         except KeyboardInterrupt:
-            if in_step:  # the stepper rolled the unfinished step back: replay its noise and data on resume
-                self.streams.set_state(rng_before)
-                self.problem.load_state_dict(data_before)
-            if self.world > 1:  # the ranks stop at different points: a collective save could hang
-                raise TrainingInterrupted(
-                    f"rank {self.rank} interrupted at step {self.step}; the last checkpoint stands"
-                ) from None
-            path = self.save_checkpoint()
-            raise TrainingInterrupted(
-                f"interrupted at step {self.step}; saved {path}; rerun the same command to resume"
-            ) from None
+            self._interrupted(in_step, rng_before, data_before)
         finally:
             self._console.close()
             self._tb.close()
@@ -171,7 +170,7 @@ class Trainer(TrainerState):
         """Do what is due after the last finished step, one item at a time (an interrupted run saves the rest as
         pending, and its resumption does it first); stop here when a stop was requested."""
         while self.pending:
-            self._stop.check(self)
+            self._stop_if_requested()
             item = self.pending[0]  # removed once done: an interrupted item is redone on resume
             if item == "log":
                 self._log_interval()
@@ -179,9 +178,7 @@ class Trainer(TrainerState):
                 self._result = self.evaluate()
                 self.metrics.write(self._result)
                 self._tb.scalars(self._result, "eval")
-                self._console.write(
-                    " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self._result.items())
-                )
+                self._console.evaluation(self._result)
             elif item == "plot" and self.is_main:
                 title = f"{self.cfg.problem} {self.cfg.method} step {self.step}"
                 path = self.out / f"samples_{self.step:07d}.png"
@@ -193,9 +190,9 @@ class Trainer(TrainerState):
                 self.save_checkpoint()
                 self._last_ckpt = time.monotonic()
                 continue
-            if self.pending[:1] == [item]:  # (a rollback empties the list)
+            if self.pending[:1] == [item] and item != "log":  # (the log item removes itself; a rollback, all)
                 self.pending.pop(0)
-        self._stop.check(self)
+        self._stop_if_requested()
 
     def _log_interval(self) -> None:
         """The interval's means and the divergence check (one host sync, one all-reduce under torchrun): a row in
@@ -205,16 +202,21 @@ class Trainer(TrainerState):
         rec, (late_any, pmax) = self.means.means(
             [params.new_tensor(float(late and self.is_main)), params.abs().max()], self.world
         )
-        event = self.recovery.check(rec, pmax / self.world)  # the ranks hold the same parameters
-        if event is not None:  # rolled back (or NonFiniteError when no retry is left)
-            self.metrics.truncate(self.step)
-            self.metrics.write(event)
-            self._console.write(event.pop("message"))
-            self.pending = []  # the good state's step had done its own
+        with critical():  # a rollback, or a row and the reset of its sums, happens whole
+            event = self.recovery.check(rec, pmax / self.world)  # the ranks hold the same parameters
+            if event is not None:  # rolled back (or NonFiniteError when no retry is left)
+                message = event.pop("message")
+                self.metrics.truncate(self.step)
+                self.metrics.write(event)
+                self.pending = []  # the good state's step had done its own
+            else:
+                row = {"step": self.step, **rec, "steps_per_s": self._rate()}
+                self.metrics.write(row)
+                self.means.reset()
+                self.pending.remove("log")
+        if event is not None:
+            self._console.write(message)
             return
-        row = {"step": self.step, **rec, "steps_per_s": self._rate()}
-        self.metrics.write(row)
-        self.means.reset()
         self._console.interval(self.step, rec, row["steps_per_s"])
         self._tb.scalars(row, "train")
         warning = self.recovery.growth(pmax / self.world)
@@ -228,10 +230,5 @@ class Trainer(TrainerState):
     def _summary(self, rate: float) -> dict:
         if not self.is_main:
             return {"step": self.step, "rank": self.rank, "steps_per_s": rate}
-        result = self._result or self.evaluate()  # resumed at or past cfg.steps: still report where the run stands
-        if not self._result:  # nothing ran: the run's own speed, from its last logged interval
-            rate = next((r["steps_per_s"] for r in reversed(self.metrics.rows()) if "steps_per_s" in r), 0.0)
-        summary = {**result, "steps_per_s": rate}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_metrics(self.out)
-        return summary
+        # resumed at or past cfg.steps: still report where the run stands, at the run's own speed
+        return write_summary(self.out, self._result or self.evaluate(), rate if self._result else None)

@@ -26,7 +26,7 @@ def to_cpu(obj):
 def scale_step_size(opt, scheduler, factor: float) -> list[float]:
     """Multiply the optimiser's step sizes (and the scheduler's base values, which it recomputes them from)
     by ``factor``; returns the new step sizes."""
-    groups = opt.param_groups if hasattr(opt, "param_groups") else opt.optimizer.param_groups
+    groups = opt.param_groups
     for g in groups:
         g["lr"] *= factor
     if scheduler is not None:

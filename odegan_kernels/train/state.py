@@ -4,9 +4,7 @@ at a step boundary."""
 from __future__ import annotations
 
 import dataclasses
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -15,14 +13,11 @@ from ..distributed import all_gather_objects
 from .baselines import scheduler_state_at
 from .checkpoint import CHECKPOINT, PREVIOUS, atomic_save, load_latest, set_aside
 from .config import Config, renamed
+from .interrupts import TrainingInterrupted, critical
 
 
 class NonFiniteError(RuntimeError):
     """Training reached non-finite values (the message says where, and which checkpoint is the last good one)."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the run; the message says where and which checkpoint resumes it."""
 
 
 class TrainerState:
@@ -57,7 +52,7 @@ class TrainerState:
             self.scheduler.load_state_dict(scheduler_state_at(self.scheduler, int(state["step"])))
             self.opt.h = self.scheduler.get_last_lr()
         self.problem.load_state_dict(state.get("problem", {}))
-        self.means.load_state_dict(state.get("means", {}))
+        self.means.load_state_dict(state.get("means", {}), device=self.flat.device)
         self.pending = list(state.get("pending", []))
         self.streams.set_state(state["rng"])
         self.step = int(state["step"])
@@ -82,6 +77,12 @@ class TrainerState:
                         f"{key}={getattr(self.cfg, key)!r}; use another --out or match the option{how}"
                     )
                 changes[key] = [old, new]
+        if "reg" in changes and (changes["reg"][0] > 0) != (changes["reg"][1] > 0) and self.cfg.optimizer == "ode":
+            raise ValueError(
+                f"reg {changes['reg'][0]} -> {changes['reg'][1]} turns ODE-GAN's regulariser "
+                f"{'on' if changes['reg'][1] > 0 else 'off'}, which changes what every step computes; "
+                "--allow-change takes a new weight, not this: start a new run (another --out)"
+            )
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rng) != self.world:
             raise ValueError(
@@ -100,7 +101,7 @@ class TrainerState:
             opt.reg = cfg.reg
         if "h" in changes or "h_g" in changes or "lr" in changes:
             base = ([cfg.h] * 2 if cfg.h_g is None else [cfg.h, cfg.h_g]) if cfg.optimizer == "ode" else [cfg.lr] * 2
-            groups = opt.param_groups if cfg.optimizer == "ode" else opt.optimizer.param_groups
+            groups = opt.param_groups
             if self.scheduler is not None:
                 self.scheduler.base_lrs = list(base)
                 base = [b * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch) for b in base]
@@ -118,8 +119,34 @@ class TrainerState:
             )
         state = self.state_dict()
         if self.is_main:
-            atomic_save(state, path, previous=self.out / PREVIOUS)
+            with critical():  # the previous checkpoint's rename and the new one's happen together
+                atomic_save(state, path, previous=self.out / PREVIOUS)
         return path
+
+    def _interrupted(self, in_step: bool, rng_before: dict, data_before: dict) -> None:
+        """An interrupt that stopped the run at once: make the state whole, checkpoint it (a single process), and
+        raise TrainingInterrupted."""
+        if in_step and getattr(self.opt, "rolled_back", False):  # replay the undone step's noise and data
+            self.streams.set_state(rng_before)
+            self.problem.load_state_dict(data_before)
+        elif self.opt.steps > self.step:  # the optimiser's step finished, its bookkeeping had not begun
+            self._after_opt_step()
+        if self.world > 1:  # the ranks stop at different points: a collective save could hang
+            raise TrainingInterrupted(
+                f"rank {self.rank} interrupted at step {self.step}; the last checkpoint stands"
+            ) from None
+        path = self.save_checkpoint()
+        raise TrainingInterrupted(
+            f"interrupted at step {self.step}; saved {path}; rerun the same command to resume"
+        ) from None
+
+    def _stop_if_requested(self) -> None:
+        """At a step boundary: when a signal asked to stop, checkpoint and raise TrainingInterrupted."""
+        if self._stop.requested is not None:
+            path = self.save_checkpoint()
+            raise TrainingInterrupted(
+                f"{self._stop.requested} at step {self.step}; saved {path}; rerun the same command to resume"
+            )
 
     def maybe_resume(self, allow_change: bool = False) -> dict | None:
         """Resume from the run folder's newest usable checkpoint; the changed options, or None if there is none."""
@@ -146,37 +173,6 @@ class TrainerState:
     def _say(self, line: str) -> None:
         if self.is_main:
             print(line, file=sys.stderr, flush=True)
-
-
-class StopRequests:
-    """SIGINT / SIGTERM during a run: the first asks the loop to stop at the next step boundary (``check``
-    saves a checkpoint and raises TrainingInterrupted); a second interrupts at once. ``immediate`` (torchrun):
-    every signal interrupts at once. Handlers are installed only in the main thread, and restored after."""
-
-    def __init__(self, immediate: bool = False) -> None:
-        self.immediate, self.requested, self.saved = immediate, None, {}
-
-    def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.immediate or self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def check(self, trainer: TrainerState) -> None:
-        if self.requested is not None:
-            path = trainer.save_checkpoint()
-            raise TrainingInterrupted(
-                f"{self.requested} at step {trainer.step}; saved {path}; rerun the same command to resume"
-            )
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
 
 
 def _norm(v):
