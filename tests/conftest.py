@@ -52,3 +52,19 @@ def has_cuda() -> bool:
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh)")
+
+
+def corrupt_once(trainer, at_step: int = 12) -> list:
+    """Make the trainer's data source give one all-NaN batch, the first time a batch is drawn at ``at_step`` (a
+    transient blow-up); returns a list that gets an item when it happened."""
+    sample, hit = trainer.problem.real_batch, []
+
+    def corrupt(n, gen):
+        x = sample(n, gen)
+        if trainer.step == at_step and not hit:
+            hit.append(1)
+            return x * float("nan")
+        return x
+
+    trainer.problem.real_batch = corrupt
+    return hit

@@ -13,7 +13,7 @@ from odegan_kernels.ops import reference
 from odegan_kernels.train import Trainer, TrainingInterrupted, make_config, read_checkpoint
 from odegan_kernels.train.ema import GeneratorAverage
 
-from .conftest import TOL, assert_close
+from .conftest import TOL, assert_close, corrupt_once
 
 FAST = dict(eval_every=10, log_every=5, plot_every=10, ckpt_every=10, eval_samples=256, progress=False)
 EMA = dict(ema=0.9, ema_start=3)
@@ -152,16 +152,7 @@ def test_exact_resume_with_ema(tmp_path, where):
 def test_a_rollback_restores_the_average(tmp_path):
     """Divergence recovery rolls the average back with the weights: it ends finite, not poisoned by the NaN step."""
     tr = _trainer(tmp_path, steps=30)
-    sample, hit = tr.problem.real_batch, []
-
-    def corrupt_once(n, gen):
-        x = sample(n, gen)
-        if tr.step == 12 and not hit:
-            hit.append(1)
-            return x * float("nan")
-        return x
-
-    tr.problem.real_batch = corrupt_once
+    hit = corrupt_once(tr)
     tr.run()
     assert hit and any(r.get("event") == "diverged" for r in map(json.loads, open(tmp_path / "metrics.jsonl")))
     assert torch.isfinite(tr.ema.avg).all() and torch.isfinite(tr.recovery.good["ema"]["avg"]).all()

@@ -18,6 +18,8 @@ import torch
 from odegan_kernels import cli
 from odegan_kernels.train import CheckpointError, RunLock, Trainer, TrainingInterrupted, make_config, read_checkpoint
 
+from .conftest import corrupt_once
+
 FAST = dict(eval_every=10, log_every=5, plot_every=10, ckpt_every=10, eval_samples=256, progress=False)
 
 
@@ -90,16 +92,7 @@ def test_no_usable_checkpoint_is_one_clear_error(tmp_path):
 def test_divergence_is_rolled_back_with_a_smaller_step(tmp_path):
     """A transient blow-up (a corrupt batch, once) costs one rollback and a halved h; the run goes on."""
     tr = Trainer(make_config("mog", steps=30, out=str(tmp_path), **FAST))
-    sample, hit = tr.problem.real_batch, []
-
-    def corrupt_once(n, gen):
-        x = sample(n, gen)
-        if tr.step == 12 and not hit:
-            hit.append(1)
-            return x * float("nan")
-        return x
-
-    tr.problem.real_batch = corrupt_once
+    hit = corrupt_once(tr)
     summary = tr.run()
     assert summary["step"] == 30 and torch.isfinite(tr.flat.params).all()
     events = [r for r in _rows(tmp_path) if r.get("event") == "diverged"]
