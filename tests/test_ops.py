@@ -478,3 +478,21 @@ def test_sqnorm_overflow_is_inf_not_an_error(backend):
     ts = [torch.full((1000,), 3e37, device=DEVICE), torch.ones(3, device=DEVICE)]
     out = ops.sqnorm(ts, backend=backend)
     assert out.dtype == torch.float32 and torch.isinf(out).item()
+
+
+def test_validation_cache_never_lets_a_changed_argument_through():
+    """The stage op skips its checks for arguments it has seen pass; anything that changes a check's answer
+    (autograd recording, an overlapping buffer, the segments) is checked again."""
+    n = 10
+    params, grads, x0, acc = (torch.randn(n) for _ in range(4))
+    coeffs = torch.tensor([[0.0, 1.0, -0.1, 0.0, 0.0]])
+    ops.rk_stage(params, grads, x0, acc, coeffs, [(0, n)], backend="foreach")
+    ops.rk_stage(params, grads, x0, acc, coeffs, [(0, n)], backend="foreach")  # cached
+    params.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        ops.rk_stage(params, grads, x0, acc, coeffs, [(0, n)], backend="foreach")
+    params.requires_grad_(False)
+    with pytest.raises(ValueError, match="overlaps"):
+        ops.rk_stage(params, grads, params, acc, coeffs, [(0, n)], write_x0=True, backend="foreach")
+    with pytest.raises(ValueError, match="segments"):
+        ops.rk_stage(params, grads, x0, acc, coeffs, [(0, n - 1)], backend="foreach")

@@ -115,10 +115,47 @@ def _check_flat(name: str, t, op: str, dtypes) -> None:
         raise TypeError(f"{name} is {t.dtype}; this backend supports {', '.join(map(str, dtypes))}")
 
 
+_VALIDATED: dict = {}  # argument signature -> (coeffs, segments) of a call that passed every check
+
+
+def _signature(t) -> tuple:
+    if not isinstance(t, torch.Tensor):
+        return (type(t), id(t))
+    return (t.data_ptr(), t.numel(), t.dtype, t.device, t.requires_grad, t.is_contiguous(), t.dim(), t.layout)
+
+
 def check_stage_args(
     params, grads, x0, acc, coeffs, segments, reg_grad, write_x0, dtypes=(torch.float32, torch.float64)
 ):
-    """Validate the stage op's arguments; return (coeffs tensor, segments tuple)."""
+    """Validate the stage op's arguments; return (coeffs tensor, segments tuple).
+
+    An optimiser calls the op with the same buffers every stage: a call whose every argument has the signature of
+    one that passed (addresses, sizes, dtypes, devices, layouts, whether autograd would record) skips the checks.
+    """
+    if isinstance(coeffs, torch.Tensor) and isinstance(segments, (tuple, list)) and isinstance(write_x0, bool):
+        try:
+            key = (
+                *(_signature(t) for t in (params, grads, x0, acc, coeffs, reg_grad)),
+                tuple(tuple(s) for s in segments),
+                write_x0,
+                torch.is_grad_enabled(),
+                dtypes,
+            )
+            hash(key)
+        except (TypeError, RuntimeError):  # unhashable segments, tensors without storage: check in full
+            key = None
+        if key is not None and key in _VALIDATED:
+            return _VALIDATED[key]
+        result = _check_stage_args(params, grads, x0, acc, coeffs, segments, reg_grad, write_x0, dtypes)
+        if key is not None and result[0] is coeffs:  # (only when coeffs needed no conversion)
+            if len(_VALIDATED) > 64:
+                _VALIDATED.clear()
+            _VALIDATED[key] = result
+        return result
+    return _check_stage_args(params, grads, x0, acc, coeffs, segments, reg_grad, write_x0, dtypes)
+
+
+def _check_stage_args(params, grads, x0, acc, coeffs, segments, reg_grad, write_x0, dtypes):
     if not isinstance(write_x0, bool):
         raise TypeError(f"write_x0 must be True or False, got {write_x0!r} of type {type(write_x0).__name__}")
     named = {"params": params, "grads": grads, "x0": x0, "acc": acc}
