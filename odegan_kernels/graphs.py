@@ -7,7 +7,7 @@ in the stepper's coefficient tensor, refreshed outside the graph, so replays use
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -40,12 +40,24 @@ def capture_error(exc: Exception) -> GraphCaptureError:
     return GraphCaptureError(f"the step could not be captured. The error was: {first}")
 
 
+class _Variant:
+    """One kind of step's capture: its warm-up count, graph, static outputs and the closure it recorded."""
+
+    __slots__ = ("warmed", "graph", "outputs", "code")
+
+    def __init__(self) -> None:
+        self.warmed, self.graph, self.outputs, self.code = 0, None, None, None
+
+
 class StepGraph:
     """Runs ``run_step(closure)`` eagerly ``warmup`` times on a side stream, then captures and replays it.
 
     The closure is captured once: replays repeat exactly the recorded work, so its inputs must live in
     static tensors that the caller refills before each step (a different closure, or inputs of another
     shape, need a new capture: ``reset()``).
+
+    Steps that do different work (a lazy penalty due every k-th step) pass a ``key`` naming their kind: each
+    key is warmed up, captured and replayed on its own graph, so a step never replays another kind's work.
     """
 
     def __init__(self, run_step: Callable, warmup: int = 3) -> None:
@@ -53,32 +65,32 @@ class StepGraph:
             raise ValueError("warmup must be >= 1: the first eager step builds caches and autograd state")
         self.run_step = run_step
         self.warmup = warmup
-        self.warmed = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs = None
-        self.code = None
+        self.variants: dict[Hashable, _Variant] = {}
         self.stream: torch.cuda.Stream | None = None
 
     def reset(self) -> None:
-        self.graph, self.outputs, self.code, self.warmed = None, None, None, 0
+        """Forget every capture: the next steps warm up and capture again."""
+        self.variants = {}
 
     @property
     def captured(self) -> bool:
-        return self.graph is not None
+        """Whether any kind of step has been captured."""
+        return any(v.graph is not None for v in self.variants.values())
 
-    def __call__(self, closure):
+    def __call__(self, closure, key: Hashable = None):
         code = getattr(closure, "__code__", None) or type(closure)
-        if self.graph is not None:
-            if code is not self.code:
+        v = self.variants.setdefault(key, _Variant())
+        if v.graph is not None:
+            if code is not v.code:
                 raise GraphCaptureError(
                     "this stepper replays the closure it captured; a different closure needs a new capture "
                     "(call stepper.graph.reset())"
                 )
-            self.graph.replay()
-            return self.outputs
+            v.graph.replay()
+            return v.outputs
         if self.stream is None:
             self.stream = torch.cuda.Stream()
-        if self.warmed < self.warmup:
+        if v.warmed < self.warmup:
             # Real steps, on a side stream as torch.cuda.graphs asks: they build Triton's compiled kernels,
             # autograd's state and every cached table before capture.
             self.stream.wait_stream(torch.cuda.current_stream())
@@ -87,13 +99,14 @@ class StepGraph:
                     out = self.run_step(closure)
             finally:  # also after a failure: the caller's rollback must come after the side stream's work
                 torch.cuda.current_stream().wait_stream(self.stream)
-            self.warmed += 1
+            v.warmed += 1
             return out
         graph, out = torch.cuda.CUDAGraph(), None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         # Inside the stream context, so a failed capture never leaves the side stream current; thread_local, so
-        # another thread's CUDA calls (a DataLoader's pin-memory thread) do not break the capture.
+        # another thread's CUDA calls (a DataLoader's pin-memory thread) do not break the capture. Each kind
+        # of step has its own graph and memory pool: the kinds replay in any order.
         with torch.cuda.stream(self.stream):
             graph.capture_begin(capture_error_mode="thread_local")
             try:
@@ -110,7 +123,7 @@ class StepGraph:
                 graph.capture_end()
             except RuntimeError as exc:
                 raise capture_error(exc) from exc
-        self.graph, self.outputs, self.code = graph, out, code
+        v.graph, v.outputs, v.code = graph, out, code
         graph.replay()  # capture records without running: this step still has to happen
         return out
 

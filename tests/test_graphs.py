@@ -1,5 +1,7 @@
 """Whole-step CUDA graph capture: the CPU-side logic here; the GPU tests run in bench/gpu_check.sh."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -256,3 +258,71 @@ def test_graph_mode_with_loader_workers(tmp_path):
     write_imagefolder(tmp_path / "data", per_class=12)
     tr = Trainer(tiny_imagenet_config(tmp_path, steps=6, device="cuda", cuda_graph=True, workers=2))
     assert tr.run()["step"] == 6 and torch.isfinite(tr.flat.params).all()
+
+
+class _FakeCuda:
+    """Stand-ins for torch.cuda's stream and graph calls, so StepGraph's bookkeeping runs on a CPU: a fake
+    graph records what the step asked for while it was captured, and a replay logs that recording."""
+
+    def __init__(self, monkeypatch):
+        self.recording: list | None = None
+        self.replayed: list = []
+        fake = self
+
+        class Graph:
+            def capture_begin(self, capture_error_mode="global"):
+                assert capture_error_mode == "thread_local"
+                fake.recording = []
+
+            def capture_end(self):
+                self.recorded, fake.recording = fake.recording, None
+
+            def replay(self):
+                fake.replayed.append(self.recorded)
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+
+def test_each_kind_of_step_is_warmed_captured_and_replayed_on_its_own_graph(monkeypatch):
+    fake = _FakeCuda(monkeypatch)
+    eager = []
+
+    def run_step(closure):
+        work = closure()
+        if fake.recording is not None:
+            fake.recording.append(work)
+        else:
+            eager.append(work)
+        return work
+
+    sg = StepGraph(run_step, warmup=2)
+    kinds = [("r1",) if s % 3 == 0 else () for s in range(15)]
+    for kind in kinds:
+        sg(lambda kind=kind: kind, key=kind)
+    # r1 steps (0, 3, 6, ...): two eager, the capture at step 6 (recorded, then replayed), replays after;
+    # the others the same on their own graph
+    assert eager == [("r1",), (), (), ("r1",)]
+    assert sg.captured and set(sg.variants) == {(), ("r1",)}
+    replays = [r[0] for r in fake.replayed]
+    assert replays == kinds[4:]  # from the first capture (step 4) on, every step replays its own kind's graph
+    sg.reset()
+    assert not sg.captured
+
+
+def test_a_captured_kind_refuses_another_closure(monkeypatch):
+    _FakeCuda(monkeypatch)
+    sg = StepGraph(lambda closure: closure(), warmup=1)
+    for _ in range(2):
+        sg(lambda: 1.0, key="a")
+    with pytest.raises(GraphCaptureError, match="replays the closure it captured"):
+        sg(lambda: 2.0, key="a")
+    sg(lambda: 3.0, key="b")  # another kind warms up with its own closure

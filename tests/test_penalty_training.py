@@ -141,8 +141,6 @@ def test_baselines_take_the_same_penalty_path(kind):
 
 def test_refusals():
     D, G, flat, *_ = _setup()
-    with pytest.raises(ValueError, match="lazy penalties"):
-        ODEStepper(flat, "rk4", penalties={"r1": (1.0, 16)}, cuda_graph=True)
     with pytest.raises(ValueError, match="give its weight as reg="):
         penalty_specs({"g_reg": 1.0})
     with pytest.raises(ValueError, match="unknown penalty"):
@@ -267,20 +265,25 @@ def test_graph_mode_draws_from_the_default_generator_and_refreshes_the_std(tmp_p
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh)")
-def test_captured_step_with_every_penalty_equals_the_eager_step():
+@pytest.mark.parametrize(
+    "pens",
+    [{"r1": 1.0, "r2": 0.5, "wgan_gp": 1.0, "consensus": 0.1}, {"r1": (1.0, 2), "wgan_gp": (1.0, 3), "r2": 0.5}],
+    ids=["every-step", "lazy"],
+)
+def test_captured_step_with_every_penalty_equals_the_eager_step(pens):
+    """Lazy penalties give three kinds of step here (r1 due, wgan_gp due, both, neither): each its own graph."""
     gen = torch.Generator().manual_seed(0)
-    steps = 6
+    steps = 10
     data = [torch.randn(4, 128, 2, generator=gen).cuda() for _ in range(steps)]
     zs = [torch.randn(4, 128, 8, generator=gen).cuda() for _ in range(steps)]
     mixes = [torch.rand(4, 128, generator=gen).cuda() for _ in range(steps)]
-    pens = {"r1": 1.0, "r2": 0.5, "wgan_gp": 1.0, "consensus": 0.1}
     results = {}
     for cuda_graph in (False, True):
         torch.manual_seed(0)
         D, G = mog_pair(z_dim=8, hidden=16, seed=0)
         D, G = D.cuda(), G.cuda()
         flat = FlatParams(D=D, G=G)
-        st = ODEStepper(flat, "rk4", h=0.05, reg=0.07, penalties=pens, cuda_graph=cuda_graph)
+        st = ODEStepper(flat, "rk4", h=0.05, reg=0.07, penalties=pens, cuda_graph=cuda_graph, graph_warmup=1)
         x, z, mix = data[0].clone(), zs[0].clone(), mixes[0].clone()  # static inputs, refilled per step
 
         def closure(stage):
@@ -306,11 +309,12 @@ def test_captured_step_with_every_penalty_equals_the_eager_step():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh)")
-def test_trainer_graph_mode_with_the_penalty_family(tmp_path):
+@pytest.mark.parametrize("every", [1, 4])
+def test_trainer_graph_mode_with_the_penalty_family(tmp_path, every):
     cfg = make_config(
         "mog-joint", device="cuda", cuda_graph=True, steps=40, eval_every=40, log_every=20, plot_every=10**9,
         out=str(tmp_path), progress=False, r1=1.0, wgan_gp=1.0, consensus=0.1, instance_noise=0.05,
-        instance_noise_anneal=20,
+        instance_noise_anneal=20, penalty_every=every,
     )  # fmt: skip
     summary = Trainer(cfg).run()
     assert summary["step"] == 40

@@ -46,10 +46,9 @@ class Penalty:
         return FIELD_PENALTIES[self.name]
 
 
-def penalty_specs(penalties: Mapping | Iterable[Penalty] | None, cuda_graph: bool = False) -> tuple[Penalty, ...]:
+def penalty_specs(penalties: Mapping | Iterable[Penalty] | None) -> tuple[Penalty, ...]:
     """The field penalties an optimiser applies, from Penalty objects or a mapping {name: weight} or
-    {name: (weight, every)}; zero weights are dropped, a name given twice is refused. ``cuda_graph``: refuse lazy
-    penalties, whose skipped steps a graph replay cannot skip."""
+    {name: (weight, every)}; zero weights are dropped, a name given twice is refused."""
     if penalties is None:
         return ()
     if isinstance(penalties, Mapping):
@@ -61,14 +60,7 @@ def penalty_specs(penalties: Mapping | Iterable[Penalty] | None, cuda_graph: boo
     names = [p.name for p in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"a penalty is given twice: {names}")
-    specs = tuple(p for p in specs if p.weight > 0)
-    lazy = [p.name for p in specs if p.every > 1]
-    if cuda_graph and lazy:
-        raise ValueError(
-            f"lazy penalties {lazy} (every > 1) skip their work on most steps, which a CUDA graph replay cannot: "
-            "use every=1 under cuda_graph=True, or run eagerly"
-        )
-    return specs
+    return tuple(p for p in specs if p.weight > 0)
 
 
 def due(specs: Sequence[Penalty], step: int, players: Sequence[int]) -> dict[str, float]:

@@ -77,7 +77,8 @@ class ODEStepper(torch.optim.Optimizer):
             consensus; part of the players' losses, so applied at every stage evaluation (lazy: every k steps).
         backend: the fused stage op's backend (ops.rk_stage): auto | triton | csrc | foreach | reference.
         cuda_graph: capture the whole step (every stage, forward, backward, the penalty) in one CUDA graph
-            after ``graph_warmup`` eager steps, and replay it.
+            after ``graph_warmup`` eager steps, and replay it (steps where a lazy penalty is due, and steps where
+            none is, are two kinds of step: each is warmed up, captured and replayed on its own graph).
         distributed: data parallel under torch.distributed: the flat gradients are averaged over the ranks
             once per stage (``process_group``: the group, default the world).
         schedule: deprecated: a multiplier of h by step count; use a scheduler, e.g.
@@ -140,7 +141,7 @@ class ODEStepper(torch.optim.Optimizer):
         groups = [{"params": flat.parameters(i), "lr": hs[i], "player": flat.names[i]} for i in range(nseg)]
         super().__init__(groups, {"lr": hs[0]})
         self._reg = reg
-        self.penalties = penalty_specs(penalties, cuda_graph=cuda_graph)
+        self.penalties = penalty_specs(penalties)
         self.penalty_at = penalty_at
         self.coupling = coupling
         self.schedule = schedule
@@ -278,7 +279,10 @@ class ODEStepper(torch.optim.Optimizer):
         self._refresh_coeffs()  # outside any graph: replays read the coefficient tensor
         self.rolled_back, before = False, self.steps
         try:
-            first = self.graph(closure) if self.graph is not None else self._run_stages(closure)
+            if self.graph is None:
+                first = self._run_stages(closure)
+            else:  # a step with a lazy penalty due does other work than one without: its own graph
+                first = self.graph(closure, key=tuple(due(self.penalties, self.steps, range(len(self.flat.segments)))))
             self.last_result = first
             self.steps += 1
         except BaseException:

@@ -47,7 +47,7 @@ class Config:
     wgan_gp: float = option(0.0, "weight of WGAN-GP, E(||grad D(x^)|| - 1)^2 on interpolates (0: off)", match=True)
     consensus: float = option(0.0, "weight gamma of consensus optimisation, gamma grad 1/2||v||^2 (0: off)", match=True)
     penalty_every: int = option(
-        1, "lazy r1/r2/wgan_gp/consensus: every k steps, weighted k x (StyleGAN2: 16); eager only", match=True
+        1, "lazy r1/r2/wgan_gp/consensus: every k steps, weighted k x (StyleGAN2: 16)", match=True
     )
     instance_noise: float = option(0.0, "std of Gaussian noise added to D's inputs, real and fake (0: off)", match=True)
     instance_noise_anneal: int = option(
