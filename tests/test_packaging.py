@@ -70,3 +70,19 @@ def test_license_is_apache_2():
     assert text.startswith("Copyright 2026 the odegan-kernels authors\n")
     assert "Apache License\n                           Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply the Apache License" in text
+
+
+def test_the_package_page_has_no_links_a_package_index_cannot_follow(dists):
+    """The wheel's long description (a package index's page) shows no image or link relative to the checkout."""
+    import re
+
+    wheel, _ = dists
+    with zipfile.ZipFile(wheel) as z:
+        (meta,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = z.read(meta).decode()
+    head, _, page = metadata.partition("\n\n")
+    assert "Description-Content-Type: text/markdown" in head
+    assert "ODEStepper" in page
+    targets = re.findall(r"\]\(([^)]+)\)", page) + re.findall(r"<img[^>]*src=\"([^\"]+)\"", page)
+    relative = [t for t in targets if not re.match(r"[a-z]+://", t)]
+    assert not relative, f"the package page links to files it does not have: {relative}"
