@@ -23,3 +23,26 @@ def test_the_library_example_runs(capsys):
     result = scope["result"]
     assert result.loss_d is not None and result.penalty is not None and result.penalty.grad_fn is None
     assert len(capsys.readouterr().out.splitlines()) == 1  # the example's one print
+
+
+def test_how_one_step_flows_names_files_and_functions_that_exist():
+    """The walk through one step names real files, in the package, and the functions it names are in them."""
+    import odegan_kernels
+
+    pkg = Path(odegan_kernels.__file__).parent
+    section = re.search(r"## How one step flows\n(.*?)\n## ", README.read_text(), re.S).group(1)
+    files = re.findall(r"`([a-z_/]+\.py|csrc/)`", section)
+    assert len(files) >= 15, files
+    missing = [f for f in files if not (pkg / f).exists()]
+    assert not missing, f"README's step walk names files that do not exist: {missing}"
+    for path, name in [
+        ("train/loop.py", "def train_step"),
+        ("train/baselines.py", "def build_optimizer"),
+        ("ode/stepper.py", "class ODEStepper"),
+        ("graphs.py", "class StepGraph"),
+        ("train/closure.py", "class GameClosure"),
+        ("game/autograd.py", "def game_gradients"),
+        ("game/penalty.py", "def apply_stage_penalties"),
+        ("ops/__init__.py", "def rk_stage"),
+    ]:
+        assert path in files and name in (pkg / path).read_text(), (path, name)
