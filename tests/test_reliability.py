@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -246,13 +247,22 @@ def test_kill_loop_equals_an_uninterrupted_run(tmp_path):
     subprocess.run(_command(straight, steps), check=True, capture_output=True, timeout=300)
     out, rng, reached = tmp_path / "killed", random.Random(0), []
     for i in range(5):
-        proc = subprocess.Popen(_command(out, steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(3.5, 5.5))  # the interpreter and torch take ~3 s to start
+        # Paced by the run's own progress lines, not by the clock (a fast machine would finish early): each kill
+        # comes at a random moment after the run has passed a random step, before the run's end.
+        target = rng.randint(250 * i + 100, 250 * i + 300)
+        proc = subprocess.Popen(
+            _command(out, steps), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1
+        )
+        for line in proc.stdout:
+            m = re.match(r"step (\d+)/", line)
+            if m and int(m.group(1)) >= target:
+                break
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL if i % 2 == 0 else signal.SIGINT)
-        proc.wait(timeout=120)
+        proc.communicate(timeout=120)
         if (out / "checkpoint.pt").exists():
             reached.append(read_checkpoint(out / "checkpoint.pt")["step"])
-    assert len(reached) >= 3 and reached[-1] < steps, reached  # the kills landed mid-run
+    assert len(reached) == 5 and 0 < reached[-1] < steps, reached  # every kill landed mid-run
     subprocess.run(_command(out, steps), check=True, capture_output=True, timeout=300)
     a, b = read_checkpoint(straight / "checkpoint.pt"), read_checkpoint(out / "checkpoint.pt")
     assert a["step"] == b["step"] == steps
