@@ -14,6 +14,8 @@ Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into 
   parts      4 gradient evaluations + the penalty, each timed alone in the step's regime (eager, or each
              captured in its own graph for 'graph'): the step over this is the overhead ratio
   adam       one Adam step (one gradient evaluation + the optimizer); euler: an Euler ODE step
+  jax_jit    the peer: the toy pair's same RK4 step in JAX (bench/jax_step.py), one jax.jit step per call
+  jax_scan   the same, lax.scan of 100 steps in one call, per step (JAX's best case); both where jax imports
   pen:*      the gradient-penalty family: the joint RK4 step with one penalty (g_reg, r1, r2, wgan_gp,
              consensus; r1_lazy16: R1 every 16 steps, amortised) against pen:none, the same step without
              any, all through autograd and timed round-robin so a busy machine slows every row alike
@@ -40,6 +42,7 @@ from odegan_kernels.models import (
     mog_pair,
 )
 
+from . import jax_step
 from .common import (
     RESULTS,
     append_csv,
@@ -239,6 +242,9 @@ def run_model(
         t_pen = record("eval+pen_mlp", eval_pen_m, "with the penalty, hand-derived")
         row("parts_mlp", 3 * t_plain + t_pen, note="3 x eval_mlp + eval+pen_mlp")
 
+    if name == "mlp" and jax_step.available():  # the peer: the same step in JAX, from the same start and data
+        record_jax_rows(name, device, batch, rep_ms, row)
+
     def captured(variant, make):
         """make() (warm-up and capture) guarded: a failed capture is a recorded row, not the end of the run."""
         try:
@@ -322,6 +328,34 @@ def run_model(
         record_penalty_rows(name, device, batch, rep_ms, row)
 
 
+def record_jax_rows(name: str, device, batch: int, rep_ms: float, row) -> None:
+    """jax_jit (one jitted step per call) and jax_scan (lax.scan of SCAN steps in one call, per step) of the toy
+    pair's RK4 step, with how far one step lands from ours; a failure is a recorded row, not the end of the run."""
+    D, G, real, z = make_models(name, device, batch)
+    try:
+        err = jax_step.check_against_ours(H, LAM, batch)
+        once, many, _ = jax_step.setup(D, G, real, z, H, LAM, device.type, scan_steps=SCAN)
+        once(), many()  # compile outside the timing
+        # host-timed: each call blocks until JAX's device is done (triton's do_bench syncs torch's stream only)
+        host = torch.device("cpu")
+        t = bench(once, host, warmup_ms=rep_ms / 4, rep_ms=rep_ms)
+        u = [v / SCAN for v in bench(many, host, warmup_ms=rep_ms / 4, rep_ms=rep_ms)]
+    except Exception as exc:
+        first = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        print(f"{name:5s} jax        failed: {first}", flush=True)
+        row("jax_jit", note=f"failed: {first}")
+        return
+    import jax
+
+    note = f"jax {jax.__version__}; same start and data as ours, {err:.1e} from ours after 3 steps (max rel, fp32)"
+    for variant, (med, p20, p80), what in (("jax_jit", t, "jax.jit step"), ("jax_scan", u, f"lax.scan of {SCAN}")):
+        row(variant, med, p20, p80, note=f"{what}; {note}")
+        print(f"{name:5s} {variant:10s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}]  {what}; {note}", flush=True)
+
+
+SCAN = 100  # steps per lax.scan call
+
+
 def record_penalty_rows(name: str, device, batch: int, rep_ms: float, row) -> None:
     for variant, med, p20, p80, note in penalty_rows(name, device, batch, rep_ms):
         row(variant, med, p20, p80, note=note)
@@ -399,6 +433,10 @@ def report(rows: list[dict], out: Path, env: dict, threads: int | None = None) -
         ratio("naive", "graph", "straightforward eager RK4 / ours with the graph (speed-up)")
         ratio("compile", "graph", "torch.compile / ours with the graph")
         ratio("compile_fd", "ours", "torch.compile (FD penalty) / ours eager")
+        ratio("ours_mlp", "jax_jit", "ours hand-derived / JAX jit step (< 1: we are faster)")
+        ratio("ours_mlp", "jax_scan", "ours hand-derived / JAX lax.scan per step (< 1: we are faster)")
+        ratio("graph", "jax_jit", "ours with the graph / JAX jit step (target <= 1)")
+        ratio("graph", "jax_scan", "ours with the graph / JAX lax.scan per step (target <= 1: JAX's best)")
         ratio("ours", "adam", "ODE RK4 step / Adam step")
         ratio("euler", "adam", "ODE Euler step / Adam step")
         for variant, *_ in PENALTY_VARIANTS[1:]:

@@ -51,6 +51,8 @@ def test_wheel_holds_the_csrc_sources_and_the_license(dists):
         (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = z.read(meta).decode()
     assert "License-Expression: Apache-2.0" in metadata and "Requires-Dist: ninja" in metadata
+    jax = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: jax")]
+    assert jax and all("extra ==" in line for line in jax), f"jax must stay an optional (bench) dependency: {jax}"
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))], "build products in the wheel"
 
 
