@@ -24,30 +24,35 @@ TOY_STAGES = 4  # RK4: the stage points x0 + c_i h k_{i-1} with c = (0, 1/2, 1/2
 
 
 def available() -> bool:
-    """Whether jax can be imported here (it is an optional benchmark dependency)."""
-    try:
-        import jax  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether jax is installed here (it is an optional benchmark dependency); does not import it, so the
+    environment ``_import_jax`` sets up still applies."""
+    import importlib.util
+
+    return importlib.util.find_spec("jax") is not None
 
 
 def _import_jax(device: str):
-    """jax, set up before its first import: on a machine without a GPU, the CPU platform only and one XLA thread
-    (the torch toy runs on one); with a GPU, no preallocation of 75% of its memory, which torch in this process
-    needs too. Computations go to the device their inputs were put on (``setup``), so a CPU check and a GPU
-    timing can share one process."""
+    """jax, set up before its first import: on a machine without a GPU, the CPU platform only and one Eigen
+    thread (the torch toy runs on one); with a GPU, no preallocation of 75% of its memory, which torch in this
+    process needs too. Computations go to the device their inputs were put on (``setup``), so a CPU check and a
+    GPU timing can share one process. Matrix products at full fp32 (``HIGHEST``), as torch's default: on a GPU
+    JAX would otherwise use TF32."""
     if "jax" not in sys.modules:
         if device == "cpu" and not torch.cuda.is_available():
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
             flags = os.environ.get("XLA_FLAGS", "")
             if "xla_cpu_multi_thread_eigen" not in flags:
-                one = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-                os.environ["XLA_FLAGS"] = f"{flags} {one}".strip()
+                os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     return jax
+
+
+def jax_device(device: str):
+    """The JAX device for torch's device type ``device`` (cpu or cuda)."""
+    jax = _import_jax(device)
+    return jax.devices("cpu" if device == "cpu" else "gpu")[0]
 
 
 def linear_layers(module: torch.nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -73,7 +78,7 @@ def make_step(h: float, lam: float, device: str = "cpu"):
 
     def mlp(layers, x):
         for i, (w, b) in enumerate(layers):
-            x = x @ w + b
+            x = jnp.matmul(x, w, precision=jax.lax.Precision.HIGHEST) + b
             if i < len(layers) - 1:
                 x = jax.nn.relu(x)
         return x
@@ -117,7 +122,7 @@ def setup(D, G, real: torch.Tensor, z: torch.Tensor, h: float, lam: float, devic
     ``device``, starting from D's and G's parameters and reading the same per-stage data."""
     jax = _import_jax(device)
     jnp = jax.numpy
-    dev = jax.devices("cpu" if device == "cpu" else "gpu")[0]
+    dev = jax_device(device)
     params = jax.device_put(
         ([(jnp.asarray(w), jnp.asarray(b)) for w, b in linear_layers(D)],
          [(jnp.asarray(w), jnp.asarray(b)) for w, b in linear_layers(G)]),
@@ -152,18 +157,21 @@ def flat_params(params) -> np.ndarray:
     return np.concatenate(out)
 
 
-def check_against_ours(h: float, lam: float, batch: int = 512, steps: int = 3, peer_lam: float | None = None) -> float:
+def check_against_ours(
+    h: float, lam: float, batch: int = 512, steps: int = 3, peer_lam: float | None = None, device: str = "cpu"
+) -> float:
     """max |JAX - ours| / max |ours| of the parameters after ``steps`` joint RK4 steps of the toy pair from the
-    same start and data, JAX against ODEStepper (autograd engine), both in float32 on the CPU. ``peer_lam``: the
-    JAX step's lambda (default ``lam``; another value shows that the check can fail)."""
+    same start and data, JAX against ODEStepper (autograd engine), both in float32 on ``device`` (cpu or cuda:
+    check on the device that is timed). ``peer_lam``: the JAX step's lambda (default ``lam``; another value
+    shows that the check can fail)."""
     from odegan_kernels import FlatParams, ODEStepper, game_gradients
     from odegan_kernels.models import mog_pair
 
     gen = torch.Generator().manual_seed(0)
-    D, G = mog_pair()
-    real = torch.randn(4, batch, 2, generator=gen)
-    z = torch.randn(4, batch, 32, generator=gen)
-    once, _, state = setup(D, G, real, z, h, lam if peer_lam is None else peer_lam, "cpu")
+    D, G = (m.to(device) for m in mog_pair())
+    real = torch.randn(4, batch, 2, generator=gen).to(device)
+    z = torch.randn(4, batch, 32, generator=gen).to(device)
+    once, _, state = setup(D, G, real, z, h, lam if peer_lam is None else peer_lam, device)
     flat = FlatParams(D=D, G=G)
     st = ODEStepper(flat, "rk4", h=h, reg=lam, penalty_at="first_stage", coupling="joint")
 
@@ -174,5 +182,10 @@ def check_against_ours(h: float, lam: float, batch: int = 512, steps: int = 3, p
     for _ in range(steps):
         st.step(closure)
         once()
-    ours = torch.cat([p.detach().reshape(-1) for p in [*D.parameters(), *G.parameters()]]).numpy()
+    ours = torch.cat([p.detach().reshape(-1) for p in [*D.parameters(), *G.parameters()]]).cpu().numpy()
     return float(np.abs(flat_params(state["params"]) - ours).max() / np.abs(ours).max())
+
+
+def finite(state) -> bool:
+    """Whether every parameter of a ``setup`` state is finite (a timing of non-finite arithmetic is void)."""
+    return bool(np.isfinite(flat_params(state["params"])).all())

@@ -15,7 +15,8 @@ Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into 
              captured in its own graph for 'graph'): the step over this is the overhead ratio
   adam       one Adam step (one gradient evaluation + the optimizer); euler: an Euler ODE step
   jax_jit    the peer: the toy pair's same RK4 step in JAX (bench/jax_step.py), one jax.jit step per call
-  jax_scan   the same, lax.scan of 100 steps in one call, per step (JAX's best case); both where jax imports
+  jax_scan   the same, lax.scan of 100 steps in one call, per step (JAX's best case); both where jax imports,
+             host-timed; on a GPU our graphed step is also host-timed for them (graph_sync, graph_x100)
   pen:*      the gradient-penalty family: the joint RK4 step with one penalty (g_reg, r1, r2, wgan_gp,
              consensus; r1_lazy16: R1 every 16 steps, amortised) against pen:none, the same step without
              any, all through autograd and timed round-robin so a busy machine slows every row alike
@@ -242,9 +243,6 @@ def run_model(
         t_pen = record("eval+pen_mlp", eval_pen_m, "with the penalty, hand-derived")
         row("parts_mlp", 3 * t_plain + t_pen, note="3 x eval_mlp + eval+pen_mlp")
 
-    if name == "mlp" and jax_step.available():  # the peer: the same step in JAX, from the same start and data
-        record_jax_rows(name, device, batch, rep_ms, row)
-
     def captured(variant, make):
         """make() (warm-up and capture) guarded: a failed capture is a recorded row, not the end of the run."""
         try:
@@ -274,6 +272,9 @@ def run_model(
         tp = record("eval_g", replay_plain, "one evaluation, own graph") if replay_plain else nan
         tq = record("eval+pen_g", replay_pen, "penalty evaluation, own graph") if replay_pen else nan
         row("parts_g", 3 * tp + tq, note="3 x eval_g + eval+pen_g")
+
+    if name == "mlp" and jax_step.available():  # the peer: the same step in JAX, from the same start and data
+        record_jax_rows(name, device, batch, rep_ms, row, step_g if is_cuda else None)
 
     # (d) torch.compile: compiled modules in our stepper. The shared forward retains D's graph for the second
     # backward, which compiled backwards with donated buffers refuse; the error tells users to turn them off.
@@ -328,18 +329,26 @@ def run_model(
         record_penalty_rows(name, device, batch, rep_ms, row)
 
 
-def record_jax_rows(name: str, device, batch: int, rep_ms: float, row) -> None:
+def record_jax_rows(name: str, device, batch: int, rep_ms: float, row, graph_step=None) -> None:
     """jax_jit (one jitted step per call) and jax_scan (lax.scan of SCAN steps in one call, per step) of the toy
-    pair's RK4 step, with how far one step lands from ours; a failure is a recorded row, not the end of the run."""
+    pair's RK4 step, with how far one step lands from ours on the timed device; a failure is a recorded row,
+    not the end of the run.
+
+    Both are host-timed, each call ending in block_until_ready. On a GPU our rows above are timed by CUDA events
+    (triton's do_bench), so for a like-for-like ratio our graphed step is timed here the same way: graph_sync
+    (one replay and a synchronize per call, against jax_jit) and graph_x{SCAN} (SCAN replays, one synchronize,
+    per step, against jax_scan)."""
     D, G, real, z = make_models(name, device, batch)
+    host = torch.device("cpu")  # bench()'s host-clock path
+
+    def timed(fn, per=1):
+        return [v / per for v in bench(fn, host, warmup_ms=rep_ms / 4, rep_ms=rep_ms)]
+
     try:
-        err = jax_step.check_against_ours(H, LAM, batch)
-        once, many, _ = jax_step.setup(D, G, real, z, H, LAM, device.type, scan_steps=SCAN)
+        err = jax_step.check_against_ours(H, LAM, batch, device=device.type)
+        once, many, state = jax_step.setup(D, G, real, z, H, LAM, device.type, scan_steps=SCAN)
         once(), many()  # compile outside the timing
-        # host-timed: each call blocks until JAX's device is done (triton's do_bench syncs torch's stream only)
-        host = torch.device("cpu")
-        t = bench(once, host, warmup_ms=rep_ms / 4, rep_ms=rep_ms)
-        u = [v / SCAN for v in bench(many, host, warmup_ms=rep_ms / 4, rep_ms=rep_ms)]
+        t, u = timed(once), timed(many, SCAN)
     except Exception as exc:
         first = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         print(f"{name:5s} jax        failed: {first}", flush=True)
@@ -348,9 +357,30 @@ def record_jax_rows(name: str, device, batch: int, rep_ms: float, row) -> None:
     import jax
 
     note = f"jax {jax.__version__}; same start and data as ours, {err:.1e} from ours after 3 steps (max rel, fp32)"
-    for variant, (med, p20, p80), what in (("jax_jit", t, "jax.jit step"), ("jax_scan", u, f"lax.scan of {SCAN}")):
-        row(variant, med, p20, p80, note=f"{what}; {note}")
-        print(f"{name:5s} {variant:10s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}]  {what}; {note}", flush=True)
+    if not jax_step.finite(state):
+        note += "; DIVERGED: timed non-finite arithmetic"
+    out = [
+        ("jax_jit", t, f"jax.jit step, host-timed; {note}"),
+        ("jax_scan", u, f"lax.scan of {SCAN}, per step; {note}"),
+    ]
+    if graph_step is not None:
+
+        def sync_once():
+            graph_step()
+            torch.cuda.synchronize(device)
+
+        def sync_many():
+            for _ in range(SCAN):
+                graph_step()
+            torch.cuda.synchronize(device)
+
+        out += [
+            ("graph_sync", timed(sync_once), "our graphed step, host-timed with a sync per call (vs jax_jit)"),
+            (f"graph_x{SCAN}", timed(sync_many, SCAN), f"{SCAN} replays then one sync, per step (vs jax_scan)"),
+        ]
+    for variant, (med, p20, p80), what in out:
+        row(variant, med, p20, p80, note=what)
+        print(f"{name:5s} {variant:10s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}]  {what}", flush=True)
 
 
 SCAN = 100  # steps per lax.scan call
@@ -435,8 +465,8 @@ def report(rows: list[dict], out: Path, env: dict, threads: int | None = None) -
         ratio("compile_fd", "ours", "torch.compile (FD penalty) / ours eager")
         ratio("ours_mlp", "jax_jit", "ours hand-derived / JAX jit step (< 1: we are faster)")
         ratio("ours_mlp", "jax_scan", "ours hand-derived / JAX lax.scan per step (< 1: we are faster)")
-        ratio("graph", "jax_jit", "ours with the graph / JAX jit step (target <= 1)")
-        ratio("graph", "jax_scan", "ours with the graph / JAX lax.scan per step (target <= 1: JAX's best)")
+        ratio("graph_sync", "jax_jit", "ours with the graph / JAX jit step, both host-timed (target <= 1)")
+        ratio(f"graph_x{SCAN}", "jax_scan", f"ours, {SCAN} graph replays / JAX lax.scan, per step (target <= 1)")
         ratio("ours", "adam", "ODE RK4 step / Adam step")
         ratio("euler", "adam", "ODE Euler step / Adam step")
         for variant, *_ in PENALTY_VARIANTS[1:]:

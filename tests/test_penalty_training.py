@@ -271,9 +271,10 @@ def test_graph_mode_draws_from_the_default_generator_and_refreshes_the_std(tmp_p
     ids=["every-step", "lazy"],
 )
 def test_captured_step_with_every_penalty_equals_the_eager_step(pens):
-    """Lazy penalties give three kinds of step here (r1 due, wgan_gp due, both, neither): each its own graph."""
+    """Lazy penalties give four kinds of step here (r1 due, wgan_gp due, both, neither): each its own graph, each
+    replayed after the others' replays (captured by step 9 with graph_warmup=1; replays to step 17)."""
     gen = torch.Generator().manual_seed(0)
-    steps = 10
+    steps = 18
     data = [torch.randn(4, 128, 2, generator=gen).cuda() for _ in range(steps)]
     zs = [torch.randn(4, 128, 8, generator=gen).cuda() for _ in range(steps)]
     mixes = [torch.rand(4, 128, generator=gen).cuda() for _ in range(steps)]

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -251,12 +252,18 @@ def test_kill_loop_equals_an_uninterrupted_run(tmp_path):
         # comes at a random moment after the run has passed a random step, before the run's end.
         target = rng.randint(250 * i + 100, 250 * i + 300)
         proc = subprocess.Popen(
-            _command(out, steps), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1
+            _command(out, steps), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
+        watchdog = threading.Timer(120, proc.kill)  # a run that stops printing cannot hang the test
+        watchdog.start()
+        seen = []
         for line in proc.stdout:
+            seen.append(line)
             m = re.match(r"step (\d+)/", line)
             if m and int(m.group(1)) >= target:
                 break
+        watchdog.cancel()
+        assert proc.poll() is None, f"run {i} ended before step {target}:\n{''.join(seen[-20:])}"
         time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL if i % 2 == 0 else signal.SIGINT)
         proc.communicate(timeout=120)

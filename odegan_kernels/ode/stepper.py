@@ -77,8 +77,8 @@ class ODEStepper(torch.optim.Optimizer):
             consensus; part of the players' losses, so applied at every stage evaluation (lazy: every k steps).
         backend: the fused stage op's backend (ops.rk_stage): auto | triton | csrc | foreach | reference.
         cuda_graph: capture the whole step (every stage, forward, backward, the penalty) in one CUDA graph
-            after ``graph_warmup`` eager steps, and replay it (steps where a lazy penalty is due, and steps where
-            none is, are two kinds of step: each is warmed up, captured and replayed on its own graph).
+            after ``graph_warmup`` eager steps, and replay it. With lazy penalties each set of penalties due is a
+            kind of step with its own graph (and memory pool), warmed up, captured and replayed at its own steps.
         distributed: data parallel under torch.distributed: the flat gradients are averaged over the ranks
             once per stage (``process_group``: the group, default the world).
         schedule: deprecated: a multiplier of h by step count; use a scheduler, e.g.
