@@ -496,3 +496,8 @@ def test_validation_cache_never_lets_a_changed_argument_through():
         ops.rk_stage(params, grads, params, acc, coeffs, [(0, n)], write_x0=True, backend="foreach")
     with pytest.raises(ValueError, match="segments"):
         ops.rk_stage(params, grads, x0, acc, coeffs, [(0, n - 1)], backend="foreach")
+    two = torch.tensor([[0.0, 1.0, -0.1, 0.0, 0.0], [0.0, 1.0, -0.2, 0.0, 0.0]])
+    ops.rk_stage(params, grads, x0, acc, two, [(0, 4), (4, n)], backend="foreach")
+    for wrong in (two.view(1, 10), two.view(5, 2)):  # the same storage, another shape: checked again
+        with pytest.raises(ValueError, match="coeffs"):
+            ops.rk_stage(params, grads, x0, acc, wrong, [(0, 4), (4, n)], backend="foreach")

@@ -121,7 +121,7 @@ _VALIDATED: dict = {}  # argument signature -> (coeffs, segments) of a call that
 def _signature(t) -> tuple:
     if not isinstance(t, torch.Tensor):
         return (type(t), id(t))
-    return (t.data_ptr(), t.numel(), t.dtype, t.device, t.requires_grad, t.is_contiguous(), t.dim(), t.layout)
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad, t.layout, t.is_inference())
 
 
 def check_stage_args(
@@ -130,7 +130,8 @@ def check_stage_args(
     """Validate the stage op's arguments; return (coeffs tensor, segments tuple).
 
     An optimiser calls the op with the same buffers every stage: a call whose every argument has the signature of
-    one that passed (addresses, sizes, dtypes, devices, layouts, whether autograd would record) skips the checks.
+    one that passed (addresses, shapes, strides, dtypes, devices, layouts, whether autograd would record) skips the
+    checks.
     """
     if isinstance(coeffs, torch.Tensor) and isinstance(segments, (tuple, list)) and isinstance(write_x0, bool):
         try:
