@@ -24,9 +24,10 @@ from .train.config import RENAMED, check_environment
 
 def _parse_value(text: str):
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return text
+    return text if value is None else value  # null stays text: the option's type decides (None ignores a value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +88,11 @@ def _options(args) -> dict:
             near = difflib.get_close_matches(key, fields, n=3)
             hint = f"did you mean {' or '.join(near)}?" if near else "odegan train PRESET --dry-run lists them"
             raise ValueError(f"unknown option {key!r}; {hint}")
-        overrides[key] = _parse_value(value)
+        value = _parse_value(value)
+        flag = overrides.get(key)
+        if flag is not None and flag != value:
+            raise ValueError(f"{key} is given twice, as a flag ({flag!r}) and with --set ({value!r}): give it once")
+        overrides[key] = value
     if args.no_progress:
         overrides["progress"] = False
     return overrides
@@ -103,7 +108,7 @@ def _train(args) -> int:
         cfg = load_config(args.config, **overrides) if args.config else make_config(args.preset, **overrides)
         if not args.dry_run:
             check_environment(cfg)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
         print(f"odegan: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
@@ -116,7 +121,7 @@ def _train(args) -> int:
     except TrainingInterrupted as exc:
         print(f"odegan: {exc}", file=sys.stderr)
         return 130
-    except (NonFiniteError, CheckpointError, ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except (NonFiniteError, CheckpointError, ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"odegan: {exc}", file=sys.stderr)
         return 1
     finally:

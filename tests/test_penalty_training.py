@@ -339,3 +339,21 @@ def test_a_lazy_penalty_is_logged_as_the_mean_over_the_steps_that_computed_it(tm
     restored = IntervalMeans()
     restored.load_state_dict(means.state_dict())
     assert restored.means([])[0] == rec
+
+
+@pytest.mark.parametrize("players", [(1,), (), (5,), (0, 1)])
+def test_a_term_that_names_the_wrong_players_is_refused(players):
+    """A closure whose PenaltyTerm for r1 claims other players than D would drop the penalty (or move G) silently."""
+    D, G, flat, x, z, _ = _setup()
+    st = ODEStepper(flat, "euler", h=0.05, penalties={"r1": 10.0})
+
+    def closure(stage):
+        r = game_gradients(D, G, x, z, players=stage.players, penalties=stage.penalties)
+        for t in r.terms:
+            t.players = players
+        return r
+
+    before = flat.params.clone()
+    with pytest.raises(ValueError, match="penalty 'r1'.s PenaltyTerm says it regularises players"):
+        st.step(closure)
+    assert torch.equal(flat.params, before)

@@ -502,3 +502,17 @@ def test_fresh_sets_the_earlier_run_aside(tmp_path, capsys):
 
 def read_rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_without_a_checkpoint_is_set_aside_not_overwritten(tmp_path, capsys):
+    """A folder whose run ended before its first checkpoint (diverged, killed early): the next run keeps the
+    earlier files (config.json, metrics.jsonl) in replaced-<time>/ rather than writing over them."""
+    Trainer(make_config("mog", steps=20, out=str(tmp_path), **FAST)).run()
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    rows = read_rows(tmp_path)
+    Trainer(make_config("mog", steps=10, seed=7, out=str(tmp_path), **FAST)).run()
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("replaced-")]
+    assert read_rows(aside) == rows and json.loads((aside / "config.json").read_text())["seed"] != 7
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert read_rows(tmp_path)[-1]["step"] == 10

@@ -40,7 +40,7 @@ from torch.func import functional_call
 
 from .. import ops
 from .contract import Stage, StageResult, as_result
-from .regularisers import Penalty, due
+from .regularisers import FIELD_PENALTIES, Penalty, due
 
 METHODS = ("double_backward", "finite_difference", "jvp")
 
@@ -166,6 +166,7 @@ def _apply_terms(result, params, weights: Mapping[str, float], out, players) -> 
             )
         if term.value is not None:
             values[name] = term.value.detach()
+        _check_term_players(name, term.players, players, len(per_player))
         kept = [q for q in term.players if players is None or q in players]
         if not kept or w == 0:
             continue
@@ -190,6 +191,22 @@ def _apply_terms(result, params, weights: Mapping[str, float], out, players) -> 
     for i, (total, plist) in enumerate(groups.values()):
         total.backward(inputs=plist, retain_graph=i < len(groups) - 1)
     return values
+
+
+def _check_term_players(name: str, got, asked, nplayers: int) -> None:
+    """A term must regularise the players its penalty regularises (those of them the call serves), and no other:
+    a wrong ``players`` would drop the penalty, or move a player it does not touch, without a word."""
+    if name not in FIELD_PENALTIES:
+        return  # g_reg: the player it regularises is the caller's (its term names it)
+    allowed = set(FIELD_PENALTIES[name])
+    needed = allowed & set(range(nplayers) if asked is None else asked)
+    got = set(got)
+    if not got <= allowed or not needed <= got:
+        raise ValueError(
+            f"penalty {name!r}'s PenaltyTerm says it regularises players {sorted(got)}, but {name!r} regularises "
+            f"{sorted(allowed)}{' and this call serves ' + str(sorted(asked)) if asked is not None else ''}: "
+            f"its players must include {sorted(needed)} and lie within {sorted(allowed)}"
+        )
 
 
 def generator_grad_sqnorm(loss_g: torch.Tensor, g_params: Sequence[torch.Tensor], backend: str = "auto"):

@@ -128,6 +128,8 @@ class Config:
         for name in NON_NEGATIVE:
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be < 2**63 (torch's generators take a 64-bit signed seed), got {self.seed}")
         if not 0 < self.recover_factor < 1:
             raise ValueError(f"recover_factor must be in (0, 1), got {self.recover_factor!r}")
         if not 0 <= self.ema < 1:
@@ -147,9 +149,12 @@ class Config:
 
 POSITIVE = (
     "h", "h_g", "lr", "steps", "batch", "z_dim", "hidden", "image_size", "width", "channels", "fid_samples",
-    "eval_every", "eval_samples", "log_every", "plot_every", "ckpt_every", "ckpt_minutes",
+    "eval_every", "eval_samples", "log_every", "plot_every", "ckpt_every", "ckpt_minutes", "penalty_every",
 )  # fmt: skip
-NON_NEGATIVE = ("reg", "seed", "threads", "workers", "recover_retries", "ema_start")
+NON_NEGATIVE = (
+    "reg", "seed", "threads", "workers", "recover_retries", "ema_start", "r1", "r2", "wgan_gp", "consensus",
+    "instance_noise", "instance_noise_anneal",
+)  # fmt: skip
 FINITE = ("h", "h_g", "lr")
 
 
@@ -210,9 +215,11 @@ def coerce(name: str, value, hint):
             if len(items) != len(typing.get_args(hint)):
                 raise ValueError
             return tuple(coerce(name, v, t) for v, t in zip(items, typing.get_args(hint)))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-        raise TypeError(f"option {name} expects {want}, got {value!r}") from None
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        hint = " (too large)" if isinstance(value, (int, str)) and len(str(value)) > 300 else ""
+        raise TypeError(f"option {name} expects {want}, got {shown}{hint}") from None
     return value
 
 
@@ -311,13 +318,16 @@ def load_config(path, **overrides) -> Config:
     import json
     from pathlib import Path
 
+    if Path(path).is_dir():
+        raise ValueError(f"--config {path} is a folder; give the JSON file (a run's config.json works)")
     text = Path(path).read_text()
     try:
-        options = renamed(json.loads(text))
+        options = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON ({exc})") from None
     if not isinstance(options, dict):
-        raise ValueError(f"{path} must hold a JSON object of options")
+        raise ValueError(f"{path} must hold a JSON object of options, not {type(options).__name__}")
+    options = renamed(options)
     fields = {f.name for f in dataclasses.fields(Config)}
     unknown = set(options) - fields - {"extra"}  # 'extra' was an unused field of 0.1's config.json
     if unknown:
@@ -350,3 +360,13 @@ def check_environment(cfg: Config) -> None:
             raise ValueError(f"backend={cfg.backend!r} does not run on {device} tensors; use --backend auto")
     if cfg.cuda_graph and not device.startswith("cuda"):
         raise ValueError(f"cuda_graph=True needs a CUDA device, and this run is on {device}; leave cuda_graph off")
+    if cfg.backend == "auto":
+        try:  # ODEGAN_BACKEND, when set, picks auto's backend: refuse a bad one before the run folder is made
+            ops.resolve("auto", torch.device(device), "stage")
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(str(exc)) from None
+    from pathlib import Path
+
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={cfg.out!r} is a file, not a folder: give --out a folder (new or a run's)")

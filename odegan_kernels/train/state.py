@@ -151,7 +151,10 @@ class TrainerState:
     def maybe_resume(self, allow_change: bool = False) -> dict | None:
         """Resume from the run folder's newest usable checkpoint; the changed options, or None if there is none."""
         found = load_latest(self.out, self.cfg.device)
-        if found is None:
+        if found is None:  # nothing to resume; an earlier run's files (one that ended before its first checkpoint)
+            moved = set_aside(self.out) if self.is_main else None  # are kept, never overwritten
+            if moved is not None:
+                self._say(f"{self.out} has no checkpoint to resume from: the earlier run's files moved to {moved}")
             return None
         changes = self.load_state_dict(found[0], allow_change)
         if changes and self.is_main:
