@@ -506,7 +506,24 @@ def main(argv=None) -> int:
     ap.add_argument("--no-penalties", action="store_true", help="skip the gradient-penalty rows (pen:*)")
     ap.add_argument("--penalties-only", action="store_true", help="only the gradient-penalty rows (pen:*)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    known = ("mlp", "dcgan", "resnet", "resnet128")
+    bad = [m for m in (args.models or "").split(",") if args.models and m not in known]
+    if bad:
+        ap.error(f"unknown model(s) {bad}; choose from {known}")
+    if args.no_penalties and args.penalties_only:
+        ap.error("--no-penalties and --penalties-only contradict each other: give one")
+    for name in ("rep_ms", "threads", "dcgan_batch"):
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {v}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        ap.error(f"--device {args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda, but torch sees no CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu or cuda, got {args.device!r}")
     cores = torch.get_num_threads()
     env = environment(device)
     rows: list[dict] = []

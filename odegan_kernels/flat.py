@@ -91,6 +91,8 @@ class FlatParams:
         dtype: torch.dtype = torch.float32,
         **named: nn.Module | Iterable[torch.Tensor],
     ) -> None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
         players, names = _named_players(players, names, named)
         self.names = names
         self.dtype = dtype
@@ -229,9 +231,9 @@ class FlatParams:
         for p, off, name in self._layout:
             if p.data_ptr() != base_p + off * size:
                 raise RuntimeError(
-                    f"parameter {name} no longer lives in the flat buffer: it was replaced or re-assigned after "
-                    "flattening, or another FlatParams was built over the same modules (one owns them at a time); "
-                    "build a new FlatParams (and optimiser) after changing the model"
+                    f"parameter {name} no longer lives in the flat buffer: it was replaced, re-assigned, cast or moved "
+                    "(.double(), .to(...)) after flattening, or another FlatParams was built over the same modules "
+                    "(one owns them at a time); build a new FlatParams (and optimiser) after changing the model"
                 )
         known = self._known
         for pname, m in self._modules:

@@ -337,3 +337,38 @@ def test_a_second_signal_never_leaves_a_half_done_update(tmp_path, where):
     resumed.run()
     assert torch.equal(resumed.flat.params, straight.flat.params)
     assert _rows(out) == _rows(tmp_path / "straight")
+
+
+def test_library_edges_get_messages_that_name_them():
+    """Cases a hostile test found: each is refused with a message naming the problem (or accepted as meant)."""
+    import numpy as np
+
+    from odegan_kernels import FlatParams, ODEStepper, game_gradients
+    from odegan_kernels.game.regularisers import penalty_specs
+    from odegan_kernels.models import mog_pair
+    from odegan_kernels.ode import Tableau
+
+    with pytest.raises(ValueError, match="every coefficient of A and b must be finite"):
+        Tableau("bad", ((float("nan"),),), (0.5, 0.5), 2)
+    D, G = mog_pair(z_dim=4, hidden=8)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        FlatParams(D=D, G=G, dtype="float32")
+    # numpy scalars are numbers; a tuple of the wrong length and an overflowing lazy weight name the penalty
+    (r1,) = penalty_specs({"r1": (np.float32(2), np.int64(3))})
+    assert (r1.weight, r1.every) == (2.0, 3) and type(r1.weight) is float and type(r1.every) is int
+    with pytest.raises(ValueError, match=r"penalty 'r1': give a weight or \(weight, every\)"):
+        penalty_specs({"r1": (1.0, 2, 3)})
+    with pytest.raises(ValueError, match="overflows"):
+        penalty_specs({"r1": (1e308, 10)})
+    # a stepper's state carries its penalties: loading it into one with others is refused
+    flat = FlatParams(D=D, G=G)
+    state = ODEStepper(flat, "rk4", penalties={"r1": (10.0, 4)}).state_dict()
+    with pytest.raises(ValueError, match="penalties"):
+        ODEStepper(flat, "rk4").load_state_dict(state)
+    ODEStepper(flat, "rk4", penalties={"r1": (10.0, 4)}).load_state_dict(state)
+    # a player cast after flattening is named before any gradient is touched
+    st = ODEStepper(flat, "euler", h=0.1)
+    D.double()
+    x, z = torch.randn(8, 2), torch.randn(8, 4)
+    with pytest.raises(RuntimeError, match=r"cast or moved \(.double\(\)"):
+        st.step(lambda s: game_gradients(D, G, x, z, players=s.players))

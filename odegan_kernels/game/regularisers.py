@@ -8,6 +8,7 @@ They are part of the players' losses, so an ODE stepper evaluates them at every 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,11 +35,18 @@ class Penalty:
         if self.name not in FIELD_PENALTIES:
             raise ValueError(f"unknown penalty {self.name!r}; choose from {tuple(FIELD_PENALTIES)}")
         w = self.weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
             raise ValueError(f"the weight of penalty {self.name!r} must be a finite number >= 0, got {w!r}")
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+        if isinstance(self.every, bool) or not isinstance(self.every, numbers.Integral) or self.every < 1:
             raise ValueError(
                 f"penalty {self.name!r}: every (the lazy interval) must be an int >= 1, got {self.every!r}"
+            )
+        object.__setattr__(self, "weight", float(w))  # numpy and other real scalars as plain numbers
+        object.__setattr__(self, "every", int(self.every))
+        if not math.isfinite(self.weight * self.every):
+            raise ValueError(
+                f"penalty {self.name!r}: weight x every (its weight on the steps it applies) overflows: "
+                f"{self.weight} x {self.every}"
             )
 
     @property
@@ -52,7 +60,11 @@ def penalty_specs(penalties: Mapping | Iterable[Penalty] | None) -> tuple[Penalt
     if penalties is None:
         return ()
     if isinstance(penalties, Mapping):
-        specs = [Penalty(k, *v) if isinstance(v, (tuple, list)) else Penalty(k, v) for k, v in penalties.items()]
+        specs = []
+        for k, v in penalties.items():
+            if isinstance(v, (tuple, list)) and len(v) not in (1, 2):
+                raise ValueError(f"penalty {k!r}: give a weight or (weight, every), got {v!r}")
+            specs.append(Penalty(k, *v) if isinstance(v, (tuple, list)) else Penalty(k, v))
     else:
         specs = list(penalties)
         if any(not isinstance(p, Penalty) for p in specs):

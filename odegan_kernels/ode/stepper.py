@@ -272,8 +272,8 @@ class ODEStepper(torch.optim.Optimizer):
                 "the penalties (reg > 0, or penalties=) need a closure that takes the Stage argument and returns "
                 "them when the stage asks (stage.penalty, stage.penalties: game/contract.py)"
             )
+        self.flat.check(grads=False)  # parameters reassigned, moved or cast since flattening: named, before use
         self.flat.attach_grads()  # gradients a user detached between steps (zero_grad(set_to_none=True))
-        self.flat.check(grads=False)
         self.x0.copy_(self.flat.params)  # the step's start as the parameters are now: edits between steps count
         self.flat.stash_buffers()  # BN statistics as at the step's start, for an unfinished step's undoing
         self._refresh_coeffs()  # outside any graph: replays read the coefficient tensor
@@ -369,6 +369,7 @@ class ODEStepper(torch.optim.Optimizer):
             "method": self.tableau.name,
             "penalty_at": self.penalty_at,
             "coupling": self.coupling,
+            "penalties": [[p.name, p.weight, p.every] for p in self.penalties],
         }
         return state
 
@@ -384,6 +385,11 @@ class ODEStepper(torch.optim.Optimizer):
                 raise ValueError(
                     f"checkpoint was made with {key}={ode[key]!r} but this stepper has {key}={mine[key]!r}"
                 )
+        if "penalties" in ode and [list(p) for p in ode["penalties"]] != mine["penalties"]:
+            raise ValueError(
+                f"checkpoint was made with penalties {ode['penalties']} ([name, weight, every]) but this stepper has "
+                f"{mine['penalties']}: they change what a step computes"
+            )
         reg = check_reg(float(ode["reg"]))
         if (reg > 0) != (self._reg > 0):
             raise ValueError(

@@ -15,6 +15,13 @@ class Tableau:
     b: tuple[float, ...]
     order: int
 
+    def __post_init__(self) -> None:
+        coeffs = [*self.b, *(x for row in self.A for x in row)]
+        if not self.b or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in coeffs):
+            raise TypeError(f"tableau {self.name!r}: b and A must hold numbers (b at least one), got {self!r}")
+        if not all(math.isfinite(x) for x in coeffs):
+            raise ValueError(f"tableau {self.name!r}: every coefficient of A and b must be finite, got {self!r}")
+
     @property
     def stages(self) -> int:
         return len(self.b)

@@ -131,6 +131,17 @@ def figure(rows: list[dict], path: Path, lim: float = 2.5) -> None:
         pass
 
 
+def _json_safe(x):
+    """x with every non-finite float as null (JSON has no Infinity or NaN; a diverged method's distance is inf)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="odegan study dirac", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=STEPS)
@@ -138,7 +149,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/dirac_study", help="folder for table.md, table.json, trajectories.png")
     ap.add_argument("--no-figure", action="store_true")
     args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    if not (math.isfinite(args.h) and args.h > 0):
+        ap.error(f"--h must be positive and finite, got {args.h}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     rows = study(args.steps, args.h)
     md = markdown(rows, args.steps, args.h)
@@ -152,7 +169,7 @@ def main(argv=None) -> int:
         }
         for r in rows
     ]
-    (out / "table.json").write_text(json.dumps(js, indent=1) + "\n")
+    (out / "table.json").write_text(json.dumps(_json_safe(js), indent=1, allow_nan=False) + "\n")
     if not args.no_figure:
         figure(rows, out / "trajectories.png")
     print(md)
