@@ -297,6 +297,19 @@ def test_option_values_are_checked_with_their_names(capsys):
         make_config("mog", reg="lots")
 
 
+def test_options_the_optimiser_never_reads_are_refused(capsys):
+    """h or method given to an Adam run, lr to an ODE run, betas to SGD: refused (they would change nothing)."""
+    for args, msg in [
+        (["mog-adam", "--h", "5"], "h does not apply to optimizer='adam'"),
+        (["mog-adam", "--set", "method=euler", "--set", "coupling=joint"], "method, coupling do not apply"),
+        (["dirac", "--set", "lr=5"], "lr does not apply to optimizer='ode'"),
+        (["mog-adam", "--set", "optimizer=sgd", "--set", "betas=[0.1,0.2]"], "betas does not apply to optimizer='sgd'"),
+    ]:
+        assert cli.main(["train", *args, "--dry-run"]) == 2, args
+        assert msg in capsys.readouterr().err, args
+    assert cli.main(["train", "mog-adam", "--set", "lr=0.001", "--dry-run"]) == 0
+
+
 def test_config_file_round_trips(tmp_path, capsys):
     Trainer(make_config("mog", steps=5, out=str(tmp_path / "a"), **FAST)).run()
     assert cli.main(["train", "--config", str(tmp_path / "a" / "config.json"), "--dry-run"]) == 0

@@ -308,9 +308,29 @@ def make_config(preset: str = "mog", **overrides) -> Config:
     bad = set(overrides) - fields
     if bad:
         raise ValueError(f"unknown option(s) {sorted(bad)}; options are {sorted(fields)}")
-    cfg = Config(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    cfg = Config(**{**PRESETS[preset], **given})
     cfg.validate()
+    check_applies(cfg, given)
     return cfg
+
+
+ODE_ONLY = ("h", "h_g", "method", "coupling", "penalty_at", "schedule")
+BASELINE_ONLY = ("lr", "betas")
+
+
+def check_applies(cfg: Config, given) -> None:
+    """Refuse options given explicitly that this run's optimiser never reads (a silent no-op otherwise)."""
+    unread = ODE_ONLY if cfg.optimizer != "ode" else BASELINE_ONLY
+    if cfg.optimizer == "sgd":
+        unread += ("betas",)
+    ignored = [k for k in given if k in unread]
+    if ignored:
+        uses = "h, method, coupling, penalty_at and schedule" if cfg.optimizer == "ode" else "lr (and betas: adam)"
+        raise ValueError(
+            f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to optimizer={cfg.optimizer!r}, "
+            f"which reads {uses}; drop {'it' if len(ignored) == 1 else 'them'} or choose another optimizer"
+        )
 
 
 def load_config(path, **overrides) -> Config:
