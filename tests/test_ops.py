@@ -501,3 +501,21 @@ def test_validation_cache_never_lets_a_changed_argument_through():
     for wrong in (two.view(1, 10), two.view(5, 2)):  # the same storage, another shape: checked again
         with pytest.raises(ValueError, match="coeffs"):
             ops.rk_stage(params, grads, x0, acc, wrong, [(0, 4), (4, n)], backend="foreach")
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_inference_tensors_are_written_only_in_inference_mode_on_every_backend(backend):
+    """torch refuses in-place writes to inference tensors outside inference_mode; every backend does the same
+    (the compiled ones would otherwise write them without a word), and inside inference_mode all of them write."""
+    n = 10
+    with torch.inference_mode():
+        params, grads, x0, acc, avg = (torch.randn(n) for _ in range(5))
+    coeffs = torch.tensor([[0.0, 1.0, -0.1, 0.0, 0.0]])
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        ops.rk_stage(params, grads, x0, acc, coeffs, [(0, n)], backend=backend)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        ops.ema_update(avg, params, 0.9, backend=backend)
+    with torch.inference_mode():
+        want = x0 - 0.1 * grads
+        ops.rk_stage(params, grads, x0, acc, coeffs, [(0, n)], backend=backend)
+        torch.testing.assert_close(params, want)

@@ -101,6 +101,16 @@ def _check_no_grad(name: str, t: torch.Tensor, op: str = "rk_stage") -> None:
         )
 
 
+def _check_writable(name: str, t: torch.Tensor, op: str) -> None:
+    """torch's rule for inference tensors, on every backend alike: written in place only inside inference_mode."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{name} is an inference tensor (made under torch.inference_mode()) and {op} writes it in place, which "
+            f"torch allows only inside inference_mode: call {op} there, or pass a normal tensor ({name}.clone() "
+            "outside inference mode)"
+        )
+
+
 def _check_flat(name: str, t, op: str, dtypes) -> None:
     """A dense, contiguous 1-D buffer of a supported dtype."""
     if not isinstance(t, torch.Tensor):
@@ -169,6 +179,8 @@ def _check_stage_args(params, grads, x0, acc, coeffs, segments, reg_grad, write_
         if t.device != params.device:
             raise ValueError(f"{name} is on {t.device} but params is on {params.device}")
         _check_no_grad(name, t)
+    for name, t in (("params", params), ("acc", acc), *((("x0", x0),) if write_x0 else ())):
+        _check_writable(name, t, "the stage op")
     n = params.numel()
     if n == 0:
         raise ValueError("params is empty: nothing to integrate")
@@ -234,6 +246,7 @@ def check_ema_args(avg, params, decay, dtypes=(torch.float32, torch.float64)):
     for name, t in (("avg", avg), ("params", params)):
         _check_flat(name, t, op, dtypes)
         _check_no_grad(name, t, op)
+    _check_writable("avg", avg, op)
     if params.dtype != avg.dtype:
         raise TypeError(f"params is {params.dtype} but avg is {avg.dtype}")
     if params.device != avg.device:
