@@ -290,6 +290,12 @@ def test_option_values_are_checked_with_their_names(capsys):
         (["--set", "penalty_method=exact"], "penalty_method must be one of"),
         (["--set", "device=gpu"], "device must be cpu, cuda, cuda:N or auto"),
         (["--h", "nan"], "h must be positive and finite, got nan"),
+        (["--set", "ema=0.99999999"], "rounds to 1.0 in float32"),
+        (["--set", "instance_noise=nan"], "instance_noise must be >= 0, got nan"),
+        (["--set", "penalty_every=0"], "penalty_every must be positive, got 0"),
+        (["--set", "r1=null"], "option r1 expects a number, got 'null'"),
+        (["--steps", "5", "--set", "steps=7"], "steps is given twice"),
+        (["--set", "seed=18446744073709551615"], "seed must be < 2**63"),
     ]:
         assert cli.main(["train", "mog", "--dry-run", *args]) == 2, args
         assert msg in capsys.readouterr().err, args

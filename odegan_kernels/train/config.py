@@ -134,6 +134,11 @@ class Config:
             raise ValueError(f"recover_factor must be in (0, 1), got {self.recover_factor!r}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1) (the average's decay; 0: off), got {self.ema!r}")
+        if float(torch.tensor(self.ema, dtype=torch.float32)) == 1.0:
+            raise ValueError(
+                f"ema={self.ema!r} rounds to 1.0 in float32 (the parameters' dtype), so the average would never move; "
+                "use a decay below 0.99999994"
+            )
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.inception_weights and not self.fid_real:
