@@ -391,3 +391,18 @@ def test_library_edges_get_messages_that_name_them():
     x, z = torch.randn(8, 2), torch.randn(8, 4)
     with pytest.raises(RuntimeError, match=r"cast or moved \(.double\(\)"):
         st.step(lambda s: game_gradients(D, G, x, z, players=s.players))
+
+
+def test_bad_paths_get_one_line(tmp_path, capsys):
+    """--config that is a JSON list or a folder, --out that is a file: one line naming it, exit 2, nothing made."""
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "afile").write_text("mine")
+    for args, msg in [
+        (["--config", str(tmp_path / "list.json"), "--dry-run"], "must hold a JSON object of options, not list"),
+        (["--config", str(tmp_path), "--dry-run"], "is a folder; give the JSON file"),
+        (["mog", "--out", str(tmp_path / "afile"), "--steps", "2"], "is a file, not a folder"),
+    ]:
+        assert cli.main(["train", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    assert (tmp_path / "afile").read_text() == "mine"
