@@ -5,7 +5,7 @@ from .flat import FlatParams
 from .game import StageResult, d_loss, g_loss, game_gradients, generator_grad_sqnorm, regulariser_grad
 from .ode import TABLEAUS, ODEStepper, Stage, Tableau, compile_tableau
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 __all__ = [
     "FlatParams",
