@@ -162,25 +162,6 @@ def test_no_host_sync_inside_the_step():
 
 @gpu
 @pytest.mark.gpu
-def test_closure_that_syncs_is_refused():
-    D, G = _pair_on_cuda()
-    flat = FlatParams(D=D, G=G)
-    st = ODEStepper(flat, "euler", h=0.1, cuda_graph=True, graph_warmup=1)
-    x, z = torch.randn(64, 2).cuda(), torch.randn(64, 32).cuda()
-
-    def syncing(stage):
-        out = game_gradients(D, G, x, z, players=stage.players)
-        if out.loss_d.item() > 1e9:  # reads a value back: cannot be captured
-            pass
-        return out
-
-    st.step(syncing)  # warm-up runs eagerly
-    with pytest.raises(GraphCaptureError, match="synchronises with the host"):
-        st.step(syncing)
-
-
-@gpu
-@pytest.mark.gpu
 def test_trainer_graph_mode_trains(tmp_path):
     cfg = make_config(
         "mog",
@@ -230,7 +211,9 @@ def test_capture_errors_keep_the_original_message():
 
 @gpu
 @pytest.mark.gpu
-def test_failed_capture_leaves_the_current_stream_and_the_parameters(tmp_path):
+def test_closure_that_syncs_is_refused_leaving_the_current_stream_and_the_parameters(tmp_path):
+    """A closure that reads a value back cannot be captured: the error says so, and the failed capture leaves the
+    caller's stream current and the parameters at the step's start."""
     D, G = _pair_on_cuda()
     flat = FlatParams(D=D, G=G)
     st = ODEStepper(flat, "euler", h=0.1, cuda_graph=True, graph_warmup=1)
@@ -241,7 +224,7 @@ def test_failed_capture_leaves_the_current_stream_and_the_parameters(tmp_path):
         float(out.loss_d)  # a host read: refused under capture
         return out
 
-    st.step(syncing)
+    st.step(syncing)  # warm-up runs eagerly
     before, stream = flat.params.clone(), torch.cuda.current_stream()
     with pytest.raises(GraphCaptureError, match="synchronises with the host"):
         st.step(syncing)
