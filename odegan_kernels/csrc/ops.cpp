@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <initializer_list>
+#include <utility>
 
 #include "ops.h"
 
@@ -91,6 +93,17 @@ void check_sqnorm_args(at::TensorList tensors) {
   }
 }
 
+// The in-place ops' Autograd kernels refuse, with grad mode on, a tensor argument that requires grad, naming it
+// (an absent optional argument is a nullptr).
+void refuse_requires_grad(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> named) {
+  if (!c10::GradMode::is_enabled()) return;
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK(t == nullptr || !t->requires_grad(), "odegan ", op, ": ", name, " requires grad, but ", op,
+                " updates flat buffers in place and is not differentiable: pass ", name,
+                ".detach() or call it under torch.no_grad()");
+  }
+}
+
 // The stage op's Autograd kernel. It writes params, acc and x0 in place and has no derivative, so, as ATen's
 // in-place ops do: with grad mode on, a tensor argument that requires grad is refused (a leaf would be written
 // behind autograd's back; any other would lose its gradient path); and every buffer it writes has its version
@@ -99,18 +112,12 @@ void check_sqnorm_args(at::TensorList tensors) {
 void stage_autograd(c10::DispatchKeySet ks, at::Tensor params, const at::Tensor& grads, at::Tensor x0, at::Tensor acc,
                     const at::Tensor& coeffs, at::IntArrayRef starts, const c10::optional<at::Tensor>& reg_grad,
                     bool write_x0) {
-  if (c10::GradMode::is_enabled()) {
-    const std::pair<const char*, const at::Tensor*> named[] = {{"params", &params}, {"grads", &grads}, {"x0", &x0},
-                                                               {"acc", &acc},       {"coeffs", &coeffs}};
-    for (const auto& [name, t] : named) {
-      TORCH_CHECK(!t->requires_grad(), "odegan stage: ", name,
-                  " requires grad, but the stage op updates flat buffers in place and is not differentiable: pass ",
-                  name, ".detach() or call it under torch.no_grad()");
-    }
-    TORCH_CHECK(!reg_grad.has_value() || !reg_grad->requires_grad(),
-                "odegan stage: reg_grad requires grad, but the stage op is not differentiable: pass reg_grad.detach() "
-                "or call it under torch.no_grad()");
-  }
+  refuse_requires_grad("stage", {{"params", &params},
+                                 {"grads", &grads},
+                                 {"x0", &x0},
+                                 {"acc", &acc},
+                                 {"coeffs", &coeffs},
+                                 {"reg_grad", reg_grad.has_value() ? &*reg_grad : nullptr}});
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("odegan_kernels::stage", "")
                              .typed<void(at::Tensor, const at::Tensor&, at::Tensor, at::Tensor, const at::Tensor&,
@@ -129,17 +136,9 @@ void stage_autograd(c10::DispatchKeySet ks, at::Tensor params, const at::Tensor&
 // version bumped.
 void ema_update_autograd(c10::DispatchKeySet ks, at::Tensor avg, const at::Tensor& params,
                          const c10::optional<at::Tensor>& decay_tensor, double decay) {
-  if (c10::GradMode::is_enabled()) {
-    const std::pair<const char*, const at::Tensor*> named[] = {{"avg", &avg}, {"params", &params}};
-    for (const auto& [name, t] : named) {
-      TORCH_CHECK(!t->requires_grad(), "odegan ema_update: ", name,
-                  " requires grad, but ema_update updates flat buffers in place and is not differentiable: pass ",
-                  name, ".detach() or call it under torch.no_grad()");
-    }
-    TORCH_CHECK(!decay_tensor.has_value() || !decay_tensor->requires_grad(),
-                "odegan ema_update: decay_tensor requires grad, but ema_update is not differentiable: pass "
-                "decay.detach() or call it under torch.no_grad()");
-  }
+  refuse_requires_grad("ema_update", {{"avg", &avg},
+                                      {"params", &params},
+                                      {"decay_tensor", decay_tensor.has_value() ? &*decay_tensor : nullptr}});
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("odegan_kernels::ema_update", "")
