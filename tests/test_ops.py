@@ -519,3 +519,5 @@ def test_inference_tensors_are_written_only_in_inference_mode_on_every_backend(b
         want = x0 - 0.1 * grads
         ops.rk_stage(params, grads, x0, acc, coeffs, [(0, n)], backend=backend)
         torch.testing.assert_close(params, want)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="inference tensor"):  # the call that passed inside
+        ops.rk_stage(params, grads, x0, acc, coeffs, [(0, n)], backend=backend)  # is checked again

@@ -303,7 +303,7 @@ def test_option_values_are_checked_with_their_names(capsys):
         make_config("mog", reg="lots")
 
 
-def test_options_the_optimiser_never_reads_are_refused(capsys):
+def test_options_the_optimiser_never_reads_are_refused(tmp_path, capsys):
     """h or method given to an Adam run, lr to an ODE run, betas to SGD: refused (they would change nothing)."""
     for args, msg in [
         (["mog-adam", "--h", "5"], "h does not apply to optimizer='adam'"),
@@ -314,6 +314,10 @@ def test_options_the_optimiser_never_reads_are_refused(capsys):
         assert cli.main(["train", *args, "--dry-run"]) == 2, args
         assert msg in capsys.readouterr().err, args
     assert cli.main(["train", "mog-adam", "--set", "lr=0.001", "--dry-run"]) == 0
+    capsys.readouterr()
+    Trainer(make_config("mog-adam", steps=1, out=str(tmp_path / "a"), **FAST)).run()  # its config.json
+    assert cli.main(["train", "--config", str(tmp_path / "a" / "config.json"), "--h", "5", "--dry-run"]) == 2
+    assert "h does not apply to optimizer='adam'" in capsys.readouterr().err
 
 
 def test_config_file_round_trips(tmp_path, capsys):

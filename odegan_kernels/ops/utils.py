@@ -150,6 +150,7 @@ def check_stage_args(
                 tuple(tuple(s) for s in segments),
                 write_x0,
                 torch.is_grad_enabled(),
+                torch.is_inference_mode_enabled(),
                 dtypes,
             )
             hash(key)

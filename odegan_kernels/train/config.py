@@ -358,8 +358,10 @@ def load_config(path, **overrides) -> Config:
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {sorted(unknown)}; options are {sorted(fields)}")
     options = {k: v for k, v in options.items() if k in fields}
-    cfg = Config(**{**options, **{k: v for k, v in renamed(overrides).items() if v is not None}})
+    given = {k: v for k, v in renamed(overrides).items() if v is not None}
+    cfg = Config(**{**options, **given})
     cfg.validate()
+    check_applies(cfg, given)
     return cfg
 
 
