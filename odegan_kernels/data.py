@@ -13,8 +13,10 @@ class MixtureOfGaussians:
     A batch that is a multiple of the mode count holds each mode equally often (512 = 32 per mode).
     """
 
-    def __init__(self, grid: int = 4, spacing: float = 1.0, std: float = 0.02, device="cpu") -> None:
-        ticks = (torch.arange(grid, dtype=torch.float32) - (grid - 1) / 2) * spacing
+    def __init__(
+        self, grid: int = 4, spacing: float = 1.0, std: float = 0.02, device="cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        ticks = (torch.arange(grid, dtype=dtype) - (grid - 1) / 2) * spacing
         gx, gy = torch.meshgrid(ticks, ticks, indexing="ij")
         self.centres = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1).to(device)
         self.std = std
@@ -32,7 +34,7 @@ class MixtureOfGaussians:
             idx = torch.arange(k, device=gdev).repeat(n // k)
         else:
             idx = torch.randint(k, (n,), generator=generator, device=gdev)
-        noise = torch.randn(n, 2, generator=generator, device=gdev)
+        noise = torch.randn(n, 2, generator=generator, device=gdev, dtype=self.centres.dtype)
         return self.centres[idx.to(dev)] + self.std * noise.to(dev)
 
 

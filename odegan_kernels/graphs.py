@@ -132,9 +132,11 @@ class StaticBatches:
     """Graph mode's real data: one static slot per stage that draws a batch (and its labels), refilled from
     the data pipeline before each replay, so the captured step reads new data at fixed addresses."""
 
-    def __init__(self, slots: int, batch: int, sample_shape: tuple[int, ...], labels: bool, device) -> None:
+    def __init__(
+        self, slots: int, batch: int, sample_shape: tuple[int, ...], labels: bool, device, dtype=torch.float32
+    ) -> None:
         # sized from the problem's sample_shape: drawing a batch here would consume data
-        self.x = torch.empty((slots, batch, *sample_shape), device=device)
+        self.x = torch.empty((slots, batch, *sample_shape), device=device, dtype=dtype)
         self.y = torch.zeros((slots, batch), dtype=torch.long, device=device) if labels else None
 
     def fill(self, draw: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]) -> None:

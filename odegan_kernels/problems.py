@@ -13,6 +13,7 @@ from torch import nn
 
 from .data import MixtureOfGaussians
 from .metrics import check_fid_inputs, mode_metrics
+from .models.init import default_dtype
 
 
 class Problem:
@@ -46,13 +47,13 @@ class Problem:
 class MoGProblem(Problem):
     """The 16-Gaussian mixture of the paper's colab: MLPs with two hidden layers of 25 ReLU units."""
 
-    def __init__(self, z_dim: int = 32, hidden: int = 25, seed: int = 0, device="cpu") -> None:
+    def __init__(self, z_dim: int = 32, hidden: int = 25, seed: int = 0, device="cpu", dtype=torch.float32) -> None:
         from .models.mlp import mog_pair
 
         self.z_dim = z_dim
         self.sample_shape = (2,)
-        self.mog = MixtureOfGaussians(device=device)
-        self.D, self.G = (m.to(device) for m in mog_pair(z_dim, hidden, seed=seed))
+        self.mog = MixtureOfGaussians(device=device, dtype=dtype)
+        self.D, self.G = (m.to(device) for m in mog_pair(z_dim, hidden, seed=seed, dtype=dtype))
 
     def real_batch(self, n, generator):
         return self.mog.sample(n, generator)
@@ -67,16 +68,16 @@ class MoGProblem(Problem):
 class DiracProblem(Problem):
     """DiracGAN: real data is the point 0, G is a point, D is linear. Metrics: distance to equilibrium."""
 
-    def __init__(self, psi: float = 1.0, theta: float = 1.0, device="cpu", **_) -> None:
+    def __init__(self, psi: float = 1.0, theta: float = 1.0, device="cpu", dtype=torch.float32, **_) -> None:
         from .models.dirac import dirac_pair
 
         self.z_dim = 1
         self.sample_shape = (1,)
-        self.D, self.G = (m.to(device) for m in dirac_pair(psi, theta))
-        self.device = device
+        self.D, self.G = (m.to(device) for m in dirac_pair(psi, theta, dtype=dtype))
+        self.device, self.dtype = device, dtype
 
     def real_batch(self, n, generator):
-        return torch.zeros(n, 1, device=self.device)
+        return torch.zeros(n, 1, device=self.device, dtype=self.dtype)
 
     def evaluate(self, samples):
         psi, theta = self.D.psi.item(), self.G.theta.item()
@@ -112,6 +113,7 @@ class ImageProblem(Problem):
         rank: int = 0,
         world: int = 1,
         channels: int = 3,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         from .data import image_loader
         from .models.dcgan import DCGANDiscriminator, DCGANGenerator
@@ -143,17 +145,20 @@ class ImageProblem(Problem):
         torch.manual_seed(seed)
         self.z_dim = z_dim
         self.sample_shape = (channels, image_size, image_size)
-        if arch == "dcgan":
-            kw = {"channels": channels, **({} if width is None else {"width": width})}
-            self.D, self.G = DCGANDiscriminator(**kw).to(device), DCGANGenerator(z_dim, **kw).to(device)
-        elif arch == "resnet":
-            self.D, self.G = ResNetDiscriminator().to(device), ResNetGenerator(z_dim).to(device)
-        else:
-            self.num_classes = len(self.loader.dataset.classes)
-            kw = dict(num_classes=self.num_classes, image_size=image_size, **({} if width is None else {"ch": width}))
-            self.D = ConditionalResNetDiscriminator(**kw).to(device)
-            self.G = ConditionalResNetGenerator(z_dim, **kw).to(device)
-        self.device = device
+        with default_dtype(dtype):  # made and initialised in the run's dtype (no float32 rounding in a float64 run)
+            if arch == "dcgan":
+                kw = {"channels": channels, **({} if width is None else {"width": width})}
+                self.D, self.G = DCGANDiscriminator(**kw).to(device), DCGANGenerator(z_dim, **kw).to(device)
+            elif arch == "resnet":
+                self.D, self.G = ResNetDiscriminator().to(device), ResNetGenerator(z_dim).to(device)
+            else:
+                self.num_classes = len(self.loader.dataset.classes)
+                kw = dict(
+                    num_classes=self.num_classes, image_size=image_size, **({} if width is None else {"ch": width})
+                )
+                self.D = ConditionalResNetDiscriminator(**kw).to(device)
+                self.G = ConditionalResNetGenerator(z_dim, **kw).to(device)
+        self.device, self.dtype = device, dtype
         self._it = None
         self.epoch = 0
         self.batches = 0  # drawn so far in this epoch: a resumed run continues from there
@@ -179,7 +184,7 @@ class ImageProblem(Problem):
             x, y = x if isinstance(x, (list, tuple)) else (x, None)
             if x.shape[0] != n:
                 raise ValueError(f"the loader gave a batch of {x.shape[0]} but {n} were asked for")
-            x = x.to(self.device, non_blocking=True)
+            x = x.to(self.device, self.dtype, non_blocking=True)
             if not self.num_classes:
                 return x, None
             return x, y.to(self.device, non_blocking=True)
@@ -271,9 +276,9 @@ def build_problem(name: str, cfg, rank: int = 0, world: int = 1) -> Problem:
     if name in ("mog", "dirac") and (cfg.fid_real or cfg.inception_weights):
         raise ValueError(f"fid_real and inception_weights are for the image problems; {name!r} has its own metrics")
     if name == "mog":
-        return MoGProblem(cfg.z_dim, cfg.hidden, seed=cfg.seed, device=cfg.device)
+        return MoGProblem(cfg.z_dim, cfg.hidden, seed=cfg.seed, device=cfg.device, dtype=cfg.torch_dtype)
     if name == "dirac":
-        return DiracProblem(device=cfg.device)
+        return DiracProblem(device=cfg.device, dtype=cfg.torch_dtype)
     if name in ("cifar10", "imagefolder"):
         if not cfg.data:
             raise ValueError(f"problem {name!r} needs --data PATH (a local folder; nothing is downloaded)")
@@ -295,5 +300,6 @@ def build_problem(name: str, cfg, rank: int = 0, world: int = 1) -> Problem:
             channels=cfg.channels,
             rank=rank,
             world=world,
+            dtype=cfg.torch_dtype,
         )
     raise ValueError(f"unknown problem {name!r}; choose one of {PROBLEMS}")

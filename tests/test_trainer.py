@@ -96,6 +96,26 @@ def test_bad_options():
         Trainer(make_config("cifar10", device="cpu", out="unused"))
 
 
+def test_a_float64_run_holds_everything_in_float64(tmp_path):
+    """dtype=float64: players made in it (not cast from float32), data, latents and the flat buffers in it."""
+    cfg = make_config("mog", steps=3, out=str(tmp_path / "r"), progress=False, dtype="float64", eval_samples=64)
+    tr = Trainer(cfg)
+    x, _ = tr.problem.draw(8, torch.Generator().manual_seed(0))
+    assert tr.flat.dtype == x.dtype == tr.fixed_z.dtype == torch.float64
+    from odegan_kernels.models import mog_pair
+
+    D64, _ = mog_pair(cfg.z_dim, cfg.hidden, seed=cfg.seed, dtype=torch.float64)
+    D32, _ = mog_pair(cfg.z_dim, cfg.hidden, seed=cfg.seed)
+    first = next(tr.D.parameters()).detach()
+    assert torch.equal(first, next(D64.parameters()).detach())  # initialised in float64 ...
+    assert not torch.equal(first, next(D32.parameters()).detach().double())  # ... not a float32 pair cast
+    assert tr.run()["step"] == 3
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        make_config("mog", dtype="float16")
+    with pytest.raises(ValueError, match="autocast .* needs dtype float32"):
+        make_config("mog", dtype="float64", autocast=True)
+
+
 def test_cli_main_job_end_to_end(tmp_path):
     """The README's main command with a tiny step count, as a user runs it."""
     out = tmp_path / "run"

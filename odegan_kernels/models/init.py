@@ -1,9 +1,21 @@
 """The references' initialisation: truncated normal (at 2 sigma) with sigma = 1/sqrt(fan_in), zero biases."""
 
+import contextlib
 import math
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside are made (and initialised) in ``dtype``: torch's default dtype, restored after."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 @torch.no_grad()

@@ -62,22 +62,22 @@ class GameClosure:
 
     def _draw(self, stage_index: int) -> None:
         cfg, k = self.cfg, self.problem.num_classes
-        z_dim, dev = self.problem.z_dim, cfg.device
+        z_dim, dev, dt = self.problem.z_dim, cfg.device, cfg.torch_dtype
         y_fake = None
         if self.static is not None:
             x, y_real = self.static.slot(stage_index if cfg.data_per_stage == "fresh" else 0)
-            z = torch.randn(cfg.batch, z_dim, device=dev)
+            z = torch.randn(cfg.batch, z_dim, device=dev, dtype=dt)
             if k:
                 y_fake = torch.randint(k, (cfg.batch,), device=dev)
         else:
             x, y_real = self.problem.draw(cfg.batch, self.data_gen)
             x = x.to(dev)
-            z = torch.randn(cfg.batch, z_dim, generator=self.z_gen, device=dev)
+            z = torch.randn(cfg.batch, z_dim, generator=self.z_gen, device=dev, dtype=dt)
             if k:
                 y_real = y_real.to(dev)
                 y_fake = torch.randint(k, (cfg.batch,), generator=self.z_gen, device=dev)
         gen = None if self.static is not None else self.z_gen
-        mix = torch.rand(cfg.batch, generator=gen, device=dev) if cfg.wgan_gp else None
+        mix = torch.rand(cfg.batch, generator=gen, device=dev, dtype=dt) if cfg.wgan_gp else None
         noise = None
         if cfg.instance_noise:
             noise = tuple(torch.randn(x.shape, generator=gen, device=dev, dtype=x.dtype) for _ in range(2))

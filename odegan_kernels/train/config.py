@@ -73,6 +73,9 @@ class Config:
     backend: str = option("auto", "fused-op backend: auto | triton | csrc | foreach | reference")
     threads: int = option(1, "CPU threads (0: torch's default); the toy's tiny matrices run fastest on one")
     cuda_graph: bool = option(False, "capture the whole ODE step in one CUDA graph (CUDA only)")
+    dtype: str = option(
+        "float32", "the parameters', gradients' and data's dtype: float32 | float64 (exact checks)", match=True
+    )
     data: str | None = option(None, "local dataset path (cifar10: the folder holding cifar-10-batches-py)")
     arch: str = option("dcgan", "image models: dcgan | resnet (32x32) | resnet128 (class-conditional)", match=True)
     image_size: int = option(32, "resnet128 on an ImageFolder: any power of two >= 32 (128 for ImageNet)", match=True)
@@ -95,6 +98,11 @@ class Config:
     tensorboard: bool = option(True, "also write TensorBoard events to OUT/tensorboard when tensorboard is installed")
     recover_retries: int = option(3, "divergence: roll back to the last good state this many times, then stop")
     recover_factor: float = option(0.5, "divergence: multiply the step size by this at each rollback")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a torch.dtype."""
+        return getattr(torch, self.dtype)
 
     @classmethod
     def resume_keys(cls) -> tuple[str, ...]:
@@ -134,11 +142,13 @@ class Config:
             raise ValueError(f"recover_factor must be in (0, 1), got {self.recover_factor!r}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1) (the average's decay; 0: off), got {self.ema!r}")
-        if float(torch.tensor(self.ema, dtype=torch.float32)) == 1.0:
+        if float(torch.tensor(self.ema, dtype=self.torch_dtype)) == 1.0:
             raise ValueError(
-                f"ema={self.ema!r} rounds to 1.0 in float32 (the parameters' dtype), so the average would never move; "
-                "use a decay below 0.99999994"
+                f"ema={self.ema!r} rounds to 1.0 in {self.dtype} (the parameters' dtype), so the average would never "
+                f"move; use a decay below {1 - torch.finfo(self.torch_dtype).eps / 2}"
             )
+        if self.autocast and self.dtype != "float32":
+            raise ValueError("autocast (bf16 forward/backward over float32 parameters) needs dtype float32")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.inception_weights and not self.fid_real:
@@ -185,6 +195,7 @@ def choices() -> dict[str, tuple]:
         "grads": ENGINES,
         "backend": ("auto", *BACKENDS, "cuda"),
         "arch": ARCHS,
+        "dtype": ("float32", "float64"),
     }
 
 

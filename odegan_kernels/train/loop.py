@@ -45,13 +45,14 @@ class Trainer(TrainerState):
         self.out = Path(cfg.out)
         self.problem = build_problem(cfg.problem, cfg, self.rank, self.world)
         self.D, self.G = self.problem.D, self.problem.G
-        self.flat = FlatParams(D=self.D, G=self.G)
+        self.flat = FlatParams(D=self.D, G=self.G, dtype=cfg.torch_dtype)
         if self.world > 1:  # every rank starts from rank 0's parameters
             torch.distributed.broadcast(self.flat.params, 0)
         dev = torch.device(cfg.device)
         self.streams = RandomStreams(cfg.seed, self.rank, dev)
         eval_gen = torch.Generator(device=dev).manual_seed(10_000 + cfg.seed)
-        self.fixed_z = torch.randn(cfg.eval_samples, self.problem.z_dim, generator=eval_gen, device=dev)
+        z_shape = (cfg.eval_samples, self.problem.z_dim)
+        self.fixed_z = torch.randn(z_shape, generator=eval_gen, device=dev, dtype=cfg.torch_dtype)
         k = self.problem.num_classes
         self.fixed_y = torch.arange(cfg.eval_samples, device=dev) % k if k else None  # every class in turn
         self.step = 0
@@ -60,7 +61,8 @@ class Trainer(TrainerState):
         static = None
         if cfg.cuda_graph:
             slots = len(self.opt.tableau.b) if cfg.data_per_stage == "fresh" else 1
-            static = StaticBatches(slots, cfg.batch, self.problem.sample_shape, labels=bool(k), device=dev)
+            shape = self.problem.sample_shape
+            static = StaticBatches(slots, cfg.batch, shape, labels=bool(k), device=dev, dtype=cfg.torch_dtype)
         self.game_closure = GameClosure(cfg, self.problem, self.streams.data, self.streams.z, static)
         self.closure = self.game_closure  # what the optimiser calls (wrap it to observe or inject)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main)
