@@ -34,7 +34,7 @@ $PY -m pip install -q -e . --no-deps --no-build-isolation > /dev/null 2>&1 || ec
 
 echo "== build csrc (CMake, CUDA sm_80/sm_90)"
 t0=$(date +%s)
-PYTHON=$PY bash odegan_kernels/csrc/build.sh --cuda > /tmp/odegan_build.log 2>&1 || { echo "csrc build FAILED"; tail -40 /tmp/odegan_build.log; status=1; }
+PYTHON=$PY bash csrc/build.sh --cuda > /tmp/odegan_build.log 2>&1 || { echo "csrc build FAILED"; tail -40 /tmp/odegan_build.log; status=1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 
 if [ "$PART" = imagenet ]; then

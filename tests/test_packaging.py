@@ -33,18 +33,24 @@ def dists(tmp_path_factory):
 
 
 def _sources() -> list[str]:
-    """The C++/CUDA sources in the checkout, as paths from its root."""
+    """The C++/CUDA sources in the checkout, as paths from its root (csrc/...)."""
     files = [f.relative_to(ROOT).as_posix() for f in csrc.sources()]
-    assert {"odegan_kernels/csrc/ops.cpp", "odegan_kernels/csrc/cuda/ops_cuda.cu"} <= set(files), files
+    assert {"csrc/ops.cpp", "csrc/cuda/ops_cuda.cu"} <= set(files), files
     return files
+
+
+def _in_wheel(source: str) -> str:
+    """Where the wheel carries a source of csrc/: inside the package, as odegan_kernels/csrc/..."""
+    return "odegan_kernels/" + source
 
 
 def test_wheel_holds_the_csrc_sources_and_the_license(dists):
     wheel, _ = dists
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-        missing = [f for f in _sources() if f not in names]
+        missing = [_in_wheel(f) for f in _sources() if _in_wheel(f) not in names]
         assert not missing, f"the wheel lacks {missing}"
+        assert not [n for n in names if n.startswith("csrc/")], "the sources belong inside the package in a wheel"
         assert "odegan_kernels/ops/csrc.py" in names
         (license,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
         assert z.read(license) == (ROOT / "LICENSE").read_bytes()
@@ -61,10 +67,19 @@ def test_sdist_holds_the_sources_the_cmake_build_and_the_license(dists):
     with tarfile.open(sdist) as t:
         top = t.getnames()[0].split("/")[0]
         names = {n.removeprefix(top + "/") for n in t.getnames()}
-        wanted = _sources() + ["CMakeLists.txt", "odegan_kernels/csrc/build.sh", "LICENSE"]
+        wanted = _sources() + ["CMakeLists.txt", "csrc/build.sh", "LICENSE"]
         missing = [f for f in wanted if f not in names]
         assert not missing, f"the sdist lacks {missing}"
         assert t.extractfile(f"{top}/LICENSE").read() == (ROOT / "LICENSE").read_bytes()
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject.toml lists the packages (csrc/ is mapped in from the top level): a new subpackage must be there."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11's tomllib reads pyproject.toml")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "odegan_kernels").rglob("__init__.py")}
+    assert found - listed == set(), f"subpackages missing from pyproject.toml's packages: {sorted(found - listed)}"
+    assert "odegan_kernels.csrc" in listed
 
 
 def test_license_is_apache_2():

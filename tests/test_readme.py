@@ -33,7 +33,7 @@ def test_how_one_step_flows_names_files_and_functions_that_exist():
     section = re.search(r"## How one step flows\n(.*?)\n## ", README.read_text(), re.S).group(1)
     files = re.findall(r"`([a-z_/]+\.py|csrc/)`", section)
     assert len(files) >= 15, files
-    missing = [f for f in files if not (pkg / f).exists()]
+    missing = [f for f in files if not (pkg / f).exists() and not (pkg.parent / f).exists()]  # csrc/: the top
     assert not missing, f"README's step walk names files that do not exist: {missing}"
     for path, name in [
         ("train/loop.py", "def train_step"),

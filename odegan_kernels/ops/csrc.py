@@ -1,7 +1,8 @@
 """The compiled csrc library (torch.ops.odegan_kernels.stage / .sqnorm / .ema_update, CPU and CUDA kernels).
 
-Its sources ship inside the package (odegan_kernels/csrc/), so ``python -m odegan_kernels.ops.csrc build``
-works in a checkout and from an installed wheel alike. Loaded from, in order: $ODEGAN_CSRC_LIB; in a source
+Its sources are csrc/ at the top of the checkout, and the wheel carries them inside the package
+(odegan_kernels/csrc/), so ``python -m odegan_kernels.ops.csrc build`` works in a checkout and from an installed
+wheel alike. Loaded from, in order: $ODEGAN_CSRC_LIB; in a source
 checkout, the CMake build (build-csrc/, skipped when older than the sources); the on-demand build, whose
 folder and file are named by ``cache_key`` (a hash of the sources, torch, Python and the build flags), so a
 library built from other sources or for another torch is never loaded. Importing never compiles: the
@@ -21,8 +22,16 @@ import torch
 from .utils import register_sqnorm_op
 
 PACKAGE = Path(__file__).resolve().parents[1]
-CSRC = PACKAGE / "csrc"
 CHECKOUT = PACKAGE.parent  # a source checkout when it holds CMakeLists.txt
+
+
+def _sources_folder() -> Path:
+    """csrc/ at the top of a source checkout (or an unpacked sdist); in an installed wheel, odegan_kernels/csrc/."""
+    top = CHECKOUT / "csrc"
+    return top if (CHECKOUT / "CMakeLists.txt").is_file() and (top / "ops.cpp").is_file() else PACKAGE / "csrc"
+
+
+CSRC = _sources_folder()
 CMAKE_LIB = CHECKOUT / "build-csrc" / "libodegan_kernels_csrc.so"
 LIB_NAME = "odegan_kernels_csrc"
 CPU_SOURCES = ("ops.cpp", "cpu/ops_cpu.cpp")
@@ -184,8 +193,7 @@ def load() -> bool:
             tried.append(f"{path.name}: {exc}")
     _state["why"] = (
         "csrc library not built for these sources and this torch (run `python -m odegan_kernels.ops.csrc build`, "
-        "or in a checkout the CMake build odegan_kernels/csrc/build.sh)"
-        + (f"; failed to load: {'; '.join(tried)}" if tried else "")
+        "or in a checkout the CMake build csrc/build.sh)" + (f"; failed to load: {'; '.join(tried)}" if tried else "")
     )
     return False
 

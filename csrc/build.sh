@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Ahead-of-time CMake build of odegan_kernels/csrc/ into build-csrc/ (or $BUILD_DIR), in a source checkout
-# or an unpacked sdist (see CMakeLists.txt); odegan_kernels.ops.csrc loads build-csrc/libodegan_kernels_csrc.so.
-#   odegan_kernels/csrc/build.sh           CPU kernels (torch's CMake config still needs the CUDA toolkit if torch is a CUDA build)
-#   odegan_kernels/csrc/build.sh --cuda    CPU and CUDA kernels (sm_80, sm_90)
+# Ahead-of-time CMake build of csrc/ into build-csrc/ (or $BUILD_DIR), in a source checkout or an unpacked
+# sdist (see CMakeLists.txt); odegan_kernels.ops.csrc loads build-csrc/libodegan_kernels_csrc.so.
+#   csrc/build.sh           CPU kernels (torch's CMake config still needs the CUDA toolkit if torch is a CUDA build)
+#   csrc/build.sh --cuda    CPU and CUDA kernels (sm_80, sm_90)
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 with_cuda=OFF
 [ "${1:-}" = "--cuda" ] && with_cuda=ON
