@@ -164,7 +164,7 @@ def check_against_ours(
     same start and data, JAX against ODEStepper (autograd engine), both in float32 on ``device`` (cpu or cuda:
     check on the device that is timed). ``peer_lam``: the JAX step's lambda (default ``lam``; another value
     shows that the check can fail)."""
-    from odegan_kernels import FlatParams, ODEStepper, game_gradients
+    from odegan_kernels import Batch, FlatParams, ODEStepper, game_gradients
     from odegan_kernels.models import mog_pair
 
     gen = torch.Generator().manual_seed(0)
@@ -173,11 +173,11 @@ def check_against_ours(
     z = torch.randn(4, batch, 32, generator=gen).to(device)
     once, _, state = setup(D, G, real, z, h, lam if peer_lam is None else peer_lam, device)
     flat = FlatParams(D=D, G=G)
-    st = ODEStepper(flat, "rk4", h=h, reg=lam, penalty_at="first_stage", coupling="joint")
+    st = ODEStepper(flat, "rk4", h=h, reg=lam, reg_at="first_stage", coupling="joint")
 
     def closure(stage):
         i = stage.index
-        return game_gradients(D, G, real[i], z[i], players=stage.players, penalty=stage.penalty, engine="autograd")
+        return game_gradients(D, G, Batch(real[i], z[i]), "ns", stage.players, stage.penalties, engine="autograd")
 
     for _ in range(steps):
         st.step(closure)

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from odegan_kernels import FlatParams, ODEStepper, game_gradients
-from odegan_kernels.game import Stage, apply_penalty, d_loss, g_loss
+from odegan_kernels.contract import Stage, apply_penalties
+from odegan_kernels.game import Batch, d_loss, g_loss
 from odegan_kernels.models import (
     ConditionalResNetDiscriminator,
     ConditionalResNetGenerator,
@@ -127,24 +128,16 @@ def naive_step(D, G, real, z):
             p.copy_(p0 - H / 6 * (ks[0][j] + 2 * ks[1][j] + 2 * ks[2][j] + ks[3][j]))
 
 
-def stepper_for(D, G, method="rk4", cuda_graph=False, penalty_method="double_backward"):
+def stepper_for(D, G, method="rk4", cuda_graph=False):
     flat = FlatParams(D=D, G=G)
-    st = ODEStepper(flat, method, h=H, reg=LAM, penalty_at="first_stage", coupling="joint", cuda_graph=cuda_graph)
+    st = ODEStepper(flat, method, h=H, reg=LAM, reg_at="first_stage", coupling="joint", cuda_graph=cuda_graph)
     return flat, st
 
 
-def closure_for(D, G, real, z, penalty_method="double_backward", engine="autograd"):
+def closure_for(D, G, real, z, reg_method="double_backward", engine="autograd"):
     def closure(stage):
-        return game_gradients(
-            D,
-            G,
-            real[stage.index],
-            z[stage.index],
-            players=stage.players,
-            penalty=stage.penalty,
-            penalty_method=penalty_method,
-            engine=engine,
-        )
+        batch = Batch(real[stage.index], z[stage.index])
+        return game_gradients(D, G, batch, "ns", stage.players, stage.penalties, reg_method=reg_method, engine=engine)
 
     return closure
 
@@ -155,11 +148,12 @@ def part_evaluations(flat, st, closure):
 
     def plain():
         flat.zero_grad()
-        closure(Stage(1, 0, (0, 1), False))
+        closure(Stage(1, 0, (0, 1)))
 
     def with_penalty():
         flat.zero_grad()
-        apply_penalty(closure(Stage(0, 0, (0, 1), True)), flat.parameters(0), st.penalty_weight)  # as the step
+        stage = Stage(0, 0, (0, 1), {"g_reg": st.reg})
+        apply_penalties(closure(stage), flat, {"g_reg": st.reg_weight})  # as the step
 
     return plain, with_penalty
 
@@ -296,7 +290,7 @@ def run_model(
         flat_c, st_c = stepper_for(D, G)
         Dc, Gc = torch.compile(D), torch.compile(G)
         try:
-            cl = closure_for(Dc, Gc, real, z, penalty_method="finite_difference")
+            cl = closure_for(Dc, Gc, real, z, reg_method="finite_difference")
             st_c.step(cl)
             record(
                 "compile_fd",
@@ -316,7 +310,7 @@ def run_model(
 
     def adam_step():
         flat_a.zero_grad()
-        game_gradients(D, G, real[0], z[0])
+        game_gradients(D, G, Batch(real[0], z[0]))
         adam.step()
 
     record("adam", adam_step, params=[flat_a.params])
@@ -417,10 +411,8 @@ def penalty_rows(name: str, device, batch: int, rep_ms: float, rounds: int = 5) 
         gen = torch.Generator(device=device).manual_seed(0)  # WGAN-GP's interpolation weights
 
         def closure(stage, D=D, G=G, real=real, z=z, gen=gen):
-            return game_gradients(
-                D, G, real[stage.index], z[stage.index], players=stage.players, penalty=stage.penalty,
-                penalties=stage.penalties, generator=gen,
-            )  # fmt: skip
+            batch = Batch(real[stage.index], z[stage.index])
+            return game_gradients(D, G, batch, "ns", stage.players, stage.penalties, generator=gen)
 
         steps[variant] = (lambda st=st, cl=closure: st.step(cl), flat)
     times: dict[str, list[float]] = {v: [] for v in steps}

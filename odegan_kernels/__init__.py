@@ -1,15 +1,19 @@
 """odegan-kernels: fused kernels and a complete trainer for ODE-GAN (Qin et al., NeurIPS 2020)."""
 
 from . import ops
+from .contract import Penalty, PenaltyTerm, Stage, StageResult
 from .flat import FlatParams
-from .game import StageResult, d_loss, g_loss, game_gradients, generator_grad_sqnorm, regulariser_grad
-from .ode import TABLEAUS, ODEStepper, Stage, Tableau, compile_tableau
+from .game import Batch, d_loss, g_loss, game_gradients, generator_grad_sqnorm
+from .ode import TABLEAUS, ODEStepper, Tableau, compile_tableau
 
 __version__ = "0.2.1"
 
 __all__ = [
+    "Batch",
     "FlatParams",
     "ODEStepper",
+    "Penalty",
+    "PenaltyTerm",
     "Stage",
     "StageResult",
     "Tableau",
@@ -20,6 +24,5 @@ __all__ = [
     "g_loss",
     "game_gradients",
     "generator_grad_sqnorm",
-    "regulariser_grad",
     "__version__",
 ]

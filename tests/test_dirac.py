@@ -10,17 +10,17 @@ import math
 import pytest
 import torch
 
-from odegan_kernels import TABLEAUS, FlatParams, ODEStepper, game_gradients
+from odegan_kernels import TABLEAUS, Batch, FlatParams, ODEStepper, game_gradients
 from odegan_kernels.models.dirac import dirac_pair
 
 
 def run(method, psi, theta, h, steps, reg=0.0, penalty="first_stage", coupling="joint", loss="minimax"):
     D, G = dirac_pair(psi, theta, dtype=torch.float64)
     flat = FlatParams(D=D, G=G, dtype=torch.float64)
-    st = ODEStepper(flat, method, h=h, reg=reg, penalty_at=penalty, coupling=coupling)
+    st = ODEStepper(flat, method, h=h, reg=reg, reg_at=penalty, coupling=coupling)
     real = torch.zeros(1, 1, dtype=torch.float64)
     z = torch.zeros(1, 1, dtype=torch.float64)
-    closure = lambda stage: game_gradients(D, G, real, z, loss, players=stage.players, penalty=stage.penalty)
+    closure = lambda stage: game_gradients(D, G, Batch(real, z), loss, stage.players, stage.penalties)
     radii = [flat.params.norm().item()]
     for _ in range(steps):
         st.step(closure)

@@ -1,7 +1,7 @@
 """The DiracGAN study against the closed forms of Mescheder et al. 2018 (minimax loss: f'(0) = 1/2).
 
 Near the equilibrium the unregularised field is a rotation, J = [[0, -f'], [f', 0]]; regularisers damp it.
-Each method here runs through the library's own optimisers (the ODE stepper, apply_stage_penalties), so these
+Each method here runs through the library's own optimisers (the ODE stepper, apply_penalties), so these
 are claims about the training paths, not about a separate simulation.
 """
 
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from odegan_kernels.game import Stage, apply_stage_penalties, due
+from odegan_kernels.contract import Stage, apply_penalties, due
 from odegan_kernels.study import Method, Run, closed_form, field, jacobian, main, methods, step_map_radius, trajectory
 
 F1 = 0.5  # f'(0) of the minimax loss
@@ -97,14 +97,15 @@ def test_rk4_with_g_reg_converges_and_without_does_not():
 @pytest.mark.parametrize("method", methods(), ids=lambda m: m.label)
 def test_the_studied_field_is_the_training_path(method):
     """field() (differentiated for the Jacobian) equals what the optimisers integrate: the closure's gradients
-    plus apply_stage_penalties, at points off the equilibrium."""
+    plus apply_penalties, at points off the equilibrium."""
     gen = torch.Generator().manual_seed(1)
     for x in torch.randn(3, 2, generator=gen, dtype=torch.float64):
         run = Run(method, *x.tolist())
         run.flat.zero_grad()
         everyone = (0, 1)
-        stage = Stage(0, 0, everyone, method.reg > 0, tuple(due(run.specs, 0, everyone)))
-        apply_stage_penalties(run.closure(stage), run.flat, stage, run.specs, method.reg)
+        pens = {**due(run.specs, 0, everyone), **({"g_reg": method.reg} if method.reg > 0 else {})}
+        stage = Stage(0, 0, everyone, pens)
+        apply_penalties(run.closure(stage), run.flat, stage.penalties, stage.players)
         got = torch.cat([run.D.psi.grad, run.G.theta.grad])
         torch.testing.assert_close(-field(method, x), got, rtol=1e-12, atol=1e-14)
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from odegan_kernels import FlatParams, ODEStepper, game_gradients
+from odegan_kernels import Batch, FlatParams, ODEStepper, game_gradients
 from odegan_kernels.models import mog_pair
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
@@ -22,11 +22,15 @@ def _data(steps):
 def _train(coupling, penalty, reg, steps, rank=None, world=1, distributed=False):
     D, G = mog_pair(seed=1)
     flat = FlatParams(D=D, G=G)
-    st = ODEStepper(flat, "rk4", h=0.1, reg=reg, penalty_at=penalty, coupling=coupling, distributed=distributed)
+    st = ODEStepper(flat, "rk4", h=0.1, reg=reg, reg_at=penalty, coupling=coupling, distributed=distributed)
     for x, z in _data(steps):
         if rank is not None:  # this rank's half of every batch
             x, z = x.chunk(world, dim=1)[rank], z.chunk(world, dim=1)[rank]
-        st.step(lambda s, x=x, z=z: game_gradients(D, G, x[s.index], z[s.index], players=s.players, penalty=s.penalty))
+        st.step(
+            lambda s, x=x, z=z: game_gradients(
+                D, G, Batch(x[s.index], z[s.index]), players=s.players, penalties=s.penalties
+            )
+        )
     return flat.params.clone()
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from odegan_kernels import FlatParams, ODEStepper, game_gradients
+from odegan_kernels import Batch, FlatParams, ODEStepper, game_gradients
 from odegan_kernels.models import mog_pair
 
 
@@ -139,7 +139,7 @@ def test_reassigned_parameter_is_caught_at_the_next_step():
     D, G = mog_pair()
     st = ODEStepper(FlatParams(D=D, G=G), "euler", h=0.1)
     x, z = torch.randn(8, 2), torch.randn(8, 32)
-    closure = lambda stage: game_gradients(D, G, x, z, players=stage.players)
+    closure = lambda stage: game_gradients(D, G, Batch(x, z), players=stage.players)
     st.step(closure)
     D[0][0].weight = nn.Parameter(torch.zeros_like(D[0][0].weight))
     with pytest.raises(RuntimeError, match=r"parameter D\.0\.0\.weight was not flattened.*never be trained"):
@@ -152,18 +152,18 @@ def test_edits_between_steps_are_honoured():
     flat = FlatParams(D=D, G=G)
     st = ODEStepper(flat, "euler", h=0.1)
     x, z = torch.randn(8, 2), torch.randn(8, 32)
-    closure = lambda stage: game_gradients(D, G, x, z, players=stage.players)
+    closure = lambda stage: game_gradients(D, G, Batch(x, z), players=stage.players)
     st.step(closure)
     for edit in (lambda: D[0][0].weight.data.mul_(0.5), lambda: flat.params.add_(0.01)):
         edit()
         start = flat.params.clone()
         st.step(closure)
         flat.zero_grad()
-        game_gradients(D, G, x, z)  # the gradient at the new step's end point, for reference
+        game_gradients(D, G, Batch(x, z))  # the gradient at the new step's end point, for reference
         moved = flat.params - start
         flat.params.copy_(start)
         flat.zero_grad()
-        game_gradients(D, G, x, z)
+        game_gradients(D, G, Batch(x, z))
         assert torch.allclose(moved, -0.1 * flat.grads, atol=1e-7)  # an Euler step from the edited point
         flat.params.add_(moved)
 
@@ -175,7 +175,7 @@ def test_closure_that_assigns_grad_is_caught_at_that_stage():
     x, z = torch.randn(8, 2), torch.randn(8, 32)
 
     def assigning(stage):
-        out = game_gradients(D, G, x, z, players=stage.players)
+        out = game_gradients(D, G, Batch(x, z), players=stage.players)
         if stage.index == 0:
             D[0][0].bias.grad = torch.ones_like(D[0][0].bias)  # moves nothing: the step reads the flat buffer
         return out
@@ -186,12 +186,12 @@ def test_closure_that_assigns_grad_is_caught_at_that_stage():
     assert torch.equal(flat.params, before)  # the failed step was rolled back
 
     def unsetting(stage):
-        out = game_gradients(D, G, x, z, players=stage.players)
+        out = game_gradients(D, G, Batch(x, z), players=stage.players)
         G[0].weight.grad = None
         return out
 
     with pytest.raises(RuntimeError, match=r"gradient of G\.0\.weight was set to None"):
         st.step(unsetting)
     D.zero_grad(set_to_none=True)  # between steps this is harmless: the step re-attaches the gradients
-    st.step(lambda stage: game_gradients(D, G, x, z, players=stage.players))
+    st.step(lambda stage: game_gradients(D, G, Batch(x, z), players=stage.players))
     assert all(p.grad is not None for p in flat.parameters())

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from odegan_kernels import FlatParams, ODEStepper, game_gradients
+from odegan_kernels import Batch, FlatParams, ODEStepper, game_gradients
 from odegan_kernels.graphs import GraphCaptureError, StaticBatches, StepGraph, capture_error
 from odegan_kernels.models import mog_pair
 from odegan_kernels.train import Trainer, make_config
@@ -42,7 +42,7 @@ def test_static_buffers_feed_each_stage(tmp_path):
 
         def spy(stage, inner=tr.closure):
             out = inner(stage)
-            seen.append(tr.game_closure.batch["x"].data_ptr())
+            seen.append(tr.game_closure.batch.real.data_ptr())
             return out
 
         tr.opt.step(spy)
@@ -67,9 +67,9 @@ def test_static_label_buffers_follow_their_images(tmp_path):
         out = inner(stage)
         seen.append(
             (
-                tr.game_closure.batch["x"].data_ptr(),
-                tr.game_closure.batch["y_real"].data_ptr(),
-                tr.game_closure.batch["y_fake"].shape,
+                tr.game_closure.batch.real.data_ptr(),
+                tr.game_closure.batch.y_real.data_ptr(),
+                tr.game_closure.batch.y_fake.shape,
             )
         )
         return out
@@ -94,9 +94,8 @@ def _run(cuda_graph: bool, coupling: str, penalty: str, steps: int, data, zs, sc
         "rk4",
         h=0.1,
         reg=0.07,
-        penalty=penalty,
+        reg_at=penalty,
         coupling=coupling,
-        schedule=schedule,
         cuda_graph=cuda_graph,
         backend="auto",
     )
@@ -105,13 +104,15 @@ def _run(cuda_graph: bool, coupling: str, penalty: str, steps: int, data, zs, sc
 
     def closure(stage):
         i = stage.index
-        return game_gradients(D, G, static_x[i], static_z[i], "ns", players=stage.players, penalty=stage.penalty)
+        return game_gradients(D, G, Batch(static_x[i], static_z[i]), "ns", stage.players, stage.penalties)
 
+    sched = torch.optim.lr_scheduler.LambdaLR(st, schedule)
     history = []
     for s in range(steps):
         static_x.copy_(data[s])  # fresh batch per stage: [4, B, 2]
         static_z.copy_(zs[s])
         st.step(closure)
+        sched.step()
         history.append(flat.params.clone())
     return history, st
 
@@ -146,7 +147,7 @@ def test_no_host_sync_inside_the_step():
         x, z = data[0].clone(), zs[0].clone()
 
         def closure(stage):
-            return game_gradients(D, G, x[stage.index], z[stage.index], players=stage.players, penalty=stage.penalty)
+            return game_gradients(D, G, Batch(x[stage.index], z[stage.index]), "ns", stage.players, stage.penalties)
 
         for _ in range(5):  # warm-up (and capture): caches, tables, Triton compilation
             st.step(closure)
@@ -220,7 +221,7 @@ def test_closure_that_syncs_is_refused_leaving_the_current_stream_and_the_parame
     x, z = torch.randn(64, 2).cuda(), torch.randn(64, 32).cuda()
 
     def syncing(stage):
-        out = game_gradients(D, G, x, z, players=stage.players)
+        out = game_gradients(D, G, Batch(x, z), players=stage.players)
         float(out.loss_d)  # a host read: refused under capture
         return out
 

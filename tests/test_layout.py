@@ -1,5 +1,6 @@
-"""The package's shape: imports flow one way (no cycle, function-level imports included), no module grows
-past ~400 lines, and tests and benchmarks reach the package through its public names only."""
+"""The package's shape: imports flow one way (no cycle, function-level imports included), no module grows past
+one generous ceiling (an alarm: modules are split by job, not by line count), and tests and benchmarks reach the
+package through its public names only."""
 
 from __future__ import annotations
 
@@ -10,20 +11,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "odegan_kernels"
 
 # Lower layers never import higher ones. graphs and distributed are generic mechanisms (capture a callable,
-# average a buffer) that the stepper uses, so they sit below it.
+# average a buffer) that the stepper uses, so they sit below it; the closure contract sits below both the
+# integrator (ode) and the game, which know nothing of each other; the models are built for the game's conventions.
 LAYERS = [
     {"ops"},
-    {"flat", "models"},
+    {"flat"},
     {"graphs", "distributed"},
-    {"game"},
-    {"ode"},
+    {"contract"},
+    {"game", "ode"},
+    {"models"},
     {"data", "metrics"},
     {"problems"},
     {"train"},
     {"study"},
     {"cli", "__main__"},
 ]
-MAX_LINES = 400
+MAX_LINES = 600
 
 
 def module_name(path: Path) -> str:
@@ -131,11 +134,22 @@ def test_the_checker_sees_function_level_imports(tmp_path):
         ROOT = old
 
 
-def test_modules_stay_small():
+def test_no_module_passes_the_ceiling():
     sizes = {m: len(p.read_text().splitlines()) for m, p in package_modules().items()}
     big = {m: n for m, n in sizes.items() if n > MAX_LINES}
-    assert not big, f"modules over {MAX_LINES} lines: {big}"
-    assert sizes["odegan_kernels.train.loop"] <= 240, "the training loop should stay readable in one sitting"
+    assert not big, f"modules over {MAX_LINES} lines (split them by job): {big}"
+
+
+def test_the_game_and_the_integrator_do_not_know_each_other():
+    """The stepper drives any closure through the contract alone; the game answers one without the integrator."""
+    g = graph()
+    crossing = [
+        f"{m} imports {d}"
+        for m, deps in g.items()
+        for d in deps
+        if {top(m), top(d)} == {"game", "ode"} or (top(m) == "game" and top(d) == "models")
+    ]
+    assert not crossing, crossing
 
 
 def private_uses(path: Path) -> list[str]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from odegan_kernels import FlatParams, ODEStepper, game_gradients
+from odegan_kernels import Batch, FlatParams, ODEStepper, game_gradients
 from odegan_kernels.models import (
     ConditionalResNetDiscriminator,
     ConditionalResNetGenerator,
@@ -42,9 +42,9 @@ def test_shapes_init_and_one_rk4_step(arch):
     real = torch.rand(4, 4, 3, 32, 32) * 2 - 1
     zs = torch.randn(4, 4, 128)
     before = flat.params.clone()
-    out = st.step(lambda s: game_gradients(D, G, real[s.index], zs[s.index], players=s.players, penalty=s.penalty))
+    out = st.step(lambda s: game_gradients(D, G, Batch(real[s.index], zs[s.index]), "ns", s.players, s.penalties))
     assert torch.isfinite(flat.params).all() and not torch.equal(flat.params, before)
-    assert torch.isfinite(out.penalty) and out.penalty > 0
+    assert torch.isfinite(out.value("g_reg")) and out.value("g_reg") > 0
 
 
 def _conditional_pair(k=5, ch=2, size=32, dtype=torch.float32, seed=0):
@@ -122,22 +122,15 @@ def test_conditional_rk4_step_with_penalty():
     embeds = [D.embed.weight.detach().clone(), G.blocks[0].bn1.scale.weight.detach().clone()]
     out = st.step(
         lambda s: game_gradients(
-            D,
-            G,
-            real[s.index],
-            zs[s.index],
-            players=s.players,
-            penalty=s.penalty,
-            y_real=yr[s.index],
-            y_fake=yf[s.index],
+            D, G, Batch(real[s.index], zs[s.index], yr[s.index], yf[s.index]), "ns", s.players, s.penalties
         )
     )
     assert torch.isfinite(flat.params).all() and not torch.equal(flat.params, before)
-    assert torch.isfinite(out.penalty) and out.penalty > 0
+    assert torch.isfinite(out.value("g_reg")) and out.value("g_reg") > 0
     # the class parameters of both players moved (their gradients reached the flat buffer)
     assert not torch.equal(D.embed.weight, embeds[0]) and not torch.equal(G.blocks[0].bn1.scale.weight, embeds[1])
     with pytest.raises(ValueError, match="both y_real and y_fake"):
-        game_gradients(D, G, real[0], zs[0], y_real=yr[0])
+        game_gradients(D, G, Batch(real[0], zs[0], y_real=yr[0]))
 
 
 def test_conditional_gradients_match_autograd_of_the_losses():
@@ -153,6 +146,6 @@ def test_conditional_gradients_match_autograd_of_the_losses():
     want_g = torch.autograd.grad(g_loss(D(G(z, yf), yf)), g_par)
     for p in d_par + g_par:
         p.grad = None
-    game_gradients(D, G, real, z, y_real=yr, y_fake=yf)
+    game_gradients(D, G, Batch(real, z, yr, yf))
     for p, w in zip(d_par + g_par, list(want_d) + list(want_g)):
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)

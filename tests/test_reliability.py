@@ -119,8 +119,8 @@ def test_resume_with_a_changed_step_size_needs_allow_change(tmp_path):
     Trainer(make_config("mog", steps=10, out=out, **FAST)).run()
     with pytest.raises(ValueError, match="h=0.1 but this run asks for h=0.05.*--allow-change"):
         Trainer(make_config("mog", steps=20, h=0.05, out=out, **FAST)).run()
-    with pytest.raises(ValueError, match="penalty_method"):  # not changeable: the mathematics differ
-        Trainer(make_config("mog", steps=20, penalty_method="jvp", out=out, **FAST)).run()
+    with pytest.raises(ValueError, match="reg_method"):  # not changeable: the mathematics differ
+        Trainer(make_config("mog", steps=20, reg_method="jvp", out=out, **FAST)).run()
     tr = Trainer(make_config("mog", steps=20, h=0.05, reg=0.1, out=out, **FAST))
     tr.run(allow_change=True)
     assert tr.opt.h == [0.05, 0.05] and tr.opt.reg == 0.1
@@ -287,7 +287,7 @@ def test_option_values_are_checked_with_their_names(capsys):
         (["--set", "plot_every=-1"], "plot_every must be positive"),
         (["--set", "steps=2.5"], "option steps expects an integer, got 2.5"),
         (["--set", "progress=maybe"], "option progress expects true or false"),
-        (["--set", "penalty_method=exact"], "penalty_method must be one of"),
+        (["--set", "reg_method=exact"], "reg_method must be one of"),
         (["--set", "device=gpu"], "device must be cpu, cuda, cuda:N or auto"),
         (["--h", "nan"], "h must be positive and finite, got nan"),
         (["--set", "ema=0.99999999"], "rounds to 1.0 in float32"),
@@ -324,7 +324,7 @@ def test_config_file_round_trips(tmp_path, capsys):
     Trainer(make_config("mog", steps=5, out=str(tmp_path / "a"), **FAST)).run()
     assert cli.main(["train", "--config", str(tmp_path / "a" / "config.json"), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "steps = 5  # train until this many steps" in lines and 'penalty_at = "after_step"' in " ".join(lines)
+    assert "steps = 5  # train until this many steps" in lines and 'reg_at = "after_step"' in " ".join(lines)
     assert cli.main(["train", "mog", "--config", str(tmp_path / "a" / "config.json")]) == 2
     assert "not both" in capsys.readouterr().err
 
@@ -366,8 +366,8 @@ def test_library_edges_get_messages_that_name_them():
     """Cases a hostile test found: each is refused with a message naming the problem (or accepted as meant)."""
     import numpy as np
 
-    from odegan_kernels import FlatParams, ODEStepper, game_gradients
-    from odegan_kernels.game.regularisers import penalty_specs
+    from odegan_kernels import Batch, FlatParams, ODEStepper, game_gradients
+    from odegan_kernels.contract import penalty_specs
     from odegan_kernels.models import mog_pair
     from odegan_kernels.ode import Tableau
 
@@ -394,7 +394,7 @@ def test_library_edges_get_messages_that_name_them():
     D.double()
     x, z = torch.randn(8, 2), torch.randn(8, 4)
     with pytest.raises(RuntimeError, match=r"cast or moved \(.double\(\)"):
-        st.step(lambda s: game_gradients(D, G, x, z, players=s.players))
+        st.step(lambda s: game_gradients(D, G, Batch(x, z), players=s.players))
 
 
 def test_bad_paths_get_one_line(tmp_path, capsys):

@@ -338,8 +338,8 @@ def test_rerun_of_a_finished_run_reports_its_metrics(tmp_path):
 @pytest.mark.parametrize(
     "opts",
     [
-        {"penalty_method": "finite_difference"},
-        {"penalty_method": "jvp"},
+        {"reg_method": "finite_difference"},
+        {"reg_method": "jvp"},
         {"autocast": True},
         {"loss": "hinge"},
         {"loss": "wasserstein"},
@@ -350,9 +350,9 @@ def test_trainer_options_run(tmp_path, opts):
     assert summary["finite"] and summary["step"] == 10
 
 
-def test_bad_penalty_method_and_loss():
-    with pytest.raises(ValueError, match="penalty_method must be one of"):
-        make_config("mog", penalty_method="guess")
+def test_bad_reg_method_and_loss():
+    with pytest.raises(ValueError, match="reg_method must be one of"):
+        make_config("mog", reg_method="guess")
     with pytest.raises(ValueError, match="loss must be one of"):
         make_config("mog", loss="l2")
 
@@ -406,7 +406,7 @@ def test_conditional_imagefolder_training(tmp_path, size):
 
     def spy(stage):
         out = real_closure(stage)
-        seen.append((tr.game_closure.batch["y_real"].clone(), tr.game_closure.batch["y_fake"].clone()))
+        seen.append((tr.game_closure.batch.y_real.clone(), tr.game_closure.batch.y_fake.clone()))
         return out
 
     tr.closure = spy
@@ -460,7 +460,7 @@ def test_tensorboard_and_console_ticks(tmp_path, capsys):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = events.Tags()
-    assert {"train/loss_d", "train/loss_g", "train/penalty", "eval/modes"} <= set(tags["scalars"])
+    assert {"train/loss_d", "train/loss_g", "train/g_reg", "eval/modes"} <= set(tags["scalars"])
     assert [e.step for e in events.Scalars("train/loss_d")] == [5, 10, 15, 20]
     loss_rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss_d" in x]
     assert [e.value for e in events.Scalars("train/loss_d")] == pytest.approx([r["loss_d"] for r in loss_rows])

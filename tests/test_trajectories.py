@@ -36,7 +36,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from odegan_kernels import FlatParams, ODEStepper, game_gradients  # noqa: E402
+from odegan_kernels import Batch, FlatParams, ODEStepper, game_gradients  # noqa: E402
 from odegan_kernels.models import mog_pair  # noqa: E402
 from odegan_kernels.ode import cifar_schedule  # noqa: E402
 from odegan_kernels.train import Trainer, make_config  # noqa: E402
@@ -118,7 +118,7 @@ def _stepper_run(
     fresh=True,
     engine="autograd",
     loss="ns",
-    penalty_method="double_backward",
+    reg_method="double_backward",
     schedule=None,
     h=0.1,
     reg=0.0,
@@ -139,12 +139,11 @@ def _stepper_run(
         return game_gradients(
             D,
             G,
-            batch["x"],
-            batch["z"],
+            Batch(batch["x"], batch["z"]),
             loss,
-            players=stage.players,
-            penalty=stage.penalty,
-            penalty_method=penalty_method,
+            stage.players,
+            stage.penalties,
+            reg_method=reg_method,
             engine=engine,
         )
 
@@ -159,10 +158,10 @@ def _stepper_run(
 CASES = {
     "rk4_joint_first_stage_fresh": lambda v: _stepper_run(v, method="rk4", h=0.1, reg=0.07),
     "rk4_decoupled_after_step_shared": lambda v: _stepper_run(
-        v, method="rk4", h=0.1, reg=0.07, penalty_at="after_step", coupling="decoupled", fresh=False
+        v, method="rk4", h=0.1, reg=0.07, reg_at="after_step", coupling="decoupled", fresh=False
     ),
     "rk4_decoupled_after_step_shared_mlp": lambda v: _stepper_run(
-        v, method="rk4", h=0.1, reg=0.07, penalty_at="after_step", coupling="decoupled", fresh=False, engine="mlp"
+        v, method="rk4", h=0.1, reg=0.07, reg_at="after_step", coupling="decoupled", fresh=False, engine="mlp"
     ),
     "heun_hinge_two_h_cifar_schedule": lambda v: _stepper_run(
         v, method="heun", h=[0.05, 0.08], reg=0.02, loss="hinge", schedule=cifar_schedule
@@ -171,10 +170,10 @@ CASES = {
         v, method="euler", h=0.05, reg=0.0, loss="wasserstein", coupling="decoupled"
     ),
     "rk3_minimax_jvp_after_step": lambda v: _stepper_run(
-        v, method="rk3", h=0.05, reg=0.1, loss="minimax", penalty_at="after_step", penalty_method="jvp"
+        v, method="rk3", h=0.05, reg=0.1, loss="minimax", reg_at="after_step", reg_method="jvp"
     ),
     "rk4_fd_first_stage": lambda v: _stepper_run(
-        v, method="rk4", h=0.05, reg=0.05, steps=6, penalty_method="finite_difference"
+        v, method="rk4", h=0.05, reg=0.05, steps=6, reg_method="finite_difference"
     ),
 }
 
@@ -210,7 +209,7 @@ def _trainer_run(preset, tmp, var: Variation, **overrides) -> torch.Tensor:
     )
     tr = _trained(_varied(lambda **o: make_config(preset, **o), var, **opts), var)
     rows = [json.loads(x) for x in (tmp / preset / "metrics.jsonl").read_text().splitlines()]
-    losses = torch.tensor([r[k] for r in rows for k in ("loss_d", "loss_g", "penalty") if k in r], dtype=torch.float64)
+    losses = torch.tensor([r[k] for r in rows for k in ("loss_d", "loss_g", "g_reg") if k in r], dtype=torch.float64)
     return torch.cat([tr.flat.params.detach().double(), losses]).to(tr.flat.dtype)
 
 
@@ -229,7 +228,7 @@ TRAINER_CASES = {
         "mog-adam", tmp, v, steps=20, reg=0.07, grads="autograd", **o
     ),
     "trainer_mog_sgd_jvp": lambda tmp, v, **o: _trainer_run(
-        "mog-adam", tmp, v, steps=10, optimizer="sgd", lr=0.05, reg=0.07, penalty_method="jvp", grads="autograd", **o
+        "mog-adam", tmp, v, steps=10, optimizer="sgd", lr=0.05, reg=0.07, reg_method="jvp", grads="autograd", **o
     ),
     "trainer_dirac": lambda tmp, v, **o: _trainer_run("dirac", tmp, v, steps=40, **o),
     "trainer_cifar10_dcgan": lambda tmp, v, **o: _image_run(tmp, v, "cifar10", steps=2, batch=4, **o),

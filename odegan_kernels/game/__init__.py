@@ -1,36 +1,30 @@
-"""The game: losses, the players' gradients (autograd, or hand-derived for MLP pairs), and the penalties."""
+"""The game: losses, the players' gradients (through autograd, or hand-derived for MLP pairs) fed by a Batch, and
+the penalties' definitions (g_reg's three methods in g_reg.py)."""
 
-from .autograd import ENGINES, game_gradients
-from .contract import PenaltyTerm, Stage, StageResult
-from .losses import LOSSES, ZERO_SUM, d_loss, g_loss
-from .penalty import (
-    METHODS,
-    apply_penalty,
-    apply_stage_penalties,
-    generator_grad_sqnorm,
-    penalty_grad,
-    regulariser_grad,
-)
-from .regularisers import FIELD_PENALTIES, Penalty, due, penalty_specs
+from .autograd import AutogradEngine
+from .batch import Batch
+from .engine import ENGINES, choose_engine, game_gradients
+from .g_reg import METHODS, g_reg_grad
+from .losses import LOSSES, ZERO_SUM, Squeeze, d_loss, g_loss
+from .mlp import MLPPair
+from .penalties import consensus_penalty, generator_grad_sqnorm, input_grad_penalty, wgan_gp_penalty
 
 __all__ = [
+    "AutogradEngine",
+    "Batch",
     "ENGINES",
-    "FIELD_PENALTIES",
     "LOSSES",
     "METHODS",
+    "MLPPair",
+    "Squeeze",
     "ZERO_SUM",
-    "Penalty",
-    "PenaltyTerm",
-    "Stage",
-    "StageResult",
-    "apply_penalty",
-    "apply_stage_penalties",
+    "choose_engine",
+    "consensus_penalty",
     "d_loss",
-    "due",
     "g_loss",
+    "g_reg_grad",
     "game_gradients",
     "generator_grad_sqnorm",
-    "penalty_grad",
-    "penalty_specs",
-    "regulariser_grad",
+    "input_grad_penalty",
+    "wgan_gp_penalty",
 ]

@@ -10,6 +10,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+
+class Squeeze(nn.Module):
+    """D's last module when its last layer has one output: [N, 1] -> [N], the one logit per sample the losses take
+    (the hand-derived engine recognises a D that ends in it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.squeeze(-1)
 
 
 class GANLoss:

@@ -8,25 +8,24 @@ and one masked product; D sees the real and the fake batch as one matrix.
 The regulariser's gradient g_reg = grad_theta ||dl_G/dphi||^2 = 2 (d^2 l_G / dtheta dphi) g_phi is taken
 exactly, by forward-over-reverse written out: push the tangent g_phi through G's forward and D's
 forward, then through D's backward (ReLU masks are constant a.e., so they carry the tangent unchanged).
-It is what ``penalty.METHODS``' ``jvp`` and ``double_backward`` compute, reached in a different order.
+It is what g_reg.py's ``jvp`` and ``double_backward`` methods compute, reached in a different order.
 
-``game_gradients`` (game/autograd.py) defines every quantity here; tests/test_mlp_grads.py compares the
-two in float64 for every loss, player set and penalty, and the trainer picks this path only where
-``unsupported`` finds nothing against it.
+The autograd engine (game/autograd.py) defines every quantity here; tests/test_mlp_engine.py compares the two
+in float64 for every loss, player set and penalty, and game/engine.py's ``choose_engine`` picks this engine only
+where ``why_not`` finds nothing against it.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..models.mlp import Squeeze
-from .contract import StageResult
-from .losses import LOSSES, d_loss_terms, g_loss_terms
+from ..contract import PenaltyTerm, StageResult
+from .batch import Batch, checked_players, penalty_names
+from .losses import LOSSES, Squeeze, d_loss_terms, g_loss_terms
 
 _LEAVES = (nn.Linear, nn.ReLU)
 
@@ -66,39 +65,32 @@ def linear_layers(net: nn.Module) -> list[nn.Linear] | None:
     return None if found is None else found[0]
 
 
-_PAIRS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # D -> {G: MLPPair}
-
-
-def pair_for(
-    D: nn.Module, G: nn.Module, loss: str = "ns", penalty_method: str = "double_backward", **kw
-) -> tuple[MLPPair | None, str | None]:
-    """(the hand-derived gradients of this pair, None), or (None, why they cannot stand in for autograd).
-
-    Checked on every call (hooks, frozen parameters and the options can change between calls); the
-    MLPPair itself is kept per pair and rebuilt when its layers change."""
+def why_not(
+    D: nn.Module,
+    G: nn.Module,
+    loss: str = "ns",
+    reg_method: str = "double_backward",
+    autocast: bool = False,
+    conditional: bool = False,
+    g_params=None,
+    penalties: Iterable[str] = (),
+) -> str | None:
+    """Why the hand-derived gradients cannot stand in for autograd for this pair and these options, or None when
+    they can. Checked on every call of game_gradients (hooks, frozen parameters and options can change)."""
     if loss not in LOSSES:
-        return None, f"unknown loss {loss!r}"
-    if kw.get("autocast"):
-        return None, "autocast (bf16) runs through autograd"
-    if kw.get("y_real") is not None or kw.get("y_fake") is not None:
-        return None, "class-conditional pairs run through autograd"
-    if kw.get("g_params") is not None:
-        return None, "g_params= (a subset of G's parameters) runs through autograd"
-    if kw.get("penalties"):
-        return (
-            None,
-            f"the gradient penalties {tuple(kw['penalties'])} run through autograd (only g_reg is derived here)",
-        )
-    if penalty_method not in ("double_backward", "jvp"):
-        return None, f"penalty_method={penalty_method!r} is an approximation; only the exact penalty is derived here"
-    layers, why = _checked_layers(D, G)
-    if why is not None:
-        return None, why
-    pairs = _PAIRS.setdefault(D, weakref.WeakKeyDictionary())
-    pair = pairs.get(G)
-    if pair is None or (pair.d_layers, pair.g_layers) != layers:
-        pair = pairs[G] = MLPPair(D, G, layers)
-    return pair, None
+        return f"unknown loss {loss!r}"
+    if autocast:
+        return "autocast (bf16) runs through autograd"
+    if conditional:
+        return "class-conditional pairs run through autograd"
+    if g_params is not None:
+        return "g_params= (a subset of G's parameters) runs through autograd"
+    field = [p for p in penalties if p != "g_reg"]
+    if field:
+        return f"the gradient penalties {tuple(field)} run through autograd (only g_reg is derived here)"
+    if reg_method not in ("double_backward", "jvp"):
+        return f"reg_method={reg_method!r} is an approximation; only the exact g_reg is derived here"
+    return _checked_layers(D, G)[1]
 
 
 def _checked_layers(D: nn.Module, G: nn.Module):
@@ -111,11 +103,6 @@ def _checked_layers(D: nn.Module, G: nn.Module):
     if any(not p.requires_grad for lin in d[0] + g[0] for p in (lin.weight, lin.bias)):
         return None, "some parameters are frozen (requires_grad=False)"
     return (d[0], g[0]), None
-
-
-def unsupported(D: nn.Module, G: nn.Module, loss: str, penalty_method: str = "double_backward", **kw) -> str | None:
-    """Why the hand-derived gradients cannot stand in for autograd here, or None when they can."""
-    return pair_for(D, G, loss, penalty_method, **kw)[1]
 
 
 # -- one network ----------------------------------------------------------------------------------------
@@ -166,18 +153,22 @@ def _backward(
 
 # -- the game -------------------------------------------------------------------------------------------
 class MLPPair:
-    """The hand-derived game gradients of one (D, G) pair of ReLU MLPs, checked once at construction.
+    """The hand-derived game gradients of one (D, G) pair of ReLU MLPs (a gradient engine, as
+    game/autograd.py's AutogradEngine), its structure checked once at construction.
 
-    Raises ValueError naming the reason when ``unsupported`` finds one (loss and options are checked per
-    call by ``losses.game_gradients``; a caller that holds an MLPPair has checked them itself).
+    Raises ValueError naming the reason when the pair is not one it handles (the options are checked by
+    ``why_not``, which ``choose_engine`` consults; a caller that builds an MLPPair has checked them itself).
     """
 
-    def __init__(self, D: nn.Module, G: nn.Module, layers=None) -> None:
-        if layers is None:
-            layers, why = _checked_layers(D, G)
-            if why is not None:
-                raise ValueError(f"the hand-derived gradients cannot run here: {why}")
-        self.D, self.G = D, G
+    name = "mlp"
+
+    def __init__(self, D: nn.Module, G: nn.Module, loss: str = "ns") -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {tuple(LOSSES)}")
+        layers, why = _checked_layers(D, G)
+        if why is not None:
+            raise ValueError(f"the hand-derived gradients cannot run here: {why}")
+        self.D, self.G, self.loss = D, G, loss
         self.d_layers, self.g_layers = layers
         self._grads: dict[int, list] = {0: [], 1: []}
 
@@ -193,35 +184,33 @@ class MLPPair:
 
     @torch.no_grad()
     def __call__(
-        self,
-        real: torch.Tensor,
-        z: torch.Tensor,
-        loss: str = "ns",
-        players: Sequence[int] = (0, 1),
-        penalty: bool = False,
-        fake: torch.Tensor | None = None,
-        values: bool = True,
-        instance_noise: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+        self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True
     ) -> StageResult:
-        """``game_gradients`` for this pair, without autograd.
+        """The AutogradEngine's evaluation for this pair, without autograd.
 
-        Accumulates dl_D/dtheta (player 0) and dl_G/dphi (player 1) into ``.grad``; with ``penalty`` the
-        StageResult carries ``penalty`` (||dl_G/dphi||^2, for the logs) and ``penalty_grad`` (its exact gradient
-        w.r.t. D's parameters, one tensor per parameter), which the stepper takes in place of a double
-        backward. ``values=False`` leaves out the loss values (only the logs read them). ``instance_noise``:
-        (noise added to the real batch, noise added to the generated one) as D sees them; noise is constant, so
-        the gradients and the penalty's tangent pass through it unchanged.
+        Accumulates dl_D/dtheta (player 0) and dl_G/dphi (player 1) into ``.grad``; with "g_reg" in
+        ``penalties`` the result's term g_reg carries its value ||dl_G/dphi||^2 (for the logs) and its exact
+        gradient w.r.t. D's parameters (one tensor per parameter), which the optimiser takes in place of a double
+        backward. ``losses=False`` leaves out the loss values (only the logs read them). The batch's instance
+        noise is constant, so the gradients and g_reg's tangent pass through it unchanged.
         """
+        players, pens = checked_players(players), penalty_names(penalties)
+        if not isinstance(batch, Batch):
+            raise TypeError(f"the engine takes a game.Batch, got {type(batch).__name__}")
+        if [p for p in pens if p != "g_reg"]:
+            raise ValueError(f"the hand-derived engine computes g_reg only, not {pens} (use the autograd engine)")
+        greg, loss, values = "g_reg" in pens, self.loss, losses
+        real, z, fake = batch.real, batch.z, batch.fake
         need_d, need_g = 0 in players, 1 in players
-        if penalty and not need_g:
-            raise ValueError("the penalty needs the generator's gradient (players must include 1)")
+        if greg and not need_g:
+            raise ValueError("g_reg needs the generator's gradient (players must include 1)")
         if fake is not None and need_g:
-            raise ValueError("fake= can only be reused when the generator's gradient is not needed")
+            raise ValueError("batch.fake can only be reused when the generator's gradient is not needed")
         d_layers, g_layers = self.d_layers, self.g_layers
         if fake is None:
             fake, g_hs = _forward(g_layers, z)
         out = StageResult(fake=fake)
-        noise_r, noise_f = instance_noise if instance_noise is not None else (None, None)
+        noise_r, noise_f = batch.noise if batch.noise is not None else (None, None)
         if noise_r is not None:
             real = real + noise_r
         x_fake = fake if noise_f is None else fake + noise_f
@@ -242,12 +231,12 @@ class MLPPair:
         if not need_g:
             return out
 
-        lg, dg, curv = g_loss_terms(loss, lf, penalty, values or penalty)
-        if values or penalty:
+        lg, dg, curv = g_loss_terms(loss, lf, greg, values or greg)
+        if values or greg:
             out.loss_g = lg.float()
         d_deltas: list[torch.Tensor] = []
         dfake = _backward(d_layers, f_hs, dg.unsqueeze(-1), None, need_input=True, deltas=d_deltas)
-        if not penalty:
+        if not greg:
             _backward(g_layers, g_hs, dfake, self._into(1))
             return out
         g_phi = [(torch.zeros_like(lin.weight), torch.zeros_like(lin.bias)) for lin in g_layers]
@@ -255,12 +244,14 @@ class MLPPair:
         for (gw, gb), (into_w, into_b) in zip(g_phi, self._into(1)):
             into_w.add_(gw)
             into_b.add_(gb)
-        out.penalty = ops.sqnorm([t for pair in g_phi for t in pair])
-        out.penalty_grad = _penalty_grad(d_layers, g_layers, g_hs, f_hs, d_deltas, curv, g_phi)
+        value = ops.sqnorm([t for pair in g_phi for t in pair])
+        out.terms["g_reg"] = PenaltyTerm(
+            (0,), value, _g_reg_grad(d_layers, g_layers, g_hs, f_hs, d_deltas, curv, g_phi)
+        )
         return out
 
 
-def _penalty_grad(d_layers, g_layers, g_hs, f_hs, d_deltas, curv, g_phi) -> list[torch.Tensor]:
+def _g_reg_grad(d_layers, g_layers, g_hs, f_hs, d_deltas, curv, g_phi) -> list[torch.Tensor]:
     """2 x the directional derivative of grad_theta l_G along phi's tangent g_phi (forward-over-reverse)."""
     # G's forward, tangent only: a' = h'_{l-1} W^T + h_{l-1} W'^T + b'; h' = a' masked by the ReLU.
     tangent = None

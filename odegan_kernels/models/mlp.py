@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..game.losses import Squeeze
 from .init import truncated_normal_init_
+
+__all__ = ["MLP", "Squeeze", "mog_pair"]
 
 
 class MLP(nn.Sequential):
@@ -19,11 +22,6 @@ class MLP(nn.Sequential):
             d = hidden
         layers.append(nn.Linear(d, out_dim, dtype=dtype))
         super().__init__(*layers)
-
-
-class Squeeze(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.squeeze(-1)
 
 
 def mog_pair(z_dim: int = 32, hidden: int = 25, data_dim: int = 2, seed: int = 0, dtype: torch.dtype | None = None):

@@ -7,22 +7,18 @@ using two buffers beyond params and grads (x0: the step's start, acc: the runnin
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .. import ops
+from ..contract import Stage, apply_penalties, check_reg, due, penalty_specs, returned, stage_caller
 from ..distributed import average_across_ranks
 from ..flat import FlatParams
-from ..game.contract import Stage, StageResult, returned, stage_caller
-from ..game.penalty import apply_stage_penalties
-from ..game.regularisers import Penalty, due, penalty_specs
-from .schedules import SCHEDULES
 from .tableau import Tableau, compile_tableau, get_tableau, stage_rows
 
 COUPLINGS = ("joint", "decoupled")
-PENALTY_PLACEMENTS = ("first_stage", "after_step")
+REG_PLACEMENTS = ("first_stage", "after_step")
 
 
 def _step_sizes(h, n: int) -> list[float]:
@@ -38,15 +34,6 @@ def _step_sizes(h, n: int) -> list[float]:
     return [float(x) for x in hs]
 
 
-def check_reg(reg) -> float:
-    """lambda as a float, or a TypeError / ValueError naming it."""
-    if isinstance(reg, bool) or not isinstance(reg, (int, float)):
-        raise TypeError(f"reg (the regulariser weight lambda) must be a number, got {reg!r}")
-    if not math.isfinite(reg) or reg < 0:
-        raise ValueError(f"reg (the regulariser weight lambda) must be >= 0, got {reg}")
-    return float(reg)
-
-
 class ODEStepper(torch.optim.Optimizer):
     """ODE-GAN's optimiser: one explicit Runge-Kutta step of the players' gradient field per ``step``.
 
@@ -57,7 +44,7 @@ class ODEStepper(torch.optim.Optimizer):
 
     Follows torch.optim's closure convention: ``step(closure)`` calls ``closure(stage)`` once per stage
     (``closure()`` if it takes no argument); the contract, what the closure fills and returns, is written
-    down in game/contract.py. Before each call the stepper zeroes the gradients (one memset).
+    down in contract.py. Before each call the stepper zeroes the gradients (one memset).
 
     Options reproduce the two reference implementations of the paper (its CIFAR-10 code and its colab); the
     data per stage is the closure's choice (``Stage.index`` tells it which stage it serves).
@@ -66,14 +53,15 @@ class ODEStepper(torch.optim.Optimizer):
         flat: the players' FlatParams; the stepper integrates every parameter in it.
         method: a name in TABLEAUS (euler, heun, midpoint, ralston, rk3, rk4) or a Tableau.
         h: the step size, one for every player or one per player (D's first).
-        reg: lambda, the weight of ODE-GAN's regulariser g_reg = grad_theta ||dl_G/dphi||^2 (0: none).
-        penalty_at: where g_reg enters: ``first_stage`` (folded into stage 1's gradient with weight
-            lambda / b1, so later stage points see it; the CIFAR-10 code) or ``after_step`` (theta <- theta -
-            h lambda g_reg after the step, evaluated at the step's start; the colab).
+        reg: lambda, the weight of ODE-GAN's regulariser g_reg = grad_theta ||dl_G/dphi||^2 (0: none), the
+            penalty "g_reg" of stage 0 (it regularises player 0, D).
+        reg_at: where g_reg's gradient goes: ``first_stage`` (folded into stage 1's gradient with weight
+            lambda / b1, so later stage points see it; the CIFAR-10 code) or ``after_step`` (into a buffer the
+            last stage applies: theta <- theta - h lambda g_reg after the step, g_reg taken at the step's start;
+            the colab).
         coupling: ``joint`` (one RK step of the coupled system; every stage evaluates both players at the
             stage point) or ``decoupled`` (each player integrated with the other frozen at the step's start).
-        regularised: the player g_reg regularises (index or name; D).
-        penalties: the field's other gradient penalties (game.Penalty, or {name: weight}): r1, r2, wgan_gp,
+        penalties: the field's other gradient penalties (contract.Penalty, or {name: weight}): r1, r2, wgan_gp,
             consensus; part of the players' losses, so applied at every stage evaluation (lazy: every k steps).
         backend: the fused stage op's backend (ops.rk_stage): auto | triton | csrc | foreach | reference.
         cuda_graph: capture the whole step (every stage, forward, backward, the penalty) in one CUDA graph
@@ -81,8 +69,8 @@ class ODEStepper(torch.optim.Optimizer):
             kind of step with its own graph (and memory pool), warmed up, captured and replayed at its own steps.
         distributed: data parallel under torch.distributed: the flat gradients are averaged over the ranks
             once per stage (``process_group``: the group, default the world).
-        schedule: deprecated: a multiplier of h by step count; use a scheduler, e.g.
-            ``LambdaLR(stepper, ode.cifar_schedule)``.
+
+    A step-size schedule is a torch scheduler on the stepper, e.g. ``LambdaLR(stepper, ode.cifar_schedule)``.
     """
 
     def __init__(
@@ -91,28 +79,15 @@ class ODEStepper(torch.optim.Optimizer):
         method: str | Tableau = "rk4",
         h: float | Sequence[float] = 0.04,
         reg: float = 0.0,
-        penalty_at: str = "first_stage",
+        reg_at: str = "first_stage",
         coupling: str = "joint",
-        schedule: str | Callable[[int], float] | None = None,
-        regularised: int | str = 0,
+        penalties=None,
         backend: str = "auto",
         cuda_graph: bool = False,
         graph_warmup: int = 3,
         distributed: bool = False,
         process_group=None,
-        penalty: str | None = None,
-        penalties: dict[str, float] | Sequence[Penalty] | None = None,
     ) -> None:
-        if penalty is not None:  # the name before 0.2: 'penalty' now means the regulariser itself
-            warnings.warn("ODEStepper(penalty=...) is deprecated; use penalty_at=", DeprecationWarning, stacklevel=2)
-            penalty_at = penalty
-        if schedule is not None and schedule != "constant":
-            warnings.warn(
-                "ODEStepper(schedule=...) is deprecated; use a torch.optim.lr_scheduler on the stepper, e.g. "
-                "LambdaLR(stepper, odegan_kernels.ode.cifar_schedule)",
-                DeprecationWarning,
-                stacklevel=2,
-            )
         if not isinstance(flat, FlatParams):
             raise TypeError(
                 f"ODEStepper needs a FlatParams (the players' flattened parameters), got {type(flat).__name__}"
@@ -123,44 +98,32 @@ class ODEStepper(torch.optim.Optimizer):
         nseg = len(flat.segments)
         hs = _step_sizes(h, nseg)
         reg = check_reg(reg)
-        if penalty_at not in PENALTY_PLACEMENTS:
-            raise ValueError(f"penalty_at must be one of {PENALTY_PLACEMENTS}, got {penalty_at!r}")
+        if reg_at not in REG_PLACEMENTS:
+            raise ValueError(f"reg_at must be one of {REG_PLACEMENTS}, got {reg_at!r}")
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
-        if schedule is None:
-            schedule = "constant"
-        if isinstance(schedule, str):
-            if schedule not in SCHEDULES:
-                raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-            schedule = SCHEDULES[schedule]
-        if reg > 0 and penalty_at == "first_stage" and self.tableau.b[0] == 0:
+        if reg > 0 and reg_at == "first_stage" and self.tableau.b[0] == 0:
             raise ValueError(
-                f"method {self.tableau.name!r} gives the first stage no weight (b1 = 0), so the "
-                "penalty cannot be folded into it; use penalty_at='after_step'"
+                f"method {self.tableau.name!r} gives the first stage no weight (b1 = 0), so g_reg cannot be "
+                "folded into it; use reg_at='after_step'"
             )
         groups = [{"params": flat.parameters(i), "lr": hs[i], "player": flat.names[i]} for i in range(nseg)]
         super().__init__(groups, {"lr": hs[0]})
         self._reg = reg
         self.penalties = penalty_specs(penalties)
-        self.penalty_at = penalty_at
+        self.reg_at = reg_at
         self.coupling = coupling
-        self.schedule = schedule
-        self.regularised = flat.index(regularised)
         self.backend = backend
         self.steps = 0
 
         dev, dt = flat.device, flat.dtype
         self.x0 = flat.params.clone()
         self.acc = torch.zeros_like(flat.params)
-        lo, hi = flat.segments[self.regularised]
         self._reg_buf = self._reg_views = None
-        if reg > 0 and penalty_at == "after_step":
-            if lo != 0:
-                raise ValueError("the after-step penalty needs the regularised player first in FlatParams")
-            self._reg_buf = torch.zeros(hi, dtype=dt, device=dev)  # r covers D's segment only
+        if reg > 0 and reg_at == "after_step":  # g_reg regularises player 0, the buffers' first segment
+            self._reg_buf = torch.zeros(flat.segments[0][1], dtype=dt, device=dev)  # r covers D's segment only
             self._reg_views = [
-                self._reg_buf[e.offset : e.offset + e.param.numel()].view_as(e.param)
-                for e in flat.layout(self.regularised)
+                self._reg_buf[e.offset : e.offset + e.param.numel()].view_as(e.param) for e in flat.layout(0)
             ]
         self._coeffs = torch.zeros(len(self._stages), nseg, 5, dtype=dt, device=dev)
         self._coeff_key = None
@@ -223,22 +186,20 @@ class ODEStepper(torch.optim.Optimizer):
 
     # -- coefficients -------------------------------------------------------------------------------------
     @property
-    def penalty_weight(self) -> float:
-        """The weight the regulariser's gradient gets inside its stage's gradient."""
-        b = self.tableau.b[0] if self.penalty_at == "first_stage" else self.tableau.b[-1]
+    def reg_weight(self) -> float:
+        """The weight g_reg's gradient gets in the stage gradient it enters: lambda / b1 folded into stage 1, or
+        lambda / b_s in the last stage's (through the stage op's e) after the step."""
+        b = self.tableau.b[0] if self.reg_at == "first_stage" else self.tableau.b[-1]
         return self.reg / b if self.reg > 0 else 0.0
 
     def _refresh_coeffs(self) -> None:
-        scale = float(self.schedule(self.steps))
         hs = tuple(self.h)
-        key = (hs, scale, self._reg)
+        key = (hs, self._reg)
         if key == self._coeff_key:
             return  # nothing to copy: the common case costs no device work
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"schedule returned {scale} at step {self.steps}; it must be positive")
         _step_sizes(list(hs), len(hs))  # a scheduler or a user may have set any value
-        e = {self.regularised: self.penalty_weight} if self._reg_buf is not None else {}
-        rows = stage_rows(self._stages, [h * scale for h in hs], e)
+        e = {0: self.reg_weight} if self._reg_buf is not None else {}
+        rows = stage_rows(self._stages, list(hs), e)
         # In place: a captured graph holds this tensor's address and replays with its new values.
         self._coeffs.copy_(torch.tensor(rows, dtype=self._coeffs.dtype))
         self._coeff_key = key
@@ -248,16 +209,25 @@ class ODEStepper(torch.optim.Optimizer):
         held = [self.x0, self.acc, self._reg_buf, *(self._scratch or ())]
         return [t for t in held if t is not None]
 
-    def sync(self) -> None:
-        """Take the parameters as they are now as the next step's start point (every step does this itself; kept
-        for callers of 0.1)."""
-        self.x0.copy_(self.flat.params)
-
     # -- the step --------------------------------------------------------------------------------------
-    def _apply_penalty(self, out, stage: Stage) -> StageResult:
-        """The stage's penalties into its gradients (g_reg: into stage 1's, or the after-step buffer): one path."""
-        w = self.penalty_weight if self._reg_views is None else 1.0
-        return apply_stage_penalties(out, self.flat, stage, self.penalties, w, self._reg_views, self.regularised)
+    def _stage(self, i: int, players: tuple[int, ...]) -> Stage:
+        """Stage i of this step for ``players``: the field penalties due, and g_reg at stage 0 (last, so that a
+        backward over several terms sums them in a fixed order)."""
+        pens = due(self.penalties, self.steps, players)
+        if i == 0 and self.reg > 0:
+            pens["g_reg"] = self.reg
+        return Stage(i, self.steps, players, pens)
+
+    def _apply_penalties(self, out, stage: Stage) -> None:
+        """The stage's penalty terms into its gradients; g_reg's into stage 1's (weight lambda / b1) or into the
+        after-step buffer (the last stage applies it): the one path of contract.apply_penalties."""
+        weights, into = dict(stage.penalties), None
+        if "g_reg" in weights:
+            if self._reg_views is None:
+                weights["g_reg"] = self.reg_weight
+            else:
+                weights["g_reg"], into = 1.0, {"g_reg": self._reg_views}
+        apply_penalties(out, self.flat, weights, stage.players, into)
 
     def step(self, closure=None):
         """Advance one step; returns what the closure returned at stage 0, detached (game/contract.py).
@@ -270,7 +240,7 @@ class ODEStepper(torch.optim.Optimizer):
         if (self.reg > 0 or self.penalties) and stage_caller(closure) is not closure:
             raise TypeError(
                 "the penalties (reg > 0, or penalties=) need a closure that takes the Stage argument and returns "
-                "them when the stage asks (stage.penalty, stage.penalties: game/contract.py)"
+                "them when the stage asks (stage.penalties: contract.py)"
             )
         self.flat.check(grads=False)  # parameters reassigned, moved or cast since flattening: named, before use
         self.flat.attach_grads()  # gradients a user detached between steps (zero_grad(set_to_none=True))
@@ -304,11 +274,10 @@ class ODEStepper(torch.optim.Optimizer):
         for i in range(nstages):
             if self.coupling == "joint" or i == 0:
                 flat.grads.zero_()  # attached at the step's start, checked after every call
-                pens = tuple(due(self.penalties, self.steps, everyone))
-                stage = Stage(i, self.steps, everyone, i == 0 and self.reg > 0, pens)
+                stage = self._stage(i, everyone)
                 out = call(stage)
                 flat.check_grads()  # a closure that assigned p.grad = ... would move nothing
-                out = self._apply_penalty(out, stage)
+                self._apply_penalties(out, stage)
                 if i == 0:
                     first = returned(out)
             else:
@@ -350,10 +319,10 @@ class ODEStepper(torch.optim.Optimizer):
                     flat.params[a:b].copy_((point if s == q else self.x0)[a:b])
                     holds[s] = want
             flat.grads.zero_()
-            stage = Stage(i, self.steps, (q,), False, tuple(due(self.penalties, self.steps, (q,))))
+            stage = self._stage(i, (q,))
             out = call(stage)
             flat.check_grads()
-            self._apply_penalty(out, stage)
+            self._apply_penalties(out, stage)
             gstash[lo:hi].copy_(flat.grads[lo:hi])
         flat.grads.copy_(gstash)
         # params are left as they are: the stage op that follows writes every one without reading it
@@ -367,21 +336,22 @@ class ODEStepper(torch.optim.Optimizer):
             "steps": self.steps,
             "reg": self._reg,
             "method": self.tableau.name,
-            "penalty_at": self.penalty_at,
+            "reg_at": self.reg_at,
             "coupling": self.coupling,
             "penalties": [[p.name, p.weight, p.every] for p in self.penalties],
         }
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if "param_groups" not in state:  # the format before 0.2: steps, h, reg, method, penalty, coupling
-            ode = {**state, "penalty_at": state.get("penalty", self.penalty_at)}
-            self.h = [float(x) for x in state["h"]]
-        else:
-            ode = state["ode"]
+        if not isinstance(state, dict) or "ode" not in state or "param_groups" not in state:
+            raise ValueError(
+                "not an ODEStepper state_dict of odegan-kernels 0.3 (no 'ode' and 'param_groups'); a trainer "
+                "checkpoint of 0.1 or 0.2 is read through odegan_kernels.train.migrate_checkpoint"
+            )
+        ode = state["ode"]
         mine = self.state_dict()["ode"]
-        for key in ("method", "penalty_at", "coupling", "penalties"):  # penalties: [name, weight, every] (0.2.1)
-            theirs = [list(p) for p in ode[key]] if key == "penalties" and key in ode else ode.get(key, mine[key])
+        for key in ("method", "reg_at", "coupling", "penalties"):  # penalties: [name, weight, every]
+            theirs = [list(p) for p in ode[key]] if key == "penalties" else ode.get(key)
             if theirs != mine[key]:
                 raise ValueError(f"checkpoint was made with {key}={theirs!r} but this stepper has {key}={mine[key]!r}")
         reg = check_reg(float(ode["reg"]))
@@ -390,8 +360,7 @@ class ODEStepper(torch.optim.Optimizer):
                 f"checkpoint was made with reg={reg} but this stepper has reg={self._reg}: the regulariser is on in "
                 "one and off in the other, which changes what a step computes"
             )
-        if "param_groups" in state:
-            super().load_state_dict({k: v for k, v in state.items() if k != "ode"})
+        super().load_state_dict({k: v for k, v in state.items() if k != "ode"})
         self.steps = int(ode["steps"])
         self.reg = reg
         self._coeff_key = None

@@ -3,8 +3,8 @@
 Real data is the point 0, G is the point theta, D(x) = psi x; the equilibrium is (psi, theta) = (0, 0). With the
 minimax loss the field near it is a rotation of frequency f'(0) = 1/2, so every claim has a closed form. Each
 method runs from the same start: simultaneous gradient descent is the ODE stepper's Euler step, alternating
-descent a D step then a G step at the new D, each evaluation through game_gradients and apply_stage_penalties
-(the trainer's path). The field's Jacobian at the equilibrium is taken with autograd from the same losses and
+descent a D step then a G step at the new D, each evaluation through game_gradients and apply_penalties (the
+trainer's path). The field's Jacobian at the equilibrium is taken with autograd from the same losses and
 penalties; the step map's spectral radius by central differences of one step of the method itself.
 """
 
@@ -17,12 +17,11 @@ import torch
 from torch.func import functional_call
 
 from .. import ops
+from ..contract import Stage, apply_penalties, due, penalty_specs
 from ..flat import FlatParams
-from ..game.autograd import game_gradients
-from ..game.contract import Stage
+from ..game import Batch, game_gradients
 from ..game.losses import d_loss, g_loss
-from ..game.penalty import apply_stage_penalties
-from ..game.regularisers import consensus_penalty, due, input_grad_penalty, interpolates, penalty_specs, wgan_gp_penalty
+from ..game.penalties import consensus_penalty, input_grad_penalty, interpolates, wgan_gp_penalty
 from ..models.dirac import dirac_pair
 from ..ode.stepper import ODEStepper
 
@@ -93,10 +92,8 @@ class Run:
 
     def closure(self, stage: Stage):
         m = self.method
-        return game_gradients(
-            self.D, self.G, self.real, self.z, m.loss, players=stage.players, penalty=stage.penalty,
-            penalties=stage.penalties, generator=self.gen, instance_noise=self.noise,
-        )  # fmt: skip
+        batch = Batch(self.real, self.z, noise=self.noise)
+        return game_gradients(self.D, self.G, batch, m.loss, stage.players, stage.penalties, generator=self.gen)
 
     def point(self) -> tuple[float, float]:
         return self.D.psi.item(), self.G.theta.item()
@@ -108,8 +105,8 @@ class Run:
         else:  # alternating: D moves, then G at the new D
             for q in (0, 1):
                 self.flat.zero_grad()
-                stage = Stage(0, self.steps, (q,), False, tuple(due(self.specs, self.steps, (q,))))
-                apply_stage_penalties(self.closure(stage), self.flat, stage, self.specs)
+                stage = Stage(0, self.steps, (q,), due(self.specs, self.steps, (q,)))
+                apply_penalties(self.closure(stage), self.flat, stage.penalties, stage.players)
                 lo, hi = self.flat.segments[q]
                 with torch.no_grad():
                     self.flat.params[lo:hi] -= self.h * self.flat.grads[lo:hi]

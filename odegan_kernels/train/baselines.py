@@ -1,10 +1,10 @@
 """The optimiser a run asks for: the ODE stepper, or Adam / SGD behind the stepper's ``step(closure)``
 interface, so the training loop has one path.
 
-One closure call per step (Stage 0, both players); the regulariser, when ``reg > 0``, and the field penalties
+One closure call per step (Stage 0, both players); g_reg, when ``reg > 0``, and the field penalties
 (``penalties``: R1, R2, WGAN-GP, consensus, lazy ones k-scaled) go through the same function as the ODE
-stepper's (game.penalty.apply_stage_penalties), g_reg with weight ``reg``; under torchrun the flat gradients
-are averaged once per step.
+stepper's (contract.apply_penalties), g_reg with weight ``reg``; under torchrun the flat gradients are averaged
+once per step.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from __future__ import annotations
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..contract import PENALTIES, Stage, apply_penalties, check_reg, due, penalty_specs, returned, stage_caller
 from ..distributed import average_across_ranks
 from ..flat import FlatParams
-from ..game.contract import Stage, returned, stage_caller
-from ..game.penalty import apply_stage_penalties
-from ..game.regularisers import FIELD_PENALTIES, due, penalty_specs
 from ..ode.schedules import SCHEDULES
-from ..ode.stepper import ODEStepper, check_reg
+from ..ode.stepper import ODEStepper
 from .config import Config
 from .interrupts import critical
 
@@ -35,7 +33,6 @@ class BaselineOptimizer:
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         reg: float = 0.0,
-        regularised: int | str = 0,
         distributed: bool = False,
         process_group=None,
         penalties=None,
@@ -45,7 +42,6 @@ class BaselineOptimizer:
         self.flat = flat
         self.reg = check_reg(reg)
         self.penalties = penalty_specs(penalties)
-        self.regularised = flat.index(regularised)
         self.distributed, self.process_group = distributed, process_group
         self.steps = 0
         self.last_result = None  # what the last finished step returned
@@ -63,10 +59,13 @@ class BaselineOptimizer:
         """One gradient evaluation and one optimizer step; returns what the closure returned (detached)."""
         self.flat.zero_grad()
         everyone = tuple(range(len(self.flat.segments)))
-        stage = Stage(0, self.steps, everyone, self.reg > 0, tuple(due(self.penalties, self.steps, everyone)))
+        pens = due(self.penalties, self.steps, everyone)
+        if self.reg > 0:
+            pens["g_reg"] = self.reg  # last: a backward over several terms sums them in a fixed order
+        stage = Stage(0, self.steps, everyone, pens)
         out = stage_caller(closure)(stage)
         self.flat.check_grads()  # a closure that assigned p.grad = ... would escape the ranks' all-reduce
-        out = apply_stage_penalties(out, self.flat, stage, self.penalties, self.reg, None, self.regularised)
+        apply_penalties(out, self.flat, stage.penalties, stage.players)
         if self.distributed:
             average_across_ranks(self.flat.grads, self.process_group)
         with critical():  # Adam's update cannot be undone halfway: an interrupt waits for its end
@@ -87,7 +86,7 @@ class BaselineOptimizer:
 def build_optimizer(cfg: Config, flat: FlatParams, distributed: bool = False):
     """(the optimiser, its step-size scheduler or None): the ODE stepper with ``cfg.schedule`` as a torch
     scheduler, or an Adam/SGD baseline behind the same ``step(closure)`` (its lr stays constant)."""
-    pens = {k: (getattr(cfg, k), cfg.penalty_every) for k in FIELD_PENALTIES}  # zero weights: off
+    pens = {k: (getattr(cfg, k), cfg.penalty_every) for k in PENALTIES if k != "g_reg"}  # zero weights: off
     if cfg.optimizer == "ode":
         h = cfg.h if cfg.h_g is None else [cfg.h, cfg.h_g]
         stepper = ODEStepper(
@@ -95,7 +94,7 @@ def build_optimizer(cfg: Config, flat: FlatParams, distributed: bool = False):
             cfg.method,
             h=h,
             reg=cfg.reg,
-            penalty_at=cfg.penalty_at,
+            reg_at=cfg.reg_at,
             coupling=cfg.coupling,
             backend=cfg.backend,
             cuda_graph=cfg.cuda_graph,

@@ -1,31 +1,33 @@
-"""The trainer's closure: the data each stage needs (fresh or shared, eager or from graph-mode slots), handed to
-the gradient engine (autograd, or the hand-derived one for ReLU MLP pairs)."""
+"""The trainer's closure: the data each stage needs (fresh or shared, eager or from graph-mode slots), as a Batch
+for the gradient engine chosen once for the run (game.choose_engine: autograd, or hand-derived for ReLU MLP pairs)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..game.autograd import game_gradients
-from ..game.contract import Stage, StageResult
-from ..game.mlp import MLPPair, pair_for
-from ..game.regularisers import FIELD_PENALTIES
+from ..contract import PENALTIES, Stage, StageResult
+from ..game import Batch, choose_engine
 from ..graphs import StaticBatches
 
 
-def choose_engine(cfg, D, G) -> MLPPair | None:
-    """The hand-derived gradients where ``cfg.grads`` allows and they apply, else None (autograd). Graph
-    capture keeps autograd: one captured step already has no per-op overhead."""
-    if cfg.grads == "autograd":
-        return None
-    pens = tuple(k for k in FIELD_PENALTIES if getattr(cfg, k))
-    pair, why = pair_for(D, G, cfg.loss, cfg.penalty_method, autocast=cfg.autocast, penalties=pens)
-    if why is None and cfg.cuda_graph:
-        why = "cuda_graph=True captures the autograd step"
-    if why is not None:
-        if cfg.grads == "mlp":
-            raise ValueError(f"grads='mlp' cannot run here: {why}")
-        return None
-    return pair
+def run_engine(cfg, problem):
+    """The run's gradient engine (game.choose_engine with the run's options); ``grads='mlp'`` that cannot run is a
+    ValueError naming the reason."""
+    pens = [k for k in PENALTIES if k != "g_reg" and getattr(cfg, k)] + (["g_reg"] if cfg.reg > 0 else [])
+    engine, why = choose_engine(
+        problem.D,
+        problem.G,
+        "autograd" if cfg.grads == "autograd" else "auto",
+        loss=cfg.loss,
+        reg_method=cfg.reg_method,
+        penalties=pens,
+        autocast=cfg.autocast,
+        conditional=bool(problem.num_classes),
+        capture=cfg.cuda_graph,
+    )
+    if cfg.grads == "mlp" and why is not None:
+        raise ValueError(f"grads='mlp' cannot run here: {why}")
+    return engine
 
 
 class GameClosure:
@@ -34,18 +36,19 @@ class GameClosure:
     ``data_per_stage="fresh"`` draws a real batch and z at every stage (the CIFAR-10 reference), "shared"
     once per step (the colab). In graph mode (``static`` set) the real batches come from static slots that
     ``fill_static`` refills before each replay, and z (and the labels to generate) are drawn inside the graph
-    from the device's default generator, which CUDA graphs advance on every replay. ``batch`` holds the
-    current stage's inputs (x, z, y_real, y_fake), and, when asked for, WGAN-GP's interpolation weights and the
-    instance noise, drawn with z from the same generator (the default one in graph mode), so runs reproduce.
-    Annealed instance noise in graph mode reads its std from a device tensor that ``fill_static(step)`` refreshes.
+    from the device's default generator, which CUDA graphs advance on every replay. ``batch`` is the current
+    stage's Batch (with, when asked for, WGAN-GP's interpolation weights and the instance noise, drawn with z from
+    the same generator: the default one in graph mode), so runs reproduce. Annealed instance noise in graph mode
+    reads its std from a device tensor that ``fill_static(step)`` refreshes.
     """
 
     def __init__(self, cfg, problem, data_gen: torch.Generator, z_gen: torch.Generator, static=None) -> None:
         self.cfg, self.problem = cfg, problem
         self.data_gen, self.z_gen = data_gen, z_gen
         self.static: StaticBatches | None = static
-        self.engine = choose_engine(cfg, problem.D, problem.G)
-        self.batch: dict = {}
+        self.engine = run_engine(cfg, problem)
+        self.batch: Batch | None = None
+        self.fake0: torch.Tensor | None = None  # the samples G drew at stage 0 of this step
         self.sigma = None if static is None else torch.full((), self.noise_std(0), device=cfg.device)
 
     def noise_std(self, step: int) -> float:
@@ -60,7 +63,7 @@ class GameClosure:
         elif self.cfg.instance_noise_anneal > 0 and self.cfg.instance_noise > 0:
             raise ValueError("annealed instance noise under cuda_graph needs fill_static(step) before every step")
 
-    def _draw(self, stage_index: int) -> None:
+    def _draw(self, stage_index: int) -> Batch:
         cfg, k = self.cfg, self.problem.num_classes
         z_dim, dev, dt = self.problem.z_dim, cfg.device, cfg.torch_dtype
         y_fake = None
@@ -81,45 +84,24 @@ class GameClosure:
         noise = None
         if cfg.instance_noise:
             noise = tuple(torch.randn(x.shape, generator=gen, device=dev, dtype=x.dtype) for _ in range(2))
-        self.batch = {"x": x, "z": z, "y_real": y_real, "y_fake": y_fake, "fake0": None, "mix": mix, "noise": noise}
+        return Batch(x, z, y_real, y_fake, mix, noise)
 
     def __call__(self, stage: Stage) -> StageResult:
         cfg = self.cfg
         if stage.index == 0 or cfg.data_per_stage == "fresh":
-            self._draw(stage.index)
+            self.batch, self.fake0 = self._draw(stage.index), None
         b = self.batch
         # Decoupled D-only stages see G frozen at the step's start: with shared data, the samples G drew
         # at stage 0 are exactly the ones it would draw again, so reuse them.
-        reuse = stage.players == (0,) and cfg.data_per_stage == "shared" and b["fake0"] is not None
-        fake = b["fake0"] if reuse and "consensus" not in stage.penalties else None
-        noise = b["noise"]
+        reuse = stage.players == (0,) and cfg.data_per_stage == "shared" and "consensus" not in stage.penalties
+        noise = b.noise
         if noise is not None:  # the std: a float eagerly, a device tensor refreshed outside the graph in graph mode
             sigma = self.noise_std(stage.step) if self.sigma is None else self.sigma
             noise = (noise[0] * sigma, noise[1] * sigma)
-        if self.engine is not None:  # only stage 0's result reaches the logs: leave the loss values out elsewhere
-            out = self.engine(
-                b["x"], b["z"], cfg.loss, stage.players, stage.penalty, fake, stage.index == 0, instance_noise=noise
-            )
-        else:
-            out = game_gradients(
-                self.problem.D,
-                self.problem.G,
-                b["x"],
-                b["z"],
-                cfg.loss,
-                players=stage.players,
-                penalty=stage.penalty,
-                fake=fake,
-                penalty_method=cfg.penalty_method,
-                autocast=cfg.autocast,
-                y_real=b["y_real"],
-                y_fake=b["y_fake"],
-                penalties=stage.penalties,
-                mix=b["mix"],
-                instance_noise=noise,
-            )
+        batch = Batch(b.real, b.z, b.y_real, b.y_fake, b.mix, noise, self.fake0 if reuse else None)
+        out = self.engine(batch, stage.players, stage.penalties, losses=stage.index == 0)  # only stage 0's are logged
         if stage.index == 0:
-            b["fake0"] = out.fake
+            self.fake0 = out.fake
         out.fake = None
         return out
 

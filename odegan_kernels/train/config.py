@@ -33,7 +33,9 @@ class Config:
     reg: float = option(
         0.02, "weight lambda of ODE-GAN's regulariser grad_theta ||dl_G/dphi||^2", match=True, change=True
     )
-    penalty_at: str = option("first_stage", "where the regulariser enters: first_stage | after_step", match=True)
+    reg_at: str = option(
+        "first_stage", "where g_reg's gradient goes: first_stage (folded into stage 1) | after_step", match=True
+    )
     coupling: str = option(
         "joint", "joint (one RK step of both players) | decoupled (each with the other frozen)", match=True
     )
@@ -53,8 +55,8 @@ class Config:
     instance_noise_anneal: int = option(
         0, "anneal the instance noise's std linearly to 0 over this many steps (0: constant)", match=True
     )
-    penalty_method: str = option(
-        "double_backward", "how the regulariser is computed: double_backward | finite_difference | jvp", match=True
+    reg_method: str = option(
+        "double_backward", "how g_reg is computed: double_backward | finite_difference | jvp", match=True
     )
     autocast: bool = option(False, "bf16 forward/backward (parameters, gradients and stage math stay fp32)", match=True)
     grads: str = option("auto", "gradient engine: autograd | mlp (hand-derived, ReLU MLP pairs) | auto")
@@ -175,10 +177,8 @@ FINITE = ("h", "h_g", "lr")
 
 def choices() -> dict[str, tuple]:
     """The options with a fixed set of values, and those values."""
-    from ..game.autograd import ENGINES
-    from ..game.losses import LOSSES
-    from ..game.penalty import METHODS
-    from ..ode import COUPLINGS, PENALTY_PLACEMENTS, SCHEDULES, TABLEAUS
+    from ..game import ENGINES, LOSSES, METHODS
+    from ..ode import COUPLINGS, REG_PLACEMENTS, SCHEDULES, TABLEAUS
     from ..ops import BACKENDS
     from ..problems import ARCHS, PROBLEMS
 
@@ -186,12 +186,12 @@ def choices() -> dict[str, tuple]:
         "problem": PROBLEMS,
         "optimizer": ("ode", "adam", "sgd"),
         "method": tuple(TABLEAUS),
-        "penalty_at": PENALTY_PLACEMENTS,
+        "reg_at": REG_PLACEMENTS,
         "coupling": COUPLINGS,
         "data_per_stage": ("fresh", "shared"),
         "schedule": tuple(SCHEDULES),
         "loss": tuple(LOSSES),
-        "penalty_method": METHODS,
+        "reg_method": METHODS,
         "grads": ENGINES,
         "backend": ("auto", *BACKENDS, "cuda"),
         "arch": ARCHS,
@@ -244,13 +244,13 @@ def _fail():
 
 
 # The paper's colab on the 16-Gaussian mixture (its public notebook, odegan_mog16.ipynb).
-MOG_COLAB = dict(problem="mog", h=0.1, reg=0.07, penalty_at="after_step", coupling="decoupled", data_per_stage="shared")
+MOG_COLAB = dict(problem="mog", h=0.1, reg=0.07, reg_at="after_step", coupling="decoupled", data_per_stage="shared")
 
 # The CIFAR-10 reference code's choices, shared by every 32x32 image preset.
 IMAGE_RUN = dict(
     h=0.04,
     reg=0.02,
-    penalty_at="first_stage",
+    reg_at="first_stage",
     coupling="joint",
     data_per_stage="fresh",
     schedule="cifar",
@@ -271,7 +271,7 @@ PRESETS: dict[str, dict] = {
     # nothing on this problem.
     "mog": dict(MOG_COLAB, seed=3),
     # The CIFAR-10 code's choices (joint, fresh data per stage, penalty in stage 1) at the colab's h and lambda.
-    "mog-joint": dict(MOG_COLAB, coupling="joint", data_per_stage="fresh", penalty_at="first_stage"),
+    "mog-joint": dict(MOG_COLAB, coupling="joint", data_per_stage="fresh", reg_at="first_stage"),
     "mog-adam": dict(MOG_COLAB, optimizer="adam", lr=1e-4, reg=0.0),
     "dirac": dict(
         problem="dirac",
@@ -307,7 +307,7 @@ for _name, _extra in (("r1", dict(r1=0.3)), ("consensus", dict(consensus=1.0)), 
     }  # fmt: skip
 
 
-RENAMED = {"penalty": "penalty_at"}  # options renamed in 0.2: old name -> new name
+RENAMED = {"penalty": "reg_at", "penalty_at": "reg_at", "penalty_method": "reg_method"}  # old name -> new
 
 
 def renamed(options: dict) -> dict:
@@ -331,7 +331,7 @@ def make_config(preset: str = "mog", **overrides) -> Config:
     return cfg
 
 
-ODE_ONLY = ("h", "h_g", "method", "coupling", "penalty_at", "schedule")
+ODE_ONLY = ("h", "h_g", "method", "coupling", "reg_at", "schedule")
 BASELINE_ONLY = ("lr", "betas")
 
 
@@ -342,7 +342,7 @@ def check_applies(cfg: Config, given) -> None:
         unread += ("betas",)
     ignored = [k for k in given if k in unread]
     if ignored:
-        uses = "h, method, coupling, penalty_at and schedule" if cfg.optimizer == "ode" else "lr (and betas: adam)"
+        uses = "h, method, coupling, reg_at and schedule" if cfg.optimizer == "ode" else "lr (and betas: adam)"
         raise ValueError(
             f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to optimizer={cfg.optimizer!r}, "
             f"which reads {uses}; drop {'it' if len(ignored) == 1 else 'them'} or choose another optimizer"

@@ -119,7 +119,7 @@ def plot_metrics(out: Path) -> None:
     rows = [r for r in MetricsLog(out / "metrics.jsonl").rows() if "event" not in r]
     keys = [
         k
-        for k in ("loss_d", "loss_g", "penalty", "modes", "high_quality", "kl", "radius", "fid")
+        for k in ("loss_d", "loss_g", "g_reg", "modes", "high_quality", "kl", "radius", "fid")
         if any(k in r for r in rows)
     ]
     if not keys:

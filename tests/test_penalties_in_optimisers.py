@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from odegan_kernels import FlatParams, ODEStepper, game_gradients
-from odegan_kernels.game import FIELD_PENALTIES, Penalty, apply_penalty, penalty_specs
+from odegan_kernels import Batch, FlatParams, ODEStepper, Stage, StageResult, game_gradients
+from odegan_kernels.contract import PENALTIES, Penalty, apply_penalties, penalty_specs
 from odegan_kernels.models import mog_pair
 from odegan_kernels.models.resnet128 import ConditionalResNetDiscriminator, ConditionalResNetGenerator
 from odegan_kernels.train import Config, Trainer, make_config
 from odegan_kernels.train.baselines import BaselineOptimizer
 
+FIELD_PENALTIES = {k: v for k, v in PENALTIES.items() if k != "g_reg"}
 RK4 = ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)
 EULER = ((),), (1.0,)
 
@@ -34,9 +35,7 @@ def _closure(D, G, real, z, mix, calls=None):
     def closure(stage):
         if calls is not None:
             calls.append(stage)
-        return game_gradients(
-            D, G, real, z, players=stage.players, penalty=stage.penalty, penalties=stage.penalties, mix=mix
-        )
+        return game_gradients(D, G, Batch(real, z, mix=mix), players=stage.players, penalties=stage.penalties)
 
     return closure
 
@@ -44,10 +43,11 @@ def _closure(D, G, real, z, mix, calls=None):
 def _field(flat, D, G, real, z, mix, weights, players=(0, 1)):
     """The regularised field's gradient part at the current parameters: g + sum_i w_i grad P_i (one flat vector)."""
     names = tuple(n for n in weights if n != "g_reg" and set(FIELD_PENALTIES[n]) & set(players))
+    names += ("g_reg",) if "g_reg" in weights else ()
     flat.zero_grad()
-    res = game_gradients(D, G, real, z, players=players, penalty="g_reg" in weights, penalties=names, mix=mix)
-    kept = {n: w for n, w in weights.items() if n in names or (n == "g_reg" and 0 in players)}
-    apply_penalty(res, flat, kept, players=players)
+    res = game_gradients(D, G, Batch(real, z, mix=mix), players=players, penalties=names)
+    kept = {n: w for n, w in weights.items() if n in names}
+    apply_penalties(res, flat, kept, players=players)
     return flat.grads.clone()
 
 
@@ -89,7 +89,10 @@ def test_rk4_step_applies_the_penalties_at_every_stage(names, coupling):
     start = flat.params.clone()
     st.step(cl)
     got = flat.params.clone()
-    assert all(set(c.penalties) == {n for n in names if set(FIELD_PENALTIES[n]) & set(c.players)} for c in calls)
+    field = [
+        set(c.penalties) - {"g_reg"} == {n for n in names if set(FIELD_PENALTIES[n]) & set(c.players)} for c in calls
+    ]
+    assert all(field) and [("g_reg" in c.penalties) for c in calls] == [c.index == 0 for c in calls]
     assert len(calls) == (4 if coupling == "joint" else 1 + 3 * 2)
     with torch.no_grad():
         flat.params.copy_(start)
@@ -114,10 +117,9 @@ def test_lazy_penalty_every_k_steps_with_k_scaling():
         want = _reference_step(flat, D, G, real, z, mix, 0.05, weights, EULER)
     with torch.no_grad():
         flat.params.copy_(start)
-    st.sync()
     for _ in range(7):
         st.step(cl)
-    assert [c.penalties for c in calls] == [("r1",) if s % 3 == 0 else () for s in range(7)]
+    assert [dict(c.penalties) for c in calls] == [{"r1": 1.5} if s % 3 == 0 else {} for s in range(7)]
     torch.testing.assert_close(flat.params, want, rtol=1e-12, atol=1e-13)
 
 
@@ -127,7 +129,7 @@ def test_baselines_take_the_same_penalty_path(kind):
     opt = BaselineOptimizer(flat, kind, lr=0.01, reg=0.2, penalties={"r1": 1.0, "consensus": 0.1})
     start = flat.params.clone()
     out = opt.step(_closure(D, G, real, z, mix))
-    assert {t.name for t in out.terms} == {"r1", "consensus"} and out.penalty is not None
+    assert set(out.terms) == {"r1", "consensus", "g_reg"} and out.value("g_reg") is not None
     got = flat.params.clone()
     with torch.no_grad():
         flat.params.copy_(start)
@@ -152,8 +154,10 @@ def test_refusals():
     st = ODEStepper(flat, "euler", h=0.1, penalties={"r1": 1.0})
     with pytest.raises(TypeError, match="Stage argument"):
         st.step(lambda: None)
-    with pytest.raises(TypeError, match="PenaltyTerm 'r1'"):
+    with pytest.raises(TypeError, match=r"asked for penalties \('r1',\) .* closure returned NoneType"):
         st.step(lambda stage: None)
+    with pytest.raises(TypeError, match="PenaltyTerm 'r1'"):
+        st.step(lambda stage: StageResult())
     assert penalty_specs({"r1": 0.0, "r2": 1}) == (Penalty("r2", 1),)
 
 
@@ -168,15 +172,13 @@ def test_conditional_pair_steps_with_every_penalty():
     st = ODEStepper(flat, "rk4", h=0.01, reg=0.02, penalties=dict.fromkeys(FIELD_PENALTIES, 1.0))
 
     def closure(stage):
-        return game_gradients(
-            D, G, real, z, players=stage.players, penalty=stage.penalty, penalties=stage.penalties,
-            y_real=y_real, y_fake=y_fake, generator=gen,
-        )  # fmt: skip
+        batch = Batch(real, z, y_real, y_fake)
+        return game_gradients(D, G, batch, players=stage.players, penalties=stage.penalties, generator=gen)
 
     start = flat.params.clone()
     out = st.step(closure)
-    assert {t.name for t in out.terms} == set(FIELD_PENALTIES)
-    assert all(torch.isfinite(t.value) for t in out.terms) and torch.isfinite(flat.params).all()
+    assert set(out.terms) == {*FIELD_PENALTIES, "g_reg"}
+    assert all(torch.isfinite(t.value) for t in out.terms.values()) and torch.isfinite(flat.params).all()
     assert (flat.params - start).abs().max() > 0
 
 
@@ -225,8 +227,8 @@ def test_trainer_options_run_log_and_reproduce(tmp_path, preset, options):
 
 
 def test_field_penalties_take_autograd_and_noise_keeps_the_hand_derived_engine(tmp_path):
-    assert _trainer(tmp_path, r1=1.0).game_closure.engine is None
-    assert _trainer(tmp_path, instance_noise=0.1).game_closure.engine is not None
+    assert _trainer(tmp_path, r1=1.0).game_closure.engine.name == "autograd"
+    assert _trainer(tmp_path, instance_noise=0.1).game_closure.engine.name == "mlp"
     with pytest.raises(ValueError, match="grads='mlp' cannot run here: the gradient penalties"):
         _trainer(tmp_path, r1=1.0, grads="mlp")
 
@@ -241,7 +243,6 @@ def test_graph_mode_draws_from_the_default_generator_and_refreshes_the_std(tmp_p
     """What a captured step needs, checked on the CPU: WGAN-GP's mix and the instance noise come from the
     device's default generator (graphs advance it per replay), not the run's z stream; the annealed std lives in a
     tensor that fill_static(step) refreshes outside the graph."""
-    from odegan_kernels.game import Stage
     from odegan_kernels.graphs import StaticBatches
     from odegan_kernels.train.closure import GameClosure
 
@@ -254,8 +255,8 @@ def test_graph_mode_draws_from_the_default_generator_and_refreshes_the_std(tmp_p
     for _ in range(2):
         torch.manual_seed(7)
         cl.fill_static(step=5)
-        cl(Stage(0, 0, (0, 1), False, ("wgan_gp",)))
-        draws.append((cl.batch["mix"].clone(), cl.batch["noise"][0].clone()))
+        cl(Stage(0, 0, (0, 1), {"wgan_gp": 1.0}))
+        draws.append((cl.batch.mix.clone(), cl.batch.noise[0].clone()))
     assert torch.equal(tr.streams.z.get_state(), z_state), "graph mode must not draw from the run's z stream"
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
     assert cl.sigma.item() == pytest.approx(0.1)  # 0.2 x (1 - 5/10)
@@ -289,9 +290,8 @@ def test_captured_step_with_every_penalty_equals_the_eager_step(pens):
 
         def closure(stage):
             i = stage.index
-            return game_gradients(
-                D, G, x[i], z[i], players=stage.players, penalty=stage.penalty, penalties=stage.penalties, mix=mix[i]
-            )
+            batch = Batch(x[i], z[i], mix=mix[i])
+            return game_gradients(D, G, batch, players=stage.players, penalties=stage.penalties)
 
         out = []
         for s in range(steps):
@@ -348,8 +348,8 @@ def test_a_term_that_names_the_wrong_players_is_refused(players):
     st = ODEStepper(flat, "euler", h=0.05, penalties={"r1": 10.0})
 
     def closure(stage):
-        r = game_gradients(D, G, x, z, players=stage.players, penalties=stage.penalties)
-        for t in r.terms:
+        r = game_gradients(D, G, Batch(x, z), players=stage.players, penalties=stage.penalties)
+        for t in r.terms.values():
             t.players = players
         return r
 

@@ -1,13 +1,62 @@
-"""Penalty variants against the double backward; the cheaper gradient evaluation against the plain one."""
+"""g_reg, ODE-GAN's regulariser: its gradient against central differences of its value, its three methods
+(double backward, finite difference, jvp) against each other, in the stepper too; and the cheaper gradient
+evaluation (one forward of D on the fakes, one backward for zero-sum losses) against the plain one."""
 
 import pytest
 import torch
 from torch import nn
 
-from odegan_kernels import FlatParams, ODEStepper, game_gradients
-from odegan_kernels.game import LOSSES, d_loss, g_loss
-from odegan_kernels.game.penalty import fd_epsilon, penalty_grad
+from odegan_kernels import Batch, FlatParams, ODEStepper, game_gradients
+from odegan_kernels.game import LOSSES, d_loss, g_loss, g_reg_grad
+from odegan_kernels.game.g_reg import fd_epsilon
 from odegan_kernels.models import DCGANGenerator, mog_pair
+
+
+def _flat_g_reg(D, G, z) -> torch.Tensor:
+    """g_reg by its double backward, as one flat vector."""
+    return torch.cat([g.reshape(-1) for g in g_reg_grad(D, G, g_loss, z)])
+
+
+def _sq_generator_grad(D, G, z) -> torch.Tensor:
+    gs = torch.autograd.grad(g_loss(D(G(z))), list(G.parameters()))
+    return sum(g.square().sum() for g in gs)
+
+
+def test_g_reg_against_central_differences_of_its_value():
+    # (this start point has no ReLU kink within eps of a parameter: a central difference across one is wrong)
+    D, G = (m.double() for m in mog_pair(z_dim=4, hidden=6, seed=2))
+    z = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = _flat_g_reg(D, G, z)
+    eps, fd = 1e-6, []
+    for p in D.parameters():
+        flat = p.data.view(-1)
+        for i in range(flat.numel()):
+            old = flat[i].item()
+            flat[i] = old + eps
+            up = _sq_generator_grad(D, G, z).item()
+            flat[i] = old - eps
+            down = _sq_generator_grad(D, G, z).item()
+            flat[i] = old
+            fd.append((up - down) / (2 * eps))
+    fd = torch.tensor(fd, dtype=torch.float64)
+    rel = (got - fd).norm() / fd.norm()
+    assert fd.norm() > 0
+    assert rel <= 1e-5, f"relative error {rel:.2e}"
+
+
+def test_game_gradients_g_reg_term_is_g_reg_and_g_gets_its_plain_gradient():
+    D, G = mog_pair(z_dim=4, hidden=6, seed=2, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 4, generator=gen, dtype=torch.float64)
+    FlatParams(D=D, G=G, dtype=torch.float64)
+    real = torch.randn(16, 2, dtype=torch.float64)
+    out = game_gradients(D, G, Batch(real, z), penalties=["g_reg"])
+    assert set(out.terms) == {"g_reg"} and out.terms["g_reg"].players == (0,)
+    got = torch.autograd.grad(out.value("g_reg"), list(D.parameters()))
+    assert torch.allclose(torch.cat([g.reshape(-1) for g in got]), _flat_g_reg(D, G, z), rtol=1e-12, atol=1e-14)
+    gg = torch.autograd.grad(g_loss(D(G(z))), list(G.parameters()))  # G's gradient, as a plain backward fills it
+    for p, g in zip(G.parameters(), gg):
+        assert torch.allclose(p.grad, g, rtol=1e-12, atol=1e-14)
 
 
 def _smooth_pair(seed=0):
@@ -35,15 +84,15 @@ def _rel(a, b):
 @pytest.mark.parametrize(
     "dtype,smooth,fd_tol", [(torch.float64, False, 1e-7), (torch.float64, True, 1e-7), (torch.float32, True, 2e-3)]
 )
-def test_variants_agree_with_double_backward(dtype, smooth, fd_tol):
+def test_methods_agree_with_double_backward(dtype, smooth, fd_tol):
     """The eps rule assumes smoothness. A ReLU discriminator makes grad_theta l_G jump where D's activation
     pattern switches, so a central difference is only right while eps stays below the nearest kink: true
-    of float64's eps here, not of float32's (measured: 1e-2 relative error at best, see penalty.py)."""
+    of float64's eps here, not of float32's (measured: 1e-2 relative error at best, see game/g_reg.py)."""
     D, G, z, _ = _setup(dtype, smooth=smooth)
     lf = lambda logits: g_loss(logits, "ns")
-    exact = penalty_grad(D, G, lf, z, "double_backward")
-    fd = penalty_grad(D, G, lf, z, "finite_difference")
-    jv = penalty_grad(D, G, lf, z, "jvp")
+    exact = g_reg_grad(D, G, lf, z, "double_backward")
+    fd = g_reg_grad(D, G, lf, z, "finite_difference")
+    jv = g_reg_grad(D, G, lf, z, "jvp")
     assert _rel(fd, exact) <= fd_tol
     assert _rel(jv, exact) <= (1e-10 if dtype == torch.float64 else 1e-5)
 
@@ -56,20 +105,20 @@ def test_fd_epsilon_rule():
     )
 
 
-def test_variants_leave_parameters_and_bn_statistics_alone():
+def test_methods_leave_parameters_and_bn_statistics_alone():
     torch.manual_seed(0)
     G = DCGANGenerator(z_dim=16)
     D = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 1), nn.Flatten(0))
     z = torch.randn(4, 16)
     before = {k: v.clone() for k, v in G.state_dict().items()}
     lf = lambda logits: g_loss(logits)
-    exact = penalty_grad(D, G, lf, z, "double_backward")
-    fd = penalty_grad(D, G, lf, z, "finite_difference")
+    exact = g_reg_grad(D, G, lf, z, "double_backward")
+    fd = g_reg_grad(D, G, lf, z, "finite_difference")
     for k, v in G.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert _rel(fd, exact) <= 5e-3  # float32, a BN network
-    with pytest.raises(ValueError, match="jvp penalty cannot trace BatchNorm"):
-        penalty_grad(D, G, lf, z, "jvp")
+    with pytest.raises(ValueError, match="reg_method='jvp' cannot trace BatchNorm"):
+        g_reg_grad(D, G, lf, z, "jvp")
 
 
 def plain_gradients(D, G, real, z, loss):
@@ -88,7 +137,7 @@ def test_cheaper_evaluation_equals_plain(loss):
     flat = FlatParams(D=D, G=G, dtype=torch.float64)
     gd, gg = plain_gradients(D, G, real, z, loss)
     flat.zero_grad()
-    game_gradients(D, G, real, z, loss)  # zero-sum losses take the one-backward path here
+    game_gradients(D, G, Batch(real, z), loss)  # zero-sum losses take the one-backward path here
     assert _rel([p.grad for p in D.parameters()], gd) <= 1e-13
     assert _rel([p.grad for p in G.parameters()], gg) <= 1e-13
 
@@ -97,7 +146,7 @@ def test_zero_sum_flag_is_checked():
     D, G, z, real = _setup(torch.float64)
     FlatParams(D=D, G=G, dtype=torch.float64)
     with pytest.raises(ValueError, match="zero_sum=True needs a zero-sum loss"):
-        game_gradients(D, G, real, z, "ns", zero_sum=True)
+        game_gradients(D, G, Batch(real, z), "ns", zero_sum=True)
 
 
 def test_bf16_autocast_accuracy():
@@ -105,10 +154,10 @@ def test_bf16_autocast_accuracy():
     D, G, z, real = _setup(torch.float32)
     flat = FlatParams(D=D, G=G)
     flat.zero_grad()
-    game_gradients(D, G, real, z)
+    game_gradients(D, G, Batch(real, z))
     ref = flat.grads.clone()
     flat.zero_grad()
-    game_gradients(D, G, real, z, autocast=True)
+    game_gradients(D, G, Batch(real, z), autocast=True)
     rel = ((flat.grads - ref).norm() / ref.norm()).item()
     assert torch.isfinite(flat.grads).all() and flat.grads.dtype == torch.float32
     assert rel <= 3e-2, rel
@@ -116,20 +165,14 @@ def test_bf16_autocast_accuracy():
 
 @pytest.mark.parametrize("method", ["finite_difference", "jvp"])
 @pytest.mark.parametrize("placement", ["first_stage", "after_step"])
-def test_step_with_penalty_variant_matches_double_backward(method, placement):
+def test_step_with_each_g_reg_method_matches_double_backward(method, placement):
     results = []
     for m in ("double_backward", method):
         D, G, z, real = _setup(torch.float64)
         flat = FlatParams(D=D, G=G, dtype=torch.float64)
-        st = ODEStepper(flat, "rk4", h=0.1, reg=0.5, penalty_at=placement)
+        st = ODEStepper(flat, "rk4", h=0.1, reg=0.5, reg_at=placement)
         closure = lambda stage: game_gradients(
-            D,
-            G,
-            real,
-            z,
-            players=stage.players,
-            penalty=stage.penalty,
-            penalty_method=m,
+            D, G, Batch(real, z), players=stage.players, penalties=stage.penalties, reg_method=m
         )
         for _ in range(3):
             st.step(closure)
@@ -137,8 +180,8 @@ def test_step_with_penalty_variant_matches_double_backward(method, placement):
     assert ((results[1] - results[0]).norm() / results[0].norm()).item() <= 1e-9
 
 
-def test_variants_agree_on_a_conditional_pair():
-    """The labels reach every penalty path: G(z, y) and D(x, y) in the double backward, the central
+def test_methods_agree_on_a_conditional_pair():
+    """The labels reach every g_reg method: G(z, y) and D(x, y) in the double backward, the central
     difference and the jvp (G in eval mode, so jvp has no BN statistics to trace), in float64."""
     from odegan_kernels.models import ConditionalResNetDiscriminator, ConditionalResNetGenerator
 
@@ -154,8 +197,8 @@ def test_variants_agree_on_a_conditional_pair():
                 p.add_(0.3 * torch.randn_like(p))
     z, y = torch.randn(6, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, 0])
     lf = lambda logits: g_loss(logits)
-    exact = penalty_grad(D, G, lf, z, "double_backward", y=y)
-    assert _rel(penalty_grad(D, G, lf, z, "jvp", y=y), exact) <= 1e-10
-    assert _rel(penalty_grad(D, G, lf, z, "finite_difference", y=y), exact) <= 1e-6
-    other = penalty_grad(D, G, lf, z, "double_backward", y=(y + 1) % 3)
+    exact = g_reg_grad(D, G, lf, z, "double_backward", y=y)
+    assert _rel(g_reg_grad(D, G, lf, z, "jvp", y=y), exact) <= 1e-10
+    assert _rel(g_reg_grad(D, G, lf, z, "finite_difference", y=y), exact) <= 1e-6
+    other = g_reg_grad(D, G, lf, z, "double_backward", y=(y + 1) % 3)
     assert _rel(other, exact) > 1e-3  # and they change it

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from odegan_kernels import TABLEAUS, FlatParams, ODEStepper, StageResult, Tableau, compile_tableau
+from odegan_kernels import TABLEAUS, FlatParams, ODEStepper, PenaltyTerm, StageResult, Tableau, compile_tableau
 from odegan_kernels.ode import cifar_schedule
 
 
@@ -115,8 +115,8 @@ def test_stepper_argument_errors():
         ODEStepper(flat, reg=float("nan"))
     with pytest.raises(ValueError, match="coupling must be"):
         ODEStepper(flat, coupling="loose")
-    with pytest.raises(ValueError, match="penalty_at must be"):
-        ODEStepper(flat, penalty_at="later")
+    with pytest.raises(ValueError, match="reg_at must be"):
+        ODEStepper(flat, reg_at="later")
     with pytest.raises(ValueError, match="h has 2 step sizes for 1 players"):
         ODEStepper(flat, h=[0.1, 0.2])
     with pytest.raises(ValueError, match="first stage no weight"):
@@ -145,15 +145,6 @@ def test_cifar_schedule_as_a_torch_scheduler():
         st = ODEStepper(flat, "euler", h=0.4)
         sched = LambdaLR(st, lambda step: 0.25 if step == 0 else 1.0)
         return lambda closure: (st.step(closure), sched.step())
-
-    _two_euler_steps(make)
-
-
-def test_deprecated_schedule_argument_still_works():
-    def make(flat):
-        with pytest.warns(DeprecationWarning, match=r"schedule=\.\.\.\) is deprecated"):
-            st = ODEStepper(flat, "euler", h=0.4, schedule=lambda step: 0.25 if step == 0 else 1.0)
-        return st.step
 
     _two_euler_steps(make)
 
@@ -206,8 +197,9 @@ def test_state_dict_round_trips_through_torch_format():
     other.load_state_dict(state)
     assert other.steps == 1 and other.h == [0.3]
     old = {"steps": 7, "h": [0.2], "reg": 0.0, "method": "rk4", "penalty": "first_stage", "coupling": "joint"}
-    other.load_state_dict(old)  # a checkpoint from before 0.2
-    assert other.steps == 7 and other.h == [0.2]
+    with pytest.raises(ValueError, match="not an ODEStepper state_dict of odegan-kernels 0.3.*migrate_checkpoint"):
+        other.load_state_dict(old)  # the format of 0.1: read through train.migrate_checkpoint
+    assert other.steps == 1
 
 
 def test_user_writes_between_steps_are_seen():
@@ -265,10 +257,10 @@ def _penalty_game():
         lg = 0.5 * (ph - W @ th).square().sum()
         ld.backward(inputs=[th])
         out = StageResult()
-        if stage.penalty:
+        if "g_reg" in stage.penalties:
             (gph,) = torch.autograd.grad(lg, [ph], create_graph=True)
             ph.grad.add_(gph.detach())
-            out.penalty = gph.square().sum()
+            out.terms["g_reg"] = PenaltyTerm((0,), gph.square().sum())
         else:
             lg.backward(inputs=[ph])
         return out
@@ -283,7 +275,7 @@ def test_penalty_after_step_is_applied_after_the_step():
     W, th, ph, flat, closure, g_reg = _penalty_game()
     th0, ph0 = th.detach().clone(), ph.detach().clone()
     h, lam = 0.1, 0.3
-    ODEStepper(flat, "euler", h=h, reg=lam, penalty_at="after_step").step(closure)
+    ODEStepper(flat, "euler", h=h, reg=lam, reg_at="after_step").step(closure)
     assert torch.allclose(th.detach(), th0 - h * th0 - h * lam * g_reg(th0, ph0), atol=1e-14)
     assert torch.allclose(ph.detach(), ph0 - h * (ph0 - W @ th0), atol=1e-14)
 
@@ -292,7 +284,7 @@ def test_penalty_first_stage_is_seen_by_stage_points():
     W, th, ph, flat, closure, g_reg = _penalty_game()
     th0, ph0 = th.detach().clone(), ph.detach().clone()
     h, lam = 0.1, 0.3
-    ODEStepper(flat, "heun", h=h, reg=lam, penalty_at="first_stage").step(closure)
+    ODEStepper(flat, "heun", h=h, reg=lam, reg_at="first_stage").step(closure)
     # Heun: k1 = g(x0) + (lam / b1) r ; x1 = x0 - h k1 ; x = x0 - h/2 (k1 + g(x1))
     k1t = th0 + (lam / 0.5) * g_reg(th0, ph0)
     k1p = ph0 - W @ th0
@@ -310,7 +302,7 @@ def test_state_dict_round_trip_and_mismatch():
     assert st2.steps == 17 and st2.h == [0.3]
     with pytest.raises(ValueError, match="method='rk4' but this stepper has method='heun'"):
         ODEStepper(flat, "heun").load_state_dict(st.state_dict())
-    assert math.isclose(ODEStepper(flat, "rk4", reg=0.02).penalty_weight, 0.12)
+    assert math.isclose(ODEStepper(flat, "rk4", reg=0.02).reg_weight, 0.12)
 
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
@@ -354,12 +346,12 @@ def _integrator_buffers(st: ODEStepper) -> int:
 def test_integrator_memory(coupling, penalty, expected):
     M, th, ph = _bilinear_game()
     flat = FlatParams([[th], [ph]], names=["D", "G"], dtype=torch.float64)
-    st = ODEStepper(flat, "rk4", h=0.1, reg=0.1, penalty_at=penalty, coupling=coupling)
+    st = ODEStepper(flat, "rk4", h=0.1, reg=0.1, reg_at=penalty, coupling=coupling)
 
     def closure(stage):
         th.grad.copy_(M @ ph.detach())
         ph.grad.copy_(-(M.T @ th.detach()))
-        return {"penalty_grad": [torch.zeros_like(th)]} if stage.penalty else {}
+        return StageResult(terms={"g_reg": PenaltyTerm((0,), grad=[torch.zeros_like(th)])} if stage.penalties else {})
 
     st.step(closure)
     n, d = flat.numel, flat.segment(0)[1]

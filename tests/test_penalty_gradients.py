@@ -1,12 +1,12 @@
 """The gradient-penalty family (g_reg, R1, R2, WGAN-GP, consensus) against an independent torch.func computation.
 
-Ours: game_gradients returns each penalty as a term (its value through the fused sqnorm) and apply_penalty, the
+Ours: game_gradients returns each penalty as a term (its value through the fused sqnorm) and apply_penalties, the
 one path every optimiser uses, turns it into the players' gradients. The reference: per-sample input gradients by
 vmap(grad), the players' gradients by torch.func.grad, in float64, with no sqnorm. Relative errors measured
-on this machine (``python tests/test_penalties.py`` prints them) are ~1e-16 (MLP) and ~1e-15 (DCGAN, conditional
+on this machine (``python tests/test_penalty_gradients.py`` prints them) are ~1e-16 (MLP) and ~1e-15 (DCGAN, conditional
 ResNet); the bound below is 1e-10.
 
-    python tests/test_penalties.py     # print the relative error of every penalty on every pair
+    python tests/test_penalty_gradients.py     # print the relative error of every penalty on every pair
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from odegan_kernels import FlatParams, game_gradients
-from odegan_kernels.game import FIELD_PENALTIES, apply_penalty, d_loss, g_loss
+from odegan_kernels import Batch, FlatParams, game_gradients
+from odegan_kernels.contract import PENALTIES, apply_penalties
+from odegan_kernels.game import d_loss, g_loss
 from odegan_kernels.models import DCGANDiscriminator, DCGANGenerator, mog_pair
 from odegan_kernels.models.resnet128 import ConditionalResNetDiscriminator, ConditionalResNetGenerator
 
-PENALTIES = ("g_reg", *FIELD_PENALTIES)
+FIELD_PENALTIES = tuple(k for k in PENALTIES if k != "g_reg")
 TOL64 = 1e-10
 
 
@@ -62,23 +63,19 @@ def make_pair(kind: str, dtype=torch.float64, batch: int | None = None, seed: in
 
 
 def ours(D, G, real, z, name, loss="ns", mix=None, y_real=None, y_fake=None, autocast=False):
-    """The penalty's gradient as the optimisers get it: game_gradients' term, then apply_penalty (weight 1)
+    """The penalty's gradient as the optimisers get it: game_gradients' term, then apply_penalties (weight 1)
     into zeroed flat gradients. Returns (D's part, G's part) as flat vectors."""
     flat = FlatParams(D=D, G=G, dtype=next(D.parameters()).dtype)
     flat.zero_grad()
-    pens = () if name == "g_reg" else (name,)
-    res = game_gradients(
-        D, G, real, z, loss, penalty=name == "g_reg", penalties=pens, mix=mix, y_real=y_real, y_fake=y_fake,
-        autocast=autocast,
-    )  # fmt: skip
+    res = game_gradients(D, G, Batch(real, z, y_real, y_fake, mix), loss, penalties=(name,), autocast=autocast)
     flat.zero_grad()  # keep only the penalty's gradient (its graph is still alive in res.terms)
-    values = apply_penalty(res, flat, {name: 1.0})
+    values = apply_penalties(res, flat, {name: 1.0})
     assert set(values) == {name} and torch.isfinite(values[name])
     return tuple(torch.cat([p.grad.reshape(-1) for p in m.parameters()]) for m in (D, G))
 
 
 def reference(D, G, real, z, name, loss="ns", mix=None, y_real=None, y_fake=None):
-    """The same gradients by torch.func, written from the definitions (game/penalty.py's module text)."""
+    """The same gradients by torch.func, written from the definitions (game/penalties.py's module text)."""
     theta = {n: p.detach() for n, p in D.named_parameters()}
     phi = {n: p.detach() for n, p in G.named_parameters()}
     cr = () if y_real is None else (y_real,)
@@ -189,10 +186,10 @@ def test_every_penalty_goes_through_the_fused_sqnorm(monkeypatch):
     D, G, real, z, _, _ = make_pair("mlp")
     for name in FIELD_PENALTIES:
         calls.clear()
-        res = game_gradients(D, G, real, z, penalties=(name,))
-        assert res.term(name) is not None and calls, f"{name} did not call ops.sqnorm"
+        res = game_gradients(D, G, Batch(real, z), penalties=(name,))
+        assert name in res.terms and calls, f"{name} did not call ops.sqnorm"
     calls.clear()
-    res = game_gradients(D, G, real, z, penalties=("consensus",))
+    res = game_gradients(D, G, Batch(real, z), penalties=("consensus",))
     n_params = len(list(D.parameters())) + len(list(G.parameters()))
     assert calls == [n_params], "consensus: one sqnorm over every gradient tensor of both players"
 
@@ -205,15 +202,15 @@ def test_penalties_are_zero_where_theory_says():
         D[0].weight.copy_(torch.tensor([[0.6, 0.8]]))
     G = nn.Sequential(nn.Linear(3, 2)).double()
     real, z = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
-    res = game_gradients(D, G, real, z, "wasserstein", penalties=("wgan_gp", "r1", "r2"))
-    assert res.term("wgan_gp").value.abs().item() < 1e-15
-    assert res.term("r1").value.item() == pytest.approx(0.5) and res.term("r2").value.item() == pytest.approx(0.5)
+    res = game_gradients(D, G, Batch(real, z), "wasserstein", penalties=("wgan_gp", "r1", "r2"))
+    assert res.value("wgan_gp").abs().item() < 1e-15
+    assert res.value("r1").item() == pytest.approx(0.5) and res.value("r2").item() == pytest.approx(0.5)
     with torch.no_grad():
         D[0].weight.zero_()
-    res = game_gradients(D, G, real, z, "wasserstein", penalties=("wgan_gp", "r1", "consensus"))
-    assert res.term("r1").value.item() == 0 and res.term("wgan_gp").value.item() == pytest.approx(1.0)
+    res = game_gradients(D, G, Batch(real, z), "wasserstein", penalties=("wgan_gp", "r1", "consensus"))
+    assert res.value("r1").item() == 0 and res.value("wgan_gp").item() == pytest.approx(1.0)
     # D = 0 with the wasserstein loss: dl_D/dw = mean(fake) - mean(real) != 0, so consensus is not zero
-    assert res.term("consensus").value.item() > 0
+    assert res.value("consensus").item() > 0
 
 
 def test_consensus_in_a_one_player_call_fills_only_that_player():
@@ -223,9 +220,9 @@ def test_consensus_in_a_one_player_call_fills_only_that_player():
     full_d, full_g = ours(D, G, real, z, "consensus")
     flat = FlatParams(D=D, G=G, dtype=torch.float64)
     flat.zero_grad()
-    res = game_gradients(D, G, real, z, players=(1,), penalties=("consensus",))
+    res = game_gradients(D, G, Batch(real, z), players=(1,), penalties=("consensus",))
     flat.zero_grad()
-    apply_penalty(res, flat, {"consensus": 1.0}, players=(1,))
+    apply_penalties(res, flat, {"consensus": 1.0}, players=(1,))
     assert (flat.player_grads(0) == 0).all()
     got_g = torch.cat([p.grad.reshape(-1) for p in G.parameters()])
     torch.testing.assert_close(got_g, full_g, rtol=1e-12, atol=1e-14)
@@ -235,15 +232,15 @@ def test_consensus_in_a_one_player_call_fills_only_that_player():
 def test_refusals_name_the_fix():
     D, G, real, z, _, _ = make_pair("mlp")
     with pytest.raises(ValueError, match="unknown penalties"):
-        game_gradients(D, G, real, z, penalties=("r3",))
+        game_gradients(D, G, Batch(real, z), penalties=("r3",))
     with pytest.raises(ValueError, match="regularise D: players must include 0"):
-        game_gradients(D, G, real, z, players=(1,), penalties=("r1",))
-    res = game_gradients(D, G, real, z)
+        game_gradients(D, G, Batch(real, z), players=(1,), penalties=("r1",))
+    res = game_gradients(D, G, Batch(real, z))
     flat = FlatParams(D=D, G=G, dtype=torch.float64)
     with pytest.raises(TypeError, match="PenaltyTerm 'r1'"):
-        apply_penalty(res, flat, {"r1": 1.0})
+        apply_penalties(res, flat, {"r1": 1.0})
     with pytest.raises(ValueError, match="engine='mlp' cannot run here: the gradient penalties"):
-        game_gradients(D, G, real, z, penalties=("r1",), engine="mlp")
+        game_gradients(D, G, Batch(real, z), penalties=("r1",), engine="mlp")
 
 
 def test_instance_noise_matches_between_the_engines():
@@ -255,12 +252,12 @@ def test_instance_noise_matches_between_the_engines():
     got = {}
     for engine in ("autograd", "mlp"):
         flat.zero_grad()
-        res = game_gradients(D, G, real, z, penalty=True, engine=engine, instance_noise=noise)
-        apply_penalty(res, flat.parameters(0), 0.5)
+        res = game_gradients(D, G, Batch(real, z, noise=noise), penalties=["g_reg"], engine=engine)
+        apply_penalties(res, flat, {"g_reg": 0.5})
         got[engine] = flat.grads.clone()
     torch.testing.assert_close(got["mlp"], got["autograd"], rtol=1e-10, atol=1e-12)
     flat.zero_grad()
-    game_gradients(D, G, real, z, penalty=True, instance_noise=None)
+    game_gradients(D, G, Batch(real, z), penalties=["g_reg"])
     assert not torch.allclose(flat.grads, got["autograd"]), "the noise must change the gradients"
 
 
