@@ -6,7 +6,7 @@ from .flat import FlatParams
 from .game import Batch, d_loss, g_loss, game_gradients, generator_grad_sqnorm
 from .ode import TABLEAUS, ODEStepper, Tableau, compile_tableau
 
-__version__ = "0.2.1"
+__version__ = "0.3.0"
 
 __all__ = [
     "Batch",

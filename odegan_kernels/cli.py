@@ -19,7 +19,8 @@ from .train import (
     load_config,
     make_config,
 )
-from .train.config import RENAMED, check_environment
+from .train.config import check_environment
+from .train.legacy import RENAMED_OPTIONS
 
 
 def _parse_value(text: str):
@@ -44,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--h-g", dest="h_g", type=float, help="G's step size")
     t.add_argument("--reg", type=float, help="regulariser weight lambda")
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    t.add_argument(
-        "--backend", choices=["auto", *ops.BACKENDS, "cuda"], help="fused-op backend ('cuda': old name of csrc)"
-    )
+    t.add_argument("--backend", choices=["auto", *ops.BACKENDS], help="fused-op backend")
     t.add_argument("--data", help="local dataset path (cifar10: the folder holding cifar-10-batches-py)")
     t.add_argument(
         "--set",
@@ -81,11 +80,10 @@ def _options(args) -> dict:
     fields = {f.name for f in dataclasses.fields(Config)}
     for item in args.set:
         key, sep, value = item.partition("=")
-        key = RENAMED.get(key, key)
         if not sep:
             raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
         if key not in fields:
-            near = difflib.get_close_matches(key, fields, n=3)
+            near = [RENAMED_OPTIONS[key]] if key in RENAMED_OPTIONS else difflib.get_close_matches(key, fields, n=3)
             hint = f"did you mean {' or '.join(near)}?" if near else "odegan train PRESET --dry-run lists them"
             raise ValueError(f"unknown option {key!r}; {hint}")
         value = _parse_value(value)

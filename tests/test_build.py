@@ -262,12 +262,3 @@ def test_loader_never_looks_in_setuptools_build_folder(monkeypatch):
     paths = [path for path, _ in csrc.candidates()]
     assert csrc.CHECKOUT / "build-csrc" / "libodegan_kernels_csrc.so" in paths
     assert not [p for p in paths if csrc.CHECKOUT / "build" in p.parents], paths
-
-
-def test_old_module_name_is_a_deprecated_alias():
-    code = "from odegan_kernels.ops import cuda, csrc; assert cuda is csrc"
-    run = lambda action: subprocess.run([sys.executable, "-W", action, "-c", code], capture_output=True, text=True)
-    res = run("error::DeprecationWarning")
-    assert res.returncode != 0 and "use odegan_kernels.ops.csrc" in res.stderr, res.stderr
-    res = run("ignore::DeprecationWarning")
-    assert res.returncode == 0, res.stderr

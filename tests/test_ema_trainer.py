@@ -105,7 +105,7 @@ def test_ema_off_changes_nothing(tmp_path):
         want = tr.G.eval()(tr.fixed_z)
     assert torch.equal(tr.samples(), want)
     tr.G.train()
-    assert tr.local_state()["ema"] == {"avg": None}
+    assert tr.local_state_dict()["ema"] == {"avg": None}
 
 
 @pytest.mark.parametrize("where", ["eval", "mid_step"])
@@ -155,7 +155,7 @@ def test_a_rollback_restores_the_average(tmp_path):
     hit = corrupt_once(tr)
     tr.run()
     assert hit and any(r.get("event") == "diverged" for r in map(json.loads, open(tmp_path / "metrics.jsonl")))
-    assert torch.isfinite(tr.ema.avg).all() and torch.isfinite(tr.recovery.good["ema"]["avg"]).all()
+    assert torch.isfinite(tr.ema.avg).all() and torch.isfinite(tr.recovery.good[1]["ema"]["avg"]).all()
 
 
 def test_ema_options_are_checked(capsys):

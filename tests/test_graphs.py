@@ -197,7 +197,7 @@ def test_every_problem_states_its_sample_shape(tmp_path):
     """Graph mode sizes its static buffers from this, without drawing (and so consuming) a batch."""
     for preset in ("mog", "dirac"):
         tr = Trainer(make_config(preset, out=str(tmp_path), progress=False))
-        assert tuple(tr.problem.real_batch(4, tr.streams.data).shape[1:]) == tr.problem.sample_shape
+        assert tuple(tr.problem.real_batch(4, tr.state.streams.data).shape[1:]) == tr.problem.sample_shape
 
 
 def test_capture_errors_keep_the_original_message():

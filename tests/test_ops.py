@@ -149,46 +149,27 @@ def test_auto_records_its_choice(monkeypatch):
         ops.resolve("auto", torch.device("cpu"), "stage")
 
 
-def test_deprecated_cuda_alias_warns_and_runs_csrc(monkeypatch, rng):
-    """'cuda' was the csrc backend's name: it still works, for backend= and ODEGAN_BACKEND, with one warning."""
+def test_the_names_removed_in_0_3_are_refused_with_todays_name(monkeypatch, rng):
+    """'cuda' (the csrc backend's name before 0.2) and rk_stage's reg= (now reg_grad=) were deprecated aliases in
+    0.2 and are gone in 0.3: each is refused, the message naming what to use."""
     p, g, x0, acc = (torch.randn(64, generator=rng) for _ in range(4))
     coeffs = torch.randn(1, 5, generator=rng)
-    want = [p.clone(), acc.clone(), x0.clone()]
-    ops.rk_stage(want[0], g, want[2], want[1], coeffs, [(0, 64)], write_x0=True, backend="reference")
-    with pytest.warns(DeprecationWarning, match="backend 'cuda' is deprecated: use 'csrc'") as rec:
+    with pytest.raises(ValueError, match="backend 'cuda' is called 'csrc' since 0.2"):
         ops.rk_stage(p, g, x0, acc, coeffs, [(0, 64)], write_x0=True, backend="cuda")
-    assert len(rec) == 1 and rec[0].filename == __file__, "the warning should point at the caller's line"
-    for got, exp in zip((p, acc, x0), want):
-        assert_close(got, exp, **TOL[torch.float32])
-    with pytest.warns(DeprecationWarning, match="use 'csrc'"):
-        assert ops.resolve("cuda", torch.device("cpu"), "stage") == "csrc"
-    with pytest.warns(DeprecationWarning, match="use 'csrc'"):
-        assert ops.why_unavailable("cuda") is None
+    with pytest.raises(ValueError, match="'csrc'"):
+        ops.resolve("cuda", torch.device("cpu"), "stage")
+    with pytest.raises(ValueError, match="'csrc'"):
+        ops.why_unavailable("cuda")
     monkeypatch.setenv("ODEGAN_BACKEND", "cuda")
-    with pytest.warns(DeprecationWarning, match="use 'csrc'"):
-        assert ops.resolve("auto", torch.device("cpu"), "stage") == "csrc"
+    with pytest.raises(ValueError, match="'csrc'"):
+        ops.resolve("auto", torch.device("cpu"), "stage")
+    monkeypatch.delenv("ODEGAN_BACKEND")
     assert "cuda" not in ops.BACKENDS and "csrc" in ops.BACKENDS
-
-
-def test_deprecated_reg_alias_warns_and_gives_the_same_result(rng):
-    """rk_stage's reg= (now reg_grad=, the regulariser's gradient, not ODEStepper's weight reg) still works, with one
-    DeprecationWarning pointing at the caller; both names at once is an error."""
-    n, segs = 300, [(0, 120), (120, 300)]
-    g, x0, acc = (torch.randn(n, generator=rng).to(DEVICE) for _ in range(3))
-    r, coeffs = torch.randn(120, generator=rng).to(DEVICE), torch.randn(2, 5, generator=rng).to(DEVICE)
-    new = [poison(torch.empty(n, device=DEVICE)), x0.clone(), acc.clone()]
-    ops.rk_stage(new[0], g, new[1], new[2], coeffs, segs, reg_grad=r, write_x0=True)
-    old = [poison(torch.empty(n, device=DEVICE)), x0.clone(), acc.clone()]
-    with pytest.warns(DeprecationWarning, match="reg= is deprecated: use reg_grad=") as rec:
-        ops.rk_stage(old[0], g, old[1], old[2], coeffs, segs, reg=r, write_x0=True)
-    assert len(rec) == 1 and rec[0].filename == __file__, "the warning should point at the caller's line"
-    for a, b in zip(old, new):
-        assert torch.equal(a, b)
-    positional = [poison(torch.empty(n, device=DEVICE)), x0.clone(), acc.clone()]
-    ops.rk_stage(positional[0], g, positional[1], positional[2], coeffs, segs, r, True)  # the old position
-    assert all(torch.equal(a, b) for a, b in zip(positional, new))
-    with pytest.raises(TypeError, match="both reg_grad= and reg="):
-        ops.rk_stage(old[0], g, old[1], old[2], coeffs, segs, reg_grad=r, reg=r)
+    with pytest.raises(TypeError, match="reg"):
+        ops.rk_stage(p, g, x0, acc, coeffs, [(0, 64)], reg=torch.zeros(64))
+    ops.rk_stage(p, g, x0, acc, coeffs, [(0, 64)], torch.zeros(64), True)  # reg_grad and write_x0, by position
+    with pytest.raises(ImportError):
+        __import__("odegan_kernels.ops.cuda")
 
 
 @pytest.fixture
@@ -203,8 +184,6 @@ def test_supports_says_which_backend_runs_on_which_device(monkeypatch, fresh_bac
     assert ops.supports("reference", "cpu") and ops.supports("foreach", torch.device("cpu"))
     assert ops.supports("csrc", "cpu") == (ops.why_unavailable("csrc") is None)  # conftest builds it
     assert ops.supports("csrc", "meta") is False
-    with pytest.warns(DeprecationWarning, match="use 'csrc'"):
-        assert ops.supports("cuda", "cpu")
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.supports("auto", "cpu")
 

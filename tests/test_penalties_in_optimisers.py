@@ -249,15 +249,15 @@ def test_graph_mode_draws_from_the_default_generator_and_refreshes_the_std(tmp_p
     cfg = make_config("mog-joint", out=str(tmp_path), wgan_gp=1.0, instance_noise=0.2, instance_noise_anneal=10)
     tr = Trainer(cfg)
     static = StaticBatches(4, cfg.batch, tr.problem.sample_shape, labels=False, device="cpu")
-    cl = GameClosure(cfg, tr.problem, tr.streams.data, tr.streams.z, static)
-    z_state = tr.streams.z.get_state()
+    cl = GameClosure(cfg, tr.problem, tr.state.streams.data, tr.state.streams.z, static)
+    z_state = tr.state.streams.z.get_state()
     draws = []
     for _ in range(2):
         torch.manual_seed(7)
         cl.fill_static(step=5)
         cl(Stage(0, 0, (0, 1), {"wgan_gp": 1.0}))
         draws.append((cl.batch.mix.clone(), cl.batch.noise[0].clone()))
-    assert torch.equal(tr.streams.z.get_state(), z_state), "graph mode must not draw from the run's z stream"
+    assert torch.equal(tr.state.streams.z.get_state(), z_state), "graph mode must not draw from the run's z stream"
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
     assert cl.sigma.item() == pytest.approx(0.1)  # 0.2 x (1 - 5/10)
     with pytest.raises(ValueError, match="fill_static\\(step\\)"):

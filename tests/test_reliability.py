@@ -63,7 +63,8 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     tr = Trainer(make_config("mog-adam", steps=10, out=str(tmp_path), **FAST))
     tr.run()
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # nothing in it needs pickle's code paths
-    assert state["step"] == 10 and set(state) >= {"D", "G", "opt", "rng", "config", "means", "pending"}
+    assert state["run"]["step"] == 10 and set(state) >= {"format", "run", "D", "G", "opt", "config"}
+    assert set(state["run"]) == {"step", "pending", "means", "rng", "data"}
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
@@ -71,7 +72,7 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage,
     straight = _uninterrupted(tmp_path, steps=30)
     out = tmp_path / "b"
     Trainer(make_config("mog", steps=20, out=str(out), **FAST)).run()  # checkpoints at 10 and 20
-    assert read_checkpoint(out / "checkpoint.prev.pt")["step"] == 10
+    assert read_checkpoint(out / "checkpoint.prev.pt")["run"]["step"] == 10
     data = (out / "checkpoint.pt").read_bytes()
     broken = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"not a checkpoint" * 100}[damage]
     (out / "checkpoint.pt").write_bytes(broken)
@@ -158,7 +159,7 @@ def test_ctrl_c_after_a_finished_step_resumes_exactly(tmp_path, where):
     setattr(*target, interrupt)
     with pytest.raises(TrainingInterrupted, match="interrupted at step 20"):
         tr.run()
-    assert read_checkpoint(out / "checkpoint.pt")["step"] == 20
+    assert read_checkpoint(out / "checkpoint.pt")["run"]["step"] == 20
     resumed = Trainer(make_config("mog", steps=30, out=str(out), **FAST))
     resumed.run()
     assert torch.equal(resumed.flat.params, straight.flat.params)
@@ -268,11 +269,11 @@ def test_kill_loop_equals_an_uninterrupted_run(tmp_path):
         proc.send_signal(signal.SIGKILL if i % 2 == 0 else signal.SIGINT)
         proc.communicate(timeout=120)
         if (out / "checkpoint.pt").exists():
-            reached.append(read_checkpoint(out / "checkpoint.pt")["step"])
+            reached.append(read_checkpoint(out / "checkpoint.pt")["run"]["step"])
     assert len(reached) == 5 and 0 < reached[-1] < steps, reached  # every kill landed mid-run
     subprocess.run(_command(out, steps), check=True, capture_output=True, timeout=300)
     a, b = read_checkpoint(straight / "checkpoint.pt"), read_checkpoint(out / "checkpoint.pt")
-    assert a["step"] == b["step"] == steps
+    assert a["run"]["step"] == b["run"]["step"] == steps
     for player in ("D", "G"):
         for k in a[player]:
             assert torch.equal(a[player][k], b[player][k]), (player, k)
@@ -337,7 +338,7 @@ def test_a_second_signal_never_leaves_a_half_done_update(tmp_path, where):
     straight = _uninterrupted(tmp_path)
     out = tmp_path / "b"
     tr = Trainer(make_config("mog", steps=30, out=str(out), **FAST))
-    owner, name = (tr.ema, "update") if where == "bookkeeping" else (tr.means, "reset")
+    owner, name = (tr.ema, "update") if where == "bookkeeping" else (tr.state.means, "reset")
     inner = getattr(owner, name)
 
     def then_twice(*args, **kw):
@@ -355,7 +356,7 @@ def test_a_second_signal_never_leaves_a_half_done_update(tmp_path, where):
     finally:
         delattr(owner, name)
     state = read_checkpoint(out / "checkpoint.pt")
-    assert state["scheduler"]["last_epoch"] == state["step"] == state["opt"]["ode"]["steps"]
+    assert state["scheduler"]["last_epoch"] == state["run"]["step"] == state["opt"]["ode"]["steps"]
     resumed = Trainer(make_config("mog", steps=30, out=str(out), **FAST))
     resumed.run()
     assert torch.equal(resumed.flat.params, straight.flat.params)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from odegan_kernels import cli
-from odegan_kernels.train import Config, NonFiniteError, Trainer, atomic_save, make_config
+from odegan_kernels.train import Config, NonFiniteError, Trainer, atomic_save, make_config, read_checkpoint
 
 FAST = dict(eval_every=10, log_every=5, plot_every=10, ckpt_every=10, eval_samples=256, progress=False)
 
@@ -82,7 +82,7 @@ def test_nan_stops_with_a_clear_error(tmp_path):
     assert [e["h"][0] for e in events] == pytest.approx([0.05, 0.025, 0.0125])
     # the last good checkpoint (step 10) is intact and resumable
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 10 and all(torch.isfinite(v).all() for v in state["D"].values())
+    assert state["run"]["step"] == 10 and all(torch.isfinite(v).all() for v in state["D"].values())
 
 
 def test_bad_options():
@@ -219,7 +219,7 @@ def test_cifar10_training_from_local_files(tmp_path):
     write_cifar10(tmp_path / "data")
     cfg = tiny_cifar10_config(tmp_path, steps=2)
     tr = Trainer(cfg)
-    x = tr.problem.real_batch(8, tr.streams.data)
+    x = tr.problem.real_batch(8, tr.state.streams.data)
     assert x.shape == (8, 3, 32, 32) == (8, *tr.problem.sample_shape) and x.min() >= -1 and x.max() <= 1
     summary = tr.run()
     assert summary["step"] == 2 and (tmp_path / "run" / "samples_0000002.png").is_file()
@@ -239,7 +239,7 @@ def test_image_resume_equals_uninterrupted(tmp_path):
     b.run()
     assert b.problem.epoch == 1 and b.problem.batches == 12
     run_interrupted(Trainer(run("c", 7, ckpt_every=1000)), 5)
-    assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["problem"] == {"epoch": 1, "batches": 4}
+    assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["run"]["data"] == {"epoch": 1, "batches": 4}
     c = Trainer(run("c", 7))
     c.run()
     assert torch.equal(a.flat.params, b.flat.params) and torch.equal(a.flat.params, c.flat.params)
@@ -305,13 +305,13 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     cfg = make_config("mog", steps=40, out=str(tmp_path), **{**FAST, "ckpt_every": 1000})
     run_interrupted(Trainer(cfg), 13)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 13
+    assert state["run"]["step"] == 13
     # resuming from it reaches the same parameters as a run that was never interrupted
     Trainer(make_config("mog", steps=40, out=str(tmp_path), **FAST)).run()
     a = Trainer(make_config("mog", steps=40, out=str(tmp_path / "ref"), **FAST))
     a.run()
     b = Trainer(make_config("mog", steps=40, out=str(tmp_path), **FAST))
-    b.maybe_resume()
+    b.load_state_dict(read_checkpoint(tmp_path / "checkpoint.pt"))
     assert b.step == 40 and torch.equal(a.flat.params, b.flat.params)
 
 
@@ -323,7 +323,8 @@ def test_checkpoint_refuses_non_finite_parameters(tmp_path):
     with pytest.raises(NonFiniteError, match="kept the last good checkpoint"):
         tr.save_checkpoint()
     kept = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert kept["step"] == good["step"] and all(torch.equal(kept["D"][k], good["D"][k]) for k in good["D"])
+    assert kept["run"]["step"] == good["run"]["step"]
+    assert all(torch.equal(kept["D"][k], good["D"][k]) for k in good["D"])
 
 
 def test_rerun_of_a_finished_run_reports_its_metrics(tmp_path):
@@ -396,7 +397,7 @@ def test_conditional_imagefolder_training(tmp_path, size):
     assert tr.problem.num_classes == 3 and tr.problem.sample_shape == (3, size, size)
     assert type(tr.G).__name__ == "ConditionalResNetGenerator"
     for _ in range(3):
-        x, y = tr.problem.draw(4, tr.streams.data)
+        x, y = tr.problem.draw(4, tr.state.streams.data)
         assert x.shape == (4, 3, size, size) and y.dtype == torch.long
         colour = x.mean(dim=(2, 3)).argmax(1)  # class c is the pure colour c (red, green, blue)
         assert torch.equal(colour, y % 3)

@@ -2,16 +2,13 @@
 
 ``backend="auto" | "triton" | "csrc" | "foreach" | "reference"``; auto picks the fastest backend available
 for the buffers' device (override with the environment variable ODEGAN_BACKEND) and records its choice.
-"csrc" is the compiled C++/CUDA library (CPU and CUDA kernels); "cuda", its old name, still works with a
-DeprecationWarning.
+"csrc" is the compiled C++/CUDA library (CPU and CUDA kernels).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import sys
-import warnings
 
 import torch
 
@@ -19,7 +16,7 @@ from . import foreach, reference
 from .utils import check_ema_args, check_stage_args, check_tensor_list
 
 BACKENDS = ("reference", "foreach", "triton", "csrc")
-_ALIASES = {"cuda": "csrc"}  # deprecated names -> backends
+_RENAMED = {"cuda": "csrc"}  # backends renamed in 0.2 (the old name was removed in 0.3): for the message
 _AUTO_ORDER = {"cuda": ("triton", "csrc", "foreach"), "cpu": ("csrc", "foreach")}
 _modules = {"reference": reference, "foreach": foreach}
 _unavailable: dict[str, str] = {}
@@ -27,22 +24,15 @@ choices: dict[tuple[str, str], str] = {}  # (op, device type) -> backend auto pi
 
 
 def _canonical(backend: str) -> str:
-    """The backend's current name; a deprecated alias gives a DeprecationWarning that points at the first caller
-    outside ops/ (so Python's default filters show it to a script that passes the old name)."""
+    """``backend`` as given, checked to be a string (a renamed backend's old name is named in the error)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    if backend not in _ALIASES:
-        return backend
-    new = _ALIASES[backend]
-    frame, level = sys._getframe(0), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(__name__):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(f"backend {backend!r} is deprecated: use {new!r}", DeprecationWarning, stacklevel=level)
-    return new
+    if backend in _RENAMED:
+        raise ValueError(f"backend {backend!r} is called {_RENAMED[backend]!r} since 0.2 (the old name went in 0.3)")
+    return backend
 
 
 def _module(name: str):
-    name = _ALIASES.get(name, name)  # private: callers that still pass an old name get no second warning
     if name in _modules:
         return _modules[name]
     if name in _unavailable:
@@ -132,9 +122,6 @@ def resolve(backend: str, device: torch.device | str, op: str) -> str:
     return backend
 
 
-_NOT_GIVEN = object()
-
-
 def rk_stage(
     params,
     grads,
@@ -145,8 +132,6 @@ def rk_stage(
     reg_grad=None,
     write_x0: bool = False,
     backend: str = "auto",
-    *,
-    reg=_NOT_GIVEN,
 ) -> None:
     """One fused stage of a low-storage explicit Runge-Kutta step, in place over flat buffers.
 
@@ -156,8 +141,7 @@ def rk_stage(
 
     ``segments`` are (start, end) int pairs covering the buffer in order, any number of them (one per player;
     empty ones allowed). ``reg_grad`` (optional) is r, the regulariser's gradient; it covers a prefix of the
-    buffer (D's segment), and beyond its length r counts as zero. (``reg=`` is its old name, deprecated: it was
-    easily taken for ODEStepper's ``reg``, the regulariser's weight.) ``acc`` is not read where a == 0.
+    buffer (D's segment), and beyond its length r counts as zero. ``acc`` is not read where a == 0.
     ``coeffs`` is an ``[nseg, 5]`` tensor on the buffers' device (a captured CUDA graph replays with whatever
     it holds) or a nested sequence of floats.
 
@@ -165,11 +149,6 @@ def rk_stage(
     refuses an in-place write to a leaf); under no_grad the buffers it writes have their versions bumped, so a
     graph that saved one of them refuses its backward.
     """
-    if reg is not _NOT_GIVEN:
-        if reg_grad is not None:
-            raise TypeError("rk_stage got both reg_grad= and reg= (its deprecated name): pass reg_grad= only")
-        warnings.warn("rk_stage's reg= is deprecated: use reg_grad=", DeprecationWarning, stacklevel=2)
-        reg_grad = reg
     coeffs, segs = check_stage_args(params, grads, x0, acc, coeffs, segments, reg_grad, write_x0)
     name = resolve(backend, params.device, "stage")
     _modules[name].stage(params, grads, x0, acc, coeffs, segs, reg_grad=reg_grad, write_x0=write_x0)

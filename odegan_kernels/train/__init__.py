@@ -2,9 +2,12 @@
 
 from .checkpoint import CheckpointError, RunLock, atomic_save, load_latest, read_checkpoint
 from .config import PRESETS, Config, load_config, make_config, resolve_device
+from .interrupts import TrainingInterrupted
+from .legacy import migrate_checkpoint
 from .logging import plot_metrics
 from .loop import Trainer
-from .state import NonFiniteError, TrainingInterrupted
+from .recovery import NonFiniteError
+from .state import RunState
 
 __all__ = [
     "PRESETS",
@@ -12,12 +15,14 @@ __all__ = [
     "Config",
     "NonFiniteError",
     "RunLock",
+    "RunState",
     "Trainer",
     "TrainingInterrupted",
     "atomic_save",
     "load_config",
     "load_latest",
     "make_config",
+    "migrate_checkpoint",
     "plot_metrics",
     "read_checkpoint",
     "resolve_device",

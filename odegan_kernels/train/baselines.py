@@ -107,10 +107,3 @@ def build_optimizer(cfg: Config, flat: FlatParams, distributed: bool = False):
     return BaselineOptimizer(
         flat, cfg.optimizer, lr=cfg.lr, betas=cfg.betas, reg=cfg.reg, distributed=distributed, penalties=pens
     ), None
-
-
-def scheduler_state_at(scheduler: LambdaLR, step: int) -> dict:
-    """A LambdaLR's state after ``step`` steps, for checkpoints written before schedulers were saved (0.1)."""
-    fn, base = scheduler.lr_lambdas[0], list(scheduler.base_lrs)
-    last = [b * fn(step) for b in base]
-    return {"base_lrs": base, "last_epoch": step, "_step_count": step + 1, "_last_lr": last, "lr_lambdas": [None]}

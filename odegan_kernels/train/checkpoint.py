@@ -78,8 +78,8 @@ def read_checkpoint(path: Path, device="cpu") -> dict:
         raise CheckpointError(
             f"{path} is empty, truncated or corrupt ({_first_line(exc)}); delete or move it"
         ) from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path} is not an odegan checkpoint (no 'step'); delete or move it")
+    if not isinstance(state, dict) or ("run" not in state and "step" not in state):
+        raise CheckpointError(f"{path} is not an odegan checkpoint (no 'run', nor 0.2's 'step'); delete or move it")
     return state
 
 

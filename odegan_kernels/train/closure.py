@@ -104,28 +104,3 @@ class GameClosure:
             self.fake0 = out.fake
         out.fake = None
         return out
-
-
-class RandomStreams:
-    """The run's random streams: real-data order (CPU) and noise (on the device), one pair per rank (rank 0's
-    are a single-process run's), plus the device's default generator that graph mode draws from."""
-
-    def __init__(self, seed: int, rank: int, device) -> None:
-        stream = seed * 2 + 1_000_003 * rank
-        self.device = torch.device(device)
-        self.data = torch.Generator(device="cpu").manual_seed(stream + 1)
-        self.z = torch.Generator(device=self.device).manual_seed(stream + 2)
-
-    def state(self) -> dict:
-        cuda = self.device.type == "cuda"
-        return {
-            "data": self.data.get_state(),
-            "z": self.z.get_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if cuda else None,
-        }
-
-    def set_state(self, state: dict) -> None:
-        self.data.set_state(state["data"])
-        self.z.set_state(state["z"])
-        if state.get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], self.device)

@@ -193,7 +193,7 @@ def choices() -> dict[str, tuple]:
         "loss": tuple(LOSSES),
         "reg_method": METHODS,
         "grads": ENGINES,
-        "backend": ("auto", *BACKENDS, "cuda"),
+        "backend": ("auto", *BACKENDS),
         "arch": ARCHS,
         "dtype": ("float32", "float64"),
     }
@@ -307,23 +307,28 @@ for _name, _extra in (("r1", dict(r1=0.3)), ("consensus", dict(consensus=1.0)), 
     }  # fmt: skip
 
 
-RENAMED = {"penalty": "reg_at", "penalty_at": "reg_at", "penalty_method": "reg_method"}  # old name -> new
+def unknown_options(names) -> str | None:
+    """A message naming the options of ``names`` that Config does not have (with today's name of one renamed since
+    0.2), or None when every one is known."""
+    from .legacy import RENAMED_OPTIONS
 
-
-def renamed(options: dict) -> dict:
-    """``options`` with the names used before 0.2 replaced by today's."""
-    return {RENAMED.get(k, k): v for k, v in options.items()}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    bad = sorted(set(names) - fields)
+    if not bad:
+        return None
+    renamed = [f"{k} is {RENAMED_OPTIONS[k]} since 0.3" for k in bad if k in RENAMED_OPTIONS]
+    return (
+        f"unknown option(s) {bad}" + (f" ({'; '.join(renamed)})" if renamed else "") + f"; options are {sorted(fields)}"
+    )
 
 
 def make_config(preset: str = "mog", **overrides) -> Config:
     """The preset's options with ``overrides`` (None values are ignored) on top, validated."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    overrides = renamed(overrides)
-    fields = {f.name for f in dataclasses.fields(Config)}
-    bad = set(overrides) - fields
-    if bad:
-        raise ValueError(f"unknown option(s) {sorted(bad)}; options are {sorted(fields)}")
+    why = unknown_options(overrides)
+    if why is not None:
+        raise ValueError(why)
     given = {k: v for k, v in overrides.items() if v is not None}
     cfg = Config(**{**PRESETS[preset], **given})
     cfg.validate()
@@ -350,9 +355,12 @@ def check_applies(cfg: Config, given) -> None:
 
 
 def load_config(path, **overrides) -> Config:
-    """A Config from a JSON file (a run's own config.json round-trips), with ``overrides`` on top, validated."""
+    """A Config from a JSON file (a run's own config.json round-trips; one written by 0.1 or 0.2 is read with
+    today's names: legacy.migrate_options), with ``overrides`` on top, validated."""
     import json
     from pathlib import Path
+
+    from .legacy import migrate_options
 
     if Path(path).is_dir():
         raise ValueError(f"--config {path} is a folder; give the JSON file (a run's config.json works)")
@@ -363,13 +371,14 @@ def load_config(path, **overrides) -> Config:
         raise ValueError(f"{path} is not JSON ({exc})") from None
     if not isinstance(options, dict):
         raise ValueError(f"{path} must hold a JSON object of options, not {type(options).__name__}")
-    options = renamed(options)
-    fields = {f.name for f in dataclasses.fields(Config)}
-    unknown = set(options) - fields - {"extra"}  # 'extra' was an unused field of 0.1's config.json
-    if unknown:
-        raise ValueError(f"{path}: unknown option(s) {sorted(unknown)}; options are {sorted(fields)}")
-    options = {k: v for k, v in options.items() if k in fields}
-    given = {k: v for k, v in renamed(overrides).items() if v is not None}
+    options = migrate_options(options)
+    why = unknown_options(options)
+    if why is not None:
+        raise ValueError(f"{path}: {why}")
+    why = unknown_options(overrides)
+    if why is not None:
+        raise ValueError(why)
+    given = {k: v for k, v in overrides.items() if v is not None}
     cfg = Config(**{**options, **given})
     cfg.validate()
     check_applies(cfg, given)

@@ -36,12 +36,15 @@ class MetricsLog:
                 continue
         return out
 
-    def truncate(self, step: int, pending: tuple[str, ...] = ()) -> None:
+    def truncate(self, step: int, pending: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> None:
         """Keep only what a run resumed (or rolled back) at ``step`` has done: rows of earlier steps, rows of
-        ``step`` whose kind ("log", "eval") is not still ``pending``, and every event row."""
+        ``step`` whose kind ("log", "eval") is not still ``pending``, and every event row. ``rename``: columns
+        renamed since an older version wrote the file (old name -> new)."""
         if not self.enabled or not self.path.exists():
             return
         keep = [r for r in self.rows() if "event" in r or _kept(r, step, pending)]
+        if rename:
+            keep = [{rename.get(k, k): v for k, v in r.items()} for r in keep]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         tmp.replace(self.path)

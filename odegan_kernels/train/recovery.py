@@ -1,15 +1,22 @@
 """Divergence recovery: a copy of the last state that passed the divergence check, and on non-finite values a
-rollback to it with a smaller step size, a bounded number of times; warnings when parameters run away."""
+rollback to it with a smaller step size, a bounded number of times; warnings when parameters run away.
+
+Recovery knows the run only through what it is given: a function that returns the run's state, one that restores
+a state, one that scales the step size, and the path of the last good checkpoint (for its message).
+"""
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT
-from .state import NonFiniteError
+
+class NonFiniteError(RuntimeError):
+    """Training reached non-finite values (the message says where, and which checkpoint is the last good one)."""
 
 
 def to_cpu(obj):
@@ -35,49 +42,58 @@ def scale_step_size(opt, scheduler, factor: float) -> list[float]:
 
 
 class Recovery:
-    """Keeps the trainer's last good state (on the host) and rolls back to it when training diverges.
+    """Keeps the run's last good state (on the host) and rolls back to it when training diverges.
 
-    ``retries`` rollbacks are allowed until the run gets past the step where it last diverged plus one check
-    interval; each one multiplies the step size by ``factor``. After the last, ``rollback`` returns None and
-    the caller stops with its error.
+    ``state()`` returns the run's state (``restore(state)`` puts one back), ``scale_h(factor)`` multiplies the step
+    size and returns the new one, ``checkpoint`` is the last good checkpoint's path. ``retries`` rollbacks are allowed
+    until the run gets past the step where it last diverged plus one check interval; each one multiplies the step
+    size by ``factor``. After the last, ``rollback`` returns None and the caller stops with its error.
     """
 
-    def __init__(self, trainer, factor: float = 0.5, retries: int = 3) -> None:
-        self.trainer, self.factor, self.retries = trainer, factor, retries
+    def __init__(
+        self,
+        state: Callable[[], dict],
+        restore: Callable[[dict], None],
+        scale_h: Callable[[float], list[float]],
+        checkpoint: Path,
+        factor: float = 0.5,
+        retries: int = 3,
+    ) -> None:
+        self.state, self.restore, self.scale_h, self.checkpoint = state, restore, scale_h, Path(checkpoint)
+        self.factor, self.retries = factor, retries
         self.left = retries
-        self.good: dict | None = None
+        self.good: tuple[int, dict] | None = None  # (its step, the state)
         self.failed_at = -1
 
-    def start(self) -> None:
+    def start(self, step: int, pmax0: float) -> None:
         """At the start of a run: the parameters' scale to compare with, and the first good state."""
-        self.pmax0, self.warned = float(self.trainer.flat.params.abs().max()), 0.0
-        self.snapshot()
+        self.pmax0, self.warned = pmax0, 0.0
+        self.snapshot(step)
 
-    def check(self, means: dict[str, float], pmax: float) -> dict | None:
+    def check(self, step: int, means: dict[str, float], pmax: float) -> dict | None:
         """None when the interval's means and the largest |parameter| are finite; else a rollback's record (with
         a one-line ``message``), or NonFiniteError when no retry is left."""
         bad = [k for k, v in means.items() if not math.isfinite(v)] + ([] if math.isfinite(pmax) else ["parameters"])
         if not bad:
             return None
-        tr = self.trainer
-        what = f"non-finite {', '.join(bad)} by step {tr.step}"
-        event = self.rollback()
+        what = f"non-finite {', '.join(bad)} by step {step}"
+        event = self.rollback(step)
         if event is None:
             raise NonFiniteError(
                 f"{what} ({self.retries} rollbacks allowed); the last good checkpoint (if any) is "
-                f"{tr.out / CHECKPOINT}. Lower the step size h or raise reg (rerun with --allow-change to keep "
+                f"{self.checkpoint}. Lower the step size h or raise reg (rerun with --allow-change to keep "
                 "this run folder)."
             )
-        message = f"{what}: rolled back to step {tr.step}, h now {event['h']} ({event['retries_left']} retries left)"
+        back = event["rolled_back_to"]
+        message = f"{what}: rolled back to step {back}, h now {event['h']} ({event['retries_left']} retries left)"
         return {**event, "message": message}
 
-    def growth(self, pmax: float) -> dict | None:
+    def growth(self, step: int, pmax: float) -> dict | None:
         """A warning row when the largest |parameter| has grown 1000x past its start (again 10x past the last
         warning): a run too large a step size drives away without ever becoming non-finite."""
         if not (pmax > 1e3 * max(self.pmax0, 1e-12) and pmax > 10 * self.warned):
             return None
         self.warned = pmax
-        step = self.trainer.step
         return {
             "step": step,
             "event": "param_growth",
@@ -86,26 +102,23 @@ class Recovery:
             "message": f"warning: max |parameter| {pmax:.3g} at step {step} (was {self.pmax0:.3g}): h may be too large",
         }
 
-    def snapshot(self) -> None:
-        """Remember the trainer's state as good (called after a passed check)."""
+    def snapshot(self, step: int) -> None:
+        """Remember the run's state at ``step`` as good (called after a passed check)."""
         if self.retries == 0:
             return  # nothing will roll back: skip the copy
-        self.good = to_cpu(self.trainer.local_state())
-        if self.good["step"] > self.failed_at:
+        self.good = (step, to_cpu(self.state()))
+        if step > self.failed_at:
             self.left = self.retries  # got past the trouble: a later divergence gets a fresh budget
 
-    def rollback(self) -> dict | None:
+    def rollback(self, step: int) -> dict | None:
         """Restore the last good state with a smaller step size; the event's record, or None when no retry is
         left (or nothing good was seen yet)."""
-        tr = self.trainer
         if self.good is None or self.left == 0:
             return None
-        failed = tr.step
-        self.failed_at = max(self.failed_at, failed)
+        self.failed_at = max(self.failed_at, step)
         self.left -= 1
-        tr.restore_local_state(to_cpu(self.good))
-        h = scale_step_size(tr.opt, tr.scheduler, self.factor)
-        self.good["opt"] = to_cpu(tr.opt.state_dict())  # a second rollback keeps the smaller step size
-        if tr.scheduler is not None:
-            self.good["scheduler"] = to_cpu(tr.scheduler.state_dict())
-        return {"step": failed, "event": "diverged", "rolled_back_to": tr.step, "h": h, "retries_left": self.left}
+        good_step, state = self.good
+        self.restore(to_cpu(state))
+        h = self.scale_h(self.factor)
+        self.good = (good_step, to_cpu(self.state()))  # a second rollback keeps the smaller step size
+        return {"step": step, "event": "diverged", "rolled_back_to": good_step, "h": h, "retries_left": self.left}
