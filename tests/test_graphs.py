@@ -155,6 +155,8 @@ def test_no_host_sync_inside_the_step():
         torch.cuda.set_sync_debug_mode("error")
         try:
             st.step(closure)
+            st.h = [0.05, 0.07]  # a change of h (a scheduler's, every step) is written without a host sync too
+            st.step(closure)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()

@@ -149,6 +149,27 @@ def test_cifar_schedule_as_a_torch_scheduler():
     _two_euler_steps(make)
 
 
+@pytest.mark.parametrize("method", sorted(TABLEAUS))
+@pytest.mark.parametrize("reg_at", ["first_stage", "after_step"])
+def test_the_coefficients_written_on_the_device_are_the_tableau_rows(method, reg_at):
+    """A change of h is written into the coefficient tensor from Python scalars (no copy from host memory: no host
+    sync under CUDA); the values are exactly tableau.stage_rows' (float64 products, rounded once)."""
+    from odegan_kernels.ode.tableau import stage_rows
+
+    M, th, ph = _bilinear_game(torch.float32)
+    flat = FlatParams([[th], [ph]], names=["D", "G"], dtype=torch.float32)
+    if reg_at == "first_stage" and TABLEAUS[method].b[0] == 0:
+        return  # refused (tested elsewhere): g_reg cannot be folded into a stage of no weight
+    st = ODEStepper(flat, method, h=0.1, reg=0.07, reg_at=reg_at)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        hs = [float(x) for x in torch.rand(2, generator=gen, dtype=torch.float64) * 0.3 + 1e-3]
+        st.h = hs
+        e = {0: st.reg_weight} if reg_at == "after_step" else {}
+        want = torch.tensor(stage_rows(compile_tableau(TABLEAUS[method]), hs, e), dtype=torch.float32)
+        assert torch.equal(st.coefficients(), want)
+
+
 def test_stepper_is_a_torch_optimizer():
     """param groups per player with h as lr, torch schedulers, hooks, zero_grad, and h changes that take effect."""
     A = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)

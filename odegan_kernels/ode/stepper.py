@@ -15,7 +15,7 @@ from .. import ops
 from ..contract import Stage, apply_penalties, check_reg, due, penalty_specs, returned, stage_caller
 from ..distributed import average_across_ranks
 from ..flat import FlatParams
-from .tableau import Tableau, compile_tableau, get_tableau, stage_rows
+from .tableau import Tableau, compile_tableau, get_tableau
 
 COUPLINGS = ("joint", "decoupled")
 REG_PLACEMENTS = ("first_stage", "after_step")
@@ -126,6 +126,11 @@ class ODEStepper(torch.optim.Optimizer):
                 self._reg_buf[e.offset : e.offset + e.param.numel()].view_as(e.param) for e in flat.layout(0)
             ]
         self._coeffs = torch.zeros(len(self._stages), nseg, 5, dtype=dt, device=dev)
+        # The stage constants (a, b, c, d) in float64 on the device, and a float64 scratch for the rows: a change
+        # of h is then written there from Python scalars alone (no copy from host memory, so no host sync).
+        abcd = [(st.a, st.b, st.c, st.d) for st in self._stages]
+        self._abcd64 = torch.tensor(abcd, dtype=torch.float64, device=dev)
+        self._rows64 = torch.zeros(len(self._stages), nseg, 5, dtype=torch.float64, device=dev)
         self._coeff_key = None
         self.rolled_back = False  # whether the last step was interrupted and undone
         self.last_result = None  # what the last finished step returned
@@ -198,15 +203,28 @@ class ODEStepper(torch.optim.Optimizer):
         if key == self._coeff_key:
             return  # nothing to copy: the common case costs no device work
         _step_sizes(list(hs), len(hs))  # a scheduler or a user may have set any value
-        e = {0: self.reg_weight} if self._reg_buf is not None else {}
-        rows = stage_rows(self._stages, list(hs), e)
-        # In place: a captured graph holds this tensor's address and replays with its new values.
-        self._coeffs.copy_(torch.tensor(rows, dtype=self._coeffs.dtype))
+        # tableau.stage_rows(stages, h, {0: reg_weight}) computed where the coefficients live, from Python scalars
+        # (kernel arguments): the same float64 products, rounded once into the coefficients' dtype. In place: a
+        # captured graph holds the coefficient tensor's address and replays with its new values.
+        rows = self._rows64
+        rows[..., 0:2].copy_(self._abcd64[:, None, 0:2].expand(-1, len(hs), -1))
+        for seg, h in enumerate(hs):
+            torch.mul(self._abcd64[:, 2:4], -h, out=rows[:, seg, 2:4])
+        rows[..., 4].zero_()
+        if self._reg_buf is not None:
+            rows[-1, 0, 4].fill_(self.reg_weight)  # the after-step g_reg: D's segment of the last stage
+        self._coeffs.copy_(rows)
         self._coeff_key = key
+
+    def coefficients(self) -> torch.Tensor:
+        """The fused stage op's coefficients for the step sizes and lambda as they are now (what the next step uses):
+        ``[stage][player] = (a, b, c, d, e)``, the rows of tableau.stage_rows, in the parameters' dtype and device."""
+        self._refresh_coeffs()
+        return self._coeffs
 
     def buffers(self) -> list[torch.Tensor]:
         """The tensors this stepper holds beyond the parameters and gradients (memory accounting)."""
-        held = [self.x0, self.acc, self._reg_buf, *(self._scratch or ())]
+        held = [self.x0, self.acc, self._reg_buf, *(self._scratch or ())]  # (coefficient tables excluded)
         return [t for t in held if t is not None]
 
     # -- the step --------------------------------------------------------------------------------------
