@@ -5,6 +5,8 @@ One segment per player (D first, G second); the fused stage kernels run over the
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -144,8 +146,10 @@ class FlatParams:
         self.grads = torch.zeros(offset, dtype=dtype, device=device)
         self.segments: list[tuple[int, int]] = segments
         self._layout = layout
+        self._checked = [e for e in layout if e.param.numel() > 0]  # an empty view has no address to check
         self._modules = [(n, m) for n, m in zip(names, players) if isinstance(m, nn.Module)]
         self._known = {id(e.param) for e in layout}
+        self._step_lock = threading.Lock()
         with torch.no_grad():
             for p, off, _ in layout:
                 self.params[off : off + p.numel()].copy_(p.detach().reshape(-1))
@@ -206,7 +210,7 @@ class FlatParams:
         """Make every ``p.grad`` a view of the flat gradient buffer again where user code detached it."""
         base, size = self.grads.data_ptr(), self.grads.element_size()
         for p, off, _ in self._layout:
-            if p.grad is None or p.grad.data_ptr() != base + off * size:
+            if p.grad is None or (p.numel() > 0 and p.grad.data_ptr() != base + off * size):
                 p.grad = self.grads[off : off + p.numel()].view_as(p)
 
     def buffers(self) -> list[torch.Tensor]:
@@ -228,7 +232,7 @@ class FlatParams:
         parameter that was not flattened (``layer.weight = nn.Parameter(...)`` after flattening): either would
         be silently left untrained by the fused kernels. Then checks the gradients (``check_grads``)."""
         base_p, size = self.params.data_ptr(), self.params.element_size()
-        for p, off, name in self._layout:
+        for p, off, name in self._checked:
             if p.data_ptr() != base_p + off * size:
                 raise RuntimeError(
                     f"parameter {name} no longer lives in the flat buffer: it was replaced, re-assigned, cast or moved "
@@ -249,23 +253,45 @@ class FlatParams:
             self.check_grads()
 
     def check_grads(self) -> None:
-        """Raise if a gradient was replaced by a tensor outside the flat buffer, or set to None: the fused
-        kernels would read the flat buffer and never see it."""
-        base_g, size = self.grads.data_ptr(), self.grads.element_size()
+        """Raise if a gradient was replaced by a tensor outside the flat buffer, or set to None, or a parameter's
+        data was (``w.data = w.data.clone()``): the fused kernels would read the flat buffers and never see it. The
+        optimisers call it after every closure call, so the step that would use the wrong tensor never finishes."""
+        base_p, base_g, size = self.params.data_ptr(), self.grads.data_ptr(), self.grads.element_size()
         for p, off, name in self._layout:
+            if p.numel() and p.data_ptr() != base_p + off * size:
+                raise RuntimeError(
+                    f"parameter {name} was moved out of the flat buffer during the step (p.data = ..., .to(), a "
+                    "cast): the step would not see it; change values in place (with torch.no_grad(): "
+                    "p.copy_(...)) or build a new FlatParams"
+                )
             g = p.grad
             if g is None:
                 raise RuntimeError(
                     f"the gradient of {name} was set to None (p.grad = None or zero_grad(set_to_none=True)) while "
                     "the step needs it; zero gradients with FlatParams.zero_grad() or optimizer.zero_grad()"
                 )
-            if g.data_ptr() != base_g + off * size:
+            if p.numel() and g.data_ptr() != base_g + off * size:
                 raise RuntimeError(
                     f"the gradient of {name} was replaced by a tensor outside the flat buffer (p.grad = ..., or "
                     "out-of-place accumulation such as backward(create_graph=True)), so the step would not see "
                     "it; accumulate into it instead: p.grad.add_(g), or backward() into the existing .grad "
                     "(torch.autograd.grad for higher-order terms)"
                 )
+
+    @contextlib.contextmanager
+    def stepping(self):
+        """Held by an optimiser for the whole of one step: a second step of the same buffers meanwhile (a closure
+        that calls step(), another optimiser or another thread) is refused rather than interleaved with it.
+        Optimisers may take turns (each step starts from the parameters as they are); they may not overlap."""
+        if not self._step_lock.acquire(blocking=False):
+            raise RuntimeError(
+                "these FlatParams are in the middle of a step already (a closure that calls step(), or another "
+                "optimiser or thread stepping them): a step must finish before the next one begins"
+            )
+        try:
+            yield
+        finally:
+            self._step_lock.release()
 
     def check_modules(self, *modules: nn.Module) -> None:
         """Raise if a module now holds parameters that were not flattened (replaced after flattening)."""

@@ -60,9 +60,9 @@ class AutogradEngine:
         one; only those asked for are accumulated) and the generator samples used (``fake``). ``losses`` is
         ignored: autograd needs the loss values anyway."""
         D, G, loss, method = self.D, self.G, self.loss, self.reg_method
-        players, pens = checked_players(players), penalty_names(penalties)
         if not isinstance(batch, Batch):
             raise TypeError(f"the engine takes a game.Batch, got {type(batch).__name__}")
+        players, pens = checked_players(players), penalty_names(penalties)
         c_real = () if batch.y_real is None else (batch.y_real,)
         c_fake = () if batch.y_fake is None else (batch.y_fake,)
         noise_r, noise_f = batch.noise if batch.noise is not None else (None, None)

@@ -55,7 +55,8 @@ def checked_players(players: Sequence[int]) -> tuple[int, ...]:
         out = tuple(players)
     except TypeError:
         raise TypeError(f"players must be a sequence of player indices (0 = D, 1 = G), got {players!r}") from None
-    if not out or any(isinstance(p, bool) or p not in (0, 1) for p in out) or len(set(out)) != len(out):
+    valid = [isinstance(p, int) and not isinstance(p, bool) and p in (0, 1) for p in out]
+    if not out or not all(valid) or len(set(out)) != len(out):
         raise ValueError(f"players must name D (0), G (1) or both, each once; got {players!r}")
     return out
 

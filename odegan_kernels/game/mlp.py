@@ -194,9 +194,9 @@ class MLPPair:
         backward. ``losses=False`` leaves out the loss values (only the logs read them). The batch's instance
         noise is constant, so the gradients and g_reg's tangent pass through it unchanged.
         """
-        players, pens = checked_players(players), penalty_names(penalties)
         if not isinstance(batch, Batch):
             raise TypeError(f"the engine takes a game.Batch, got {type(batch).__name__}")
+        players, pens = checked_players(players), penalty_names(penalties)
         if [p for p in pens if p != "g_reg"]:
             raise ValueError(f"the hand-derived engine computes g_reg only, not {pens} (use the autograd engine)")
         greg, loss, values = "g_reg" in pens, self.loss, losses

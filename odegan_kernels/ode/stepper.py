@@ -260,6 +260,10 @@ class ODEStepper(torch.optim.Optimizer):
                 "the penalties (reg > 0, or penalties=) need a closure that takes the Stage argument and returns "
                 "them when the stage asks (stage.penalties: contract.py)"
             )
+        with self.flat.stepping():  # no second step of these buffers meanwhile (re-entrant, or another optimiser)
+            return self._step(closure)
+
+    def _step(self, closure):
         self.flat.check(grads=False)  # parameters reassigned, moved or cast since flattening: named, before use
         self.flat.attach_grads()  # gradients a user detached between steps (zero_grad(set_to_none=True))
         self.x0.copy_(self.flat.params)  # the step's start as the parameters are now: edits between steps count
@@ -294,7 +298,7 @@ class ODEStepper(torch.optim.Optimizer):
                 flat.grads.zero_()  # attached at the step's start, checked after every call
                 stage = self._stage(i, everyone)
                 out = call(stage)
-                flat.check_grads()  # a closure that assigned p.grad = ... would move nothing
+                flat.check_grads()  # a closure that assigned p.grad = ... (or moved a p.data) would move nothing
                 self._apply_penalties(out, stage)
                 if i == 0:
                     first = returned(out)

@@ -57,6 +57,10 @@ class BaselineOptimizer:
 
     def step(self, closure):
         """One gradient evaluation and one optimizer step; returns what the closure returned (detached)."""
+        with self.flat.stepping():  # no second step of these buffers meanwhile
+            return self._step(closure)
+
+    def _step(self, closure):
         self.flat.zero_grad()
         everyone = tuple(range(len(self.flat.segments)))
         pens = due(self.penalties, self.steps, everyone)
