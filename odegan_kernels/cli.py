@@ -19,14 +19,14 @@ from .train import (
     load_config,
     make_config,
 )
-from .train.config import check_environment
+from .train.config import check_environment, coerce
 from .train.legacy import RENAMED_OPTIONS
 
 
 def _parse_value(text: str):
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON (a plain word), or past a parser limit: the option's type decides
         return text
     return text if value is None else value  # null stays text: the option's type decides (None ignores a value)
 
@@ -92,6 +92,9 @@ def _options(args) -> dict:
             raise ValueError(f"{key} is given twice, as a flag ({flag!r}) and with --set ({value!r}): give it once")
         overrides[key] = value
     if args.no_progress:
+        given = overrides.get("progress")
+        if given is not None and coerce("progress", given, bool) is not False:
+            raise ValueError(f"progress is given twice, as --no-progress and with --set ({given!r}): give it once")
         overrides["progress"] = False
     return overrides
 
@@ -152,5 +155,17 @@ def main(argv=None) -> int:
     return _train(args)
 
 
+def console() -> None:
+    """The ``odegan`` command as a process: main(), then exit without letting a late Ctrl-C (one pressed while the
+    interpreter shuts down: DataLoader workers, TensorBoard) print a traceback after the one-line message."""
+    code = main()
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

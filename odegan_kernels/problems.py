@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .data import MixtureOfGaussians
+from .files import save_figure
 from .metrics import check_fid_inputs, mode_metrics
 from .models.init import default_dtype
 
@@ -247,7 +248,7 @@ def plot_2d_samples(samples: torch.Tensor, centres: torch.Tensor, path: Path, ti
         ax.set_aspect("equal")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -268,7 +269,7 @@ def plot_image_grid(samples: torch.Tensor, path: Path, title: str = "") -> None:
     plt.imshow(grid.permute(1, 2, 0).numpy())
     plt.axis("off")
     plt.title(title)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    save_figure(fig, path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -14,7 +14,7 @@ PKG = ROOT / "odegan_kernels"
 # average a buffer) that the stepper uses, so they sit below it; the closure contract sits below both the
 # integrator (ode) and the game, which know nothing of each other; the models are built for the game's conventions.
 LAYERS = [
-    {"ops"},
+    {"ops", "files"},
     {"flat"},
     {"graphs", "distributed"},
     {"contract"},

@@ -411,3 +411,76 @@ def test_bad_paths_get_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+# -- the second pass (issue 18): recovery before any checkpoint, exact rows and warnings across a resume ----------
+def test_a_checkpoint_due_between_log_checks_never_preempts_recovery(tmp_path):
+    """DiracGAN at h 5 diverges before its first log check; a checkpoint due first (every 20 steps) runs the
+    divergence check, rolls back and goes on, where it used to stop with 'kept the last good checkpoint'."""
+    cfg = make_config("dirac", h=5.0, steps=60, ckpt_every=20, out=str(tmp_path), progress=False)
+    summary = Trainer(cfg).run()
+    events = [r for r in _rows(tmp_path) if r.get("event") == "diverged"]
+    # step 20's check passes (psi 3e13), step 40's sees NaN and goes back to step 20, the last good state
+    assert summary["step"] == 60 and events and (events[0]["step"], events[0]["rolled_back_to"]) == (40, 20)
+    assert torch.isfinite(read_checkpoint(tmp_path / "checkpoint.pt")["D"]["psi"]).all()
+
+
+def test_a_stop_request_on_a_diverged_state_saves_the_last_good_one(tmp_path):
+    """A signal when the state is non-finite (h 5 before any check): roll back, save that, stop as a stop does."""
+    tr = Trainer(make_config("dirac", h=5.0, steps=600, out=str(tmp_path), progress=False))
+    inner = tr.closure
+
+    def signalling(stage):
+        if tr.step == 30 and stage.index == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return inner(stage)
+
+    tr.closure = signalling
+    with pytest.raises(TrainingInterrupted, match="SIGINT at step"):
+        tr.run()
+    state = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in state["D"].values())
+    assert [r for r in _rows(tmp_path) if r.get("event") == "diverged"]
+
+
+class _Killed(BaseException):
+    """What a SIGKILL leaves: nothing after it runs (no checkpoint, no handler)."""
+
+
+def test_a_kill_just_after_a_rollback_resumes_to_the_same_rows(tmp_path):
+    """The diverged row of a rollback that the last checkpoint predates is written again by the resumed run
+    (which diverges the same way): kept once, as in the uninterrupted run, not twice."""
+    straight = Trainer(make_config("mog", steps=30, out=str(tmp_path / "straight"), **FAST))
+    corrupt_once(straight)
+    straight.run()
+    out = tmp_path / "killed"
+    tr = Trainer(make_config("mog", steps=30, out=str(out), **FAST))
+    corrupt_once(tr)
+    write = tr.metrics.write
+
+    def dying(row):
+        write(row)
+        if row.get("event") == "diverged":
+            raise _Killed
+
+    tr.metrics.write = dying
+    with pytest.raises(_Killed):
+        tr.run()
+    resumed = Trainer(make_config("mog", steps=30, out=str(out), **FAST))
+    corrupt_once(resumed)
+    resumed.run()
+    assert _rows(out) == _rows(tmp_path / "straight")
+    assert torch.equal(resumed.flat.params, straight.flat.params)
+
+
+def test_parameter_growth_warnings_survive_a_resume(tmp_path):
+    opts = dict(h=3.0, reg=0.0, method="euler", progress=False, log_every=5, eval_every=30, ckpt_every=10)
+    Trainer(make_config("dirac", steps=30, out=str(tmp_path / "straight"), **opts)).run()
+    Trainer(make_config("dirac", steps=10, out=str(tmp_path / "resumed"), **opts)).run()
+    Trainer(make_config("dirac", steps=30, out=str(tmp_path / "resumed"), **opts)).run()
+
+    def warnings(out):
+        return [(r["step"], r["max_abs"]) for r in _rows(out) if r.get("event") == "param_growth"]
+
+    assert len(warnings(tmp_path / "straight")) == 5
+    assert warnings(tmp_path / "resumed") == warnings(tmp_path / "straight")

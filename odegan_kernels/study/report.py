@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import save_figure, write_file
 from .dirac import (
     START,
     STEPS,
@@ -121,12 +122,16 @@ def figure(rows: list[dict], path: Path, lim: float = 2.5) -> None:
     fig.supxlabel("theta (generator)")
     fig.supylabel("psi (discriminator)")
     fig.tight_layout()
-    fig.savefig(path, dpi=72)
+    save_figure(fig, path, dpi=72)
     plt.close(fig)
     try:  # a 64-colour palette: a sixth of the bytes, the same picture (line art)
+        import io
+
         from PIL import Image
 
-        Image.open(path).convert("P", palette=Image.ADAPTIVE, colors=64).save(path, optimize=True)
+        buf = io.BytesIO()
+        Image.open(path).convert("P", palette=Image.ADAPTIVE, colors=64).save(buf, format="PNG", optimize=True)
+        write_file(path, buf.getvalue())
     except ImportError:
         pass
 
@@ -149,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/dirac_study", help="folder for table.md, table.json, trajectories.png")
     ap.add_argument("--no-figure", action="store_true")
     args = ap.parse_args(argv)
+    if not args.out:
+        ap.error("--out is empty: give a folder (a script's unset variable would write into the current folder)")
     if args.steps < 1:
         ap.error(f"--steps must be >= 1, got {args.steps}")
     if not (math.isfinite(args.h) and args.h > 0):
@@ -159,7 +166,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = study(args.steps, args.h)
     md = markdown(rows, args.steps, args.h)
-    (out / "table.md").write_text(md)
+    write_file(out / "table.md", md)
     keep = ("method", "update", "converged", "distance", "radius")
     js = [
         {
@@ -169,7 +176,7 @@ def main(argv=None) -> int:
         }
         for r in rows
     ]
-    (out / "table.json").write_text(json.dumps(_json_safe(js), indent=1, allow_nan=False) + "\n")
+    write_file(out / "table.json", json.dumps(_json_safe(js), indent=1, allow_nan=False) + "\n")
     if not args.no_figure:
         figure(rows, out / "trajectories.png")
     print(md)

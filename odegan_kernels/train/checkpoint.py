@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from ..files import UnsafeFileError, open_regular
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 
@@ -62,11 +65,13 @@ def read_checkpoint(path: Path, device="cpu") -> dict:
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():  # a damaged file can also trip the unpickler's protocol warning
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=device, weights_only=True)
+        with open_regular(path) as f, warnings.catch_warnings():  # a FIFO is refused, never waited on
+            warnings.simplefilter("ignore")  # a damaged file can also trip the unpickler's protocol warning
+            state = torch.load(f, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise
+    except UnsafeFileError as exc:
+        raise CheckpointError(str(exc)) from None
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):  # an object that names code to run
             raise CheckpointError(
@@ -155,7 +160,17 @@ class RunLock:
     def acquire(self) -> RunLock:
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: a planted .lock -> some file would have that file truncated
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if self.path.is_symlink():
+                raise CheckpointError(
+                    f"{self.path} is a symbolic link; a run's lock is its own regular file: remove the link"
+                ) from None
+            raise exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CheckpointError(f"{self.path} is not a regular file; a run's lock is its own: move it away")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -138,6 +138,10 @@ class Config:
         for name in NON_NEGATIVE:
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.out.strip():
+            raise ValueError(
+                "out is empty: give the run folder (a script's unset variable would write into the current folder)"
+            )
         if self.seed >= 2**63:
             raise ValueError(f"seed must be < 2**63 (torch's generators take a 64-bit signed seed), got {self.seed}")
         if not 0 < self.recover_factor < 1:
@@ -364,11 +368,15 @@ def load_config(path, **overrides) -> Config:
 
     if Path(path).is_dir():
         raise ValueError(f"--config {path} is a folder; give the JSON file (a run's config.json works)")
-    text = Path(path).read_text()
     try:
+        text = Path(path).read_bytes().decode("utf-8")
         options = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): give a JSON file") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests its JSON too deeply to read: a config file is a flat object") from None
+    except ValueError as exc:  # a JSONDecodeError, or a number past Python's digit limit
+        raise ValueError(f"{path} is not a JSON file of options ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(options, dict):
         raise ValueError(f"{path} must hold a JSON object of options, not {type(options).__name__}")
     options = migrate_options(options)

@@ -29,6 +29,10 @@ def migrate_checkpoint(state: dict) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"a checkpoint is a dict of the run's parts, got {type(state).__name__}")
     if state.get("format") == FORMAT:
+        missing = [k for k in ("run", "D", "G", "opt") if k not in state]
+        if missing or not isinstance(state["run"], dict) or "rng" not in state["run"]:
+            raise ValueError(f"the checkpoint lacks {', '.join(map(repr, missing or ['run.rng']))}")
+        _step(state["run"].get("step"))
         return state
     if "format" in state:
         raise ValueError(f"checkpoint format {state['format']!r} is not one this version reads (0.1, 0.2 or {FORMAT})")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
+
+from ..files import append_line, read_lines, save_figure, write_file
 
 
 class MetricsLog:
@@ -17,41 +20,50 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))
 
     def clear(self) -> None:
         if self.enabled:
             self.path.unlink(missing_ok=True)
 
     def rows(self) -> list[dict]:
-        """The rows written so far (a line torn by a kill is skipped)."""
+        """The rows written so far (a line torn by a kill is skipped; so is one that is not UTF-8, with a warning)."""
         if not self.path.exists():
             return []
+        lines, bad = read_lines(self.path)
+        if bad:
+            warnings.warn(f"{self.path}: skipped {bad} line(s) that are not UTF-8 text", stacklevel=2)
         out = []
-        for line in self.path.read_text().splitlines():
+        for line in lines:
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line)
+            except (ValueError, RecursionError):  # torn, garbled, or a number past Python's digit limit
                 continue
+            if isinstance(row, dict):
+                out.append(row)
         return out
 
-    def truncate(self, step: int, pending: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> None:
-        """Keep only what a run resumed (or rolled back) at ``step`` has done: rows of earlier steps, rows of
-        ``step`` whose kind ("log", "eval") is not still ``pending``, and every event row. ``rename``: columns
-        renamed since an older version wrote the file (old name -> new)."""
+    def truncate(
+        self, step: int, pending: tuple[str, ...] = (), rename: dict[str, str] | None = None, resumed: bool = False
+    ) -> None:
+        """Keep only what a run rolled back (or ``resumed``) at ``step`` has done: rows of earlier steps, rows of
+        ``step`` whose kind ("log", "eval") is not still ``pending``, and the event rows: all of them after a rollback
+        (its own and earlier ones), only those up to ``step`` on resume (the resumed run writes the later ones
+        again, exactly). ``rename``: columns renamed since an older version wrote the file (old name -> new)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [r for r in self.rows() if "event" in r or _kept(r, step, pending)]
+        keep = [r for r in self.rows() if _kept(r, step, pending, resumed)]
         if rename:
             keep = [{rename.get(k, k): v for k, v in r.items()} for r in keep]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(self.path)
+        write_file(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def _kept(row: dict, step: int, pending) -> bool:
+def _kept(row: dict, step: int, pending, resumed: bool) -> bool:
     s = row.get("step", 0)
+    if not isinstance(s, (int, float)):
+        return False
+    if "event" in row:
+        return not resumed or s <= step
     kind = "log" if "steps_per_s" in row else "eval"
     return s < step or (s == step and kind not in pending)
 
@@ -107,7 +119,7 @@ def write_summary(out: Path, result: dict, rate: float | None) -> dict:
             (r["steps_per_s"] for r in reversed(MetricsLog(out / "metrics.jsonl").rows()) if "steps_per_s" in r), 0.0
         )
     summary = {**result, "steps_per_s": rate}
-    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_file(Path(out) / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_metrics(Path(out))
     return summary
 
@@ -137,7 +149,7 @@ def plot_metrics(out: Path) -> None:
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=80)
+    save_figure(fig, out / "metrics.png", dpi=80)
     plt.close(fig)
     track = [(r["psi"], r["theta"]) for r in rows if "psi" in r and "theta" in r]
     if len(track) > 1:  # DiracGAN: the players' path in the (psi, theta) plane
@@ -151,7 +163,7 @@ def plot_metrics(out: Path) -> None:
         ax.set_aspect("equal", adjustable="datalim")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "trajectory.png", dpi=80)
+        save_figure(fig, out / "trajectory.png", dpi=80)
         plt.close(fig)
 
 

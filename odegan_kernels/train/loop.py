@@ -23,11 +23,21 @@ from pathlib import Path
 import torch
 
 from ..distributed import all_gather_objects, init_distributed
+from ..files import write_file
 from ..flat import FlatParams
 from ..graphs import StaticBatches
 from ..problems import build_problem
 from .baselines import build_optimizer
-from .checkpoint import CHECKPOINT, PREVIOUS, RunLock, atomic_save, load_latest, remove_stale_temporaries, set_aside
+from .checkpoint import (
+    CHECKPOINT,
+    PREVIOUS,
+    CheckpointError,
+    RunLock,
+    atomic_save,
+    load_latest,
+    remove_stale_temporaries,
+    set_aside,
+)
 from .closure import GameClosure
 from .config import Config, resolve_device
 from .ema import GeneratorAverage
@@ -73,6 +83,7 @@ class Trainer:
         self.closure = self.game_closure  # what the optimiser calls (wrap it to observe or inject)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main)
         self._stop = StopRequests()  # run() installs the signal handlers
+        self._last_ckpt = time.monotonic()  # when the last checkpoint was written (the clock of ckpt_minutes)
         self.recovery = Recovery(
             self.local_state_dict,
             self.load_local_state_dict,
@@ -149,6 +160,7 @@ class Trainer:
         """Everything a resumed run needs; collective under torchrun (every rank's random streams)."""
         state = self.local_state_dict()
         state["run"]["rng"] = all_gather_objects(state["run"]["rng"], self.world)  # one entry per rank
+        state["recovery"] = self.recovery.state_dict()  # not in the local state: a rollback keeps its own count
         return state
 
     def load_state_dict(self, state: dict, allow_change: bool = False) -> dict:
@@ -165,6 +177,7 @@ class Trainer:
                 "data and noise streams continue from it, so resume with the same number of processes"
             )
         self.load_local_state_dict({**state, "run": {**state["run"], "rng": rng[self.rank]}})
+        self.recovery.load_state_dict(state.get("recovery"))
         if changes:
             apply_changes(self.cfg, self.opt, self.scheduler, changes)
         return changes
@@ -209,9 +222,9 @@ class Trainer:
             remove_stale_temporaries(self.out)
         resumed = self._resume(allow_change) if resume else self._start_fresh()
         if main:
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            write_file(self.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         if resumed:
-            self.metrics.truncate(self.step, tuple(self.state.pending), rename=RENAMED_COLUMNS)
+            self.metrics.truncate(self.step, tuple(self.state.pending), rename=RENAMED_COLUMNS, resumed=True)
         else:
             self.metrics.clear()
             if main:
@@ -245,7 +258,12 @@ class Trainer:
         cfg, s = self.cfg, self.step
         last = s == cfg.steps
         every = (("log", cfg.log_every), ("eval", cfg.eval_every), ("plot", cfg.plot_every), ("ckpt", cfg.ckpt_every))
-        return [item for item, n in every if s % n == 0 or last]
+        due = [item for item, n in every if s % n == 0 or last]
+        # a single process checks the clock at every step (no device work); torchrun ranks agree on it at the
+        # log intervals (one all-reduce there), so that they all write the checkpoint together
+        if self.world == 1 and "ckpt" not in due and time.monotonic() - self._last_ckpt > 60 * cfg.ckpt_minutes:
+            due.append("ckpt")
+        return due
 
     def _finish_step(self) -> None:
         """Do what is due after the last booked step, one item at a time (an interrupted run saves the rest as
@@ -268,6 +286,8 @@ class Trainer:
                 if path.exists():
                     self._tb.picture(path, self.step)
             elif item == "ckpt":
+                if not self._finite_or_rolled_back():  # never a checkpoint of a diverged state: recovery first
+                    continue
                 run.pending.pop(0)  # the checkpoint holds what is left after it
                 self.save_checkpoint()
                 self._last_ckpt = time.monotonic()
@@ -275,6 +295,22 @@ class Trainer:
             if run.pending[:1] == [item] and item != "log":  # (the log item removes itself; a rollback, all)
                 run.pending.pop(0)
         self._stop_if_requested()
+
+    def _finite_or_rolled_back(self) -> bool:
+        """The divergence check of a log interval without its row, before a checkpoint (one host sync): True when the
+        run is finite, False when it rolled back (a ``diverged`` row; what was pending is moot)."""
+        rec, (pmax,) = self.state.means.means([self.flat.params.abs().max()], self.world)
+        with critical():
+            event = self.recovery.check(self.step, rec, pmax / self.world)
+            if event is None:
+                self.recovery.snapshot(self.step)  # known good: a later rollback comes back here
+                return True
+            message = event.pop("message")
+            self.metrics.truncate(self.step)
+            self.metrics.write(event)
+            self.state.pending = []
+        self._console.write(message)
+        return False
 
     def _log_interval(self) -> None:
         """The interval's means and the divergence check (one host sync, one all-reduce under torchrun): a row in
@@ -328,6 +364,7 @@ class Trainer:
             raise TrainingInterrupted(
                 f"rank {self.rank} interrupted at step {self.step}; the last checkpoint stands"
             ) from None
+        self._finite_or_rolled_back()  # a diverged state is rolled back to the last good one, which is saved
         path = self.save_checkpoint()
         raise TrainingInterrupted(
             f"interrupted at step {self.step}; saved {path}; rerun the same command to resume"
@@ -336,6 +373,7 @@ class Trainer:
     def _stop_if_requested(self) -> None:
         """At a step boundary: when a signal asked to stop, checkpoint and raise TrainingInterrupted."""
         if self._stop.requested is not None:
+            self._finite_or_rolled_back()  # a diverged state is rolled back to the last good one, which is saved
             path = self.save_checkpoint()
             raise TrainingInterrupted(
                 f"{self._stop.requested} at step {self.step}; saved {path}; rerun the same command to resume"
@@ -349,7 +387,15 @@ class Trainer:
             if moved is not None:
                 self._say(f"{self.out} has no checkpoint to resume from: the earlier run's files moved to {moved}")
             return False
-        changes = self.load_state_dict(found[0], allow_change)
+        state, path = found
+        try:
+            state = migrate_checkpoint(state)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}; delete or move it") from None
+        try:
+            changes = self.load_state_dict(state, allow_change)
+        except (KeyError, RuntimeError, TypeError) as exc:  # the file's parts do not fit this run's (a config mismatch)
+            raise CheckpointError(f"{path} does not fit this run: {_first_line(exc)}") from None
         if changes and self.is_main:
             self.metrics.write({"step": self.step, "event": "resumed_with_changes", "changes": changes})
         steps, at = self.cfg.steps, f"{self.out} is at step {self.step} of {self.cfg.steps}"
@@ -405,6 +451,14 @@ def apply_changes(cfg: Config, opt, scheduler, changes: dict) -> None:
             base = [b * scheduler.lr_lambdas[0](scheduler.last_epoch) for b in base]
         for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first informative line (torch's state-dict mismatch is several: the first mismatch)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    mismatch = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    text = (mismatch or lines or [type(exc).__name__])[0]
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def _norm(v):

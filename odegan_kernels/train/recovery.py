@@ -64,11 +64,26 @@ class Recovery:
         self.left = retries
         self.good: tuple[int, dict] | None = None  # (its step, the state)
         self.failed_at = -1
+        self.pmax0: float | None = None  # set by start() or a checkpoint
+        self.warned = 0.0
 
     def start(self, step: int, pmax0: float) -> None:
-        """At the start of a run: the parameters' scale to compare with, and the first good state."""
-        self.pmax0, self.warned = pmax0, 0.0
+        """At the start of a run: the parameters' scale to compare with (a resumed run keeps its checkpoint's), and
+        the first good state."""
+        if getattr(self, "pmax0", None) is None:
+            self.pmax0, self.warned = pmax0, 0.0
         self.snapshot(step)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to decide as this one would: the parameters' starting scale, the last warning,
+        the rollbacks left and where the run last diverged (the good state itself is the checkpoint's)."""
+        return {"pmax0": self.pmax0, "warned": self.warned, "left": self.left, "failed_at": self.failed_at}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore it (a checkpoint written before 0.3 has none: the run then starts its scale afresh)."""
+        if state:
+            self.pmax0, self.warned = float(state["pmax0"]), float(state["warned"])
+            self.left, self.failed_at = int(state["left"]), int(state["failed_at"])
 
     def check(self, step: int, means: dict[str, float], pmax: float) -> dict | None:
         """None when the interval's means and the largest |parameter| are finite; else a rollback's record (with
@@ -79,10 +94,10 @@ class Recovery:
         what = f"non-finite {', '.join(bad)} by step {step}"
         event = self.rollback(step)
         if event is None:
+            kept = f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.exists() else "no checkpoint"
             raise NonFiniteError(
-                f"{what} ({self.retries} rollbacks allowed); the last good checkpoint (if any) is "
-                f"{self.checkpoint}. Lower the step size h or raise reg (rerun with --allow-change to keep "
-                "this run folder)."
+                f"{what} ({self.retries} rollbacks allowed); {kept}. Lower the step size h or raise reg (rerun with "
+                "--allow-change to keep this run folder)."
             )
         back = event["rolled_back_to"]
         message = f"{what}: rolled back to step {back}, h now {event['h']} ({event['retries_left']} retries left)"
