@@ -49,6 +49,7 @@ if triton is not None:
         acc_ptr,
         r_ptr,
         r_len,
+        first,
         offs,
         mask,
         a,
@@ -60,11 +61,14 @@ if triton is not None:
         WRITE_X0: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        # a..e are scalars (the block lies in one segment) or per-element blocks (it straddles a boundary)
+        # a..e are scalars (the block lies in one segment) or per-element blocks (it straddles a boundary). mask is
+        # a constant all-true block for a full block: then every access is a 16-byte vector one where aligned.
         k = tl.load(g_ptr + offs, mask=mask, other=0.0)
         if HAS_REG:
-            r = tl.load(r_ptr + offs, mask=mask & (offs < r_len), other=0.0)
-            k = k + e * r
+            if first + BLOCK <= r_len:  # r covers the whole block
+                k = k + e * tl.load(r_ptr + offs, mask=mask, other=0.0)
+            elif first < r_len:  # r (D's prefix) ends inside it
+                k = k + e * tl.load(r_ptr + offs, mask=mask & (offs < r_len), other=0.0)
         # acc is not read where a == 0 (stage 1): saves a fifth of the traffic there, and a stale or
         # uninitialised acc cannot leak in.
         read_acc = (a + tl.zeros([BLOCK], dtype=a.dtype)) != 0
@@ -77,7 +81,10 @@ if triton is not None:
         if WRITE_X0:
             tl.store(x0_ptr + offs, p, mask=mask)
 
-    @triton.jit
+    # n and r_len are not specialised on (their value mod 16 would otherwise compile a variant per size class):
+    # full blocks take an unmasked path instead, which keeps the 16-byte accesses for any n. The coefficient and
+    # segment tables are read a scalar at a time, so their alignment is not specialised on either.
+    @triton.jit(do_not_specialize=["coef_ptr", "seg_ptr", "n", "r_len"])
     def _stage_kernel(
         p_ptr,
         g_ptr,
@@ -96,7 +103,6 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         first = pid * BLOCK
         offs = first + tl.arange(0, BLOCK)
-        mask = offs < n
         # Segments are long against a block: find the segments of the block's first and last element
         # (scalars) and use uniform coefficients unless the block straddles a boundary.
         last = tl.minimum(first + BLOCK, n) - 1
@@ -106,7 +112,7 @@ if triton is not None:
             start = tl.load(seg_ptr + i)
             s_first += (first >= start).to(tl.int32)
             s_last += (last >= start).to(tl.int32)
-        if s_first == s_last:
+        if (s_first == s_last) & (first + BLOCK <= n):  # the common case: a full block inside one segment
             coef = coef_ptr + s_first * 5
             _stage_block(
                 p_ptr,
@@ -115,8 +121,9 @@ if triton is not None:
                 acc_ptr,
                 r_ptr,
                 r_len,
+                first,
                 offs,
-                mask,
+                tl.full([BLOCK], 1, tl.int1),
                 tl.load(coef),
                 tl.load(coef + 1),
                 tl.load(coef + 2),
@@ -126,7 +133,8 @@ if triton is not None:
                 WRITE_X0,
                 BLOCK,
             )
-        else:
+        else:  # the buffer's last block, or one across a segment boundary: masked, coefficients per element
+            mask = offs < n
             seg = tl.zeros([BLOCK], dtype=tl.int32)
             for i in tl.static_range(1, NSEG):
                 seg += (offs >= tl.load(seg_ptr + i)).to(tl.int32)
@@ -138,6 +146,7 @@ if triton is not None:
                 acc_ptr,
                 r_ptr,
                 r_len,
+                first,
                 offs,
                 mask,
                 tl.load(rows, mask=mask, other=0.0),
@@ -151,49 +160,71 @@ if triton is not None:
             )
 
     @triton.jit
+    def _sq_sum(ptr, base, length, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        """Sum of squares of ptr[base : base + min(length, BLOCK * ITERS)]: unmasked (16-byte loads where the pointer
+        is known aligned) when the piece is whole, masked for a tensor's last piece."""
+        if IS_F64:
+            total = tl.zeros([BLOCK], dtype=tl.float64)
+        else:
+            total = tl.zeros([BLOCK], dtype=tl.float32)
+        if length >= BLOCK * ITERS:
+            for it in tl.static_range(ITERS):
+                x = tl.load(ptr + base + it * BLOCK + tl.arange(0, BLOCK))
+                total += x * x
+        else:
+            for it in tl.static_range(ITERS):
+                offs = it * BLOCK + tl.arange(0, BLOCK)
+                x = tl.load(ptr + base + offs, mask=offs < length, other=0.0)
+                total += x * x
+        return tl.sum(total, axis=0)
+
+    @triton.jit(do_not_specialize=["part_off"])
     def _sqnorm_partials_kernel(
-        addr_ptr, len_ptr, part_ptr, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr
+        addr_ptr,
+        len_ptr,
+        part_ptr,
+        part_off,
+        IS_F64: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ITERS: tl.constexpr,
     ):
+        # one program per CHUNK of the address table; ALIGNED: every chunk address is 16-byte aligned (checked on
+        # the host), which a pointer made from a loaded integer cannot tell the compiler by itself
         pid = tl.program_id(0)
         addr = tl.load(addr_ptr + pid)
         length = tl.load(len_ptr + pid)
         if IS_F64:
             ptr = addr.to(tl.pointer_type(tl.float64))
-            total = tl.zeros([BLOCK], dtype=tl.float64)
         else:
             ptr = addr.to(tl.pointer_type(tl.float32))
-            total = tl.zeros([BLOCK], dtype=tl.float32)
-        for it in tl.static_range(ITERS):
-            offs = it * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(ptr + offs, mask=offs < length, other=0.0)
-            total += x * x
-        tl.store(part_ptr + pid, tl.sum(total, axis=0))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        tl.store(part_ptr + part_off + pid, _sq_sum(ptr, 0, length, IS_F64, BLOCK, ITERS))
 
-    @triton.jit
-    def _sqnorm_one_kernel(x_ptr, n, part_ptr, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-        # one tensor, one program per CHUNK: the capture-safe path (no address table to build)
-        pid = tl.program_id(0).to(tl.int64)
+    @triton.jit(do_not_specialize=["n", "part_off"])
+    def _sqnorm_one_kernel(
+        x_ptr, n, part_ptr, part_off, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr
+    ):
+        # one tensor, its pointer an argument (so its alignment is known), one program per CHUNK: the path of a
+        # single tensor and of a capture (no address table to build)
+        base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
+        tl.store(part_ptr + part_off + tl.program_id(0), _sq_sum(x_ptr, base, n - base, IS_F64, BLOCK, ITERS))
+
+    @triton.jit(do_not_specialize=["m"])
+    def _sum_kernel(part_ptr, out_ptr, m, IS_F64: tl.constexpr, BLOCK: tl.constexpr):
+        # one program, fixed order: the result does not depend on scheduling (deterministic). The bound m is a
+        # runtime value (a while loop: the interpreter cannot range() over a runtime scalar), so every number of
+        # partials shares one compiled kernel.
         if IS_F64:
             total = tl.zeros([BLOCK], dtype=tl.float64)
         else:
             total = tl.zeros([BLOCK], dtype=tl.float32)
-        for it in tl.static_range(ITERS):
-            offs = pid * (BLOCK * ITERS) + it * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-            total += x * x
-        tl.store(part_ptr + pid, tl.sum(total, axis=0))
-
-    @triton.jit
-    def _sum_kernel(part_ptr, out_ptr, m, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-        # one program, fixed order: the result does not depend on scheduling (deterministic)
-        if IS_F64:
-            total = tl.zeros([BLOCK], dtype=tl.float64)
-        else:
-            total = tl.zeros([BLOCK], dtype=tl.float32)
-        # ITERS is a constexpr: the interpreter cannot run a loop whose bound is a runtime scalar
-        for i in range(ITERS):
-            offs = i * BLOCK + tl.arange(0, BLOCK)
+        start = 0
+        while start < m:
+            offs = start + tl.arange(0, BLOCK)
             total += tl.load(part_ptr + offs, mask=offs < m, other=0.0)
+            start += BLOCK
         tl.store(out_ptr, tl.sum(total, axis=0))
 
     # every kernel by name, for ahead-of-time compilation (tests/test_triton_compile.py)
@@ -277,9 +308,10 @@ SQ_CHUNK = SQ_BLOCK * SQ_ITERS
 _table_cache: OrderedDict = OrderedDict()
 
 
-def _chunk_table(tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """(address, length) of every CHUNK-sized piece of every tensor, cached by the tensors' addresses so
-    steady-state calls (and a graph's replays, whose pool addresses are fixed) build nothing."""
+def _chunk_table(tensors) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(address, length) of every CHUNK-sized piece of every tensor, and whether every address is 16-byte aligned;
+    cached by the tensors' addresses so steady-state calls (and a graph's replays, whose pool addresses are fixed)
+    build nothing."""
     # the element size is in the key: a float64 view of float32 storage has the same address and may have
     # the same length, but other chunk addresses
     key = tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for t in tensors)
@@ -294,11 +326,17 @@ def _chunk_table(tensors) -> tuple[torch.Tensor, torch.Tensor]:
             addrs.append(t.data_ptr() + start * size)
             lens.append(min(SQ_CHUNK, t.numel() - start))
     dev = tensors[0].device
-    hit = (_device_table(addrs, dev), _device_table(lens, dev))
+    hit = (_device_table(addrs, dev), _device_table(lens, dev), all(a % 16 == 0 for a in addrs))
     _table_cache[key] = hit
     if len(_table_cache) > 32:
         _table_cache.popitem(last=False)
     return hit
+
+
+def _warms_capture_path(device: torch.device) -> bool:
+    """Whether an eager call first runs the per-tensor path once for its signature (see _warm_capture_path): on a
+    GPU, where a capture may come later."""
+    return device.type == "cuda"
 
 
 _warmed: set = set()
@@ -307,8 +345,9 @@ _warmed: set = set()
 def _warm_capture_path(tensors) -> None:
     """Run the per-tensor path once, eagerly, for every new signature of a call: the variants a capture will
     launch are then compiled and loaded before it (loading a module during a capture is refused on some
-    drivers). Triton specialises on the pointers' 16-byte alignment and on the lengths, so those are the key."""
-    key = tuple((t.dtype, t.numel(), t.data_ptr() % 16 == 0) for t in tensors)
+    drivers). Triton specialises that kernel on its dtype and on the pointer's 16-byte alignment (not on the
+    lengths), so those are the key."""
+    key = (tensors[0].dtype, frozenset(t.data_ptr() % 16 == 0 for t in tensors))
     if key not in _warmed:
         launch_sqnorm(tensors, per_tensor=True)
         _warmed.add(key)
@@ -317,8 +356,8 @@ def _warm_capture_path(tensors) -> None:
 def launch_sqnorm(tensors, per_tensor: bool | None = None) -> torch.Tensor:
     """Partial sums per CHUNK, then one fixed-order sum (deterministic).
 
-    Partials come from one launch over an address table or, while a CUDA graph is being captured (where a
-    new table would need a host copy), from one launch per tensor with its pointer as an argument.
+    Partials come from one launch per tensor with its pointer as an argument (one tensor; or while a CUDA graph is
+    being captured, where a new table would need a host copy), else from one launch over an address table.
     """
     tensors = [t for t in tensors if t.numel() > 0]
     dtype = tensors[0].dtype if tensors else torch.float32
@@ -326,8 +365,9 @@ def launch_sqnorm(tensors, per_tensor: bool | None = None) -> torch.Tensor:
     if not tensors:
         return out
     if per_tensor is None:
-        per_tensor = out.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if out.device.type == "cuda" and not per_tensor:
+        capturing = out.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        per_tensor = capturing or len(tensors) == 1
+        if not capturing and _warms_capture_path(out.device):
             _warm_capture_path(tensors)
     is_f64 = dtype == torch.float64
     if per_tensor:
@@ -337,15 +377,17 @@ def launch_sqnorm(tensors, per_tensor: bool | None = None) -> torch.Tensor:
         start = 0
         for t, c in zip(tensors, chunks):
             _sqnorm_one_kernel[(c,)](
-                t, t.numel(), partials[start:], IS_F64=is_f64, BLOCK=SQ_BLOCK, ITERS=SQ_ITERS, num_warps=4
+                t, t.numel(), partials, start, IS_F64=is_f64, BLOCK=SQ_BLOCK, ITERS=SQ_ITERS, num_warps=4
             )
             start += c
     else:
-        addrs, lens = _chunk_table(tensors)
+        addrs, lens, aligned = _chunk_table(tensors)
         m = addrs.numel()
         partials = torch.empty(m, dtype=dtype, device=out.device)
-        _sqnorm_partials_kernel[(m,)](addrs, lens, partials, IS_F64=is_f64, BLOCK=SQ_BLOCK, ITERS=SQ_ITERS, num_warps=4)
-    _sum_kernel[(1,)](partials, out, m, IS_F64=is_f64, BLOCK=1024, ITERS=triton.cdiv(m, 1024), num_warps=4)
+        _sqnorm_partials_kernel[(m,)](
+            addrs, lens, partials, 0, IS_F64=is_f64, ALIGNED=aligned, BLOCK=SQ_BLOCK, ITERS=SQ_ITERS, num_warps=4
+        )
+    _sum_kernel[(1,)](partials, out, m, IS_F64=is_f64, BLOCK=1024, num_warps=4)
     return out
 
 
