@@ -289,13 +289,6 @@ def run_model(
     if name == "mlp" and jax_step.available():  # the peer: the same step in JAX, from the same start and data
         record_jax_rows(name, device, batch, rep_ms, row, step_g if is_cuda else None)
 
-    # (d) torch.compile: compiled modules in our stepper, compiled once per model (a cold Inductor compile of an image
-    # model costs 30-90 s): when the double backward fails, the same compiled modules and stepper run the
-    # finite-difference penalty, which needs none. The shared forward retains D's graph for the second backward,
-    # which compiled backwards with donated buffers refuse; the error tells users to turn them off.
-    if compile_rows:
-        record_compile_rows(name, device, batch, record, row)
-
     # (f) Adam and Euler on the same model
     D, G, real, z = make_models(name, device, batch)
     flat_a = FlatParams(D=D, G=G)
@@ -314,6 +307,13 @@ def run_model(
     sync(device)
     if penalties:
         record_penalty_rows(name, device, batch, rep_ms, row)
+    # (d) torch.compile, last (a run stopped at its time limit loses these first): compiled modules in our stepper,
+    # compiled once per model (a cold Inductor compile of an image model costs 30-90 s): when the double backward
+    # fails, the same compiled modules and stepper run the finite-difference penalty, which needs none. The shared
+    # forward retains D's graph for the second backward, which compiled backwards with donated buffers refuse; the
+    # error tells users to turn them off.
+    if compile_rows:
+        record_compile_rows(name, device, batch, record, row)
 
 
 def record_compile_rows(name: str, device, batch: int, record, row) -> None:
