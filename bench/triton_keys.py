@@ -66,7 +66,7 @@ class Recorder:
         triton_sqnorm.CAPTURE_WARMUP_DEVICES.add("cpu")  # a GPU's eager calls warm the capture path: so do these
         for name, kernel in _kernels().items():
             self.wrapped.append(kernel)
-            kernel.run = self._wrap(name, kernel.run)
+            kernel.run = self.wrap(name, kernel.run)
         return self
 
     def uninstall(self) -> None:
@@ -77,7 +77,7 @@ class Recorder:
             del kernel.run  # the class's run again
         self.wrapped = []
 
-    def _wrap(self, name: str, run):
+    def wrap(self, name: str, run):
         def recording_run(*args, grid, warmup, **kwargs):
             self.record(name, args, kwargs)
             return run(*args, grid=grid, warmup=warmup, **kwargs)
