@@ -525,6 +525,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-penalties", action="store_true", help="skip the gradient-penalty rows (pen:*)")
     ap.add_argument("--penalties-only", action="store_true", help="only the gradient-penalty rows (pen:*)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (a cold compile each)")
+    ap.add_argument("--penalty-models", default=None, help="models that get the pen:* rows (default: every model)")
+    ap.add_argument("--compile-models", default=None, help="models that get the compile rows (default: every model)")
     ap.add_argument(
         "--model-batch", default="", help="batch per model, e.g. resnet128=32 (default: --dcgan-batch or 64/8)"
     )
@@ -574,9 +576,9 @@ def main(argv=None) -> int:
         batch = model_batch.get(m) or (
             512 if m == "mlp" else (args.dcgan_batch or (64 if device.type == "cuda" else 8))
         )
-        run_model(
-            m, device, batch, rows, env, rep, not args.no_penalties, args.penalties_only, not args.no_compile, flush
-        )
+        pens = not args.no_penalties and (args.penalty_models is None or m in args.penalty_models.split(","))
+        comp = not args.no_compile and (args.compile_models is None or m in args.compile_models.split(","))
+        run_model(m, device, batch, rows, env, rep, pens, args.penalties_only, comp, flush)
         report(rows, out, env, args.threads, plot=not args.no_plot)
     print(f"wrote {out}, {out.with_suffix('.md')}" + ("" if args.no_plot else f", {out.with_suffix('.png')}"))
     return 0

@@ -11,7 +11,7 @@ distinct key is then compiled for sm_90 with Triton's ptxas, timed: what the GPU
            [--kernels 1e6,8e6] [--steps mlp,dcgan,mog-decoupled,mog-penalties]    # (re-runs itself interpreted)
     python -m bench.triton_keys compile keys.json                                 # (not interpreted)
     python -m pytest -p bench.triton_keys --triton-keys keys.json ...             # record a pytest run's keys
-    python -m bench.triton_keys cache DIR                                          # variants in a Triton cache
+    python -m bench.triton_keys cache DIR [--keys keys.json]                       # variants in a Triton cache
 
 On a GPU the same recorder (the plugin) predicts what the run compiles, and `cache` counts what it did compile:
 the entries of our kernels in $TRITON_CACHE_DIR.
@@ -271,13 +271,17 @@ def main(argv=None) -> int:
     k.add_argument("keys")
     q = sub.add_parser("cache", help="our kernels' variants in a Triton cache folder")
     q.add_argument("dir")
+    q.add_argument("--keys", default=None, help="and the variants a recording predicted (its JSON, if there)")
     args = ap.parse_args(argv)
     if args.cmd == "count":
         return count(args)
     if args.cmd == "compile":
         print(json.dumps({**summary(load(Path(args.keys))), **compile_keys(Path(args.keys))}))
         return 0
-    print(json.dumps(cache_variants(Path(args.dir))))
+    res = cache_variants(Path(args.dir))
+    if args.keys and Path(args.keys).is_file():
+        res["recorded_by_the_plugin"] = summary(load(Path(args.keys)))
+    print(json.dumps(res))
     return 0
 
 
