@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = {"quick": 240, "full": 480}
-MARGIN_S = 8  # kept for the summary at the end
+MARGIN_S = 5  # kept for the summary at the end (a listing and removing the scratch folder: about a second)
 PYTEST = ["{py}", "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider"]
 
 # The quick check's Triton launches (tests/test_gpu_check.py counts their compiled variants on a CPU).
@@ -44,6 +44,7 @@ TRITON_TESTS = ["tests/test_gpu_paths.py", "-k", "triton or bfloat16 or opcheck"
 CSRC_TESTS = ["tests/test_gpu_paths.py", "-k", "csrc or opcheck"]
 GRAPH_TESTS = [  # the whole-step graph against eager, every way a training run captures it
     "tests/test_graphs.py::test_captured_step_equals_eager_step",  # joint/first-stage, decoupled/after-step; h moves
+    "tests/test_gpu_paths.py::test_an_lr_scheduler_moves_h_between_replays",  # h moved by a torch lr scheduler
     "tests/test_penalty_training.py::test_captured_step_with_every_penalty_equals_the_eager_step",  # family; lazy R1
     "tests/test_graphs.py::test_no_host_sync_inside_the_step",
     "tests/test_graphs.py::test_graph_mode_with_loader_workers",
@@ -55,6 +56,7 @@ GRAPH_CPU_TESTS = [  # the same machinery's CPU side: fake-CUDA bookkeeping, sta
     "tests/test_graphs.py",
     "tests/test_penalty_training.py::test_graph_mode_draws_from_the_default_generator_and_refreshes_the_std",
     "tests/test_gpu_paths.py::test_trainer_weight_average_on_the_device",
+    "tests/test_gpu_paths.py::test_an_lr_scheduler_moves_h_between_replays",
 ]
 FULL_TESTS = [  # every size of the kernel tests; the GPU tests quick leaves out
     "tests/test_ops.py",
@@ -120,12 +122,13 @@ def checks(part: str) -> list[Check]:
             Check(
                 "graphs",
                 "the captured step against eager: RK4 joint and decoupled, first-stage and after-step penalty, h "
-                "changed between replays, the penalty family and a lazy R1, loader workers, no host sync, a syncing "
+                "changed between replays (a schedule, a torch lr scheduler), the penalty family and a lazy R1, loader "
+                "workers, no host sync, a syncing "
                 "closure refused (in a subprocess), the EMA after captured steps, a short mog run with cuda_graph",
                 [*PYTEST, *GRAPH_TESTS],
                 [*PYTEST, *GRAPH_CPU_TESTS],
                 limit=90,
-                estimate=50,
+                estimate=53,
                 collect=GRAPH_TESTS,
             ),
             Check(

@@ -239,3 +239,66 @@ def test_trainer_weight_average_on_the_device(tmp_path):
         mag = 0.9 * want.abs() + 0.1 * g.abs()  # loose: the bound of one update, times the steps so far
         assert_within(tr.ema.avg, want, step * 2 * gamma(2, torch.float32) * mag.cpu().double() + 1e-30, f"step {step}")
     assert torch.isfinite(tr.ema.avg).all() and not torch.equal(tr.ema.avg, tr.flat.params[lo:hi])
+
+
+# -- h changed between replays by a torch lr scheduler -------------------------------------------------------
+def _scheduled_run(cuda_graph: bool, manual: bool, steps: int = 6) -> list[torch.Tensor]:
+    from odegan_kernels import FlatParams, ODEStepper, game_gradients
+    from odegan_kernels.models import mog_pair
+
+    D, G = mog_pair(seed=0)
+    D, G = D.to(DEVICE), G.to(DEVICE)
+    flat = FlatParams(D=D, G=G)
+    st = ODEStepper(flat, "rk4", h=0.1, reg=0.07, cuda_graph=cuda_graph, graph_warmup=1)
+    factor = lambda step: 1.0 / (1 + step % 3)  # noqa: E731
+    sched = None if manual else torch.optim.lr_scheduler.LambdaLR(st, factor)
+    gen = torch.Generator().manual_seed(3)
+    x, z = torch.empty(4, 128, 2, device=DEVICE), torch.empty(4, 128, 32, device=DEVICE)  # static inputs
+    out = []
+    for s in range(steps):
+        x.copy_(torch.randn(4, 128, 2, generator=gen))
+        z.copy_(torch.randn(4, 128, 32, generator=gen))
+        if manual:
+            for group in st.param_groups:
+                group["lr"] = 0.1 * factor(s)
+        st.step(lambda stage: game_gradients(D, G, x[stage.index], z[stage.index], players=stage.players,
+                                             penalty=stage.penalty))  # fmt: skip
+        if sched is not None:
+            sched.step()
+        out.append(flat.params.detach().clone())
+    if cuda_graph:
+        assert st.graph.captured
+    return out
+
+
+def test_an_lr_scheduler_moves_h_between_replays():
+    """A torch.optim.lr_scheduler changing h every step (as the trainer's warm-up schedule does) gives exactly the
+    steps of setting each group's lr by hand, and, captured on a GPU, the eager steps (1e-6): a replay reads the
+    new h from the coefficient tensor."""
+    eager = _scheduled_run(cuda_graph=False, manual=False)
+    manual = _scheduled_run(cuda_graph=False, manual=True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, manual))
+    assert not torch.equal(manual[1], _fixed_h_run(2)[1]), "the schedule (h 0.1, then 0.05) must change the run"
+    if DEVICE.type == "cuda":
+        for e, g in zip(eager, _scheduled_run(cuda_graph=True, manual=False)):
+            assert torch.isfinite(g).all() and ((g - e).norm() / e.norm()).item() <= 1e-6
+
+
+def _fixed_h_run(steps: int) -> list[torch.Tensor]:
+    """The same run with h left at 0.1."""
+    from odegan_kernels import FlatParams, ODEStepper, game_gradients
+    from odegan_kernels.models import mog_pair
+
+    D, G = mog_pair(seed=0)
+    D, G = D.to(DEVICE), G.to(DEVICE)
+    flat = FlatParams(D=D, G=G)
+    st = ODEStepper(flat, "rk4", h=0.1, reg=0.07)
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(4, 128, 2, generator=gen).to(DEVICE)
+        z = torch.randn(4, 128, 32, generator=gen).to(DEVICE)
+        st.step(lambda stage: game_gradients(D, G, x[stage.index], z[stage.index], players=stage.players,
+                                             penalty=stage.penalty))  # fmt: skip
+        out.append(flat.params.detach().clone())
+    return out
