@@ -78,6 +78,7 @@ class Check:
     estimate: int = 0  # predicted seconds on an H200 (bench/EXPECTATIONS.md, "The GPU check's time")
     collect: list[str] | None = None  # GPU tests --dry-run collects (they exist), when it cannot run them
     after_build: bool = False  # waits for the csrc build (and loads its library)
+    needs_lib: bool = False  # fails without running when the build left no library (else it would test nothing)
     background: bool = False  # started, and the part goes on
     env: dict = field(default_factory=dict)
 
@@ -140,6 +141,7 @@ def checks(part: str) -> list[Check]:
                 limit=40,
                 estimate=12,
                 after_build=True,
+                needs_lib=True,
             ),
             Check(
                 "kernel-bench",
@@ -255,14 +257,16 @@ class Part:
         self.statuses.append((check.name, status, seconds))
         print(f"== {check.name}: {status} ({seconds:.1f} s)", flush=True)
 
-    def start(self, argv: list[str], env: dict, tail: deque) -> subprocess.Popen:
-        """argv in its own process group, its output copied to ours (the log) as it comes, its last lines in tail."""
+    def start(self, argv: list[str], env: dict, tail: deque, echo: bool = True) -> subprocess.Popen:
+        """argv in its own process group, its output copied to ours (the log) as it comes unless not echo (a
+        background job's would interleave with the checks'), its last lines in tail."""
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1, start_new_session=True)  # fmt: skip
 
         def pump() -> None:
             for line in proc.stdout:
-                sys.stdout.write(line)
+                if echo:
+                    sys.stdout.write(line)
                 tail.append(line.rstrip("\n"))
             sys.stdout.flush()
             proc.ended = time.monotonic()  # (about) when it exited: its output closed
@@ -328,10 +332,14 @@ class Part:
             if check.background:
                 tail: deque = deque(maxlen=40)
                 print(f"\n== {check.name} (background): $ {shlex.join(argv)}", flush=True)
-                self.build = (check, self.start(argv, self.env(check), tail), time.monotonic(), tail)
+                t0 = time.monotonic()
+                self.build = (check, self.start(argv, self.env(check), tail, echo=False), t0, tail)
                 continue
             if check.after_build:
                 self.finish_build()
+            if check.needs_lib and not self.dry and not Path(self.ctx["lib"]).is_file():
+                self.record(check, "fail (no csrc library: see csrc-build)", 0.0, command=argv)
+                continue
             self.run_one(check, argv)
         self.finish_build()
         return self.summary()
@@ -348,8 +356,12 @@ class Part:
         print(f"\n== summary ({self.part}{', dry run' if self.dry else ''})")
         for name, status, seconds in self.statuses:
             print(f"   {name:18s} {status:24s} {seconds:6.1f} s")
+        for md in sorted(self.out.glob("*.md")):  # the benchmarks' ratios: what the targets are read from
+            text = md.read_text()
+            if "## Ratios" in text:
+                print(f"\n{md.name}:" + text[text.index("## Ratios") :].split("\n", 1)[1].rstrip()[:3000])
         files = sorted(p.name for p in self.out.iterdir())
-        print(f"   results: {self.out} ({len(files)} files: {', '.join(files)})")
+        print(f"\n   results: {self.out} ({len(files)} files: {', '.join(files)})")
         shutil.rmtree(self.tmp, ignore_errors=True)
         bad = [n for n, s, _ in self.statuses if s not in ("pass", "absent")]
         return 1 if bad else 0

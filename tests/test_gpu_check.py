@@ -81,6 +81,7 @@ def _fake_checks(tmp_path, py):
                         limit=30, background=True),
         gpu_check.Check("json", "prints a result", [py, "-c", "print('x'); print('{{\"variants\": 3}}')"],
                         after_build=True),
+        gpu_check.Check("needs-lib", "tests the csrc library", [py, "-c", "pass"], after_build=True, needs_lib=True),
         gpu_check.Check("fails", "exits 3", [py, "-c", "print('boom'); raise SystemExit(3)"]),
         gpu_check.Check("hangs", "outlives the budget", [py, "-c", sleeper], limit=30),
         gpu_check.Check("late", "after the budget", [py, "-c", "pass"]),
@@ -98,7 +99,8 @@ def test_the_driver_keeps_its_budget_and_records_every_check(tmp_path, monkeypat
     code = gpu_check.Part("quick", out, dry=False).run()
     assert code == 1 and time.monotonic() - t0 < 20
     recs = {r["check"]: r for r in map(json.loads, (out / "checks_quick.jsonl").read_text().splitlines())}
-    assert list(recs) == ["build", "json", "fails", "hangs", "late", "absent"]  # in the order they ended
+    assert list(recs) == ["build", "json", "needs-lib", "fails", "hangs", "late", "absent"]  # in the order they ended
+    assert recs["needs-lib"]["status"].startswith("fail (no csrc library")  # the fake build made none
     assert recs["build"]["status"] == "pass" and 0.9 < recs["build"]["seconds"] < 5
     assert recs["json"]["status"] == "pass" and recs["json"]["result"] == {"variants": 3}
     assert recs["fails"]["status"] == "fail (exit 3)" and "boom" in recs["fails"]["tail"]
