@@ -18,7 +18,8 @@ import torch
 from odegan_kernels import ops
 from odegan_kernels.ops import reference
 
-from .conftest import DEVICE, assert_within, gamma, poison, stage_bound
+from .bounds import assert_within, gamma, stage_bound
+from .conftest import DEVICE, poison
 
 COMPILED = [b for b in ("triton", "csrc") if ops.why_unavailable(b) is None and ops.supports(b, DEVICE)]
 GPU_SIZES = os.environ.get("ODEGAN_GPU_SIZES") == "1" or DEVICE.type == "cuda"

@@ -6,7 +6,8 @@ import torch
 from odegan_kernels import TABLEAUS, compile_tableau, ops
 from odegan_kernels.ops import reference
 
-from .conftest import DEVICE, TOL, assert_close, assert_within, poison, stage_bound
+from .bounds import assert_within, stage_bound
+from .conftest import DEVICE, TOL, assert_close, poison
 
 BACKENDS = [b for b in ("foreach", "triton", "csrc") if ops.why_unavailable(b) is None]
 # Large sizes only where a backend runs natively (on a CPU, Triton runs in its slow interpreter).

@@ -10,7 +10,7 @@ rounds the product and the sum separately. The orders, read off the PTX both com
 Emulated here in float64 (a float32 product is exact there) with one rounding to float32 per fused operation (a
 float64 rounding first: double rounding can move an emulated fma by one ulp in rare ties, well inside the bound).
 They differ from the reference by up to a few ulps of the terms' magnitudes, so a relative 1e-6 of the result fails
-where the terms cancel (Triton's order: 2 seeds of 30 at test_stage_large's size), while conftest.stage_bound, the
+where the terms cancel (Triton's order: 2 seeds of 30 at test_stage_large's size), while bounds.stage_bound, the
 error analysis's bound, holds for every seed and still catches a wrong coefficient.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from odegan_kernels.ops import reference
 
-from .conftest import assert_within, stage_bound
+from .bounds import assert_within, stage_bound
 
 
 def r32(x: torch.Tensor) -> torch.Tensor:
