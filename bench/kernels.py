@@ -63,8 +63,9 @@ class Buffers:
         self.segments = [(0, half), (half, n)]
         sizes = param_sizes(n)
         cut = [0]
-        for s in sizes:
-            cut.append(cut[-1] + s)
+        for s in sizes:  # each tensor starts 16-byte aligned, as FlatParams lays them out
+            cut.append(min(n, -(-(cut[-1] + s) // 4) * 4))
+        cut[-1] = n
         self.lists = {
             name: [buf[a:b] for a, b in zip(cut, cut[1:])]
             for name, buf in (("g", self.g), ("x0", self.x0), ("acc", self.acc), ("p", self.p))
@@ -104,7 +105,7 @@ def compiled_stage(B: Buffers, s, scalars) -> None:
     _compiled(B.p, B.g, B.x0, B.acc, *scalars)
 
 
-def run(device: torch.device, sizes: list[int], providers: list[str], out: Path) -> list[dict]:
+def run(device: torch.device, sizes: list[int], providers: list[str], out: Path, plot: bool = True) -> list[dict]:
     env = environment(device)
     gen = torch.Generator(device=device).manual_seed(0)
     coeffs = rk4_coeffs(device)
@@ -195,11 +196,11 @@ def run(device: torch.device, sizes: list[int], providers: list[str], out: Path)
             torch.cuda.empty_cache()
         # written after every size, so a run stopped at a time limit keeps what it measured
         append_csv(out, rows[start:])
-        write_report(rows, out, env)
+        write_report(rows, out, env, plot)
     return rows
 
 
-def write_report(rows: list[dict], out: Path, env: dict) -> None:
+def write_report(rows: list[dict], out: Path, env: dict, plot: bool = True) -> None:
     md = out.with_suffix(".md")
     head = (
         f"# Kernel benchmark\n\n{env['device']} · torch {env['torch']} · triton {env['triton']} · "
@@ -209,6 +210,8 @@ def write_report(rows: list[dict], out: Path, env: dict) -> None:
     )
     cols = ["op", "provider", "P", "median_ms", "p20_ms", "p80_ms", "GB_s", "pct_copy"]
     md.write_text(head + markdown_table(rows, cols) + "\n" + speedups(rows))
+    if not plot:
+        return
     try:
         import matplotlib
 
@@ -253,9 +256,18 @@ def main(argv=None) -> int:
     ap.add_argument("--max-p", type=float, default=None, help="largest P (default: 1e9 or what memory allows)")
     ap.add_argument("--providers", default="reference,foreach,triton,csrc,per_tensor,foreach_list,compile")
     ap.add_argument("--out", default=None, help="CSV path (default bench/results/kernels_<device>.csv)")
+    ap.add_argument("--sizes", default=None, help="comma-separated P values (e.g. 1e6,8e6,6.4e7), instead of the sweep")
+    ap.add_argument("--no-plot", action="store_true", help="write the CSV and the markdown table only")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda":
+    if args.sizes:
+        try:
+            sizes = [int(float(v)) for v in args.sizes.split(",")]
+        except ValueError:
+            ap.error(f"--sizes must be comma-separated numbers, got {args.sizes!r}")
+        if not all(n > 0 for n in sizes):
+            ap.error(f"--sizes must be positive, got {args.sizes!r}")
+    elif device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         top = min(args.max_p or 1e9, free * 0.7 / (5 * 4))  # five fp32 buffers
         sizes = [int(10**e) for e in range(4, 10) if 10**e <= top]
@@ -265,8 +277,8 @@ def main(argv=None) -> int:
         sizes = [n for n in (10**4, 10**5, 10**6, 4 * 10**6) if n <= top]
     sizes = sorted(set(sizes))
     out = Path(args.out) if args.out else RESULTS / f"kernels_{device.type}.csv"
-    run(device, sizes, args.providers.split(","), out)
-    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    run(device, sizes, args.providers.split(","), out, plot=not args.no_plot)
+    print(f"wrote {out}, {out.with_suffix('.md')}" + ("" if args.no_plot else f", {out.with_suffix('.png')}"))
     return 0
 
 

@@ -173,8 +173,19 @@ def graphed(fn, device, warmup=3):
 
 
 def run_model(
-    name: str, device, batch: int, rows: list, env: dict, rep_ms: float, penalties: bool = True, only_pen: bool = False
+    name: str,
+    device,
+    batch: int,
+    rows: list,
+    env: dict,
+    rep_ms: float,
+    penalties: bool = True,
+    only_pen: bool = False,
+    compile_rows: bool = True,
+    on_row=None,
 ) -> None:
+    """Every variant's rows for one model; on_row() (optional) is called after each row, so a caller can write them
+    as they come: a run stopped at a time limit keeps what it measured."""
     is_cuda = device.type == "cuda"
 
     nan = float("nan")
@@ -193,6 +204,8 @@ def run_model(
                 **env,
             }
         )
+        if on_row is not None:
+            on_row()
 
     def record(variant, fn, note="", params=None):
         """Time fn; params (optional): tensors that must still be finite afterwards, or the timing is void."""
@@ -270,39 +283,6 @@ def run_model(
     if name == "mlp" and jax_step.available():  # the peer: the same step in JAX, from the same start and data
         record_jax_rows(name, device, batch, rep_ms, row, step_g if is_cuda else None)
 
-    # (d) torch.compile: compiled modules in our stepper. The shared forward retains D's graph for the second
-    # backward, which compiled backwards with donated buffers refuse; the error tells users to turn them off.
-    import torch._functorch.config as functorch_config
-
-    functorch_config.donated_buffer = False
-    D, G, real, z = make_models(name, device, batch)
-    flat_c, st_c = stepper_for(D, G)
-    Dc, Gc = torch.compile(D), torch.compile(G)
-    try:
-        cl = closure_for(Dc, Gc, real, z)
-        st_c.step(cl)
-        record("compile", lambda: st_c.step(cl), "double backward through compiled modules", params=[flat_c.params])
-    except Exception as exc:
-        first = str(exc).splitlines()[0][:120]
-        print(f"{name:5s} compile    double backward failed: {first}", flush=True)
-        row("compile", note=f"double backward fails: {first}")
-        D, G, real, z = make_models(name, device, batch)
-        flat_c, st_c = stepper_for(D, G)
-        Dc, Gc = torch.compile(D), torch.compile(G)
-        try:
-            cl = closure_for(Dc, Gc, real, z, reg_method="finite_difference")
-            st_c.step(cl)
-            record(
-                "compile_fd",
-                lambda: st_c.step(cl),
-                "compiled modules, finite-difference penalty",
-                params=[flat_c.params],
-            )
-        except Exception as exc:
-            first = str(exc).splitlines()[0][:120]
-            print(f"{name:5s} compile_fd failed: {first}", flush=True)
-            row("compile_fd", note=f"fails: {first}")
-
     # (f) Adam and Euler on the same model
     D, G, real, z = make_models(name, device, batch)
     flat_a = FlatParams(D=D, G=G)
@@ -321,6 +301,43 @@ def run_model(
     sync(device)
     if penalties:
         record_penalty_rows(name, device, batch, rep_ms, row)
+    # (d) torch.compile, last (a run stopped at its time limit loses these first): compiled modules in our stepper,
+    # compiled once per model (a cold Inductor compile of an image model costs 30-90 s): when the double backward
+    # fails, the same compiled modules and stepper run the finite-difference penalty, which needs none. The shared
+    # forward retains D's graph for the second backward, which compiled backwards with donated buffers refuse; the
+    # error tells users to turn them off.
+    if compile_rows:
+        record_compile_rows(name, device, batch, record, row)
+
+
+def record_compile_rows(name: str, device, batch: int, record, row) -> None:
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
+    D, G, real, z = make_models(name, device, batch)
+    flat_c, st_c = stepper_for(D, G)
+    Dc, Gc = torch.compile(D), torch.compile(G)
+    start = flat_c.params.clone()
+    try:
+        cl = closure_for(Dc, Gc, real, z)
+        st_c.step(cl)
+        record("compile", lambda: st_c.step(cl), "double backward through compiled modules", params=[flat_c.params])
+        return
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:120]
+        print(f"{name:5s} compile    double backward failed: {first}", flush=True)
+        row("compile", note=f"double backward fails: {first}")
+    with torch.no_grad():
+        flat_c.params.copy_(start)  # whatever the failed step left (the stepper rolls back too)
+    try:
+        cl = closure_for(Dc, Gc, real, z, reg_method="finite_difference")
+        st_c.step(cl)
+        note = "compiled modules (compiled once, reused from the failed attempt), finite-difference penalty"
+        record("compile_fd", lambda: st_c.step(cl), note, params=[flat_c.params])
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:120]
+        print(f"{name:5s} compile_fd failed: {first}", flush=True)
+        row("compile_fd", note=f"fails: {first}")
 
 
 def record_jax_rows(name: str, device, batch: int, rep_ms: float, row, graph_step=None) -> None:
@@ -427,7 +444,7 @@ def penalty_rows(name: str, device, batch: int, rep_ms: float, rounds: int = 5) 
     return out
 
 
-def report(rows: list[dict], out: Path, env: dict, threads: int | None = None) -> None:
+def report(rows: list[dict], out: Path, env: dict, threads: int | None = None, plot: bool = True) -> None:
     md = [
         f"# Step benchmark\n\n{env['device']} · torch {env['torch']} · triton {env['triton']} · {env['date']}\n",
         f"Command: `{env['command']}`\n",
@@ -464,6 +481,8 @@ def report(rows: list[dict], out: Path, env: dict, threads: int | None = None) -
         for variant, *_ in PENALTY_VARIANTS[1:]:
             ratio(variant, "pen:none", f"RK4 step with {variant[4:]} / the same step without penalties")
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    if not plot:
+        return
     try:
         import matplotlib
 
@@ -497,6 +516,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-penalties", action="store_true", help="skip the gradient-penalty rows (pen:*)")
     ap.add_argument("--penalties-only", action="store_true", help="only the gradient-penalty rows (pen:*)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (a cold compile each)")
+    ap.add_argument("--penalty-models", default=None, help="models that get the pen:* rows (default: every model)")
+    ap.add_argument("--compile-models", default=None, help="models that get the compile rows (default: every model)")
+    ap.add_argument(
+        "--model-batch", default="", help="batch per model, e.g. resnet128=32 (default: --dcgan-batch or 64/8)"
+    )
+    ap.add_argument("--no-plot", action="store_true", help="write the CSV and the markdown table only")
     args = ap.parse_args(argv)
     known = ("mlp", "dcgan", "resnet", "resnet128")
     bad = [m for m in (args.models or "").split(",") if args.models and m not in known]
@@ -504,6 +530,12 @@ def main(argv=None) -> int:
         ap.error(f"unknown model(s) {bad}; choose from {known}")
     if args.no_penalties and args.penalties_only:
         ap.error("--no-penalties and --penalties-only contradict each other: give one")
+    model_batch = {}
+    for item in filter(None, args.model_batch.split(",")):
+        m, _, b = item.partition("=")
+        if m not in known or not b.isdigit() or int(b) < 1:
+            ap.error(f"--model-batch takes MODEL=BATCH pairs with MODEL in {known} and BATCH >= 1, got {item!r}")
+        model_batch[m] = int(b)
     for name in ("rep_ms", "threads", "dcgan_batch"):
         v = getattr(args, name)
         if v is not None and not v > 0:
@@ -522,16 +554,25 @@ def main(argv=None) -> int:
     rep = args.rep_ms or (300 if device.type == "cuda" else 1500)
     models = args.models or ("mlp,dcgan,resnet" if device.type == "cuda" else "mlp,dcgan")
     out = Path(args.out) if args.out else RESULTS / f"step_{device.type}.csv"
+    written = 0
+
+    def flush() -> None:  # after every row, so a run stopped at a time limit keeps what it measured
+        nonlocal written
+        append_csv(out, rows[written:])
+        written = len(rows)
+        report(rows, out, env, args.threads, plot=False)
+
     for m in models.split(","):
         if device.type == "cpu":  # the toy's tiny matrices run fastest on one thread (1.7x slower on two)
             torch.set_num_threads(args.threads or (1 if m == "mlp" else cores))
-        batch = 512 if m == "mlp" else (args.dcgan_batch or (64 if device.type == "cuda" else 8))
-        start = len(rows)
-        run_model(m, device, batch, rows, env, rep, not args.no_penalties, args.penalties_only)
-        # written after every model, so a run stopped at a time limit keeps what it measured
-        append_csv(out, rows[start:])
-        report(rows, out, env, args.threads)
-    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+        batch = model_batch.get(m) or (
+            512 if m == "mlp" else (args.dcgan_batch or (64 if device.type == "cuda" else 8))
+        )
+        pens = not args.no_penalties and (args.penalty_models is None or m in args.penalty_models.split(","))
+        comp = not args.no_compile and (args.compile_models is None or m in args.compile_models.split(","))
+        run_model(m, device, batch, rows, env, rep, pens, args.penalties_only, comp, flush)
+        report(rows, out, env, args.threads, plot=not args.no_plot)
+    print(f"wrote {out}, {out.with_suffix('.md')}" + ("" if args.no_plot else f", {out.with_suffix('.png')}"))
     return 0
 
 

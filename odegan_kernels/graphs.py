@@ -112,20 +112,31 @@ class StepGraph:
             try:
                 out = self.run_step(closure)
             except BaseException as exc:
-                try:
-                    graph.capture_end()
-                except Exception:
-                    pass  # the capture is invalid after a failure; the step's own error is what matters
+                self._abandon(graph, v, end=True)
                 if not isinstance(exc, RuntimeError):
                     raise  # the closure's own errors (and KeyboardInterrupt) as they are
                 raise capture_error(exc) from exc
             try:
                 graph.capture_end()
             except RuntimeError as exc:
+                self._abandon(graph, v, end=False)
                 raise capture_error(exc) from exc
         v.graph, v.outputs, v.code = graph, out, code
         graph.replay()  # capture records without running: this step still has to happen
         return out
+
+    def _abandon(self, graph, v: _Variant, end: bool) -> None:
+        """After a failed capture: end it (what that raises is not the error that matters), free the graph, and
+        drop the side stream, warming this kind up again on a fresh one next time. If capture_end raised before
+        torch stopped routing the stream's allocations to the graph's private pool, later allocations on that
+        stream would land in a dead pool; no later work runs on it."""
+        for call in (graph.capture_end, graph.reset) if end else (graph.reset,):
+            try:
+                call()
+            except Exception:
+                pass  # the capture is invalid after a failure
+        self.stream = None
+        v.warmed = 0
 
 
 class StaticBatches:

@@ -88,6 +88,11 @@ def test_cmake_build_with_cuda_kernels(tmp_path):
         for scalar in ("float", "double"):  # ema_vec_kernel<float> and <double>: float4 / double2 accesses
             ema = _function(sass, f"ema_vec_kernel<{scalar}>", f"ema_vec_kernelI{scalar[0]}E")
             assert "LDG.E.128" in ema and "STG.E.128" in ema, f"ema_vec_kernel<{scalar}> lost its 16-byte accesses"
+            for table in (32, 1024):  # sqnorm's grid-stride kernel, both table sizes: 16-byte loads where aligned
+                sq = _function(
+                    sass, f"sqnorm_partial_kernel<{scalar}, {table}>", f"sqnorm_partial_kernelI{scalar[0]}Li{table}E"
+                )
+                assert "LDG.E.128" in sq, f"sqnorm_partial_kernel<{scalar}, {table}> lost its 16-byte loads"
 
 
 @pytest.mark.slow

@@ -110,7 +110,7 @@ def test_csrc_checks_its_own_arguments():
 @pytest.mark.skipif(TRITON is not None, reason=f"triton backend unavailable: {TRITON}")
 def test_triton_sqnorm_capture_path_equals_table_path():
     """The per-tensor launches used under CUDA-graph capture give exactly the table path's result."""
-    from odegan_kernels.ops.triton_kernels import SQ_CHUNK, launch_sqnorm
+    from odegan_kernels.ops.triton_sqnorm import SQ_CHUNK, launch_sqnorm
 
     gen = torch.Generator().manual_seed(3)
     ts = [torch.randn(n, generator=gen).to(DEVICE) for n in (1, 17, SQ_CHUNK, SQ_CHUNK + 5, 3 * SQ_CHUNK - 1)]
@@ -261,7 +261,7 @@ def test_csrc_ema_update_checks_its_own_arguments():
 def test_triton_sqnorm_table_cache_knows_the_dtype():
     """A float64 view of float32 storage has the same address and, here, the same length as a float32 slice:
     the cached chunk table must not be reused across them."""
-    from odegan_kernels.ops.triton_kernels import SQ_CHUNK, launch_sqnorm
+    from odegan_kernels.ops.triton_sqnorm import SQ_CHUNK, launch_sqnorm
 
     n = 3 * SQ_CHUNK + 7
     storage = torch.randn(2 * n, generator=torch.Generator().manual_seed(5)).to(DEVICE)

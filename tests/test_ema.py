@@ -212,12 +212,13 @@ from odegan_kernels.ops import triton_kernels as tk
 
 target = GPUTarget("cuda", 90, 32)
 for dt, vec in (("fp32", "v4"), ("fp64", "v2")):
-    sig = {"avg_ptr": "*" + dt, "p_ptr": "*" + dt, "decay_ptr": "*" + dt, "decay": "fp32", "n": "i64",
+    sig = {"avg_ptr": "*" + dt, "p_ptr": "*" + dt, "decay_ptr": "*" + dt, "decay": "fp32", "n": "i32",
            "DECAY_PTR": "constexpr", "BLOCK": "constexpr"}
     for decay_ptr in (False, True):
         for block, warps in ((1024, 4), (4096, 8)):
             consts = {"DECAY_PTR": decay_ptr, "BLOCK": block}
-            aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 4)}  # pointers and n
+            # the buffers aligned; n of no known divisibility (not specialised on): full blocks vectorise anyway
+            aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1)}
             for attrs in (aligned, {}):
                 src = triton.compiler.ASTSource(fn=tk.KERNELS["ema"], signature=sig, constexprs=consts, attrs=attrs)
                 ptx = triton.compile(src, target=target, options={"num_warps": warps}).asm["ptx"]

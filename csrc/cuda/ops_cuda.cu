@@ -114,7 +114,9 @@ __global__ void stage_vec4_kernel(float* p, const float* g, float* x0, float* ac
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+__host__ __device__ __forceinline__ bool aligned16(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
 
 int grid_for(int64_t work, int threads) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -169,17 +171,26 @@ __global__ void ema_vec_kernel(T* avg, const T* p, const T* decay_ptr, T decay, 
 }
 
 // -- sqnorm -------------------------------------------------------------------------------------------------
+// Partial sums of squares, then one fixed-order sum (deterministic). A launch takes a table of up to N tensors by
+// value (pointer, length, first chunk) and grid-strides over all their kSqChunk-element chunks: one launch per N
+// tensors whatever their sizes (before, a launch covered at most 320 chunks, 5.2M elements, so P = 1e9 took ~191
+// launches). The large table is 1024 x 24 B of kernel parameters, which CUDA >= 12.1 allows (up to 32764 B); the
+// small one keeps the common launch's parameters under 1 KB.
 constexpr int kSqThreads = 512;
-constexpr int64_t kSqChunk = 16384;  // elements per block
-constexpr int kMaxTensors = 48;
-constexpr int kMaxBlocks = 320;
+constexpr int64_t kSqChunk = 16384;  // elements per chunk: 32 per thread
+constexpr int kSqBlocksPerSM = 4;    // 4 x 512 threads fill an SM
+constexpr int kSqSmallTable = 32;
+constexpr int kSqLargeTable = 1024;
 
-struct SqMeta {
-  const void* ptr[kMaxTensors];
-  int64_t len[kMaxTensors];
-  int tensor_of[kMaxBlocks];
-  int chunk_of[kMaxBlocks];
+template <int N>
+struct SqTable {
+  const void* ptr[N];
+  int64_t len[N];
+  int64_t first_chunk[N];  // the tensor's first chunk in the launch's numbering (ascending)
+  int64_t chunks;          // chunks in this launch
+  int n;                   // tensors in this launch
 };
+static_assert(sizeof(SqTable<kSqLargeTable>) < 32764, "kernel parameters are limited to 32764 bytes");
 
 template <typename T>
 __device__ T block_sum(T v) {
@@ -195,19 +206,51 @@ __device__ T block_sum(T v) {
   return v;
 }
 
-template <typename T>
-__global__ void sqnorm_partial_kernel(SqMeta meta, T* partials, int64_t first_block) {
-  const int t = meta.tensor_of[blockIdx.x];
-  const T* x = static_cast<const T*>(meta.ptr[t]);
-  const int64_t lo = meta.chunk_of[blockIdx.x] * kSqChunk;
-  const int64_t hi = min(meta.len[t], lo + kSqChunk);
+template <int N>
+__device__ __forceinline__ int tensor_of_chunk(const SqTable<N>& tab, int64_t c) {
+  int lo = 0, hi = tab.n - 1;  // the last tensor whose first chunk is <= c
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tab.first_chunk[mid] <= c) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Each block sums its chunks (blockIdx.x, + gridDim.x, ...) in a fixed order and writes one partial.
+template <typename T, int N>
+__global__ void __launch_bounds__(kSqThreads) sqnorm_partial_kernel(const __grid_constant__ SqTable<N> tab,
+                                                                     T* partials) {
+  using Pack = Pack16<T>;
+  constexpr int V = Pack::N;
   T s = T(0);
-  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-    const T v = x[i];
-    s += v * v;
+  for (int64_t c = blockIdx.x; c < tab.chunks; c += gridDim.x) {
+    const int t = tensor_of_chunk(tab, c);
+    const T* x = static_cast<const T*>(tab.ptr[t]);
+    const int64_t lo = (c - tab.first_chunk[t]) * kSqChunk;
+    const int64_t hi = min(tab.len[t], lo + kSqChunk);
+    int64_t i = lo;
+    if (aligned16(x)) {  // chunk starts are multiples of kSqChunk elements: 16-byte aligned with the tensor
+      const Pack* xv = reinterpret_cast<const Pack*>(x + lo);
+      const int64_t nvec = (hi - lo) / V;
+#pragma unroll 4
+      for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+        const Pack p = xv[v];
+#pragma unroll
+        for (int j = 0; j < V; ++j) s += p.v[j] * p.v[j];
+      }
+      i = lo + nvec * V;
+    }
+    for (i += threadIdx.x; i < hi; i += blockDim.x) {  // the unaligned tensor, or the last chunk's tail
+      const T v = x[i];
+      s += v * v;
+    }
   }
   s = block_sum(s);
-  if (threadIdx.x == 0) partials[first_block + blockIdx.x] = s;
+  if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
 
 template <typename T>
@@ -216,6 +259,28 @@ __global__ void sum_kernel(const T* partials, int64_t m, T* out) {
   for (int64_t i = threadIdx.x; i < m; i += blockDim.x) s += partials[i];  // fixed order: deterministic
   s = block_sum(s);
   if (threadIdx.x == 0) *out = s;
+}
+
+// One launch over tensors [first, last) of cont: returns the number of partials it wrote at partials.
+template <typename T, int N>
+int64_t launch_sqnorm_partials(const std::vector<at::Tensor>& cont, size_t first, size_t last, T* partials,
+                               cudaStream_t stream) {
+  SqTable<N> tab{};
+  tab.n = static_cast<int>(last - first);
+  int64_t chunks = 0;
+  for (int i = 0; i < tab.n; ++i) {
+    const at::Tensor& t = cont[first + i];
+    tab.ptr[i] = t.data_ptr();
+    tab.len[i] = t.numel();
+    tab.first_chunk[i] = chunks;
+    chunks += (t.numel() + kSqChunk - 1) / kSqChunk;
+  }
+  tab.chunks = chunks;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = std::min<int64_t>(chunks, static_cast<int64_t>(kSqBlocksPerSM) * sms);
+  sqnorm_partial_kernel<T, N><<<static_cast<unsigned>(blocks), kSqThreads, 0, stream>>>(tab, partials);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return blocks;
 }
 
 }  // namespace
@@ -293,45 +358,26 @@ at::Tensor sqnorm_cuda(at::TensorList tensors) {
   check_sqnorm_args(tensors);
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   std::vector<at::Tensor> cont;
-  int64_t total_blocks = 0;
   for (const auto& t : tensors) {
-    if (t.numel() == 0) continue;
-    cont.push_back(t.contiguous());
-    total_blocks += (t.numel() + kSqChunk - 1) / kSqChunk;
+    if (t.numel() > 0) cont.push_back(t.contiguous());
   }
   auto out = at::zeros({}, tensors[0].options());
   if (cont.empty()) return out;
-  auto partials = at::empty({total_blocks}, tensors[0].options());
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const size_t launches = (cont.size() + kSqLargeTable - 1) / kSqLargeTable;
+  // at most kSqBlocksPerSM x SMs partials per launch
+  auto partials = at::empty({static_cast<int64_t>(launches) * kSqBlocksPerSM * sms}, tensors[0].options());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(tensors[0].scalar_type(), "odegan_sqnorm_cuda", [&] {
-    SqMeta meta{};
-    int nt = 0, nb = 0;
+    scalar_t* part = partials.data_ptr<scalar_t>();
     int64_t done = 0;
-    auto flush = [&] {
-      if (nb == 0) return;
-      sqnorm_partial_kernel<scalar_t><<<nb, kSqThreads, 0, stream>>>(meta, partials.data_ptr<scalar_t>(), done);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      done += nb;
-      nt = 0;
-      nb = 0;
-    };
-    for (const auto& t : cont) {
-      const int64_t chunks = (t.numel() + kSqChunk - 1) / kSqChunk;
-      for (int64_t c = 0; c < chunks; ++c) {
-        if (nt == kMaxTensors || nb == kMaxBlocks) flush();
-        if (c == 0 || nb == 0) {  // (re)register the tensor in this launch's table
-          meta.ptr[nt] = t.data_ptr();
-          meta.len[nt] = t.numel();
-          ++nt;
-        }
-        meta.tensor_of[nb] = nt - 1;
-        meta.chunk_of[nb] = static_cast<int>(c);
-        ++nb;
-      }
+    for (size_t first = 0; first < cont.size(); first += kSqLargeTable) {
+      const size_t last = std::min(cont.size(), first + kSqLargeTable);
+      done += last - first <= static_cast<size_t>(kSqSmallTable)
+                  ? launch_sqnorm_partials<scalar_t, kSqSmallTable>(cont, first, last, part + done, stream)
+                  : launch_sqnorm_partials<scalar_t, kSqLargeTable>(cont, first, last, part + done, stream);
     }
-    flush();
-    sum_kernel<scalar_t><<<1, 1024, 0, stream>>>(partials.data_ptr<scalar_t>(), total_blocks,
-                                                 out.data_ptr<scalar_t>());
+    sum_kernel<scalar_t><<<1, 1024, 0, stream>>>(part, done, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -20,18 +20,27 @@ except ImportError:  # the package works without triton; the dispatch says why t
 if triton is not None:
 
     @triton.jit
+    def _ema_block(avg_ptr, p_ptr, offs, mask, d, w):
+        a = tl.load(avg_ptr + offs, mask=mask, other=0.0)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        tl.store(avg_ptr + offs, d * a + w * p, mask=mask)
+
+    # n is not specialised on (a variant per size class otherwise): full blocks take an unmasked path, which keeps
+    # 16-byte accesses for any n. decay_ptr is read once (and is any buffer when DECAY_PTR is off): its alignment
+    # is not specialised on either.
+    @triton.jit(do_not_specialize=["decay_ptr", "n"])
     def _ema_kernel(avg_ptr, p_ptr, decay_ptr, decay, n, DECAY_PTR: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
         if DECAY_PTR:
             d = tl.load(decay_ptr)
         else:
             d = decay
         w = 1.0 - d  # in the decay's dtype: the two weights sum to one there
-        a = tl.load(avg_ptr + offs, mask=mask, other=0.0)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-        tl.store(avg_ptr + offs, d * a + w * p, mask=mask)
+        if pid * BLOCK + BLOCK <= n:
+            _ema_block(avg_ptr, p_ptr, offs, tl.full([BLOCK], 1, tl.int1), d, w)
+        else:
+            _ema_block(avg_ptr, p_ptr, offs, offs < n, d, w)
 
     EMA_KERNELS = {"ema": _ema_kernel}  # for ahead-of-time compilation (tests/test_triton_compile.py)
 else:

@@ -1,5 +1,5 @@
-"""Triton kernels: the RK stage over all segments in one launch, a multi-tensor sqnorm, and (from triton_ema) the
-weight average's update.
+"""Triton kernels: the RK stage over all segments in one launch, and (from triton_sqnorm and triton_ema) the
+multi-tensor sqnorm and the weight average's update: the Triton backend.
 
 All are torch.library custom ops (``odegan_kernels::triton_stage``, ``triton_sqnorm``, ``triton_ema_update``), so
 they run under torch.compile and inside CUDA graphs. Scalars come from device tensors: a captured graph
@@ -9,12 +9,12 @@ replays with whatever the coefficient tensor holds. On a CPU they run under TRIT
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 import torch
 
 from .triton_ema import EMA_KERNELS, ema_update  # noqa: F401  (ema_update: this backend's op, beside its kernel)
-from .utils import launch_settings, register_sqnorm_op
+from .triton_sqnorm import SQNORM_KERNELS, sqnorm  # noqa: F401  (sqnorm: this backend's op, beside its kernels)
+from .utils import device_table, launch_settings
 
 try:
     import triton
@@ -49,6 +49,7 @@ if triton is not None:
         acc_ptr,
         r_ptr,
         r_len,
+        first,
         offs,
         mask,
         a,
@@ -60,11 +61,14 @@ if triton is not None:
         WRITE_X0: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        # a..e are scalars (the block lies in one segment) or per-element blocks (it straddles a boundary)
+        # a..e are scalars (the block lies in one segment) or per-element blocks (it straddles a boundary). mask is
+        # a constant all-true block for a full block: then every access is a 16-byte vector one where aligned.
         k = tl.load(g_ptr + offs, mask=mask, other=0.0)
         if HAS_REG:
-            r = tl.load(r_ptr + offs, mask=mask & (offs < r_len), other=0.0)
-            k = k + e * r
+            if first + BLOCK <= r_len:  # r covers the whole block
+                k = k + e * tl.load(r_ptr + offs, mask=mask, other=0.0)
+            elif first < r_len:  # r (D's prefix) ends inside it
+                k = k + e * tl.load(r_ptr + offs, mask=mask & (offs < r_len), other=0.0)
         # acc is not read where a == 0 (stage 1): saves a fifth of the traffic there, and a stale or
         # uninitialised acc cannot leak in.
         read_acc = (a + tl.zeros([BLOCK], dtype=a.dtype)) != 0
@@ -77,7 +81,10 @@ if triton is not None:
         if WRITE_X0:
             tl.store(x0_ptr + offs, p, mask=mask)
 
-    @triton.jit
+    # n and r_len are not specialised on (their value mod 16 would otherwise compile a variant per size class):
+    # full blocks take an unmasked path instead, which keeps the 16-byte accesses for any n. The coefficient and
+    # segment tables are read a scalar at a time, so their alignment is not specialised on either.
+    @triton.jit(do_not_specialize=["coef_ptr", "seg_ptr", "n", "r_len"])
     def _stage_kernel(
         p_ptr,
         g_ptr,
@@ -96,7 +103,6 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         first = pid * BLOCK
         offs = first + tl.arange(0, BLOCK)
-        mask = offs < n
         # Segments are long against a block: find the segments of the block's first and last element
         # (scalars) and use uniform coefficients unless the block straddles a boundary.
         last = tl.minimum(first + BLOCK, n) - 1
@@ -106,7 +112,7 @@ if triton is not None:
             start = tl.load(seg_ptr + i)
             s_first += (first >= start).to(tl.int32)
             s_last += (last >= start).to(tl.int32)
-        if s_first == s_last:
+        if (s_first == s_last) & (first + BLOCK <= n):  # the common case: a full block inside one segment
             coef = coef_ptr + s_first * 5
             _stage_block(
                 p_ptr,
@@ -115,8 +121,9 @@ if triton is not None:
                 acc_ptr,
                 r_ptr,
                 r_len,
+                first,
                 offs,
-                mask,
+                tl.full([BLOCK], 1, tl.int1),
                 tl.load(coef),
                 tl.load(coef + 1),
                 tl.load(coef + 2),
@@ -126,7 +133,8 @@ if triton is not None:
                 WRITE_X0,
                 BLOCK,
             )
-        else:
+        else:  # the buffer's last block, or one across a segment boundary: masked, coefficients per element
+            mask = offs < n
             seg = tl.zeros([BLOCK], dtype=tl.int32)
             for i in tl.static_range(1, NSEG):
                 seg += (offs >= tl.load(seg_ptr + i)).to(tl.int32)
@@ -138,6 +146,7 @@ if triton is not None:
                 acc_ptr,
                 r_ptr,
                 r_len,
+                first,
                 offs,
                 mask,
                 tl.load(rows, mask=mask, other=0.0),
@@ -150,58 +159,10 @@ if triton is not None:
                 BLOCK,
             )
 
-    @triton.jit
-    def _sqnorm_partials_kernel(
-        addr_ptr, len_ptr, part_ptr, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr
-    ):
-        pid = tl.program_id(0)
-        addr = tl.load(addr_ptr + pid)
-        length = tl.load(len_ptr + pid)
-        if IS_F64:
-            ptr = addr.to(tl.pointer_type(tl.float64))
-            total = tl.zeros([BLOCK], dtype=tl.float64)
-        else:
-            ptr = addr.to(tl.pointer_type(tl.float32))
-            total = tl.zeros([BLOCK], dtype=tl.float32)
-        for it in tl.static_range(ITERS):
-            offs = it * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(ptr + offs, mask=offs < length, other=0.0)
-            total += x * x
-        tl.store(part_ptr + pid, tl.sum(total, axis=0))
-
-    @triton.jit
-    def _sqnorm_one_kernel(x_ptr, n, part_ptr, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-        # one tensor, one program per CHUNK: the capture-safe path (no address table to build)
-        pid = tl.program_id(0).to(tl.int64)
-        if IS_F64:
-            total = tl.zeros([BLOCK], dtype=tl.float64)
-        else:
-            total = tl.zeros([BLOCK], dtype=tl.float32)
-        for it in tl.static_range(ITERS):
-            offs = pid * (BLOCK * ITERS) + it * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-            total += x * x
-        tl.store(part_ptr + pid, tl.sum(total, axis=0))
-
-    @triton.jit
-    def _sum_kernel(part_ptr, out_ptr, m, IS_F64: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-        # one program, fixed order: the result does not depend on scheduling (deterministic)
-        if IS_F64:
-            total = tl.zeros([BLOCK], dtype=tl.float64)
-        else:
-            total = tl.zeros([BLOCK], dtype=tl.float32)
-        # ITERS is a constexpr: the interpreter cannot run a loop whose bound is a runtime scalar
-        for i in range(ITERS):
-            offs = i * BLOCK + tl.arange(0, BLOCK)
-            total += tl.load(part_ptr + offs, mask=offs < m, other=0.0)
-        tl.store(out_ptr, tl.sum(total, axis=0))
-
     # every kernel by name, for ahead-of-time compilation (tests/test_triton_compile.py)
     KERNELS = {
         "stage": _stage_kernel,
-        "sqnorm_partials": _sqnorm_partials_kernel,
-        "sqnorm_one": _sqnorm_one_kernel,
-        "sum": _sum_kernel,
+        **SQNORM_KERNELS,
         **EMA_KERNELS,
     }
 else:
@@ -210,20 +171,11 @@ else:
 _seg_cache: dict = {}
 
 
-def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 table on the device. Built from pinned memory with a non-blocking copy, so a cache miss in
-    an eager step costs no host sync. Never built inside a graph capture: the segment table is made in
-    the warm-up steps, and sqnorm launches per tensor while capturing."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=torch.int64, device=device)
-    return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
-
-
 def _segment_table(starts: tuple[int, ...], device: torch.device) -> torch.Tensor:
     key = (starts, device)
     tab = _seg_cache.get(key)
     if tab is None:
-        tab = _device_table(list(starts), device)
+        tab = device_table(list(starts), device)
         _seg_cache[key] = tab
     return tab
 
@@ -272,83 +224,6 @@ def _launch_group(params, grads, x0, acc, reg_grad, coeffs, starts: tuple[int, .
     )
 
 
-SQ_BLOCK, SQ_ITERS = 1024, 4
-SQ_CHUNK = SQ_BLOCK * SQ_ITERS
-_table_cache: OrderedDict = OrderedDict()
-
-
-def _chunk_table(tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """(address, length) of every CHUNK-sized piece of every tensor, cached by the tensors' addresses so
-    steady-state calls (and a graph's replays, whose pool addresses are fixed) build nothing."""
-    # the element size is in the key: a float64 view of float32 storage has the same address and may have
-    # the same length, but other chunk addresses
-    key = tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for t in tensors)
-    hit = _table_cache.get(key)
-    if hit is not None:
-        _table_cache.move_to_end(key)
-        return hit
-    addrs, lens = [], []
-    for t in tensors:
-        size = t.element_size()
-        for start in range(0, t.numel(), SQ_CHUNK):
-            addrs.append(t.data_ptr() + start * size)
-            lens.append(min(SQ_CHUNK, t.numel() - start))
-    dev = tensors[0].device
-    hit = (_device_table(addrs, dev), _device_table(lens, dev))
-    _table_cache[key] = hit
-    if len(_table_cache) > 32:
-        _table_cache.popitem(last=False)
-    return hit
-
-
-_warmed: set = set()
-
-
-def _warm_capture_path(tensors) -> None:
-    """Run the per-tensor path once, eagerly, for every new signature of a call: the variants a capture will
-    launch are then compiled and loaded before it (loading a module during a capture is refused on some
-    drivers). Triton specialises on the pointers' 16-byte alignment and on the lengths, so those are the key."""
-    key = tuple((t.dtype, t.numel(), t.data_ptr() % 16 == 0) for t in tensors)
-    if key not in _warmed:
-        launch_sqnorm(tensors, per_tensor=True)
-        _warmed.add(key)
-
-
-def launch_sqnorm(tensors, per_tensor: bool | None = None) -> torch.Tensor:
-    """Partial sums per CHUNK, then one fixed-order sum (deterministic).
-
-    Partials come from one launch over an address table or, while a CUDA graph is being captured (where a
-    new table would need a host copy), from one launch per tensor with its pointer as an argument.
-    """
-    tensors = [t for t in tensors if t.numel() > 0]
-    dtype = tensors[0].dtype if tensors else torch.float32
-    out = torch.zeros((), dtype=dtype, device=tensors[0].device if tensors else None)
-    if not tensors:
-        return out
-    if per_tensor is None:
-        per_tensor = out.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if out.device.type == "cuda" and not per_tensor:
-            _warm_capture_path(tensors)
-    is_f64 = dtype == torch.float64
-    if per_tensor:
-        chunks = [triton.cdiv(t.numel(), SQ_CHUNK) for t in tensors]
-        m = sum(chunks)
-        partials = torch.empty(m, dtype=dtype, device=out.device)
-        start = 0
-        for t, c in zip(tensors, chunks):
-            _sqnorm_one_kernel[(c,)](
-                t, t.numel(), partials[start:], IS_F64=is_f64, BLOCK=SQ_BLOCK, ITERS=SQ_ITERS, num_warps=4
-            )
-            start += c
-    else:
-        addrs, lens = _chunk_table(tensors)
-        m = addrs.numel()
-        partials = torch.empty(m, dtype=dtype, device=out.device)
-        _sqnorm_partials_kernel[(m,)](addrs, lens, partials, IS_F64=is_f64, BLOCK=SQ_BLOCK, ITERS=SQ_ITERS, num_warps=4)
-    _sum_kernel[(1,)](partials, out, m, IS_F64=is_f64, BLOCK=1024, ITERS=triton.cdiv(m, 1024), num_warps=4)
-    return out
-
-
 # -- torch.library registration ---------------------------------------------------------------------------
 @torch.library.custom_op("odegan_kernels::triton_stage", mutates_args=("params", "x0", "acc"))
 def triton_stage(
@@ -369,19 +244,7 @@ def _(params, grads, x0, acc, coeffs, starts, reg_grad, write_x0):
     return None
 
 
-@torch.library.custom_op("odegan_kernels::triton_sqnorm", mutates_args=())
-def triton_sqnorm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return launch_sqnorm([t.contiguous() for t in tensors])
-
-
-register_sqnorm_op("odegan_kernels::triton_sqnorm")
-
-
 # -- the backend interface used by ops.dispatch ------------------------------------------------------------
 def stage(params, grads, x0, acc, coeffs, segments, reg_grad=None, write_x0=False):
     starts = [s for s, _ in segments]
     torch.ops.odegan_kernels.triton_stage(params, grads, x0, acc, coeffs, starts, reg_grad, write_x0)
-
-
-def sqnorm(tensors):
-    return torch.ops.odegan_kernels.triton_sqnorm(list(tensors))

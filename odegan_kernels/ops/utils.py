@@ -321,3 +321,12 @@ def register_sqnorm_op(qualname: str) -> None:
         return (list(sqnorm_backward(ctx.saved_tensors, grad_out)),)
 
     torch.library.register_autograd(qualname, backward, setup_context=setup)
+
+
+def device_table(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 table on the device. Built from pinned memory with a non-blocking copy, so a cache miss in
+    an eager step costs no host sync. Never built inside a graph capture: the segment table is made in
+    the warm-up steps, and sqnorm launches per tensor while capturing."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
