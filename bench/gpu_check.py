@@ -45,7 +45,8 @@ CSRC_TESTS = ["tests/test_gpu_paths.py", "-k", "csrc or opcheck"]
 GRAPH_TESTS = [  # the whole-step graph against eager, every way a training run captures it
     "tests/test_graphs.py::test_captured_step_equals_eager_step",  # joint/first-stage, decoupled/after-step; h moves
     "tests/test_gpu_paths.py::test_an_lr_scheduler_moves_h_between_replays",  # h moved by a torch lr scheduler
-    "tests/test_penalties_in_optimisers.py::test_captured_step_with_every_penalty_equals_the_eager_step",  # family; lazy R1
+    # the penalty family, and a lazy R1
+    "tests/test_penalties_in_optimisers.py::test_captured_step_with_every_penalty_equals_the_eager_step",
     "tests/test_graphs.py::test_no_host_sync_inside_the_step",
     "tests/test_graphs.py::test_graph_mode_with_loader_workers",
     "tests/test_graphs.py::test_closure_that_syncs_is_refused_leaving_the_current_stream_and_the_parameters",
