@@ -17,7 +17,7 @@ LAYERS = [
     {"graphs", "distributed"},
     {"game"},
     {"ode"},
-    {"data", "metrics"},
+    {"data", "metrics", "classifier"},
     {"problems"},
     {"train"},
     {"study"},
