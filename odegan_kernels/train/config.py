@@ -334,7 +334,7 @@ for _name, _extra in (("r1", dict(r1=0.3)), ("consensus", dict(consensus=1.0)), 
 # every evaluation; the CIFAR-10 code's ODE settings (docs/RESULTS.md: digits).
 PRESETS["digits"] = dict(
     IMAGE_RUN, problem="digits", image_size=16, channels=1, width=16, batch=32, workers=0, fid_features="classifier",
-    steps=2000, eval_every=500, log_every=100, plot_every=500, ckpt_every=1000, eval_samples=1000, out="runs/digits",
+    steps=3000, eval_every=500, log_every=100, plot_every=500, ckpt_every=1000, eval_samples=1000, out="runs/digits",
 )  # fmt: skip
 
 
