@@ -1,4 +1,5 @@
-"""Data: the 16-Gaussian mixture, DiracGAN, and image sets (CIFAR-10 via torchvision, ImageFolder)."""
+"""Data: the 16-Gaussian mixture, DiracGAN, and image sets (CIFAR-10 via torchvision, ImageFolder, scikit-learn's
+8x8 handwritten digits), all images through one loader."""
 
 from __future__ import annotations
 
@@ -58,8 +59,81 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start
 
 
+DIGITS_EXTRA = (
+    "the digits data set needs scikit-learn: pip install -c constraints.txt -e '.[digits]' in a checkout "
+    "(pip install 'odegan-kernels[digits]' otherwise)"
+)
+DIGITS_SPLITS = ("train", "heldout")
+
+
+def load_digits_arrays(split: str = "train"):
+    """scikit-learn's handwritten digits (1797 8x8 images, values 0..16, labels 0..9; shipped inside the package,
+    never downloaded) as (images [N, 8, 8] uint8 scaled to 0..255, labels [N]) numpy arrays of one split
+    (heldout_split: ``heldout`` is every fifth image of each class, 364 images; ``train`` the other 1433)."""
+    import numpy as np
+
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"split must be one of {DIGITS_SPLITS}, got {split!r}")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise RuntimeError(DIGITS_EXTRA) from None  # one line from the odegan command, as torchvision's is
+    digits = load_digits()
+    labels = digits.target.astype(np.int64)
+    keep = heldout_split(labels.tolist())[split == "heldout"]
+    images = np.rint(digits.images[keep] * (255 / 16)).astype(np.uint8)
+    return images, labels[keep]
+
+
+def heldout_split(targets, max_train: int | None = None, max_heldout: int | None = None) -> tuple[list, list]:
+    """(train, held-out) indices of a labelled data set: every fifth image of each class, in the data set's order,
+    is held out, the rest is train; each list is then thinned evenly to at most ``max_train`` / ``max_heldout``
+    indices. No random numbers, so the split is the same under any library version."""
+    seen: dict = {}
+    held, kept = [], []
+    for i, t in enumerate(targets):
+        (held if seen.get(t, 0) % 5 == 0 else kept).append(i)
+        seen[t] = seen.get(t, 0) + 1
+
+    def thin(idx, n):
+        return idx if n is None or len(idx) <= n else [idx[j * len(idx) // n] for j in range(n)]
+
+    return thin(kept, max_train), thin(held, max_heldout)
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """One split of scikit-learn's digits as an ImageFolder-like dataset: ``(transform(image), label)`` where the
+    image is an RGB PIL image (R = G = B), as ImageFolder's loader gives; ``classes`` and ``targets`` as there."""
+
+    def __init__(self, split: str = "train", transform=None) -> None:
+        self.images, labels = load_digits_arrays(split)
+        self.targets = labels.tolist()
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        image = Image.fromarray(self.images[i], mode="L").convert("RGB")
+        return (self.transform(image) if self.transform is not None else image), self.targets[i]
+
+
+def image_transform(channels: int = 3, image_size: int | None = None):
+    """The loader's transform: (grayscale when ``channels`` is 1), resized and centre-cropped to ``image_size``
+    (None: kept), to a tensor in [-1, 1]."""
+    from torchvision import transforms
+
+    gray = [transforms.Grayscale(1)] if channels == 1 else []
+    size = [transforms.Resize(image_size), transforms.CenterCrop(image_size)] if image_size else []
+    norm = transforms.Normalize((0.5,) * channels, (0.5,) * channels)
+    return transforms.Compose([*gray, *size, transforms.ToTensor(), norm])
+
+
 def image_loader(
-    root: str,
+    root: str | None,
     dataset: str = "cifar10",
     batch: int = 64,
     seed: int = 0,
@@ -76,14 +150,15 @@ def image_loader(
     the epoch's first ``start`` samples; every rank gets as many batches).
 
     ``cifar10``: the torchvision CIFAR10 layout (``root/cifar-10-batches-py``); ``imagefolder``: any
-    torchvision ImageFolder tree (ImageNet's train/ folder included), resized and centre-cropped.
+    torchvision ImageFolder tree (ImageNet's train/ folder included), resized and centre-cropped; ``digits``:
+    the train split of scikit-learn's 8x8 digits (``root`` None: the package ships them), resized to
+    ``image_size`` (bilinear, as Resize does).
     ``channels``: 3 (RGB) or 1 (images converted to grayscale).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     try:
         import torchvision
-        from torchvision import transforms
     except Exception as exc:  # torchvision loads only with a matching torch build
         raise RuntimeError(
             "image data needs torchvision, built for this torch: from a checkout, pip install -c constraints.txt "
@@ -92,11 +167,14 @@ def image_loader(
         ) from exc
     from pathlib import Path
 
+    if dataset == "digits":
+        if root is not None:
+            raise ValueError("the digits data set ships with scikit-learn: give no data path (--data) for it")
+        ds = DigitsDataset("train", image_transform(channels, image_size))
+        return _loader(ds, "scikit-learn's digits", batch, seed, workers, rank, world)
     path = Path(root)
     if not path.exists():
         raise FileNotFoundError(f"data path {root!r} does not exist (nothing is downloaded: give a local copy)")
-    norm = transforms.Normalize((0.5,) * channels, (0.5,) * channels)
-    gray = [transforms.Grayscale(1)] if channels == 1 else []
     if dataset == "cifar10":
         if not (path / "cifar-10-batches-py").is_dir():
             raise FileNotFoundError(
@@ -121,21 +199,18 @@ def image_loader(
                     self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
                 self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
-        ds = LocalCIFAR10(
-            str(path), train=True, download=False, transform=transforms.Compose([*gray, transforms.ToTensor(), norm])
-        )
+        ds = LocalCIFAR10(str(path), train=True, download=False, transform=image_transform(channels))
     elif dataset == "imagefolder":
-        ds = torchvision.datasets.ImageFolder(
-            str(path),
-            transform=transforms.Compose(
-                [*gray, transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(), norm]
-            ),
-        )
+        ds = torchvision.datasets.ImageFolder(str(path), transform=image_transform(channels, image_size))
     else:
-        raise ValueError(f"unknown image dataset {dataset!r}; choose cifar10 or imagefolder")
+        raise ValueError(f"unknown image dataset {dataset!r}; choose cifar10, imagefolder or digits")
+    return _loader(ds, repr(root), batch, seed, workers, rank, world)
+
+
+def _loader(ds, what: str, batch: int, seed: int, workers: int, rank: int, world: int):
     if len(ds) < batch * world:
         raise ValueError(
-            f"{root!r} holds {len(ds)} images, fewer than one batch of {batch}"
+            f"{what} holds {len(ds)} images, fewer than one batch of {batch}"
             + (f" for each of {world} ranks" if world > 1 else "")
         )
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)

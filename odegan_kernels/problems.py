@@ -5,6 +5,7 @@ The trainer is generic over these; each problem owns its data pipeline, its metr
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -86,14 +87,20 @@ class DiracProblem(Problem):
 
 
 ARCHS = ("dcgan", "resnet", "resnet128")
-PROBLEMS = ("mog", "dirac", "cifar10", "imagefolder")
+PROBLEMS = ("mog", "dirac", "cifar10", "imagefolder", "digits")
+FID_FEATURES = ("inception", "classifier")
+IMAGE_PROBLEMS = ("cifar10", "imagefolder", "digits")
 
 
 class ImageProblem(Problem):
-    """Images (CIFAR-10 through torchvision, or any ImageFolder tree such as ImageNet's train/).
+    """Images (CIFAR-10 through torchvision, any ImageFolder tree such as ImageNet's train/, or scikit-learn's
+    8x8 digits).
 
-    ``arch``: ``dcgan`` (the reference pair) or ``resnet`` at 32x32, unconditional; ``resnet128``, the
-    class-conditional projection ResNet at ``image_size`` (128 for ImageNet) with the dataset's classes.
+    ``arch``: ``dcgan`` (the reference pair at 32x32; any power of two >= 8) or ``resnet`` at 32x32, unconditional;
+    ``resnet128``, the class-conditional projection ResNet at ``image_size`` (128 for ImageNet) with the dataset's
+    classes. ``fid_features``: ``inception`` (FID/IS through torch-fidelity's Inception network, when
+    ``fid_real`` is set) or ``classifier`` (the offline metric of classifier.py, trained on the data's own labels
+    and cached in ``cache_dir``).
     """
 
     def __init__(
@@ -115,6 +122,8 @@ class ImageProblem(Problem):
         world: int = 1,
         channels: int = 3,
         dtype: torch.dtype = torch.float32,
+        fid_features: str = "inception",
+        cache_dir: str | None = None,
     ) -> None:
         from .data import image_loader
         from .models.dcgan import DCGANDiscriminator, DCGANGenerator
@@ -123,8 +132,12 @@ class ImageProblem(Problem):
 
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
-        if arch != "resnet128" and image_size != 32:
-            raise ValueError(f"arch {arch!r} makes 32x32 images; image_size={image_size} needs arch='resnet128'")
+        if arch == "resnet" and image_size != 32:
+            raise ValueError(
+                f"arch 'resnet' makes 32x32 images; image_size={image_size} needs arch='resnet128' or 'dcgan'"
+            )
+        if fid_features not in FID_FEATURES:
+            raise ValueError(f"fid_features must be one of {FID_FEATURES}, got {fid_features!r}")
         if width is not None and arch == "resnet":
             raise ValueError("width sets the dcgan and resnet128 pairs' base channel count; arch 'resnet' is fixed")
         if channels != 3 and arch != "dcgan":
@@ -148,7 +161,7 @@ class ImageProblem(Problem):
         self.sample_shape = (channels, image_size, image_size)
         with default_dtype(dtype):  # made and initialised in the run's dtype (no float32 rounding in a float64 run)
             if arch == "dcgan":
-                kw = {"channels": channels, **({} if width is None else {"width": width})}
+                kw = {"channels": channels, "image_size": image_size, **({} if width is None else {"width": width})}
                 self.D, self.G = DCGANDiscriminator(**kw).to(device), DCGANGenerator(z_dim, **kw).to(device)
             elif arch == "resnet":
                 self.D, self.G = ResNetDiscriminator().to(device), ResNetGenerator(z_dim).to(device)
@@ -164,6 +177,15 @@ class ImageProblem(Problem):
         self.epoch = 0
         self.batches = 0  # drawn so far in this epoch: a resumed run continues from there
         self.fid = dict(real=fid_real, num_samples=fid_samples, weights=inception_weights)
+        self.fid_features, self.cache_dir, self.metric = fid_features, cache_dir, None
+        if fid_features == "classifier":
+            classes = len(self.loader.dataset.classes)
+            if classes < 2:
+                raise ValueError(
+                    f"fid_features=classifier trains a classifier on the data's labels (an ImageFolder tree's class "
+                    f"folders), and {data!r} has {classes} class; give a tree of at least 2 class folders, or use the "
+                    "Inception features (fid_real, inception_weights)"
+                )
 
     def real_batch(self, n, generator):
         return self.draw(n, generator)[0]
@@ -200,7 +222,10 @@ class ImageProblem(Problem):
 
     @torch.no_grad()
     def evaluate(self, samples):
-        """FID and IS against ``fid_real`` when it is set (torch-fidelity, imported only then)."""
+        """The classifier metric of ``samples`` (fid_features="classifier"), or FID and IS against ``fid_real``
+        when it is set (torch-fidelity, imported only then)."""
+        if self.fid_features == "classifier":
+            return self.classifier_metric()(samples)
         if not self.fid["real"]:
             return {}
         from .metrics import fid_is
@@ -222,6 +247,33 @@ class ImageProblem(Problem):
 
     def plot(self, samples, path, title=""):
         plot_image_grid(samples, path, title)
+
+    def classifier_metric(self):
+        """The ClassifierMetric of this data set, made at the first call (trained, or read from the cache): on
+        the digits, trained on the train split (the GAN's data) and judged against the held-out split; on
+        CIFAR-10 or an ImageFolder tree, trained and judged on a stratified split of the images (heldout_split).
+        ``classifier.json`` in the cache folder says how well it classifies and what real images score."""
+        if self.metric is None:
+            from .classifier import CLASSIFIER_REAL, CLASSIFIER_TRAIN, ClassifierMetric, dataset_images
+            from .data import DigitsDataset, heldout_split
+
+            ds = self.loader.dataset
+            if isinstance(ds, DigitsDataset):
+                real_ds, train_idx = DigitsDataset("heldout", ds.transform), range(len(ds))
+                real_idx = range(len(real_ds))
+            else:
+                real_ds, (train_idx, real_idx) = ds, heldout_split(ds.targets, CLASSIFIER_TRAIN, CLASSIFIER_REAL)
+            (tx, ty), (rx, ry) = dataset_images(ds, train_idx), dataset_images(real_ds, real_idx)
+            self.metric = ClassifierMetric(tx, ty, rx, len(ds.classes), self.cache_dir, real_labels=ry)
+            info = {
+                "classifier": self.metric.path.name,
+                "train_images": len(ty),
+                "heldout_images": len(ry),
+                "heldout_accuracy": self.metric.accuracy,
+                "real_vs_real": self.metric.real_vs_real(),
+            }
+            (Path(self.cache_dir) / "classifier.json").write_text(json.dumps(info, indent=2) + "\n")
+        return self.metric
 
 
 def plot_2d_samples(samples: torch.Tensor, centres: torch.Tensor, path: Path, title: str = "") -> None:
@@ -266,7 +318,10 @@ def plot_image_grid(samples: torch.Tensor, path: Path, title: str = "") -> None:
         r, q = divmod(i, n)
         grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, q * (w + 2) + 1 : q * (w + 2) + 1 + w] = x[i]
     fig = plt.figure(figsize=(6, 6))
-    plt.imshow(grid.permute(1, 2, 0).numpy())
+    if c == 1:  # one channel: gray levels, not matplotlib's default colour map
+        plt.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    else:
+        plt.imshow(grid.permute(1, 2, 0).numpy())
     plt.axis("off")
     plt.title(title)
     save_figure(fig, path, dpi=80, bbox_inches="tight")
@@ -276,16 +331,19 @@ def plot_image_grid(samples: torch.Tensor, path: Path, title: str = "") -> None:
 def build_problem(name: str, cfg, rank: int = 0, world: int = 1) -> Problem:
     if name in ("mog", "dirac") and (cfg.fid_real or cfg.inception_weights):
         raise ValueError(f"fid_real and inception_weights are for the image problems; {name!r} has its own metrics")
+    features = cfg.fid_features
     if name == "mog":
         return MoGProblem(cfg.z_dim, cfg.hidden, seed=cfg.seed, device=cfg.device, dtype=cfg.torch_dtype)
     if name == "dirac":
         return DiracProblem(device=cfg.device, dtype=cfg.torch_dtype)
-    if name in ("cifar10", "imagefolder"):
-        if not cfg.data:
+    if name in IMAGE_PROBLEMS:
+        if name == "digits" and cfg.data:
+            raise ValueError("the digits data set ships with scikit-learn: drop --data (it reads no folder)")
+        if name != "digits" and not cfg.data:
             raise ValueError(f"problem {name!r} needs --data PATH (a local folder; nothing is downloaded)")
         check_fid_inputs(cfg.fid_real, cfg.inception_weights)  # now, not at the first evaluation
         return ImageProblem(
-            cfg.data,
+            cfg.data or None,
             name,
             cfg.z_dim,
             cfg.batch,
@@ -302,5 +360,7 @@ def build_problem(name: str, cfg, rank: int = 0, world: int = 1) -> Problem:
             rank=rank,
             world=world,
             dtype=cfg.torch_dtype,
+            fid_features=features,
+            cache_dir=cfg.out,
         )
     raise ValueError(f"unknown problem {name!r}; choose one of {PROBLEMS}")

@@ -243,6 +243,7 @@ def test_a_pickled_payload_in_the_weights_is_refused_and_never_runs(class_tree, 
 # -- the settings together, and fid_is's own arguments ---------------------------------------------------------
 def _cfg(**kw):
     base = dict(z_dim=8, hidden=5, seed=0, device="cpu", data=None, fid_real=None, inception_weights=None)
+    base["fid_features"] = "inception"
     return SimpleNamespace(**{**base, **kw})
 
 

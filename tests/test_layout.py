@@ -20,7 +20,7 @@ LAYERS = [
     {"contract"},
     {"game", "ode"},
     {"models"},
-    {"data", "metrics"},
+    {"data", "metrics", "classifier"},
     {"problems"},
     {"train"},
     {"study"},

@@ -47,6 +47,30 @@ def test_shapes_init_and_one_rk4_step(arch):
     assert torch.isfinite(out.value("g_reg")) and out.value("g_reg") > 0
 
 
+def _convs(module):
+    return [(m.out_channels, m.kernel_size[0], m.stride[0]) for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_dcgan_at_other_sizes():
+    """The reference DCGAN at 32x32 (DESIGN.md's layer list), and the same pair at other powers of two: one
+    transposed-conv block per doubling from 4x4, the last ``width`` wide; a (3x3 s1, 4x4 s2) pair of D's convs per
+    halving; 16x16 (the digits preset's) drops the first block and the last pair."""
+    D, G = DCGANDiscriminator(), DCGANGenerator()
+    assert _convs(D) == [(64, 3, 1), (64, 4, 2), (128, 3, 1), (128, 4, 2), (256, 3, 1), (256, 4, 2), (512, 3, 1)]
+    assert [m.out_channels for m in G.modules() if isinstance(m, nn.ConvTranspose2d)] == [256, 128, 64]
+    assert G.fc.out_features == 4 * 4 * 512 and D.fc.in_features == 4 * 4 * 512
+    D16, G16 = DCGANDiscriminator(channels=1, width=8, image_size=16), DCGANGenerator(16, 1, 8, image_size=16)
+    assert _convs(D16) == [(8, 3, 1), (8, 4, 2), (16, 3, 1), (16, 4, 2), (32, 3, 1)]
+    assert [m.out_channels for m in G16.modules() if isinstance(m, nn.ConvTranspose2d)] == [16, 8]
+    for size in (8, 16, 64):
+        D, G = DCGANDiscriminator(channels=1, width=4, image_size=size), DCGANGenerator(16, 1, 4, image_size=size)
+        x = G(torch.randn(3, 16))
+        assert x.shape == (3, 1, size, size) and D(x).shape == (3,)
+    for bad in (4, 12, 48, True):
+        with pytest.raises(ValueError, match="image_size must be a power of two >= 8"):
+            DCGANGenerator(image_size=bad)
+
+
 def _conditional_pair(k=5, ch=2, size=32, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     D = ConditionalResNetDiscriminator(num_classes=k, ch=ch, image_size=size).to(dtype)

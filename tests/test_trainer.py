@@ -426,8 +426,10 @@ def test_conditional_imagefolder_training(tmp_path, size):
 def test_image_options_are_checked(tmp_path):
     pytest.importorskip("torchvision", reason="image data needs torchvision (installed by the [dev] extra)")
     write_imagefolder(tmp_path / "data")
-    with pytest.raises(ValueError, match="needs arch='resnet128'"):
-        Trainer(tiny_imagenet_config(tmp_path, arch="dcgan", width=None, image_size=64))
+    with pytest.raises(ValueError, match="needs arch='resnet128' or 'dcgan'"):
+        Trainer(tiny_imagenet_config(tmp_path, arch="resnet", width=None, image_size=64))
+    with pytest.raises(ValueError, match="image_size must be a power of two >= 8"):
+        Trainer(tiny_imagenet_config(tmp_path, arch="dcgan", width=2, image_size=48))
     with pytest.raises(ValueError, match="width sets the dcgan and resnet128 pairs"):
         Trainer(tiny_imagenet_config(tmp_path, arch="resnet"))
     with pytest.raises(ValueError, match="power of two"):

@@ -25,7 +25,7 @@ def option(default, help: str, match: bool = False, change: bool = False):
 class Config:
     """Every option of a run. The defaults are the CIFAR-10 reference code's choices; presets set the rest."""
 
-    problem: str = option("mog", "mog | dirac | cifar10 | imagefolder", match=True)
+    problem: str = option("mog", "mog | dirac | cifar10 | imagefolder | digits", match=True)
     optimizer: str = option("ode", "ode (Runge-Kutta on the gradient field) | adam | sgd (baselines)", match=True)
     method: str = option("rk4", "Runge-Kutta method: euler | heun | midpoint | ralston | rk3 | rk4", match=True)
     h: float = option(0.04, "step size of D (and of G unless h_g is set)", match=True, change=True)
@@ -80,7 +80,12 @@ class Config:
     )
     data: str | None = option(None, "local dataset path (cifar10: the folder holding cifar-10-batches-py)")
     arch: str = option("dcgan", "image models: dcgan | resnet (32x32) | resnet128 (class-conditional)", match=True)
-    image_size: int = option(32, "resnet128 on an ImageFolder: any power of two >= 32 (128 for ImageNet)", match=True)
+    image_size: int = option(
+        32,
+        "image side: dcgan any power of two >= 8 (32: the reference's; digits: 16), resnet 32 only, resnet128 any "
+        "power of two >= 32 on an ImageFolder (128 for ImageNet); CIFAR-10 is 32",
+        match=True,
+    )
     width: int | None = option(
         None, "dcgan / resnet128 base channel count (None: 64, the reference's and SN-GAN's)", match=True
     )
@@ -100,6 +105,11 @@ class Config:
     tensorboard: bool = option(True, "also write TensorBoard events to OUT/tensorboard when tensorboard is installed")
     recover_retries: int = option(3, "divergence: roll back to the last good state this many times, then stop")
     recover_factor: float = option(0.5, "divergence: multiply the step size by this at each rollback")
+    fid_features: str = option(
+        "inception",
+        "image metrics' features: inception (FID/IS with fid_real and inception_weights) | classifier (offline: a "
+        "small CNN trained on the data's own labels gives fid_classifier, coverage, score)",
+    )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -166,6 +176,15 @@ class Config:
             raise ValueError(
                 f"fid_real and inception_weights are for the image problems; {self.problem!r} has its own metrics"
             )
+        if self.fid_features == "classifier" and (self.fid_real or self.inception_weights):
+            raise ValueError(
+                "fid_features=classifier judges samples with a classifier of the data itself; fid_real and "
+                "inception_weights are for the Inception features: drop them, or set fid_features=inception"
+            )
+        from ..problems import IMAGE_PROBLEMS
+
+        if self.fid_features == "classifier" and self.problem not in IMAGE_PROBLEMS:
+            raise ValueError(f"fid_features=classifier is for the image problems; {self.problem!r} has its own metrics")
 
 
 POSITIVE = (
@@ -184,7 +203,7 @@ def choices() -> dict[str, tuple]:
     from ..game import ENGINES, LOSSES, METHODS
     from ..ode import COUPLINGS, REG_PLACEMENTS, SCHEDULES, TABLEAUS
     from ..ops import BACKENDS
-    from ..problems import ARCHS, PROBLEMS
+    from ..problems import ARCHS, FID_FEATURES, PROBLEMS
 
     return {
         "problem": PROBLEMS,
@@ -200,6 +219,7 @@ def choices() -> dict[str, tuple]:
         "backend": ("auto", *BACKENDS),
         "arch": ARCHS,
         "dtype": ("float32", "float64"),
+        "fid_features": FID_FEATURES,
     }
 
 
@@ -266,7 +286,10 @@ IMAGE_RUN = dict(
     plot_every=10_000,
     ckpt_every=10_000,
     device="auto",  # resolved when a run is configured: no GPU query at import
-    threads=0,
+    # One CPU thread (a GPU run never sets it): on the 2-core machines, the small-width image models measured as
+    # fast with 1 as with 2 when the machine was idle and 4-10x faster when it was shared (bench/image_cpu.py,
+    # docs/RESULTS.md). --set threads=0 takes torch's default (all cores).
+    threads=1,
 )
 
 PRESETS: dict[str, dict] = {
@@ -309,6 +332,14 @@ for _name, _extra in (("r1", dict(r1=0.3)), ("consensus", dict(consensus=1.0)), 
         **PRESETS["dirac"], "method": "euler", "h": 0.1, "reg": 0.0, "loss": _loss, "steps": 1000,
         "out": f"runs/dirac-{_name}", **_extra,
     }  # fmt: skip
+
+
+# scikit-learn's 8x8 digits at 16x16 (2x), a DCGAN-style pair for a 2-core CPU, judged by the classifier metric at
+# every evaluation; the CIFAR-10 code's ODE settings (docs/RESULTS.md: digits).
+PRESETS["digits"] = dict(
+    IMAGE_RUN, problem="digits", image_size=16, channels=1, width=16, batch=32, workers=0, fid_features="classifier",
+    steps=3000, eval_every=500, log_every=100, plot_every=500, ckpt_every=1000, eval_samples=1000, out="runs/digits",
+)  # fmt: skip
 
 
 def unknown_options(names) -> str | None:
