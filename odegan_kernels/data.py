@@ -1,9 +1,11 @@
-"""Data: the 16-Gaussian mixture, DiracGAN, and image sets (CIFAR-10 via torchvision, ImageFolder, scikit-learn's
-8x8 handwritten digits), all images through one loader."""
+"""Data: the 16-Gaussian mixture, DiracGAN, and image sets (CIFAR-10 from its python archive, read as data only;
+ImageFolder, scikit-learn's 8x8 handwritten digits), all images through one loader."""
 
 from __future__ import annotations
 
 import itertools
+import pickle
+from pathlib import Path
 
 import torch
 
@@ -121,6 +123,98 @@ class DigitsDataset(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform is not None else image), self.targets[i]
 
 
+# What a CIFAR-10 python file may name besides plain containers: numpy's array rebuilders and their dtype, and the
+# latin-1 codec Python 2's pickles use for bytes. Anything else (a class whose unpickling runs code) is refused.
+CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _CIFARUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise _Refused(f"it names {module}.{name}, which is not part of the CIFAR-10 format")
+
+
+def read_cifar_file(path) -> dict:
+    """One file of the CIFAR-10 python archive, read as data only: dicts, lists, strings, bytes, numbers and numpy
+    arrays (CIFAR_GLOBALS); a file naming anything else, or damaged, is a ValueError naming the file."""
+    from .files import open_regular
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the CIFAR-10 folder is incomplete (nothing is downloaded)")
+    try:
+        with open_regular(path) as f:
+            obj = _CIFARUnpickler(f, encoding="latin1").load()
+    except _Refused as exc:
+        raise ValueError(f"{path} was refused: {exc} (a CIFAR-10 file holds only arrays, lists and strings)") from None
+    except OSError:
+        raise
+    except Exception as exc:  # truncated or random bytes: EOFError, struct.error, ...
+        raise ValueError(f"{path} is not a CIFAR-10 file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 file: it holds a {type(obj).__name__}, not a dict")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+class CIFAR10Batches(torch.utils.data.Dataset):
+    """The training split of a local CIFAR-10 python archive (``folder`` = cifar-10-batches-py: data_batch_1..5 and
+    batches.meta), read by read_cifar_file (data only, never code) and checked: every batch a uint8 array of
+    N x 3072 with N labels. Items are (transformed PIL image, label), as torchvision's CIFAR10 gives them."""
+
+    FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+    def __init__(self, folder, transform=None) -> None:
+        import numpy as np
+
+        folder = Path(folder)
+        self.transform = transform
+        meta = read_cifar_file(folder / "batches.meta")
+        names = meta.get("label_names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{folder / 'batches.meta'} has no label_names list: not CIFAR-10's batches.meta")
+        self.classes = names
+        self.class_to_idx = {c: i for i, c in enumerate(names)}
+        data, targets = [], []
+        for name in self.FILES:
+            entry = read_cifar_file(folder / name)
+            x, y = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
+            if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+                got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+                raise ValueError(f"{folder / name}: 'data' must be a uint8 array of N x 3072 pixels, got {got}")
+            if not isinstance(y, list) or len(y) != len(x) or not all(isinstance(v, int) for v in y):
+                raise ValueError(f"{folder / name}: 'labels' must be a list of {len(x)} integers")
+            if any(not 0 <= v < len(names) for v in y):
+                raise ValueError(f"{folder / name}: a label is outside the {len(names)} classes of batches.meta")
+            data.append(x)
+            targets += y
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # N x H x W x C
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        img = Image.fromarray(self.data[i])
+        return (self.transform(img) if self.transform is not None else img), self.targets[i]
+
+
 def image_transform(channels: int = 3, image_size: int | None = None):
     """The loader's transform: (grayscale when ``channels`` is 1), resized and centre-cropped to ``image_size``
     (None: kept), to a tensor in [-1, 1]."""
@@ -182,24 +276,7 @@ def image_loader(
                 "holding the extracted CIFAR-10 python archive"
             )
 
-        class LocalCIFAR10(torchvision.datasets.CIFAR10):
-            # torchvision checks the official archive's MD5s; a local copy (or a subset made for tests)
-            # only has to have the files, in the same pickle format.
-            def _check_integrity(self) -> bool:
-                base = Path(self.root) / self.base_folder
-                return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
-
-            def _load_meta(self) -> None:
-                import pickle
-
-                meta = Path(self.root) / self.base_folder / self.meta["filename"]
-                if not meta.is_file():
-                    raise FileNotFoundError(f"{meta} is missing: the CIFAR-10 folder is incomplete")
-                with open(meta, "rb") as f:
-                    self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-                self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-        ds = LocalCIFAR10(str(path), train=True, download=False, transform=image_transform(channels))
+        ds = CIFAR10Batches(path / "cifar-10-batches-py", transform=image_transform(channels))
     elif dataset == "imagefolder":
         ds = torchvision.datasets.ImageFolder(str(path), transform=image_transform(channels, image_size))
     else:
