@@ -92,6 +92,35 @@ FID_FEATURES = ("inception", "classifier")
 IMAGE_PROBLEMS = ("cifar10", "imagefolder", "digits")
 
 
+def check_image_options(
+    dataset: str, arch: str, image_size: int, width: int | None, channels: int, fid_features: str = "inception"
+) -> None:
+    """Refuse, naming the option, an image run's combination that its models or data cannot make: checked when a
+    Config is validated (before anything is built or written) and again when the problem is built."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
+    if fid_features not in FID_FEATURES:
+        raise ValueError(f"fid_features must be one of {FID_FEATURES}, got {fid_features!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    if arch == "resnet" and image_size != 32:
+        raise ValueError(f"arch 'resnet' makes 32x32 images; image_size={image_size} needs arch='resnet128' or 'dcgan'")
+    if arch == "dcgan" and (image_size < 8 or image_size & (image_size - 1)):
+        raise ValueError(
+            f"arch 'dcgan' makes power-of-two sizes >= 8 (32: the reference's); got image_size={image_size}"
+        )
+    if arch == "resnet128" and (image_size < 32 or image_size & (image_size - 1)):
+        raise ValueError(
+            f"arch 'resnet128' makes power-of-two sizes >= 32 (128: ImageNet's); got image_size={image_size}"
+        )
+    if width is not None and arch == "resnet":
+        raise ValueError("width sets the dcgan and resnet128 pairs' base channel count; arch 'resnet' is fixed")
+    if channels != 3 and arch != "dcgan":
+        raise ValueError(f"channels={channels} (grayscale data) needs arch='dcgan'; arch {arch!r} takes RGB")
+    if dataset == "cifar10" and image_size != 32:
+        raise ValueError(f"CIFAR-10 images are 32x32; image_size={image_size} needs an ImageFolder dataset")
+
+
 class ImageProblem(Problem):
     """Images (CIFAR-10 through torchvision, any ImageFolder tree such as ImageNet's train/, or scikit-learn's
     8x8 digits).
@@ -130,20 +159,7 @@ class ImageProblem(Problem):
         from .models.resnet import ResNetDiscriminator, ResNetGenerator
         from .models.resnet128 import ConditionalResNetDiscriminator, ConditionalResNetGenerator
 
-        if arch not in ARCHS:
-            raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
-        if arch == "resnet" and image_size != 32:
-            raise ValueError(
-                f"arch 'resnet' makes 32x32 images; image_size={image_size} needs arch='resnet128' or 'dcgan'"
-            )
-        if fid_features not in FID_FEATURES:
-            raise ValueError(f"fid_features must be one of {FID_FEATURES}, got {fid_features!r}")
-        if width is not None and arch == "resnet":
-            raise ValueError("width sets the dcgan and resnet128 pairs' base channel count; arch 'resnet' is fixed")
-        if channels != 3 and arch != "dcgan":
-            raise ValueError(f"channels={channels} (grayscale data) needs arch='dcgan'; arch {arch!r} takes RGB")
-        if dataset == "cifar10" and image_size != 32:
-            raise ValueError(f"CIFAR-10 images are 32x32; image_size={image_size} needs an ImageFolder dataset")
+        check_image_options(dataset, arch, image_size, width, channels, fid_features)
         # the data first: a conditional pair needs the number of classes
         self.loader = image_loader(
             data,

@@ -428,7 +428,7 @@ def test_image_options_are_checked(tmp_path):
     write_imagefolder(tmp_path / "data")
     with pytest.raises(ValueError, match="needs arch='resnet128' or 'dcgan'"):
         Trainer(tiny_imagenet_config(tmp_path, arch="resnet", width=None, image_size=64))
-    with pytest.raises(ValueError, match="image_size must be a power of two >= 8"):
+    with pytest.raises(ValueError, match="arch 'dcgan' makes power-of-two sizes >= 8"):
         Trainer(tiny_imagenet_config(tmp_path, arch="dcgan", width=2, image_size=48))
     with pytest.raises(ValueError, match="width sets the dcgan and resnet128 pairs"):
         Trainer(tiny_imagenet_config(tmp_path, arch="resnet"))
@@ -439,6 +439,10 @@ def test_image_options_are_checked(tmp_path):
     write_cifar10(tmp_path / "cifar")
     with pytest.raises(ValueError, match="CIFAR-10 images are 32x32"):
         Trainer(tiny_cifar10_config(tmp_path, data=str(tmp_path / "cifar"), arch="resnet128", image_size=64))
+    # refused when the options are read (the command line's exit status 2), before any data or model is built
+    for bad in (dict(channels=2), dict(arch="resnet", width=8), dict(arch="resnet128", image_size=48)):
+        with pytest.raises(ValueError, match="channels must be 1|width sets|power-of-two sizes >= 32"):
+            make_config("imagefolder", data=str(tmp_path / "data"), **bad)
     cfg = make_config("imagenet128")
     assert (cfg.arch, cfg.image_size, cfg.width, cfg.schedule, cfg.coupling) == (
         "resnet128",

@@ -185,6 +185,10 @@ class Config:
 
         if self.fid_features == "classifier" and self.problem not in IMAGE_PROBLEMS:
             raise ValueError(f"fid_features=classifier is for the image problems; {self.problem!r} has its own metrics")
+        if self.problem in IMAGE_PROBLEMS:
+            from ..problems import check_image_options
+
+            check_image_options(self.problem, self.arch, self.image_size, self.width, self.channels, self.fid_features)
 
 
 POSITIVE = (
