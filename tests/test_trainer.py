@@ -432,7 +432,7 @@ def test_image_options_are_checked(tmp_path):
         Trainer(tiny_imagenet_config(tmp_path, arch="dcgan", width=2, image_size=48))
     with pytest.raises(ValueError, match="width sets the dcgan and resnet128 pairs"):
         Trainer(tiny_imagenet_config(tmp_path, arch="resnet"))
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="power-of-two sizes >= 32"):
         Trainer(tiny_imagenet_config(tmp_path, image_size=48))
     with pytest.raises(ValueError, match=r"arch must be one of \('dcgan', 'resnet', 'resnet128'\), got 'vit'"):
         Trainer(tiny_imagenet_config(tmp_path, arch="vit"))
