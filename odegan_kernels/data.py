@@ -215,6 +215,51 @@ class CIFAR10Batches(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform is not None else img), self.targets[i]
 
 
+class ImageFileError(ValueError):
+    """An image of the data set that cannot be read; the message names the file (also from a loader worker)."""
+
+
+class NamedImageFolder(torch.utils.data.Dataset):
+    """torchvision's ImageFolder tree whose unreadable image (corrupt, truncated) is an ImageFileError naming it."""
+
+    def __init__(self, root, transform=None) -> None:
+        import torchvision
+
+        self.folder = torchvision.datasets.ImageFolder(str(root), transform=transform)
+        self.classes, self.class_to_idx = self.folder.classes, self.folder.class_to_idx
+        self.samples, self.targets = self.folder.samples, self.folder.targets
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.folder[i]
+        except Exception as exc:
+            raise ImageFileError(
+                f"{self.samples[i][0]} cannot be read as an image ({type(exc).__name__}: {exc})"
+            ) from None
+
+
+def from_a_worker(exc: BaseException) -> BaseException:
+    """An ImageFileError re-raised by a DataLoader from its worker carries the worker's traceback in its text: the
+    same error with its own last line only."""
+    if isinstance(exc, ImageFileError) and "Traceback" in str(exc):
+        last = [line for line in str(exc).strip().splitlines() if line.strip()][-1]
+        return ImageFileError(last.split(": ", 1)[1] if last.startswith(("ImageFileError", "odegan")) else last)
+    return exc
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """A loader worker's init: SIGINT and SIGTERM are the main process's to act on. A signal to the whole process
+    group (systemd, Slurm, kill -- -PGID) then stops the run at a step boundary with a checkpoint, instead of killing
+    the workers under it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def image_transform(channels: int = 3, image_size: int | None = None):
     """The loader's transform: (grayscale when ``channels`` is 1), resized and centre-cropped to ``image_size``
     (None: kept), to a tensor in [-1, 1]."""
@@ -252,7 +297,7 @@ def image_loader(
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     try:
-        import torchvision
+        pass
     except Exception as exc:  # torchvision loads only with a matching torch build
         raise RuntimeError(
             "image data needs torchvision, built for this torch: from a checkout, pip install -c constraints.txt "
@@ -278,7 +323,7 @@ def image_loader(
 
         ds = CIFAR10Batches(path / "cifar-10-batches-py", transform=image_transform(channels))
     elif dataset == "imagefolder":
-        ds = torchvision.datasets.ImageFolder(str(path), transform=image_transform(channels, image_size))
+        ds = NamedImageFolder(str(path), transform=image_transform(channels, image_size))
     else:
         raise ValueError(f"unknown image dataset {dataset!r}; choose cifar10, imagefolder or digits")
     return _loader(ds, repr(root), batch, seed, workers, rank, world)
@@ -299,4 +344,5 @@ def _loader(ds, what: str, batch: int, seed: int, workers: int, rank: int, world
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import MixtureOfGaussians
+from .data import ImageFileError, MixtureOfGaussians, from_a_worker
 from .files import save_figure
 from .metrics import check_fid_inputs, mode_metrics
 from .models.init import default_dtype
@@ -44,6 +44,9 @@ class Problem:
 
     def plot(self, samples: torch.Tensor, path: Path, title: str = "") -> None:
         pass
+
+    def close(self) -> None:
+        """Release what the data pipeline holds (loader worker processes); the trainer calls it when a run ends."""
 
 
 class MoGProblem(Problem):
@@ -214,6 +217,8 @@ class ImageProblem(Problem):
                 self._it = iter(self.loader)
             try:
                 x = next(self._it)
+            except ImageFileError as exc:  # from a loader worker, its text carries the worker's traceback
+                raise from_a_worker(exc) from None
             except StopIteration:
                 self._it = None
                 self.epoch += 1
@@ -227,6 +232,15 @@ class ImageProblem(Problem):
             if not self.num_classes:
                 return x, None
             return x, y.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Shut the loader's workers down now (they ignore SIGINT and SIGTERM, which are the main process's to act on:
+        left to the interpreter's exit, a worker that ignores SIGTERM would never be terminated)."""
+        self._it = None
+        workers = getattr(self.loader, "_iterator", None)  # torch keeps persistent workers' iterator here
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()
+            self.loader._iterator = None
 
     def state_dict(self):
         return {"epoch": self.epoch, "batches": self.batches}

@@ -289,6 +289,7 @@ IMAGE_RUN = dict(
     log_every=500,
     plot_every=10_000,
     ckpt_every=10_000,
+    ckpt_minutes=5.0,  # and every 5 minutes of wall time, checked at every step: a crash loses minutes, not hours
     device="auto",  # resolved when a run is configured: no GPU query at import
     # One CPU thread (a GPU run never sets it): on the 2-core machines, the small-width image models measured as
     # fast with 1 as with 2 when the machine was idle and 4-10x faster when it was shared (bench/image_cpu.py,

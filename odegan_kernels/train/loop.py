@@ -213,6 +213,7 @@ class Trainer:
             with StopRequests(immediate=self.world > 1) as self._stop:
                 return self._run(resume, allow_change)
         finally:
+            self.problem.close()  # the loader's workers, before the interpreter's exit could wait on them
             if lock is not None:
                 lock.release()
 
