@@ -15,6 +15,22 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def device_arg(ap, text: str) -> torch.device:
+    """The --device of a benchmark: cpu, or cuda where torch sees one; anything else is the parser's one-line
+    error (exit 2), not a traceback from deep inside the first kernel."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        ap.error(f"--device {text!r}: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu or cuda, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {text}, but torch sees no CUDA device here (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        ap.error(f"--device {text}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -27,6 +27,7 @@ from .common import (
     RESULTS,
     append_csv,
     bench,
+    device_arg,
     environment,
     markdown_table,
     save_figure,
@@ -34,6 +35,8 @@ from .common import (
 )
 
 RK4 = compile_tableau(TABLEAUS["rk4"])
+# What --providers takes: the ops backends, and the baselines written here.
+PROVIDERS = (*ops.BACKENDS, "per_tensor", "foreach_list", "compile")
 H = 0.04
 
 
@@ -254,16 +257,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-p", type=float, default=None, help="largest P (default: 1e9 or what memory allows)")
-    ap.add_argument("--providers", default="reference,foreach,triton,csrc,per_tensor,foreach_list,compile")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--out", default=None, help="CSV path (default bench/results/kernels_<device>.csv)")
     ap.add_argument("--sizes", default=None, help="comma-separated P values (e.g. 1e6,8e6,6.4e7), instead of the sweep")
     ap.add_argument("--no-plot", action="store_true", help="write the CSV and the markdown table only")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = device_arg(ap, args.device)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    bad = [p for p in providers if p not in PROVIDERS]
+    if bad or not providers:
+        ap.error(f"--providers: unknown {bad or args.providers!r}; choose from {', '.join(PROVIDERS)}")
+    runnable = [p for p in providers if p not in ops.BACKENDS or ops.supports(p, device)]
+    if not runnable:
+        why = "; ".join(f"{p}: {ops.why_unavailable(p) or f'not on {device.type}'}" for p in providers)
+        ap.error(f"--providers {args.providers!r}: none of them runs on {device} ({why})")
+    if args.max_p is not None and not args.max_p >= 1:
+        ap.error(f"--max-p must be a positive size, got {args.max_p:g}")
     if args.sizes:
         try:
             sizes = [int(float(v)) for v in args.sizes.split(",")]
-        except ValueError:
+        except (ValueError, OverflowError):
             ap.error(f"--sizes must be comma-separated numbers, got {args.sizes!r}")
         if not all(n > 0 for n in sizes):
             ap.error(f"--sizes must be positive, got {args.sizes!r}")
@@ -275,9 +288,11 @@ def main(argv=None) -> int:
     else:
         top = args.max_p or 4e6
         sizes = [n for n in (10**4, 10**5, 10**6, 4 * 10**6) if n <= top]
+    if not sizes:
+        ap.error(f"--max-p {args.max_p:g} is below the sweep's smallest P (1e4): nothing to measure; give --sizes")
     sizes = sorted(set(sizes))
     out = Path(args.out) if args.out else RESULTS / f"kernels_{device.type}.csv"
-    run(device, sizes, args.providers.split(","), out, plot=not args.no_plot)
+    run(device, sizes, providers, out, plot=not args.no_plot)
     print(f"wrote {out}, {out.with_suffix('.md')}" + ("" if args.no_plot else f", {out.with_suffix('.png')}"))
     return 0
 

@@ -16,16 +16,25 @@ import time
 from torch.profiler import ProfilerActivity, profile
 
 from odegan_kernels.train import Trainer, make_config
+from odegan_kernels.train.config import PRESETS
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="mog")
+    ap.add_argument("--preset", default="mog", choices=sorted(PRESETS), metavar="PRESET", help="a trainer preset")
     ap.add_argument("--steps", type=int, default=20, help="profiled steps (the rate is timed over 15x as many)")
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--data", default=None, help="the local data folder of an image preset (cifar10, imagefolder, ...)")
     args = ap.parse_args(argv)
+    for name in ("steps", "rows"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     with tempfile.TemporaryDirectory() as out:
-        tr = Trainer(make_config(args.preset, steps=10**9, out=out, progress=False))
+        extra = {"data": args.data} if args.data else {}
+        try:
+            tr = Trainer(make_config(args.preset, steps=10**9, out=out, progress=False, **extra))
+        except (ValueError, OSError) as exc:  # the trainer's own one-line reasons: missing data, bad options
+            ap.error(f"--preset {args.preset}: {exc}")
         for _ in range(50):
             tr.train_step()
         n = 15 * args.steps

@@ -49,6 +49,7 @@ from .common import (
     RESULTS,
     append_csv,
     bench,
+    device_arg,
     environment,
     markdown_table,
     save_figure,
@@ -540,14 +541,7 @@ def main(argv=None) -> int:
         v = getattr(args, name)
         if v is not None and not v > 0:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {v}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        ap.error(f"--device {args.device!r}: {exc}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda, but torch sees no CUDA device here")
-    if device.type not in ("cpu", "cuda"):
-        ap.error(f"--device must be cpu or cuda, got {args.device!r}")
+    device = device_arg(ap, args.device)
     cores = torch.get_num_threads()
     env = environment(device)
     rows: list[dict] = []

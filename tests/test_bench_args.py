@@ -1,0 +1,76 @@
+"""The benchmarks' command lines refuse what they cannot measure: one line naming the option and exit 2, never
+a traceback from inside the first kernel and never an exit 0 that measured nothing (issue 18, item 19)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import kernels, profile_step, step
+
+
+def refused(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("main", [kernels.main, step.main], ids=["kernels", "step"])
+def test_a_device_that_is_not_here_is_named(main, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = ["--out", str(tmp_path / "x.csv"), "--no-plot"]
+    assert "no CUDA device here" in refused(main, ["--device", "cuda", *out], capsys)
+    assert "--device 'tpu'" in refused(main, ["--device", "tpu", *out], capsys)
+    assert "must be cpu or cuda" in refused(main, ["--device", "meta", *out], capsys)
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--max-p", "-5"], "--max-p must be a positive size"),
+        (["--max-p", "100"], "nothing to measure"),
+        (["--providers", "bogus"], "unknown ['bogus']"),
+        (["--providers", "foreach,bogus"], "unknown ['bogus']"),
+        (["--providers", ","], "--providers"),
+        (["--sizes", "0"], "--sizes must be positive"),
+        (["--sizes", "1e999"], "comma-separated numbers"),
+    ],
+)
+def test_kernels_refuses_a_sweep_that_measures_nothing(argv, says, capsys, tmp_path):
+    out = tmp_path / "k.csv"
+    assert says in refused(kernels.main, ["--device", "cpu", "--out", str(out), "--no-plot", *argv], capsys)
+    assert not out.exists()
+
+
+def test_kernels_names_a_provider_that_cannot_run_on_the_device(capsys, tmp_path, monkeypatch):
+    from odegan_kernels import ops
+
+    monkeypatch.setattr(ops, "supports", lambda backend, device: backend in ("reference", "foreach"))
+    line = refused(kernels.main, ["--device", "cpu", "--providers", "csrc", "--out", str(tmp_path / "k.csv")], capsys)
+    assert "none of them runs on cpu" in line and "csrc" in line
+
+
+def test_kernels_still_measures_a_valid_sweep(tmp_path):
+    out = tmp_path / "k.csv"
+    argv = ["--device", "cpu", "--sizes", "1000", "--providers", "foreach", "--out", str(out), "--no-plot"]
+    assert kernels.main(argv) == 0
+    rows = [r.split(",")[:2] for r in out.read_text().splitlines()[1:]]
+    assert rows == [["copy", "torch"]] + [[op, "foreach"] for op in ("stage", "rk4", "sqnorm", "ema")]
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--preset", "nosuch"], "invalid choice: 'nosuch'"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--rows", "-1"], "--rows must be at least 1"),
+        (["--preset", "cifar10"], "needs --data PATH"),
+        (["--preset", "imagefolder", "--data", "no/such/folder"], "does not exist"),
+    ],
+)
+def test_profile_step_refuses_bad_options(argv, says, capsys):
+    assert says in refused(profile_step.main, argv, capsys)
