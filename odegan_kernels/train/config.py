@@ -380,11 +380,38 @@ ODE_ONLY = ("h", "h_g", "method", "coupling", "reg_at", "schedule")
 BASELINE_ONLY = ("lr", "betas")
 
 
+def unread_options(optimizer: str) -> tuple[str, ...]:
+    """The options an optimiser never reads: a baseline's h, method, coupling, reg_at and schedule (and SGD's
+    betas), an ODE run's lr and betas."""
+    if optimizer == "ode":
+        return BASELINE_ONLY
+    return ODE_ONLY + (("betas",) if optimizer == "sgd" else ())
+
+
+def written_options(cfg: Config) -> dict:
+    """config.json's options: every one this run reads, none it ignores (an Adam run's file has no method or h).
+    Read back by load_config, the missing ones take their defaults, which this optimiser ignores again."""
+    unread = unread_options(cfg.optimizer)
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unread}
+
+
+def describe(cfg: Config) -> str:
+    """The run's optimiser in words, for its first line, its plot titles and summary.json: what the run does, not
+    what its preset's options would do under another optimiser. A baseline says whether it carries ODE-GAN's
+    regulariser (the paper's "Adam + reg" variant) or is the plain optimiser."""
+    penalties = "".join(f" {k}={getattr(cfg, k):g}" for k in ("r1", "r2", "wgan_gp", "consensus") if getattr(cfg, k))
+    if cfg.optimizer == "ode":
+        h = f"h={cfg.h:g}" + (f" h_g={cfg.h_g:g}" if cfg.h_g is not None else "")
+        return f"ode {cfg.method} {h} reg={cfg.reg:g}{penalties}"
+    name = f"{cfg.optimizer} lr={cfg.lr:g}" + (f" betas={tuple(cfg.betas)}" if cfg.optimizer == "adam" else "")
+    if cfg.reg > 0:
+        return f"{name} + ODE-GAN's regulariser reg={cfg.reg:g}{penalties}"
+    return f"{name} reg=0 (plain {cfg.optimizer}){penalties}"
+
+
 def check_applies(cfg: Config, given) -> None:
     """Refuse options given explicitly that this run's optimiser never reads (a silent no-op otherwise)."""
-    unread = ODE_ONLY if cfg.optimizer != "ode" else BASELINE_ONLY
-    if cfg.optimizer == "sgd":
-        unread += ("betas",)
+    unread = unread_options(cfg.optimizer)
     ignored = [k for k in given if k in unread]
     if ignored:
         uses = "h, method, coupling, reg_at and schedule" if cfg.optimizer == "ode" else "lr (and betas: adam)"

@@ -111,14 +111,14 @@ class IntervalMeans:
         self.seen = dict(state.get("seen", dict.fromkeys(self.sums, self.count)))
 
 
-def write_summary(out: Path, result: dict, rate: float | None) -> dict:
-    """summary.json (the last evaluation and the speed) and metrics.png. ``rate`` None: nothing ran this time,
-    so the run's own speed is its last logged interval's."""
+def write_summary(out: Path, result: dict, rate: float | None, run: str | None = None) -> dict:
+    """summary.json (the last evaluation, the speed and ``run``, the optimiser in words) and metrics.png. ``rate``
+    None: nothing ran this time, so the run's own speed is its last logged interval's."""
     if rate is None:
         rate = next(
             (r["steps_per_s"] for r in reversed(MetricsLog(out / "metrics.jsonl").rows()) if "steps_per_s" in r), 0.0
         )
-    summary = {**result, "steps_per_s": rate}
+    summary = {**result, "steps_per_s": rate, **({"run": run} if run else {})}
     write_file(Path(out) / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_metrics(Path(out))
     return summary

@@ -39,7 +39,7 @@ from .checkpoint import (
     set_aside,
 )
 from .closure import GameClosure
-from .config import Config, resolve_device
+from .config import Config, describe, resolve_device, unread_options, written_options
 from .ema import GeneratorAverage
 from .interrupts import StopRequests, TrainingInterrupted, critical
 from .legacy import FORMAT, RENAMED_COLUMNS, migrate_checkpoint, migrate_options
@@ -223,7 +223,7 @@ class Trainer:
             remove_stale_temporaries(self.out)
         resumed = self._resume(allow_change) if resume else self._start_fresh()
         if main:
-            write_file(self.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            write_file(self.out / "config.json", json.dumps(written_options(cfg), indent=2) + "\n")
         if resumed:
             self.metrics.truncate(self.step, tuple(self.state.pending), rename=RENAMED_COLUMNS, resumed=True)
         else:
@@ -233,8 +233,9 @@ class Trainer:
         self._last_ckpt, self._result = time.monotonic(), {}
         t0, s0 = time.perf_counter(), self.step
         self._rate = lambda: (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
-        desc = f"{cfg.problem} {cfg.optimizer}:{cfg.method}"
-        self._console = Console(main, cfg.progress, cfg.steps, self.step, desc)
+        self._console = Console(main, cfg.progress, cfg.steps, self.step, f"{cfg.problem} {cfg.optimizer}")
+        start = f"resumed at step {self.step}" if resumed else "from step 0"
+        self._console.write(f"{cfg.problem}: {describe(cfg)}, {start} to {cfg.steps} in {self.out}")
         self._tb = TensorBoardLog(self.out, main and cfg.tensorboard)
         self.recovery.start(self.step, float(self.flat.params.abs().max()))
         before, in_step = self.state.position(), False
@@ -281,7 +282,7 @@ class Trainer:
                 self._tb.scalars(self._result, "eval")
                 self._console.evaluation(self._result)
             elif item == "plot" and self.is_main:
-                title = f"{self.cfg.problem} {self.cfg.method} step {self.step}"
+                title = f"{self.cfg.problem} {describe(self.cfg)} step {self.step}"
                 path = self.out / f"samples_{self.step:07d}.png"
                 self.problem.plot(self.samples(), path, title)
                 if path.exists():
@@ -351,7 +352,8 @@ class Trainer:
         if not self.is_main:
             return {"step": self.step, "rank": self.rank, "steps_per_s": rate}
         # resumed at or past cfg.steps: still report where the run stands, at the run's own speed
-        return write_summary(self.out, self._result or self.evaluate(), rate if self._result else None)
+        result, rate = (self._result, rate) if self._result else (self.evaluate(), None)
+        return write_summary(self.out, result, rate, describe(self.cfg))
 
     # -- stopping and resuming ---------------------------------------------------------------------------
     def _interrupted(self, in_step: bool, before: tuple[dict, dict]) -> None:
@@ -420,9 +422,13 @@ class Trainer:
 
 def resume_changes(saved: dict, cfg: Config, allow_change: bool) -> dict:
     """The options of ``cfg`` that differ from the checkpoint's ``saved`` ones: {name: [old, new]}, only those declared
-    changeable on resume and only with ``allow_change``; any other difference is a ValueError naming it."""
+    changeable on resume and only with ``allow_change``; any other difference is a ValueError naming it. Options
+    this optimiser never reads are not compared (an Adam run's config.json has no h)."""
     changes = {}
+    unread = unread_options(cfg.optimizer) if saved.get("optimizer", cfg.optimizer) == cfg.optimizer else ()
     for key in Config.resume_keys():
+        if key in unread:
+            continue
         old, new = _norm(saved.get(key)), _norm(getattr(cfg, key))
         if key in saved and old != new:
             if not (allow_change and key in Config.changeable_keys()):
