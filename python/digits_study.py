@@ -6,9 +6,11 @@
 
 Every run is the digits preset (``odegan train digits``) with one setting changed, trained for the same wall time
 (``--seconds`` of training steps, timed from the first step; the step-0 evaluation and the classifier's training
-come before it), one run after another, each in its own process on one CPU thread. Then it is stopped at a step
-boundary (SIGTERM, as the trainer handles it) and evaluated there (fid_classifier, coverage, score: the
-classifier metric of classifier.py, 1000 samples against the 364 held-out digits). A divergence (non-finite
+come before it), one run after another, each in its own process on one CPU thread. The clock is the process's
+own CPU time (``--clock cpu``, the default), so other work on the machine slows a run down without shortening
+it: on an idle machine, one thread, it is the wall time (``--clock wall`` times the wall instead). Then it is
+stopped at a step boundary (SIGTERM, as the trainer handles it) and evaluated there (fid_classifier, coverage, score:
+the classifier metric of classifier.py, 1000 samples against the 364 held-out digits). A divergence (non-finite
 losses or parameters) ends the run (recover_retries 0), and the row says at which step. Groups:
 
   methods  RK4 with the regulariser (the preset: h 0.04, lambda 0.02) against Euler (same h and lambda) and
@@ -32,7 +34,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -51,7 +52,7 @@ GROUPS = {
 }
 
 
-def run_one(name: str, opts: dict, seed: int, seconds: float, out: Path) -> dict:
+def run_one(name: str, opts: dict, seed: int, seconds: float, out: Path, clock_name: str = "cpu") -> dict:
     """One run in this process: the digits preset with ``opts``, trained for ``seconds``, then evaluated."""
     from odegan_kernels.train import NonFiniteError, Trainer, TrainingInterrupted, make_config
 
@@ -64,16 +65,20 @@ def run_one(name: str, opts: dict, seed: int, seconds: float, out: Path) -> dict
     tr = Trainer(make_config("digits", **base, **opts))
     inner, started = tr.closure, []
 
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+
     def timed(stage):  # the clock starts at the first step, after the step-0 evaluation
+        now = clock()
         if not started:
+            started.append(now)
             started.append(time.perf_counter())
-            timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
-            timer.daemon = True
-            timer.start()
+        elif now - started[0] >= seconds and len(started) == 2:
+            started.append(now)  # once: the trainer stops at the end of this step and checkpoints
+            os.kill(os.getpid(), signal.SIGTERM)
         return inner(stage)
 
     tr.closure = timed
-    row = {"setting": name, "seed": seed, **opts, "seconds": seconds}
+    row = {"setting": name, "seed": seed, **opts, "seconds": seconds, "clock": clock_name}
     try:
         tr.run()
         row["stopped"] = "finished"
@@ -82,7 +87,8 @@ def run_one(name: str, opts: dict, seed: int, seconds: float, out: Path) -> dict
     except NonFiniteError as exc:
         row["stopped"] = "diverged"
         row["error"] = str(exc).splitlines()[0]
-    row["train_s"] = round(time.perf_counter() - started[0], 1)
+    row["train_s"] = round(clock() - started[0], 1)  # on the run's clock
+    row["train_wall_s"] = round(time.perf_counter() - started[1], 1)
     row["step"] = tr.step
     row["steps_per_s"] = round(tr.step / row["train_s"], 2)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -133,14 +139,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--seconds", type=float, default=100.0, help="wall time of training steps per run")
+    p.add_argument("--seconds", type=float, default=100.0, help="time of training steps per run, on --clock")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="the process's CPU time, or the wall")
     p.add_argument("--out", default="runs/digits_study")
     p.add_argument("--table", metavar="OUT", help="only write OUT/table.md from OUT/runs.jsonl")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, as JSON, in this process
     args = p.parse_args(argv)
     if args.one:
         spec = json.loads(args.one)
-        print(json.dumps(run_one(spec["name"], spec["opts"], spec["seed"], spec["seconds"], Path(spec["out"]))))
+        row = run_one(spec["name"], spec["opts"], spec["seed"], spec["seconds"], Path(spec["out"]), spec["clock"])
+        print(json.dumps(row))
         return 0
     out = Path(args.table or args.out)
     log = out / "runs.jsonl"
@@ -154,7 +162,8 @@ def main(argv=None) -> int:
                     if (name, seed) in done:  # one run per setting and seed, whichever group asked first
                         continue
                     done.add((name, seed))
-                    spec = dict(name=name, opts=opts, seed=seed, seconds=args.seconds, out=str(out / f"{name}-s{seed}"))
+                    spec = dict(name=name, opts=opts, seed=seed, seconds=args.seconds, clock=args.clock)
+                    spec["out"] = str(out / f"{name}-s{seed}")
                     t0 = time.perf_counter()
                     res = subprocess.run(
                         [sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True
