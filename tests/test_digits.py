@@ -179,3 +179,41 @@ def test_classifier_features_on_an_imagefolder_preset(tmp_path):
         make_config("digits", fid_features="clip")
     with pytest.raises(ValueError, match="ships with scikit-learn: drop --data"):
         Trainer(make_config("digits", data=str(tmp_path), out=str(tmp_path / "d")))
+
+
+def _study():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "python" / "digits_study.py"
+    spec = importlib.util.spec_from_file_location("digits_study", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_digits_study_stops_on_its_clock_and_tabulates_the_spread(tmp_path):
+    """One run of python/digits_study.py, in its own process as the study runs them: stopped after its CPU-clock
+    budget at a step boundary and evaluated there; the table gives mean [min, max] over seeds and counts
+    divergences, with the steps at which they happened."""
+    import subprocess
+
+    study = _study()
+    spec = dict(name="rk4-h0.04", opts={}, seed=0, seconds=1.0, clock="cpu", out=str(tmp_path / "run"))
+    res = subprocess.run(
+        [sys.executable, study.__file__, "--one", json.dumps(spec)], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    assert row["stopped"] == "time" and row["step"] > 0 and 1.0 <= row["train_s"] < 10, row
+    assert row["fid_classifier"] > 0 and 0 <= row["coverage"] <= 1
+    assert (tmp_path / "run" / f"samples_{row['step']:07d}.png").is_file()
+    rows = [
+        {**row, "seed": 1, "fid_classifier": 2 * row["fid_classifier"]},
+        {**row, "seed": 2, "stopped": "diverged", "step": row["step"] + 3, "fid_classifier": None},
+        row,
+    ]
+    line = study.table(rows).splitlines()[2]
+    f = row["fid_classifier"]
+    assert line.startswith(f"| rk4-h0.04 | 1,2,0 | {row['step']}-{row['step'] + 3} |"), line
+    assert f"| {1.5 * f:.0f} [{f:.0f}, {2 * f:.0f}] |" in line and line.endswith(f"| 1/3 (steps {row['step'] + 3}) |")
