@@ -164,6 +164,8 @@ def main(argv=None) -> int:
                     done.add((name, seed))
                     spec = dict(name=name, opts=opts, seed=seed, seconds=args.seconds, clock=args.clock)
                     spec["out"] = str(out / f"{name}-s{seed}")
+                    if Path(spec["out"]).exists():  # a run the study was stopped in: start it again, not resume it
+                        shutil.rmtree(spec["out"])
                     t0 = time.perf_counter()
                     res = subprocess.run(
                         [sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True
