@@ -70,6 +70,8 @@ class Population:
             cfg.validate()
         check_members(cfgs)
         self.cfgs, cfg = cfgs, cfgs[0]
+        if cfg.threads > 0 and cfg.device == "cpu":
+            torch.set_num_threads(cfg.threads)  # as the Trainer: the toy's small matrices run fastest on one
         self.problems = [build_problem(c.problem, c) for c in cfgs]
         Ds, Gs = [p.D for p in self.problems], [p.G for p in self.problems]
         self.flat = FlatParams(D=Ds, G=Gs, members=len(cfgs), dtype=cfg.torch_dtype)
