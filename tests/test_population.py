@@ -150,3 +150,18 @@ def test_bad_input_one_line():
         Population([Config(**BASE, method="rk4"), Config(**BASE, method="euler", seed=1)])
     with pytest.raises(ValueError, match="at least one member"):
         Population([])
+
+
+def test_retried_member_continues_as_its_solo_run_with_the_smaller_h():
+    """A member whose first step diverges is put back (parameters and random streams) and retried with h times
+    recover_factor: it then follows exactly the solo run with the reduced h, from the same draws."""
+    opts = {**BASE, "method": "heun", "recover_retries": 2, "recover_factor": 1e-301}
+    bad = dict(seed=4, h=1e300, reg=0.07)
+    pop = population(opts, [MIXED[0], bad])
+    h = 1e300 * 1e-301
+    assert pop.failures == [0, 1] and pop.diverged == [False, False] and pop.h[1] == h
+    assert pop.member_steps == [STEPS, STEPS - 1]
+    ref = solo({**opts, **bad, "h": h}, steps=STEPS - 1)
+    rel = ((pop.member_params(1) - ref).abs().max() / ref.abs().max()).item()
+    assert rel <= TOL
+    assert torch.equal(pop.member_params(0), population(opts, [MIXED[0]]).member_params(0))
