@@ -165,3 +165,17 @@ def test_retried_member_continues_as_its_solo_run_with_the_smaller_h():
     rel = ((pop.member_params(1) - ref).abs().max() / ref.abs().max()).item()
     assert rel <= TOL
     assert torch.equal(pop.member_params(0), population(opts, [MIXED[0]]).member_params(0))
+
+
+def test_readme_population_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Populations: many runs as one\n.*?```python\n(.*?)```", text, re.S).group(1)
+    assert "range(100)" in code
+    scope: dict = {}
+    exec(compile(code.replace("range(100)", "range(3)"), "README.md", "exec"), scope)
+    assert scope["stepper"].steps == 3 and scope["stepper"].h[::2] == [0.05] * 4 + [0.1] * 4
+    assert scope["result"].loss_d.shape == (8,) and torch.isfinite(scope["flat"].params).all()
+    assert len(capsys.readouterr().out.splitlines()) == 1
