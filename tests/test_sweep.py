@@ -93,3 +93,20 @@ def test_plan_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="seed is a sweep axis"):
         plan("mog", tmp_path, [0], sets={"seed": 3})
     assert main(["sweep", "mog", "--seeds", "0-1", "--members", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_member_equals_odegan_train_with_its_config(tmp_path):
+    """A sweep member's final parameters are those of `odegan train` run with the member's own config.json."""
+    out = tmp_path / "sweep"
+    args = ["sweep", "mog", "--seeds", "1,4", "--h", "0.05,0.2", "--method", "heun", "--steps", "20", "--set",
+            "dtype=float64", "--set", "eval_every=10", "--set", "batch=32", "--set", "hidden=8", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    member = out / "heun_h0.2_reg0.07" / "seed4"
+    run = tmp_path / "solo"
+    assert main(["train", "--config", str(member / "config.json"), "--out", str(run), "--no-progress"]) == 0
+    solo = torch.load(run / "checkpoint.pt", weights_only=False)
+    mine = torch.load(member / "params.pt")
+    for player in ("D", "G"):
+        for name, ref in solo[player].items():
+            rel = ((mine[player][name] - ref).abs().max() / ref.abs().max()).item()
+            assert rel <= 1e-12, f"{player}.{name} differs by {rel:.3g}"
