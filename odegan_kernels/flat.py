@@ -426,6 +426,7 @@ class PopulationParams(FlatParams):
                 entries.append((name, sp, off))
             self._stacked.append(entries)
         self._attach_stacked()
+        self._stacked_buffers = [_stack_buffers(pname, mods) for pname, mods in zip(names, players)]
         # autograd notes that a [K, ...] leaf's strided gradient is not dense; accumulating into it is what we want
         warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
@@ -461,6 +462,12 @@ class PopulationParams(FlatParams):
         q = self.player_names.index(player) if isinstance(player, str) else player
         return {name: sp for name, sp, _ in self._stacked[q]}
 
+    def stacked_buffers(self, player: int | str) -> dict[str, torch.Tensor]:
+        """{buffer name: [K, ...] tensor} of one player (BatchNorm's running statistics, per member): the members'
+        module buffers are views of these, so a batched forward that updates them updates every member's own."""
+        q = self.player_names.index(player) if isinstance(player, str) else player
+        return self._stacked_buffers[q]
+
     def attach_grads(self) -> None:
         super().attach_grads()
         base, size = self.grads.data_ptr(), self.grads.element_size()
@@ -484,3 +491,21 @@ class PopulationParams(FlatParams):
             f"PopulationParams(members={self.members}, players={self.player_names}, numel={self.numel}, "
             f"dtype={self.dtype}, device={self.device})"
         )
+
+
+def _stack_buffers(pname: str, mods) -> dict[str, torch.Tensor]:
+    """Each buffer of the members' modules as one [K, ...] tensor, every member's buffer made a view of its row."""
+    named = [dict(m.named_buffers()) for m in mods]
+    ref = [(n, b.shape, b.dtype) for n, b in named[0].items()]
+    for k, nb in enumerate(named):
+        if [(n, b.shape, b.dtype) for n, b in nb.items()] != ref:
+            raise ValueError(f"member {k}'s {pname} buffers do not match member 0's (names, shapes and dtypes)")
+    out = {}
+    for name in named[0]:
+        stacked = torch.stack([nb[name].detach() for nb in named])
+        for k, m in enumerate(mods):
+            *path, leaf = name.split(".")
+            sub = m.get_submodule(".".join(path)) if path else m
+            sub._buffers[leaf] = stacked[k]
+        out[name] = stacked
+    return out

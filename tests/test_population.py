@@ -179,3 +179,79 @@ def test_readme_population_example_runs(capsys):
     assert scope["stepper"].steps == 3 and scope["stepper"].h[::2] == [0.05] * 4 + [0.1] * 4
     assert scope["result"].loss_d.shape == (8,) and torch.isfinite(scope["flat"].params).all()
     assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+class _ConvD(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, 2, 1, dtype=torch.float64),
+            torch.nn.LeakyReLU(0.1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * 4 * 4, 1, dtype=torch.float64),
+        )
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+def _conv_pair(seed: int):
+    """A tiny DCGAN-like pair: G with BatchNorm (running statistics in training mode), D convolutional."""
+    torch.manual_seed(seed)
+    G = torch.nn.Sequential(
+        torch.nn.Linear(3, 4 * 4 * 4, dtype=torch.float64),
+        torch.nn.Unflatten(1, (4, 4, 4)),
+        torch.nn.BatchNorm2d(4, eps=1e-3, momentum=0.1, dtype=torch.float64),
+        torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(4, 1, 4, 2, 1, dtype=torch.float64),
+        torch.nn.Tanh(),
+    )
+    return _ConvD(), G
+
+
+@pytest.mark.parametrize("coupling,reg_at", [("joint", "first_stage"), ("decoupled", "after_step")])
+def test_conv_pair_with_batchnorm(coupling, reg_at):
+    """Any nn.Module pair through vmap(functional_call): a conv pair whose G has BatchNorm; each member's
+    parameters and running statistics equal its solo run's."""
+    from odegan_kernels.game import AutogradEngine, PopulationAutograd
+    from odegan_kernels.game import Batch as GBatch
+
+    seeds, hs, regs = [0, 1, 2], [0.1, 0.05, 0.2], [0.07, 0.0, 0.3]
+
+    def draw(gen, n=6):
+        return torch.rand(n, 1, 8, 8, generator=gen, dtype=torch.float64) * 2 - 1, torch.randn(
+            n, 3, generator=gen, dtype=torch.float64
+        )
+
+    pairs = [_conv_pair(s) for s in seeds]
+    solos = []
+    for (D, G), s, h, r in zip([_conv_pair(s) for s in seeds], seeds, hs, regs):
+        flat = FlatParams(D=D, G=G, dtype=torch.float64)
+        st = ODEStepper(flat, "heun", h=h, reg=r, reg_at=reg_at, coupling=coupling, backend="foreach")
+        eng, gen = AutogradEngine(D, G), torch.Generator().manual_seed(100 + s)
+
+        def closure(stage, eng=eng, gen=gen):
+            x, z = draw(gen)
+            return eng(GBatch(x, z), stage.players, stage.penalties)
+
+        for _ in range(STEPS):
+            st.step(closure)
+        solos.append((flat.params.clone(), G[2].running_mean.clone(), G[2].running_var.clone()))
+    flat = FlatParams(D=[p[0] for p in pairs], G=[p[1] for p in pairs], members=3, dtype=torch.float64)
+    st = ODEStepper(flat, "heun", h=hs, reg=regs, reg_at=reg_at, coupling=coupling, backend="foreach")
+    eng = PopulationAutograd(flat, *pairs[0])
+    gens = [torch.Generator().manual_seed(100 + s) for s in seeds]
+
+    def closure(stage):
+        xs, zs = zip(*(draw(g) for g in gens))
+        return eng(GBatch(torch.stack(xs), torch.stack(zs)), stage.players, stage.penalties)
+
+    for _ in range(STEPS):
+        st.step(closure)
+    for k, (params, mean, var) in enumerate(solos):
+        got = flat.params[k * flat.block : (k + 1) * flat.block]
+        assert ((got - params).abs().max() / params.abs().max()).item() <= TOL
+        bn = pairs[k][1][2]
+        assert ((bn.running_mean - mean).abs().max() / mean.abs().max()).item() <= TOL
+        assert ((bn.running_var - var).abs().max() / var.abs().max()).item() <= TOL
+        assert not torch.equal(bn.running_mean, torch.zeros_like(mean))

@@ -99,7 +99,8 @@ def test_a_member_equals_odegan_train_with_its_config(tmp_path):
     """A sweep member's final parameters are those of `odegan train` run with the member's own config.json."""
     out = tmp_path / "sweep"
     args = ["sweep", "mog", "--seeds", "1,4", "--h", "0.05,0.2", "--method", "heun", "--steps", "20", "--set",
-            "dtype=float64", "--set", "eval_every=10", "--set", "batch=32", "--set", "hidden=8", "--out", str(out)]  # fmt: skip
+            "dtype=float64", "--set", "eval_every=10", "--set", "batch=32", "--set", "hidden=8",
+            "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     member = out / "heun_h0.2_reg0.07" / "seed4"
     run = tmp_path / "solo"

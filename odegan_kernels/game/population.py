@@ -43,9 +43,10 @@ def _check_population(flat, batch: Batch) -> None:
 
 
 class PopulationAutograd:
-    """The population's game gradients through autograd, for any pair of nn.Modules without buffers: the members'
-    forward is ``vmap(functional_call)`` over their [K, ...] parameters, the AutogradEngine's evaluation otherwise
-    (g_reg by double backward; r1, r2, wgan_gp and consensus per member)."""
+    """The population's game gradients through autograd, for any pair of nn.Modules: the members' forward is
+    ``vmap(functional_call)`` over their [K, ...] parameters and buffers (BatchNorm's running statistics per member,
+    updated in place), the AutogradEngine's evaluation otherwise (g_reg by double backward; r1, r2, wgan_gp and
+    consensus per member)."""
 
     name = "population-autograd"
 
@@ -53,13 +54,12 @@ class PopulationAutograd:
         get_loss(loss)
         if not hasattr(flat, "stacked"):
             raise TypeError("PopulationAutograd needs a population's FlatParams (FlatParams(..., members=K))")
-        if any(True for _ in D.buffers()) or any(True for _ in G.buffers()):
-            raise ValueError("a population's modules cannot hold buffers yet (BatchNorm's running statistics)")
         self.flat, self.D, self.G, self.loss = flat, D, G, loss
         self.pD, self.pG = flat.stacked(0), flat.stacked(1)
+        self.bD, self.bG = flat.stacked_buffers(0), flat.stacked_buffers(1)
 
     def _d(self, x):
-        return vmap(lambda p, x: functional_call(self.D, p, (x,)))(self.pD, x)
+        return vmap(lambda p, b, x: functional_call(self.D, (p, b), (x,)))(self.pD, self.bD, x)
 
     def __call__(
         self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True
@@ -79,7 +79,7 @@ class PopulationAutograd:
         terms: dict[str, PenaltyTerm] = {}
         if fake is None:
             with torch.set_grad_enabled(run_g):
-                fake = vmap(lambda p, z: functional_call(self.G, p, (z,)))(self.pG, batch.z)
+                fake = vmap(lambda p, b, z: functional_call(self.G, (p, b), (z,)))(self.pG, self.bG, batch.z)
         x_fake = fake if run_g else fake.detach()
         if "r2" in pens and not x_fake.requires_grad:
             x_fake.requires_grad_()
