@@ -195,6 +195,11 @@ class ODEStepper(torch.optim.Optimizer):
             self.graph.reset()  # the first-stage weight lambda/b1 is part of the captured work: capture again
         self._reg = value
 
+    @property
+    def member_regs(self) -> tuple[float, ...] | None:
+        """A population's lambda, one per member (None for one pair); set it through ``reg``."""
+        return self._member_regs
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """One memset over the flat gradient buffer (``.grad`` stays a view of it: ``set_to_none`` is ignored)."""
         self.flat.zero_grad()
