@@ -111,3 +111,35 @@ def test_a_member_equals_odegan_train_with_its_config(tmp_path):
         for name, ref in solo[player].items():
             rel = ((mine[player][name] - ref).abs().max() / ref.abs().max()).item()
             assert rel <= 1e-12, f"{player}.{name} differs by {rel:.3g}"
+
+
+def _sweep_worker(rank, world, port, out):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    import torch.distributed as dist
+
+    try:
+        assert main([*ARGS, "--out", out]) == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_populations_shared_out_across_ranks(tmp_path):
+    """Under torchrun (two gloo ranks) population i trains on rank i mod 2, and the summary equals one process's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*ARGS, "--out", str(one)]) == 0
+    mp.start_processes(_sweep_worker, args=(2, port, str(two)), nprocs=2, join=True, start_method="spawn")
+    assert (two / "populations" / "p0" / "trained_by_rank0").exists()
+    assert (two / "populations" / "p1" / "trained_by_rank1").exists()
+    assert not (two / "populations" / "p1" / "trained_by_rank0").exists()
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (one, two))
+    assert a["settings"] == b["settings"] and a["members"] == b["members"]

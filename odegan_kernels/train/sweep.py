@@ -275,14 +275,30 @@ def _plot(path: Path, rows: list[dict]) -> None:
 
 
 def run_sweep(pops: list[list], out, ckpt_every: int = 200, say=print) -> list[dict]:
-    """Train every population not yet done (resuming one that was interrupted), then write the summary."""
+    """Train every population not yet done (resuming one that was interrupted), then write the summary. Under
+    torchrun (WORLD_SIZE > 1) the populations are shared out across the ranks (population i on rank i mod world,
+    on that rank's device); rank 0 writes the summary once every rank has finished its share."""
+    from ..distributed import init_distributed
+
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    rank, world, device = init_distributed(pops[0][0][2].device if pops else "cpu")
     start = time.monotonic()
-    results = []
     for i, members in enumerate(pops):
-        results += PopulationRun(i, members, root, ckpt_every).run(say)
+        if i % world != rank:
+            continue
+        for _, _, cfg in members:
+            cfg.device = device
+        run = PopulationRun(i, members, root, ckpt_every)
+        run.run(say)
+        if world > 1:
+            write_file(run.dir / f"trained_by_rank{rank}", "")
+    if world > 1:
+        torch.distributed.barrier()
+    results = [r for i, members in enumerate(pops) for r in PopulationRun(i, members, root).run(say)]
     rows = summarise(results)
-    seconds = time.monotonic() - start
-    write_summary(root, rows, results, seconds)
+    if rank == 0:
+        write_summary(root, rows, results, time.monotonic() - start)
+    if world > 1:
+        torch.distributed.barrier()  # the summary is on disk before any rank returns
     return rows
