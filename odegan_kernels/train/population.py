@@ -34,10 +34,10 @@ def check_members(cfgs) -> None:
                     f"{MEMBER_OPTIONS} (one method, one architecture per population)"
                 )
     c = cfgs[0]
-    if c.problem != "mog" or c.cuda_graph or c.instance_noise or c.schedule != "constant":
+    if c.problem != "mog" or c.cuda_graph or c.instance_noise or c.schedule != "constant" or c.ema or c.autocast:
         raise ValueError(
-            "populations run the 16-Gaussian problem (mog), eager, without instance noise, with the constant "
-            "schedule (the rest is not built yet)"
+            "populations run the 16-Gaussian problem (mog), eager, in the parameters' dtype, without instance noise "
+            "or an average of G, with the constant schedule (the rest is not built yet)"
         )
 
 
