@@ -150,7 +150,7 @@ def test_bad_input_one_line():
         Population([Config(**BASE, method="rk4"), Config(**BASE, method="euler", seed=1)])
     with pytest.raises(ValueError, match="at least one member"):
         Population([])
-    for opts in (dict(ema=0.999), dict(autocast=True), dict(problem="dirac"), dict(schedule="cifar")):
+    for opts in (dict(ema=0.999), dict(autocast=True, dtype="float32"), dict(problem="dirac"), dict(schedule="cifar")):
         with pytest.raises(ValueError, match="populations run the 16-Gaussian problem"):
             Population([Config(**{**BASE, **opts})])
 
