@@ -537,7 +537,7 @@ def main(argv=None) -> int:
         if not ks or min(ks) < 1:
             ap.error(f"--members takes population sizes >= 1, e.g. 1,4,16,64; got {args.members!r}")
         out = Path(args.out) if args.out else None
-        return population_rows(ks, device_arg(ap, args.device), out, args.rep_ms or 1500)
+        return population_rows(ks, device_arg(ap, args.device), out, args.rep_ms or 1500, table=not args.no_plot)
     known = ("mlp", "dcgan", "resnet", "resnet128")
     bad = [m for m in (args.models or "").split(",") if args.models and m not in known]
     if bad:
