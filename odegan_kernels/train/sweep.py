@@ -177,6 +177,7 @@ class PopulationRun:
                     "reg": c.reg,
                     "steps": pop.member_steps[m],
                     "diverged": pop.diverged[m],
+                    "retries": pop.failures[m],
                     "final": final[-1] if final and not pop.diverged[m] else None,
                 }
             )
