@@ -165,6 +165,7 @@ def checks(part: str) -> list[Check]:
             compiles,
         ]
     steps = "{py} -m bench.step --no-plot --out {out}/step_full.csv"
+    pops = "{py} -m bench.step --no-plot --out {out}/population_full.csv"
     kernels = "{py} -m bench.kernels --no-plot --out {out}/kernels_full.csv"
     nccl = "{py} -m torch.distributed.run --standalone --nproc-per-node {n} -m bench.nccl_check --device {d}"
     return [
@@ -211,7 +212,14 @@ def checks(part: str) -> list[Check]:
             limit=40,
             estimate=25,
         ),
-        Check("populations", "K independent runs batched (bench.step --members K): a separate issue, not built", None),
+        Check(
+            "populations",
+            "K independent toy runs batched (bench.step --members K): member-steps/s against a solo run, both engines",
+            sh(pops + " --members 1,4,16,64 --device cuda --rep-ms 200"),
+            sh(pops + " --members 1,2 --device cpu --rep-ms 5"),
+            limit=60,
+            estimate=30,
+        ),
         Check("compiled-step", "the whole step compiled (compile=True): a separate issue, not built", None),
         compiles,
     ]

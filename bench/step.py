@@ -3,6 +3,7 @@
     python -m bench.step                  # CPU: toy MLP pair (batch 512), DCGAN at batch 8
     python -m bench.step --device cuda    # GPU: toy MLP pair, DCGAN at batch 64, with CUDA graphs
     python -m bench.step --device cuda --models resnet128 --dcgan-batch 32   # ImageNet's conditional pair
+    python -m bench.step --members 1,4,16,64   # populations: member-steps/s against solo runs (bench/population.py)
 
 Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into stage 1, lambda 0.02):
   naive      a straightforward eager RK4 as public ports write it (per-tensor lists, separate forwards)
@@ -524,7 +525,19 @@ def main(argv=None) -> int:
         "--model-batch", default="", help="batch per model, e.g. resnet128=32 (default: --dcgan-batch or 64/8)"
     )
     ap.add_argument("--no-plot", action="store_true", help="write the CSV and the markdown table only")
+    ap.add_argument("--members", default=None, help="population rows instead, e.g. 1,4,16,64 (bench/population.py)")
     args = ap.parse_args(argv)
+    if args.members is not None:
+        from .population import run as population_rows
+
+        try:
+            ks = [int(k) for k in args.members.split(",")]
+        except ValueError:
+            ks = [0]
+        if not ks or min(ks) < 1:
+            ap.error(f"--members takes population sizes >= 1, e.g. 1,4,16,64; got {args.members!r}")
+        out = Path(args.out) if args.out else None
+        return population_rows(ks, device_arg(ap, args.device), out, args.rep_ms or 1500, table=not args.no_plot)
     known = ("mlp", "dcgan", "resnet", "resnet128")
     bad = [m for m in (args.models or "").split(",") if args.models and m not in known]
     if bad:

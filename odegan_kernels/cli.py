@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--dry-run", action="store_true", help="print every option, its value and its meaning, and exit")
     t.add_argument("--no-progress", action="store_true", help="no progress bar: one line per log interval")
+    sw = sub.add_parser("sweep", help="a grid of settings over seeds, trained as populations, with its spread")
+    sw.add_argument("preset", choices=sorted(PRESETS), help="the preset every member starts from")
+    sw.add_argument("--seeds", default="0-15", help="seeds: 0-15, 0,3,5 or a mix (default 0-15)")
+    sw.add_argument("--h", help="step sizes, comma-separated (default: the preset's)")
+    sw.add_argument("--reg", help="regulariser weights lambda, comma-separated (default: the preset's)")
+    sw.add_argument("--method", help="methods, comma-separated: one population (or more) per method")
+    sw.add_argument("--members", type=int, default=16, help="at most this many members per population (16)")
+    sw.add_argument("--steps", type=int, help="steps of every member")
+    sw.add_argument("--out", help="sweep folder (default runs/sweep-PRESET)")
+    sw.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=200, help="population steps per checkpoint")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other Config field")
     sub.add_parser("presets", help="list presets and their options")
     sub.add_parser("backends", help="which op backends run here, and why not")
     st = sub.add_parser("study", help="a study with closed-form answers: dirac (which training methods converge)")
@@ -135,6 +146,44 @@ def _train(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .train.sweep import parse_seeds, parse_values, plan, run_sweep
+
+    try:
+        fields = {f.name for f in dataclasses.fields(Config)}
+        sets = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep or key not in fields:
+                raise ValueError(f"--set needs KEY=VALUE with a Config field as KEY, got {item!r}")
+            sets[key] = _parse_value(value)
+        if args.steps is not None:
+            sets["steps"] = args.steps
+        if args.ckpt_every < 1:
+            raise ValueError(f"--ckpt-every must be >= 1, got {args.ckpt_every}")
+        out = args.out or f"runs/sweep-{args.preset}"
+        pops = plan(
+            args.preset,
+            out,
+            parse_seeds(args.seeds),
+            parse_values(args.h, "h"),
+            parse_values(args.reg, "reg"),
+            parse_values(args.method, "method", str),
+            sets,
+            args.members,
+        )
+        for members in pops:  # every population buildable before the first step
+            from .train.population import check_members
+
+            check_members([cfg for _, _, cfg in members])
+        rows = run_sweep(pops, out, args.ckpt_every)
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        print(f"odegan: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": out, "settings": len(rows), "populations": len(pops)}))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "presets":
@@ -148,6 +197,8 @@ def main(argv=None) -> int:
             why = ops.why_unavailable(b)
             print(f"{b:10s} {'available' if why is None else 'unavailable: ' + why}")
         return 0
+    if args.cmd == "sweep":
+        return _sweep(args)
     if args.cmd == "study":
         from .study import main as study_main
 

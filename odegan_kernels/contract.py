@@ -239,7 +239,7 @@ def apply_penalties(
             "(game_gradients(..., penalties=stage.penalties) returns one)"
         )
     out = out or {}
-    per_player = [flat.parameters(i) for i in range(len(flat.segments))]
+    per_player = [flat.player_params(i) for i in range(flat.nplayers)]  # a population's [K, ...] leaves
     values: dict[str, torch.Tensor] = {}
     pending = []  # (weight, its term's value, the parameters it regularises) for the backward passes
     for name, w in weights.items():

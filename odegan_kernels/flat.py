@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -86,6 +87,13 @@ class FlatParams:
     range; segments are contiguous and cover the buffer. Modules keep their ordinary ``state_dict``.
     """
 
+    members = 1  # one pair; PopulationParams (FlatParams(..., members=K)) holds K
+
+    def __new__(cls, *args, members: int | None = None, **kwargs):
+        if members is not None and cls is FlatParams:
+            return super().__new__(PopulationParams)  # Python then runs PopulationParams.__init__
+        return super().__new__(cls)
+
     def __init__(
         self,
         players: Sequence[nn.Module | Iterable[torch.Tensor]] | None = None,
@@ -154,6 +162,20 @@ class FlatParams:
             for p, off, _ in layout:
                 self.params[off : off + p.numel()].copy_(p.detach().reshape(-1))
         self._attach()
+
+    # -- players (a population's players span one segment per member) ---------------------------------------
+    @property
+    def nplayers(self) -> int:
+        """How many players the game has (D and G: 2); a population has one segment per member and player."""
+        return len(self.segments)
+
+    def player_params(self, player: int) -> list[torch.Tensor]:
+        """The tensors autograd differentiates for ``player`` (its parameters; a population's [K, ...] ones)."""
+        return self.parameters(player)
+
+    def player_segments(self, player: int) -> list[tuple[int, int]]:
+        """The segments ``player``'s parameters occupy (one; a population's, one per member)."""
+        return [self.segments[player]]
 
     # -- views ------------------------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -308,3 +330,182 @@ class FlatParams:
     def __repr__(self) -> str:
         segs = ", ".join(f"{n}=[{a},{b})" for n, (a, b) in zip(self.names, self.segments))
         return f"FlatParams(numel={self.numel}, {segs}, dtype={self.dtype}, device={self.device})"
+
+
+class PopulationParams(FlatParams):
+    """K members of one pair architecture in one pair of flat buffers: ``FlatParams(D=[d_0, ...], G=[g_0, ...],
+    members=K)``, each list holding the members' own modules (built alike, each from its own seed).
+
+    Member-major: member k's players are segments ``2k`` (D) and ``2k + 1`` (G), named ``m<k>.D`` / ``m<k>.G``, so
+    the fused stage op applies each member's own step size and lambda from its coefficient rows. Every member
+    module's parameters are views into the buffers (sample from member k's G as from any module), and each
+    parameter of the architecture is also one ``[K, ...]`` leaf (``stacked(player)``, a strided view over the
+    members' copies) that batched engines differentiate: one backward of the members' summed losses accumulates
+    each member's own gradient into its own segment. ``segments``, ``names`` and ``parameters(i)`` are per segment
+    (the optimisers' param groups); ``nplayers``, ``player_params`` and ``player_segments`` are per player.
+    """
+
+    def __init__(self, players=None, names=None, dtype: torch.dtype = torch.float32, members=None, **named) -> None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+            raise ValueError(f"members (the population's size) must be an int >= 1, got {members!r}")
+        players, names = _named_players(players, names, named)
+        per_player = []  # [player][member] -> [(name, parameter)]
+        for pname, mods in zip(names, players):
+            if isinstance(mods, nn.Module) or not isinstance(mods, (list, tuple)):
+                raise TypeError(
+                    f"a population takes each player as a list of its members' modules ({pname}=[m_0, ..., "
+                    f"m_{members - 1}]), got {type(mods).__name__}"
+                )
+            if len(mods) != members:
+                raise ValueError(f"player {pname!r} has {len(mods)} members' modules but members={members}")
+            if any(not isinstance(m, nn.Module) for m in mods):
+                raise TypeError(f"player {pname!r}: every member must be an nn.Module")
+            plists = [_collect(m, i) for i, m in enumerate(mods)]
+            if not plists[0]:
+                raise ValueError(f"player {pname!r} has no trainable parameters")
+            ref = [(n, p.shape, p.dtype, p.device) for n, p in plists[0]]
+            for k, plist in enumerate(plists):
+                got = [(n, p.shape, p.dtype, p.device) for n, p in plist]
+                if got != ref:
+                    raise ValueError(
+                        f"member {k}'s {pname} does not match member 0's (parameter names, shapes, dtypes and "
+                        "devices must agree: a population is one architecture)"
+                    )
+            per_player.append(plists)
+        seen: set[int] = set()
+        for pname, plists in zip(names, per_player):
+            for k, plist in enumerate(plists):
+                for name, p in plist:
+                    if id(p) in seen:
+                        raise ValueError(f"parameter {pname}.{name} of member {k} is shared: members never share")
+                    seen.add(id(p))
+                    if p.dtype != dtype:
+                        raise TypeError(
+                            f"parameter {pname}.{name} is {p.dtype}; FlatParams holds {dtype} "
+                            f"(convert the modules, e.g. module.to({dtype}), or pass dtype=)"
+                        )
+        device = per_player[0][0][0][1].device
+        if any(p.device != device for plists in per_player for plist in plists for _, p in plist):
+            raise ValueError("a population's modules must all be on one device")
+        align = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        layout, segments, offset = [], [], 0
+        for k in range(members):
+            for pname, plists in zip(names, per_player):
+                start = offset
+                for name, p in plists[k]:
+                    layout.append(FlatEntry(p, offset, f"m{k}.{pname}.{name}"))
+                    offset += -(-p.numel() // align) * align
+                segments.append((start, offset))
+        block = offset // members  # every member occupies the same span
+        self.members, self.player_names, self.block = members, list(names), block
+        self.names = [f"m{k}.{n}" for k in range(members) for n in names]
+        self.dtype, self.device, self.numel = dtype, device, offset
+        self.params = torch.zeros(offset, dtype=dtype, device=device)
+        self.grads = torch.zeros(offset, dtype=dtype, device=device)
+        self.segments = segments
+        self._layout = layout
+        self._checked = [e for e in layout if e.param.numel() > 0]
+        self._modules = [(f"m{k}.{n}", mods[k]) for k in range(members) for n, mods in zip(names, players)]
+        self._known = {id(e.param) for e in layout}
+        self._step_lock = threading.Lock()
+        with torch.no_grad():
+            for p, off, _ in layout:
+                self.params[off : off + p.numel()].copy_(p.detach().reshape(-1))
+        self._attach()
+        # one [K, ...] leaf per parameter of the architecture: member k's copy at offset + k * block
+        self._stacked: list[list[tuple[str, nn.Parameter, int]]] = []
+        nper = [len(plists[0]) for plists in per_player]
+        for q, plists in enumerate(per_player):
+            first = sum(nper[:q])
+            entries = []
+            for j, (name, _) in enumerate(plists[0]):
+                off = layout[first + j].offset
+                sp = nn.Parameter(torch.empty(0, dtype=dtype, device=device))
+                entries.append((name, sp, off))
+            self._stacked.append(entries)
+        self._attach_stacked()
+        self._stacked_buffers = [_stack_buffers(pname, mods) for pname, mods in zip(names, players)]
+        # autograd notes that a [K, ...] leaf's strided gradient is not dense; accumulating into it is what we want
+        warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+    def _view(self, buf: torch.Tensor, shape, off: int) -> torch.Tensor:
+        strides = torch.empty(shape, device="meta").stride()
+        return buf.as_strided((self.members, *shape), (self.block, *strides), off)
+
+    def _attach_stacked(self, grads_only: bool = False) -> None:
+        shapes = [[e.param.shape for e in self.layout(q)] for q in range(self.nplayers)]  # member 0's segments
+        for q, entries in enumerate(self._stacked):
+            for (_, sp, off), shape in zip(entries, shapes[q]):
+                if not grads_only:
+                    sp.data = self._view(self.params, shape, off)
+                sp.grad = self._view(self.grads, shape, off)
+
+    @property
+    def nplayers(self) -> int:
+        return len(self.player_names)
+
+    def player_params(self, player: int) -> list[torch.Tensor]:
+        """Player ``player``'s [K, ...] parameters (views over every member's copy), in module order."""
+        return [sp for _, sp, _ in self._stacked[player]]
+
+    def player_segments(self, player: int) -> list[tuple[int, int]]:
+        return [self.segments[k * self.nplayers + player] for k in range(self.members)]
+
+    def views(self, buf: torch.Tensor, player: int) -> list[torch.Tensor]:
+        """Player ``player``'s [K, ...] views of ``buf``, a buffer laid out as the parameters (an optimiser's own)."""
+        return [self._view(buf, sp.shape[1:], off) for _, sp, off in self._stacked[player]]
+
+    def stacked(self, player: int | str) -> dict[str, nn.Parameter]:
+        """{parameter name: its [K, ...] leaf} of one player (by index or name), for torch.func.functional_call."""
+        q = self.player_names.index(player) if isinstance(player, str) else player
+        return {name: sp for name, sp, _ in self._stacked[q]}
+
+    def stacked_buffers(self, player: int | str) -> dict[str, torch.Tensor]:
+        """{buffer name: [K, ...] tensor} of one player (BatchNorm's running statistics, per member): the members'
+        module buffers are views of these, so a batched forward that updates them updates every member's own."""
+        q = self.player_names.index(player) if isinstance(player, str) else player
+        return self._stacked_buffers[q]
+
+    def attach_grads(self) -> None:
+        super().attach_grads()
+        base, size = self.grads.data_ptr(), self.grads.element_size()
+        if any(sp.grad is None or sp.grad.data_ptr() != base + off * size for e in self._stacked for _, sp, off in e):
+            self._attach_stacked(grads_only=True)
+
+    def check_grads(self) -> None:
+        super().check_grads()
+        base_p, base_g, size = self.params.data_ptr(), self.grads.data_ptr(), self.grads.element_size()
+        for pname, entries in zip(self.player_names, self._stacked):
+            for name, sp, off in entries:
+                g = sp.grad
+                if sp.data_ptr() != base_p + off * size or g is None or g.data_ptr() != base_g + off * size:
+                    raise RuntimeError(
+                        f"the population's stacked {pname}.{name} (or its gradient) no longer views the flat "
+                        "buffers: accumulate into .grad in place, never assign it"
+                    )
+
+    def __repr__(self) -> str:
+        return (
+            f"PopulationParams(members={self.members}, players={self.player_names}, numel={self.numel}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _stack_buffers(pname: str, mods) -> dict[str, torch.Tensor]:
+    """Each buffer of the members' modules as one [K, ...] tensor, every member's buffer made a view of its row."""
+    named = [dict(m.named_buffers()) for m in mods]
+    ref = [(n, b.shape, b.dtype) for n, b in named[0].items()]
+    for k, nb in enumerate(named):
+        if [(n, b.shape, b.dtype) for n, b in nb.items()] != ref:
+            raise ValueError(f"member {k}'s {pname} buffers do not match member 0's (names, shapes and dtypes)")
+    out = {}
+    for name in named[0]:
+        stacked = torch.stack([nb[name].detach() for nb in named])
+        for k, m in enumerate(mods):
+            *path, leaf = name.split(".")
+            sub = m.get_submodule(".".join(path)) if path else m
+            sub._buffers[leaf] = stacked[k]
+        out[name] = stacked
+    return out

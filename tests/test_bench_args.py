@@ -74,3 +74,19 @@ def test_kernels_still_measures_a_valid_sweep(tmp_path):
 )
 def test_profile_step_refuses_bad_options(argv, says, capsys):
     assert says in refused(profile_step.main, argv, capsys)
+
+
+@pytest.mark.parametrize("members", ["0", "4,-1", "x"])
+def test_step_refuses_bad_population_sizes(members, capsys):
+    with pytest.raises(SystemExit) as e:
+        step.main(["--members", members])
+    assert e.value.code == 2 and "--members takes population sizes >= 1" in capsys.readouterr().err
+
+
+def test_step_population_rows(tmp_path, capsys):
+    """The population rows measure what they name: K=2 members' steps per second, and the solo runs'."""
+    out = tmp_path / "pop.csv"
+    assert step.main(["--members", "2", "--rep-ms", "50", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "pop_mlp,2," in text and "pop_autograd,2," in text
+    assert "member-steps/s" in capsys.readouterr().out

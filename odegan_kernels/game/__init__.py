@@ -8,6 +8,7 @@ from .g_reg import METHODS, g_reg_grad
 from .losses import LOSSES, ZERO_SUM, Squeeze, d_loss, g_loss
 from .mlp import MLPPair
 from .penalties import consensus_penalty, generator_grad_sqnorm, input_grad_penalty, wgan_gp_penalty
+from .population import PopulationAutograd, PopulationMLP
 
 __all__ = [
     "AutogradEngine",
@@ -16,6 +17,8 @@ __all__ = [
     "LOSSES",
     "METHODS",
     "MLPPair",
+    "PopulationAutograd",
+    "PopulationMLP",
     "Squeeze",
     "ZERO_SUM",
     "choose_engine",

@@ -14,7 +14,8 @@ import torch
 from .. import ops
 from ..contract import Stage, apply_penalties, check_reg, due, penalty_specs, returned, stage_caller
 from ..distributed import average_across_ranks
-from ..flat import FlatParams
+from ..flat import FlatParams, PopulationParams
+from .populations import member_regs, per_segment
 from .tableau import Tableau, compile_tableau, get_tableau
 
 COUPLINGS = ("joint", "decoupled")
@@ -96,7 +97,11 @@ class ODEStepper(torch.optim.Optimizer):
         self.tableau = get_tableau(method)
         self._stages = compile_tableau(self.tableau)
         nseg = len(flat.segments)
-        hs = _step_sizes(h, nseg)
+        hs = _step_sizes(per_segment(flat, h), nseg)
+        self._member_regs = None  # a population's lambda per member (populations.py); None for one pair
+        if isinstance(flat, PopulationParams):
+            self._member_regs = member_regs(flat, reg)
+            reg = max(self._member_regs)
         reg = check_reg(reg)
         if reg_at not in REG_PLACEMENTS:
             raise ValueError(f"reg_at must be one of {REG_PLACEMENTS}, got {reg_at!r}")
@@ -120,7 +125,10 @@ class ODEStepper(torch.optim.Optimizer):
         self.x0 = flat.params.clone()
         self.acc = torch.zeros_like(flat.params)
         self._reg_buf = self._reg_views = None
-        if reg > 0 and reg_at == "after_step":  # g_reg regularises player 0, the buffers' first segment
+        if self._member_regs is not None and reg > 0:  # every member's D: r over the whole buffer, e per member
+            self._reg_buf = torch.zeros(flat.numel, dtype=dt, device=dev)
+            self._reg_views = flat.views(self._reg_buf, 0)
+        elif reg > 0 and reg_at == "after_step":  # g_reg regularises player 0, the buffers' first segment
             self._reg_buf = torch.zeros(flat.segments[0][1], dtype=dt, device=dev)  # r covers D's segment only
             self._reg_views = [
                 self._reg_buf[e.offset : e.offset + e.param.numel()].view_as(e.param) for e in flat.layout(0)
@@ -160,16 +168,23 @@ class ODEStepper(torch.optim.Optimizer):
 
     @h.setter
     def h(self, value: float | Sequence[float]) -> None:
-        for g, v in zip(self.param_groups, _step_sizes(value, len(self.param_groups))):
+        for g, v in zip(self.param_groups, _step_sizes(per_segment(self.flat, value), len(self.param_groups))):
             g["lr"] = v
 
     @property
     def reg(self) -> float:
-        """lambda, the regulariser's weight; a change takes effect at the next step."""
+        """lambda, the regulariser's weight (a population's: the largest member's; ``member_regs``, each member's);
+        a change takes effect at the next step."""
         return self._reg
 
     @reg.setter
     def reg(self, value: float) -> None:
+        if self._member_regs is not None:
+            regs = member_regs(self.flat, value)
+            if (max(regs) > 0) != (self._reg > 0):
+                raise ValueError("a population's reg cannot switch the regulariser on or off: build a new ODEStepper")
+            self._member_regs, self._reg = regs, max(regs)
+            return
         value = check_reg(value)
         if (value > 0) != (self._reg > 0):
             raise ValueError(
@@ -179,6 +194,11 @@ class ODEStepper(torch.optim.Optimizer):
         if value != self._reg and self.graph is not None and self.graph.captured:
             self.graph.reset()  # the first-stage weight lambda/b1 is part of the captured work: capture again
         self._reg = value
+
+    @property
+    def member_regs(self) -> tuple[float, ...] | None:
+        """A population's lambda, one per member (None for one pair); set it through ``reg``."""
+        return self._member_regs
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """One memset over the flat gradient buffer (``.grad`` stays a view of it: ``set_to_none`` is ignored)."""
@@ -199,7 +219,7 @@ class ODEStepper(torch.optim.Optimizer):
 
     def _refresh_coeffs(self) -> None:
         hs = tuple(self.h)
-        key = (hs, self._reg)
+        key = (hs, self._reg, self._member_regs)
         if key == self._coeff_key:
             return  # nothing to copy: the common case costs no device work
         _step_sizes(list(hs), len(hs))  # a scheduler or a user may have set any value
@@ -211,7 +231,11 @@ class ODEStepper(torch.optim.Optimizer):
         for seg, h in enumerate(hs):
             torch.mul(self._abcd64[:, 2:4], -h, out=rows[:, seg, 2:4])
         rows[..., 4].zero_()
-        if self._reg_buf is not None:
+        if self._member_regs is not None:  # each member's lambda / b on its D segment of the stage that takes r
+            b = self.tableau.b[0] if self.reg_at == "first_stage" else self.tableau.b[-1]
+            for k, lam in enumerate(self._member_regs):
+                rows[0 if self.reg_at == "first_stage" else -1, k * self.flat.nplayers, 4].fill_(lam / b)
+        elif self._reg_buf is not None:
             rows[-1, 0, 4].fill_(self.reg_weight)  # the after-step g_reg: D's segment of the last stage
         self._coeffs.copy_(rows)
         self._coeff_key = key
@@ -241,7 +265,9 @@ class ODEStepper(torch.optim.Optimizer):
         after-step buffer (the last stage applies it): the one path of contract.apply_penalties."""
         weights, into = dict(stage.penalties), None
         if "g_reg" in weights:
-            if self._reg_views is None:
+            if self._member_regs is not None:  # a population's g_reg: into r, weighted per member by the stage op
+                weights["g_reg"], into = 1.0, {"g_reg": self._reg_views}
+            elif self._reg_views is None:
                 weights["g_reg"] = self.reg_weight
             else:
                 weights["g_reg"], into = 1.0, {"g_reg": self._reg_views}
@@ -290,7 +316,7 @@ class ODEStepper(torch.optim.Optimizer):
         flat = self.flat
         call = stage_caller(closure)
         nstages = len(self._stages)
-        nplayers = len(flat.segments)
+        nplayers = flat.nplayers
         everyone = tuple(range(nplayers))
         first = None
         for i in range(nstages):
@@ -304,9 +330,10 @@ class ODEStepper(torch.optim.Optimizer):
                     first = returned(out)
             else:
                 self._decoupled_gradients(call, i)
-            if self.distributed:
-                self._average_across_ranks(last_stage=i == nstages - 1)
             last = i == nstages - 1
+            takes_r = last if self._member_regs is None or self.reg_at == "after_step" else i == 0
+            if self.distributed:
+                self._average_across_ranks(last_stage=takes_r)
             ops.rk_stage(
                 flat.params,
                 flat.grads,
@@ -314,7 +341,7 @@ class ODEStepper(torch.optim.Optimizer):
                 self.acc,
                 self._coeffs[i],
                 flat.segments,
-                reg_grad=self._reg_buf if last else None,
+                reg_grad=self._reg_buf if takes_r else None,
                 backend=self.backend,
             )
         return first
@@ -333,19 +360,21 @@ class ODEStepper(torch.optim.Optimizer):
             self._scratch = (torch.empty_like(flat.params), torch.empty_like(flat.grads))
         point, gstash = self._scratch
         point.copy_(flat.params)
+        owner = [s % flat.nplayers for s in range(len(flat.segments))]  # each segment's player (member-major)
         holds = ["point"] * len(flat.segments)  # what each segment of params holds now
-        for q, (lo, hi) in enumerate(flat.segments):
+        for q in range(flat.nplayers):
             for s, (a, b) in enumerate(flat.segments):  # copy only the segments that change
-                want = "point" if s == q else "x0"
+                want = "point" if owner[s] == q else "x0"
                 if holds[s] != want:
-                    flat.params[a:b].copy_((point if s == q else self.x0)[a:b])
+                    flat.params[a:b].copy_((point if owner[s] == q else self.x0)[a:b])
                     holds[s] = want
             flat.grads.zero_()
             stage = self._stage(i, (q,))
             out = call(stage)
             flat.check_grads()
             self._apply_penalties(out, stage)
-            gstash[lo:hi].copy_(flat.grads[lo:hi])
+            for lo, hi in flat.player_segments(q):
+                gstash[lo:hi].copy_(flat.grads[lo:hi])
         flat.grads.copy_(gstash)
         # params are left as they are: the stage op that follows writes every one without reading it
 
@@ -356,7 +385,7 @@ class ODEStepper(torch.optim.Optimizer):
         state = super().state_dict()
         state["ode"] = {
             "steps": self.steps,
-            "reg": self._reg,
+            "reg": self._reg if self._member_regs is None else list(self._member_regs),
             "method": self.tableau.name,
             "reg_at": self.reg_at,
             "coupling": self.coupling,
@@ -376,6 +405,10 @@ class ODEStepper(torch.optim.Optimizer):
             theirs = [list(p) for p in ode[key]] if key == "penalties" else ode.get(key)
             if theirs != mine[key]:
                 raise ValueError(f"checkpoint was made with {key}={theirs!r} but this stepper has {key}={mine[key]!r}")
+        if self._member_regs is not None:
+            super().load_state_dict({k: v for k, v in state.items() if k != "ode"})
+            self.steps, self.reg, self._coeff_key = int(ode["steps"]), list(ode["reg"]), None
+            return
         reg = check_reg(float(ode["reg"]))
         if (reg > 0) != (self._reg > 0):
             raise ValueError(

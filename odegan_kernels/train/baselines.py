@@ -62,7 +62,7 @@ class BaselineOptimizer:
 
     def _step(self, closure):
         self.flat.zero_grad()
-        everyone = tuple(range(len(self.flat.segments)))
+        everyone = tuple(range(self.flat.nplayers))  # a population's players span its members' segments
         pens = due(self.penalties, self.steps, everyone)
         if self.reg > 0:
             pens["g_reg"] = self.reg  # last: a backward over several terms sums them in a fixed order

@@ -1,0 +1,274 @@
+"""A population's game gradients: K members of one pair evaluated in one batched pass over the member axis.
+
+The players' [K, ...] parameters (flat.PopulationParams.stacked) go through torch.func's functional_call under vmap
+for any nn.Module pair (PopulationAutograd), or through the hand-derived MLP engine's formulas written with batched
+matrix products (PopulationMLP). Each member's losses are its own batch means ([K] tensors); one backward of their
+sum gives every member exactly its own gradient, because members never interact; every penalty's value is the sum
+of the members' values, so its gradient is each member's own too. A population Batch holds [K, B, ...] tensors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .. import ops
+from ..contract import PenaltyTerm, StageResult
+from .autograd import _accumulate
+from .batch import Batch, checked_players, penalty_names
+from .losses import ZERO_SUM, d_loss, g_loss, get_loss
+from .mlp import _checked_layers
+
+_LAYOUT = "grad and param do not obey the gradient layout contract"  # the [K, ...] leaves are strided views
+
+
+def _check_population(flat, batch: Batch) -> None:
+    if not hasattr(flat, "stacked"):
+        raise TypeError("a population engine needs a population's FlatParams (FlatParams(..., members=K))")
+    if not isinstance(batch, Batch):
+        raise TypeError(f"the engine takes a game.Batch, got {type(batch).__name__}")
+    for name in ("real", "z"):
+        v = getattr(batch, name)
+        if v.dim() < 3 or v.shape[0] != flat.members:
+            raise ValueError(
+                f"a population's Batch.{name} is [members, batch, ...] with members={flat.members}, got "
+                f"{tuple(v.shape)}"
+            )
+    if batch.conditional or batch.noise is not None:
+        raise ValueError("a population runs unconditional pairs without instance noise (not built yet)")
+
+
+class PopulationAutograd:
+    """The population's game gradients through autograd, for any pair of nn.Modules: the members' forward is
+    ``vmap(functional_call)`` over their [K, ...] parameters and buffers (BatchNorm's running statistics per member,
+    updated in place), the AutogradEngine's evaluation otherwise (g_reg by double backward; r1, r2, wgan_gp and
+    consensus per member)."""
+
+    name = "population-autograd"
+
+    def __init__(self, flat, D: nn.Module, G: nn.Module, loss: str = "ns") -> None:
+        get_loss(loss)
+        if not hasattr(flat, "stacked"):
+            raise TypeError("PopulationAutograd needs a population's FlatParams (FlatParams(..., members=K))")
+        self.flat, self.D, self.G, self.loss = flat, D, G, loss
+        self.pD, self.pG = flat.stacked(0), flat.stacked(1)
+        self.bD, self.bG = flat.stacked_buffers(0), flat.stacked_buffers(1)
+
+    def _d(self, x):
+        return vmap(lambda p, b, x: functional_call(self.D, (p, b), (x,)))(self.pD, self.bD, x)
+
+    def __call__(
+        self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True
+    ) -> StageResult:
+        _check_population(self.flat, batch)
+        players, pens = checked_players(players), penalty_names(penalties)
+        loss = self.loss
+        need_d, need_g = 0 in players, 1 in players
+        greg, consensus = "g_reg" in pens, "consensus" in pens
+        run_d, run_g = need_d or consensus, need_g or consensus
+        if greg and not need_g:
+            raise ValueError("g_reg needs the generator's gradient (players must include 1)")
+        fake = batch.fake
+        if fake is not None and run_g:
+            raise ValueError("batch.fake can only be reused when the generator's gradient is not needed")
+        real, nb = batch.real, batch.real.shape[1]
+        terms: dict[str, PenaltyTerm] = {}
+        if fake is None:
+            with torch.set_grad_enabled(run_g):
+                fake = vmap(lambda p, b, z: functional_call(self.G, (p, b), (z,)))(self.pG, self.bG, batch.z)
+        x_fake = fake if run_g else fake.detach()
+        if "r2" in pens and not x_fake.requires_grad:
+            x_fake.requires_grad_()
+        d_fake = self._d(x_fake)
+        lg = vmap(lambda o: g_loss(o, loss))(d_fake) if run_g else None
+        ld = None
+        x_real = real
+        if run_d:
+            if "r1" in pens:
+                x_real = real.detach().requires_grad_()
+            d_real = self._d(x_real)
+            ld = vmap(lambda r, f: d_loss(r, f, loss))(d_real, d_fake)
+        if "r1" in pens:
+            terms["r1"] = PenaltyTerm((0,), _input_penalty(d_real, x_real, nb))
+        if "r2" in pens:
+            terms["r2"] = PenaltyTerm((0,), _input_penalty(d_fake, x_fake, nb))
+        if "wgan_gp" in pens:
+            mix = batch.mix
+            if mix is None:
+                raise ValueError("a population's WGAN-GP takes its interpolation weights from the batch (Batch.mix)")
+            u = mix.to(real.dtype).reshape(*mix.shape, *([1] * (real.dim() - 2)))
+            x_hat = (u * real.detach() + (1 - u) * x_fake.detach()).requires_grad_()
+            (g,) = torch.autograd.grad(self._d(x_hat).sum(), x_hat, create_graph=True)
+            norms = torch.linalg.vector_norm(g.flatten(2), dim=2)
+            terms["wgan_gp"] = PenaltyTerm((0,), ops.sqnorm([norms - 1]) / nb)
+        d_par, gp = list(self.pD.values()), list(self.pG.values()) if run_g else []
+        keep = bool(pens)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_LAYOUT)
+            if consensus:
+                g_theta = torch.autograd.grad(ld.sum(), d_par, create_graph=True)
+                g_phi = torch.autograd.grad(lg.sum(), gp, create_graph=True)
+                terms["consensus"] = PenaltyTerm((0, 1), ops.sqnorm([*g_theta, *g_phi]) * 0.5)
+                if need_d:
+                    _accumulate(d_par, g_theta)
+                if need_g:
+                    _accumulate(gp, g_phi)
+                if greg:
+                    terms["g_reg"] = PenaltyTerm((0,), ops.sqnorm(g_phi))
+            elif loss in ZERO_SUM and need_d and need_g and not pens:
+                torch.autograd.backward(ld.sum(), inputs=d_par + gp)
+                torch._foreach_neg_([p.grad for p in gp])
+            else:
+                if need_d:
+                    torch.autograd.backward(ld.sum(), inputs=d_par, retain_graph=need_g or keep)
+                if need_g and greg:
+                    g_phi = torch.autograd.grad(lg.sum(), gp, create_graph=True)
+                    _accumulate(gp, g_phi)
+                    terms["g_reg"] = PenaltyTerm((0,), ops.sqnorm(g_phi))
+                elif need_g:
+                    torch.autograd.backward(lg.sum(), inputs=gp, retain_graph=keep)
+        out = StageResult(fake=fake.detach(), terms=terms)
+        if need_d:
+            out.loss_d = ld.detach().float()
+        if need_g:
+            out.loss_g = lg.detach().float()
+        return out
+
+
+def _input_penalty(out: torch.Tensor, x: torch.Tensor, nb: int) -> torch.Tensor:
+    """The members' summed 1/2 E||grad_x D(x)||^2, each member's mean over its own ``nb`` samples."""
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return ops.sqnorm([g]) * (0.5 / nb)
+
+
+# -- the hand-derived engine, batched ------------------------------------------------------------------------------
+def _forward(ws, bs, x):
+    hs = [x]
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        a = torch.baddbmm(b.unsqueeze(1), hs[-1], w.transpose(1, 2))
+        if i == len(ws) - 1:
+            return a, hs
+        hs.append(a.relu_())
+    raise AssertionError("unreachable")
+
+
+def _backward(ws, hs, delta, into, need_input=False, deltas=None):
+    for i in range(len(ws) - 1, -1, -1):
+        if deltas is not None:
+            deltas.append(delta)
+        if into is not None:
+            gw, gb = into[i]
+            gw.baddbmm_(delta.transpose(1, 2), hs[i])
+            gb.add_(delta.sum(1))
+        if i == 0 and not need_input:
+            return None
+        up = torch.bmm(delta, ws[i])
+        delta = torch.ops.aten.threshold_backward(up, hs[i], 0) if i > 0 else up
+    return delta
+
+
+class PopulationMLP:
+    """game/mlp.py's hand-derived gradients of a ReLU MLP pair, for all members at once: every ``addmm`` a
+    ``baddbmm`` over the member axis. g_reg's exact gradient by the same forward-over-reverse."""
+
+    name = "population-mlp"
+
+    def __init__(self, flat, D: nn.Module, G: nn.Module, loss: str = "ns") -> None:
+        get_loss(loss)
+        if not hasattr(flat, "stacked"):
+            raise TypeError("PopulationMLP needs a population's FlatParams (FlatParams(..., members=K))")
+        layers, why = _checked_layers(D, G)
+        if why is not None:
+            raise ValueError(f"the hand-derived gradients cannot run here: {why}")
+        self.flat, self.loss = flat, loss
+        pD, pG = flat.stacked(0), flat.stacked(1)
+        names = {id(p): n for n, p in D.named_parameters()} | {id(p): n for n, p in G.named_parameters()}
+        self.d_w = [pD[names[id(lin.weight)]] for lin in layers[0]]
+        self.d_b = [pD[names[id(lin.bias)]] for lin in layers[0]]
+        self.g_w = [pG[names[id(lin.weight)]] for lin in layers[1]]
+        self.g_b = [pG[names[id(lin.bias)]] for lin in layers[1]]
+
+    @torch.no_grad()
+    def __call__(
+        self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True
+    ) -> StageResult:
+        _check_population(self.flat, batch)
+        players, pens = checked_players(players), penalty_names(penalties)
+        if [p for p in pens if p != "g_reg"]:
+            raise ValueError(f"the hand-derived engine computes g_reg only, not {pens} (use PopulationAutograd)")
+        greg, loss, values = "g_reg" in pens, self.loss, losses
+        real, z, fake = batch.real, batch.z, batch.fake
+        need_d, need_g = 0 in players, 1 in players
+        if greg and not need_g:
+            raise ValueError("g_reg needs the generator's gradient (players must include 1)")
+        if fake is not None and need_g:
+            raise ValueError("batch.fake can only be reused when the generator's gradient is not needed")
+        dw, db, gw_, gb_ = self.d_w, self.d_b, self.g_w, self.g_b
+        if fake is None:
+            fake, g_hs = _forward(gw_, gb_, z)
+        out = StageResult(fake=fake)
+        nr = real.shape[1]
+        into_d = [(w.grad, b.grad) for w, b in zip(dw, db)]
+        into_g = [(w.grad, b.grad) for w, b in zip(gw_, gb_)]
+        if need_d:
+            logits, d_hs = _forward(dw, db, torch.cat([real, fake], 1))
+            logits = logits.squeeze(-1)
+            lr, lf = logits[:, :nr], logits[:, nr:]
+            lo = get_loss(loss)
+            ld = lo.d_real(lr).mean(1) + lo.d_fake(lf).mean(1) if values else None
+            dr, df = lo.d_real_grad(lr).mul_(1.0 / nr), lo.d_fake_grad(lf).mul_(1.0 / lf.shape[1])
+            _backward(dw, d_hs, torch.cat([dr, df], 1).unsqueeze(-1), into_d)
+            if values:
+                out.loss_d = ld.float()
+            if need_g:
+                f_hs = [h[:, nr:] for h in d_hs]
+        elif need_g:
+            lf, f_hs = _forward(dw, db, fake)
+            lf = lf.squeeze(-1)
+        if not need_g:
+            return out
+        lg = get_loss(loss).g(lf).mean(1)
+        dg, curv = get_loss(loss).g_grads(lf, greg)
+        dg = dg.mul_(1.0 / lf.shape[1])
+        curv = None if curv is None else curv.mul_(1.0 / lf.shape[1])
+        out.loss_g = lg.float()
+        d_deltas: list[torch.Tensor] = []
+        dfake = _backward(dw, f_hs, dg.unsqueeze(-1), None, need_input=True, deltas=d_deltas)
+        if not greg:
+            _backward(gw_, g_hs, dfake, into_g)
+            return out
+        g_phi = [(torch.zeros_like(w), torch.zeros_like(b)) for w, b in zip(gw_, gb_)]
+        _backward(gw_, g_hs, dfake, g_phi)
+        for (a, b), (iw, ib) in zip(g_phi, into_g):
+            iw.add_(a)
+            ib.add_(b)
+        value = ops.sqnorm([t for pair in g_phi for t in pair])
+        out.terms["g_reg"] = PenaltyTerm((0,), value, _g_reg_grad(dw, gw_, g_hs, f_hs, d_deltas, curv, g_phi))
+        return out
+
+
+def _g_reg_grad(dw, gw, g_hs, f_hs, d_deltas, curv, g_phi) -> list[torch.Tensor]:
+    """game/mlp.py's forward-over-reverse for g_reg, batched over the member axis."""
+    tangent = None
+    for i, (w, (tw, tb)) in enumerate(zip(gw, g_phi)):
+        a = torch.baddbmm(tb.unsqueeze(1), g_hs[i], tw.transpose(1, 2))
+        if tangent is not None:
+            a.baddbmm_(tangent, w.transpose(1, 2))
+        tangent = torch.ops.aten.threshold_backward(a, g_hs[i + 1], 0) if i + 1 < len(gw) else a
+    f_tangents = [tangent]
+    for i, w in enumerate(dw[:-1]):
+        up = torch.bmm(f_tangents[-1], w.transpose(1, 2))
+        f_tangents.append(torch.ops.aten.threshold_backward(up, f_hs[i + 1], 0))
+    delta_t = torch.bmm(f_tangents[-1], dw[-1].transpose(1, 2)).mul_(curv.unsqueeze(-1))
+    out: list[torch.Tensor] = []
+    for i in range(len(dw) - 1, -1, -1):
+        delta = d_deltas[len(dw) - 1 - i]
+        g = torch.bmm(delta_t.transpose(1, 2), f_hs[i]).baddbmm_(delta.transpose(1, 2), f_tangents[i]).mul_(2.0)
+        out[:0] = [g, delta_t.sum(1).mul_(2.0)]
+        if i > 0:
+            delta_t = torch.ops.aten.threshold_backward(torch.bmm(delta_t, dw[i]), f_hs[i], 0)
+    return out

@@ -1,0 +1,182 @@
+"""A population run's parts: each member's Config (its seed, h, lambda), the population's flat parameters and
+optimiser built from them, and the closure that draws every member's batch from that member's own random streams,
+exactly as a solo run with its Config would (train/closure.py's GameClosure, eager)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..contract import PENALTIES, Stage, StageResult
+from ..flat import FlatParams
+from ..game import Batch
+from ..game.mlp import why_not
+from ..game.population import PopulationAutograd, PopulationMLP
+from ..problems import build_problem
+from .baselines import BaselineOptimizer
+from .state import RandomStreams
+
+# the options members may differ in; every other option is the population's one
+MEMBER_OPTIONS = ("seed", "h", "h_g", "reg", "out")
+
+
+def check_members(cfgs) -> None:
+    """Refuse a population whose members differ in anything but MEMBER_OPTIONS (one line naming the option)."""
+    if not cfgs:
+        raise ValueError("a population needs at least one member (members >= 1)")
+    first = dataclasses.asdict(cfgs[0])
+    for k, cfg in enumerate(cfgs[1:], 1):
+        for name, v in dataclasses.asdict(cfg).items():
+            if name not in MEMBER_OPTIONS and v != first[name]:
+                raise ValueError(
+                    f"member {k} has {name}={v!r} but member 0 has {first[name]!r}: members may differ only in "
+                    f"{MEMBER_OPTIONS} (one method, one architecture per population)"
+                )
+    c = cfgs[0]
+    if c.problem != "mog" or c.cuda_graph or c.instance_noise or c.schedule != "constant" or c.ema or c.autocast:
+        raise ValueError(
+            "populations run the 16-Gaussian problem (mog), eager, in the parameters' dtype, without instance noise "
+            "or an average of G, with the constant schedule (the rest is not built yet)"
+        )
+
+
+def population_engine(cfg, flat, D, G):
+    """The population's gradient engine: the batched hand-derived one where game/mlp.py's would run solo, else
+    the vmapped autograd one (``grads='mlp'`` that cannot run is a ValueError naming the reason)."""
+    pens = [k for k in PENALTIES if k != "g_reg" and getattr(cfg, k)] + (["g_reg"] if cfg.reg > 0 else [])
+    why = (
+        "grads='autograd' was asked for"
+        if cfg.grads == "autograd"
+        else why_not(D, G, cfg.loss, cfg.reg_method, cfg.autocast, False, None, pens)
+    )
+    if why is None:
+        return PopulationMLP(flat, D, G, cfg.loss)
+    if cfg.grads == "mlp":
+        raise ValueError(f"grads='mlp' cannot run here: {why}")
+    if cfg.reg_method != "double_backward":
+        raise ValueError("a population's autograd engine takes g_reg by double backward only")
+    return PopulationAutograd(flat, D, G, cfg.loss)
+
+
+class Population:
+    """K members' runs as one batched run: ``Population(cfgs)`` builds each member's problem (its seed's initial
+    parameters), one FlatParams(..., members=K), the population's optimiser (the ODE stepper with each member's h
+    and lambda, or an Adam/SGD baseline) and the closure. ``step()`` advances every member one step."""
+
+    def __init__(self, cfgs) -> None:
+        cfgs = list(cfgs)
+        for cfg in cfgs:
+            cfg.validate()
+        check_members(cfgs)
+        self.cfgs, cfg = cfgs, cfgs[0]
+        if cfg.threads > 0 and cfg.device == "cpu":
+            torch.set_num_threads(cfg.threads)  # as the Trainer: the toy's small matrices run fastest on one
+        self.problems = [build_problem(c.problem, c) for c in cfgs]
+        Ds, Gs = [p.D for p in self.problems], [p.G for p in self.problems]
+        self.flat = FlatParams(D=Ds, G=Gs, members=len(cfgs), dtype=cfg.torch_dtype)
+        self.streams = [RandomStreams(c.seed, 0, cfg.device) for c in cfgs]
+        pens = {k: (getattr(cfg, k), cfg.penalty_every) for k in PENALTIES if k != "g_reg"}
+        if cfg.optimizer == "ode":
+            from ..ode.stepper import ODEStepper
+
+            h = [[c.h, c.h if c.h_g is None else c.h_g] for c in cfgs]
+            self.opt = ODEStepper(
+                self.flat,
+                cfg.method,
+                h=[x for pair in h for x in pair],
+                reg=[c.reg for c in cfgs],
+                reg_at=cfg.reg_at,
+                coupling=cfg.coupling,
+                backend=cfg.backend,
+                penalties=pens,
+            )
+        else:
+            if len({c.reg for c in cfgs}) > 1:
+                raise ValueError("the Adam/SGD baselines of a population take one reg for every member")
+            self.opt = BaselineOptimizer(self.flat, cfg.optimizer, cfg.lr, cfg.betas, cfg.reg, penalties=pens)
+        self.engine = population_engine(cfg, self.flat, Ds[0], Gs[0])
+        self.closure = PopulationClosure(cfg, self.problems[0], self.engine, self.streams)
+
+        k = len(cfgs)
+        self.retries, self.factor = cfg.recover_retries, cfg.recover_factor
+        self.member_steps = [0] * k  # the steps each member has taken (a retried step is counted once)
+        self.failures = [0] * k
+        self.frozen = [False] * k  # diverged past its retries (or finished): its parameters no longer move
+        self.diverged = [False] * k
+        self._start = torch.empty_like(self.flat.params)
+
+    def step(self):
+        """One step of every member that still moves. A member whose parameters went non-finite is put back to its
+        step's start (parameters and random streams) and retried at the next step with its h times
+        ``recover_factor``; after ``recover_retries`` retries it is frozen and marked diverged. Members never
+        interact, so the others' trajectories are exactly what they would be without it."""
+        flat, k, block = self.flat, self.flat.members, self.flat.block
+        self._start.copy_(flat.params)
+        states = [(s.data.get_state(), s.z.get_state()) for s in self.streams]
+        out = self.opt.step(self.closure)
+        ok = torch.isfinite(flat.params.view(k, block)).all(1).tolist()
+        for m in range(k):
+            if not self.frozen[m] and ok[m]:
+                self.member_steps[m] += 1
+                continue
+            flat.params[m * block : (m + 1) * block].copy_(self._start[m * block : (m + 1) * block])
+            if self.frozen[m]:
+                continue
+            self.streams[m].data.set_state(states[m][0])
+            self.streams[m].z.set_state(states[m][1])
+            self.failures[m] += 1
+            if self.failures[m] > self.retries:
+                self.frozen[m] = self.diverged[m] = True
+            else:
+                for g in self.opt.param_groups[m * flat.nplayers : (m + 1) * flat.nplayers]:
+                    g["lr"] *= self.factor
+        return out
+
+    def freeze(self, member: int) -> None:
+        """Stop moving ``member`` (it has taken all its steps); the others go on unchanged."""
+        self.frozen[member] = True
+
+    @property
+    def h(self) -> list[float]:
+        """Each member's step size of D now (after any retries' reductions)."""
+        return [g["lr"] for g in self.opt.param_groups[:: self.flat.nplayers]]
+
+    def member_params(self, k: int) -> torch.Tensor:
+        """Member k's parameters as one flat buffer, laid out as a solo run's FlatParams."""
+        b = self.flat.block
+        return self.flat.params[k * b : (k + 1) * b]
+
+
+class PopulationClosure:
+    """``closure(stage)`` for a population: each member draws its real batch and z (and WGAN-GP's weights) from
+    its own streams, in the order GameClosure draws them, and the engine evaluates all members at once."""
+
+    def __init__(self, cfg, problem, engine, streams) -> None:
+        self.cfg, self.problem, self.engine, self.streams = cfg, problem, engine, streams
+        self.batch: Batch | None = None
+        self.fake0 = None
+
+    def _draw(self) -> Batch:
+        cfg, dev, dt = self.cfg, self.cfg.device, self.cfg.torch_dtype
+        xs, zs, mixes = [], [], []
+        for s in self.streams:
+            x, _ = self.problem.draw(cfg.batch, s.data)
+            xs.append(x.to(dev))
+            zs.append(torch.randn(cfg.batch, self.problem.z_dim, generator=s.z, device=dev, dtype=dt))
+            if cfg.wgan_gp:
+                mixes.append(torch.rand(cfg.batch, generator=s.z, device=dev, dtype=dt))
+        return Batch(torch.stack(xs), torch.stack(zs), mix=torch.stack(mixes) if mixes else None)
+
+    def __call__(self, stage: Stage) -> StageResult:
+        cfg = self.cfg
+        if stage.index == 0 or cfg.data_per_stage == "fresh":
+            self.batch, self.fake0 = self._draw(), None
+        b = self.batch
+        reuse = stage.players == (0,) and cfg.data_per_stage == "shared" and "consensus" not in stage.penalties
+        batch = Batch(b.real, b.z, mix=b.mix, fake=self.fake0 if reuse else None)
+        out = self.engine(batch, stage.players, stage.penalties, losses=stage.index == 0)
+        if stage.index == 0:
+            self.fake0 = out.fake
+        out.fake = None
+        return out

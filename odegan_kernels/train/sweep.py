@@ -1,0 +1,305 @@
+"""``odegan sweep``: a grid of settings over seeds, trained as populations (one method per population, at most
+``members`` members each), a folder per member (config.json, metrics.jsonl, samples) and a summary at the top:
+each setting's final metrics as mean, standard deviation and min-max over its seeds (summary.md, .json, .png).
+
+Each population checkpoints itself (its parameters, optimiser, every member's random streams and records), so an
+interrupted sweep resumes exactly; a finished population leaves done.json and is not run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..files import save_figure, write_file
+from .checkpoint import atomic_save
+from .config import make_config
+from .population import Population
+
+POPULATIONS = "populations"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-15``, ``0,3,5`` or a mix (``0-3,8``) as a list of distinct seeds in order."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            lo, sep, hi = part.partition("-")
+            got = list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+        except ValueError:
+            raise ValueError(f"--seeds takes ranges and lists such as 0-15 or 0,3,5, got {text!r}") from None
+        if sep and int(hi) < int(lo):
+            raise ValueError(f"--seeds range {part!r} is empty (the end is below the start)")
+        seeds += got
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must be distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
+def parse_values(text: str | None, name: str, kind=float) -> list | None:
+    """A comma-separated list of values for one grid axis (None: the preset's own)."""
+    if text is None:
+        return None
+    try:
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} takes a comma-separated list, got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"--{name} needs distinct values, got {text!r}")
+    return values
+
+
+def setting_name(method: str, h: float, reg: float) -> str:
+    return f"{method}_h{h:g}_reg{reg:g}"
+
+
+def plan(preset: str, out, seeds, hs=None, regs=None, methods=None, sets=None, members: int = 16) -> list[list]:
+    """The grid's product as populations: [[(setting, seed, Config), ...], ...], one method per population and at
+    most ``members`` members each, every member's out folder OUT/<setting>/seed<s>."""
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise ValueError(f"--members must be an int >= 1, got {members!r}")
+    sets = dict(sets or {})
+    for key in ("seed", "h", "reg", "method", "out"):
+        if key in sets:
+            raise ValueError(f"{key} is a sweep axis or the sweep's own: give it as --{key}s/--{key}, not --set")
+    base = make_config(preset, **sets)
+    out = Path(out)
+    pops = []
+    for method in methods or [base.method]:
+        grid = []
+        for h, reg, seed in itertools.product(hs or [base.h], regs or [base.reg], seeds):
+            name = setting_name(method, h, reg)
+            cfg = make_config(
+                preset, **sets, method=method, h=h, reg=reg, seed=seed, out=str(out / name / f"seed{seed}")
+            )
+            cfg.validate()
+            grid.append((name, seed, cfg))
+        pops += [grid[i : i + members] for i in range(0, len(grid), members)]
+    return pops
+
+
+def _metrics_dicts(records) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+class PopulationRun:
+    """One population of a sweep: trains it to every member's ``steps`` with its records and checkpoint."""
+
+    def __init__(self, index: int, members: list, root: Path, ckpt_every: int = 200) -> None:
+        self.index, self.members = index, members
+        self.dir = root / POPULATIONS / f"p{index}"
+        self.cfgs = [cfg for _, _, cfg in members]
+        self.ckpt_every = ckpt_every
+
+    @property
+    def done(self) -> Path:
+        return self.dir / "done.json"
+
+    def run(self, say=print) -> list[dict]:
+        if self.done.exists():
+            return json.loads(self.done.read_text())
+        self.dir.mkdir(parents=True, exist_ok=True)
+        pop = Population(self.cfgs)
+        cfg, k = self.cfgs[0], len(self.cfgs)
+        dev, dt = torch.device(cfg.device), cfg.torch_dtype
+        fixed_z = [
+            torch.randn(
+                (c.eval_samples, pop.problems[0].z_dim),
+                generator=torch.Generator(device=dev).manual_seed(10_000 + c.seed),
+                device=dev,
+                dtype=dt,
+            )
+            for c in self.cfgs
+        ]
+        records: list[list[dict]] = [[] for _ in range(k)]
+        pstep = 0
+        ckpt = self.dir / "checkpoint.pt"
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=False)
+            pop.flat.params.copy_(state["params"])
+            pop.opt.load_state_dict(state["opt"])
+            for s, (d, z) in zip(pop.streams, state["streams"]):
+                s.data.set_state(d)
+                s.z.set_state(z)
+            for key in ("member_steps", "failures", "frozen", "diverged"):
+                setattr(pop, key, list(state[key]))
+            records, pstep = state["records"], state["pstep"]
+            say(f"population {self.index}: resumed at step {pstep}")
+        for c in self.cfgs:
+            Path(c.out).mkdir(parents=True, exist_ok=True)
+            write_file(Path(c.out) / "config.json", json.dumps(dataclasses.asdict(c), indent=1) + "\n")
+        start = time.monotonic()
+        while not all(pop.frozen):
+            before = list(pop.member_steps)
+            pop.step()
+            pstep += 1
+            res = pop.opt.last_result
+            for m, c in enumerate(self.cfgs):
+                s = pop.member_steps[m]
+                if s == before[m]:
+                    continue
+                if s % c.log_every == 0 and res is not None and res.loss_d is not None:
+                    records[m].append({"step": s, "loss_d": float(res.loss_d[m]), "loss_g": float(res.loss_g[m])})
+                if s % c.eval_every == 0 or s >= c.steps:
+                    records[m].append({"step": s, **self._evaluate(pop, m, fixed_z[m])})
+                if s >= c.steps:
+                    pop.freeze(m)
+            if pstep % self.ckpt_every == 0 and not all(pop.frozen):
+                self._checkpoint(ckpt, pop, records, pstep)
+                done = sum(f and not d for f, d in zip(pop.frozen, pop.diverged))
+                say(
+                    f"population {self.index} ({cfg.method}, {k} members): step {pstep}, members done {done}, "
+                    f"diverged {sum(pop.diverged)}"
+                )
+        results = []
+        for m, (name, seed, c) in enumerate(self.members):
+            write_file(Path(c.out) / "metrics.jsonl", _metrics_dicts(records[m]))
+            problem = pop.problems[m]
+            atomic_save({"D": problem.D.state_dict(), "G": problem.G.state_dict()}, Path(c.out) / "params.pt")
+            if not pop.diverged[m]:
+                G = pop.problems[m].G
+                with torch.no_grad():
+                    pop.problems[m].plot(G(fixed_z[m]), Path(c.out) / f"samples_{c.steps}.png", f"{name} seed {seed}")
+            final = [r for r in records[m] if "loss_d" not in r]
+            results.append(
+                {
+                    "setting": name,
+                    "seed": seed,
+                    "method": c.method,
+                    "h": c.h,
+                    "reg": c.reg,
+                    "steps": pop.member_steps[m],
+                    "diverged": pop.diverged[m],
+                    "retries": pop.failures[m],
+                    "final": final[-1] if final and not pop.diverged[m] else None,
+                }
+            )
+        write_file(self.done, json.dumps(results, indent=1) + "\n")
+        ckpt.unlink(missing_ok=True)
+        say(
+            f"population {self.index} ({cfg.method}, {k} members) finished in {time.monotonic() - start:.1f} s: "
+            f"diverged {sum(pop.diverged)}"
+        )
+        return results
+
+    @staticmethod
+    def _evaluate(pop, m: int, z: torch.Tensor) -> dict:
+        with torch.no_grad():
+            samples = pop.problems[m].G(z)
+        return {
+            k: (float(v) if isinstance(v, (int, float)) else v) for k, v in pop.problems[m].evaluate(samples).items()
+        }
+
+    @staticmethod
+    def _checkpoint(path: Path, pop, records, pstep: int) -> None:
+        atomic_save(
+            {
+                "params": pop.flat.params.clone(),
+                "opt": pop.opt.state_dict(),
+                "streams": [(s.data.get_state(), s.z.get_state()) for s in pop.streams],
+                "member_steps": pop.member_steps,
+                "failures": pop.failures,
+                "frozen": pop.frozen,
+                "diverged": pop.diverged,
+                "records": records,
+                "pstep": pstep,
+            },
+            path,
+        )
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Per setting: every final metric as mean, std (over seeds; 0 for one), min and max, and the diverged count."""
+    rows = []
+    by_setting: dict[str, list[dict]] = {}
+    for r in results:
+        by_setting.setdefault(r["setting"], []).append(r)
+    for name, rs in by_setting.items():
+        ok = [r["final"] for r in rs if r["final"] is not None]
+        row = {"setting": name, "method": rs[0]["method"], "h": rs[0]["h"], "reg": rs[0]["reg"]}
+        row.update({"seeds": len(rs), "diverged": sum(r["diverged"] for r in rs)})
+        keys = [k for k in (ok[0] if ok else {}) if k != "step" and isinstance(ok[0][k], (int, float))]
+        for key in keys:
+            vals = [float(f[key]) for f in ok]
+            row[key] = {
+                "mean": statistics.fmean(vals),
+                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "min": min(vals),
+                "max": max(vals),
+            }
+        rows.append(row)
+    return rows
+
+
+def write_summary(root: Path, rows: list[dict], results: list[dict], seconds: float) -> None:
+    root = Path(root)
+    write_file(root / "summary.json", json.dumps({"settings": rows, "members": results, "seconds": seconds}, indent=1))
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict)})
+    head = "| setting | seeds | diverged | " + " | ".join(f"{k} mean ± std [min, max]" for k in keys) + " |"
+    lines = [f"# Sweep summary ({seconds:.0f} s)", "", head, "|" + " --- |" * (3 + len(keys))]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append("-" if v is None else f"{v['mean']:.3g} ± {v['std']:.3g} [{v['min']:.3g}, {v['max']:.3g}]")
+        lines.append(f"| {r['setting']} | {r['seeds']} | {r['diverged']} | " + " | ".join(cells) + " |")
+    write_file(root / "summary.md", "\n".join(lines) + "\n")
+    _plot(root / "summary.png", rows)
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "modes" if any("modes" in r for r in rows) else None
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(rows) + 2), 3.5))
+    for i, r in enumerate(rows):
+        v = r.get(metric) if metric else None
+        if v is None:
+            continue
+        ax.errorbar([i], [v["mean"]], yerr=[[v["mean"] - v["min"]], [v["max"] - v["mean"]]], fmt="o", capsize=3)
+        ax.errorbar([i], [v["mean"]], yerr=[v["std"]], fmt="none", lw=4, alpha=0.4)
+    ax.set_xticks(range(len(rows)), [r["setting"] for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(f"{metric or 'metric'}: mean, std (thick), min-max")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def run_sweep(pops: list[list], out, ckpt_every: int = 200, say=print) -> list[dict]:
+    """Train every population not yet done (resuming one that was interrupted), then write the summary. Under
+    torchrun (WORLD_SIZE > 1) the populations are shared out across the ranks (population i on rank i mod world,
+    on that rank's device); rank 0 writes the summary once every rank has finished its share."""
+    from ..distributed import init_distributed
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    rank, world, device = init_distributed(pops[0][0][2].device if pops else "cpu")
+    start = time.monotonic()
+    for i, members in enumerate(pops):
+        if i % world != rank:
+            continue
+        for _, _, cfg in members:
+            cfg.device = device
+        run = PopulationRun(i, members, root, ckpt_every)
+        run.run(say)
+        if world > 1:
+            write_file(run.dir / f"trained_by_rank{rank}", "")
+    if world > 1:
+        torch.distributed.barrier()
+    results = [r for i, members in enumerate(pops) for r in PopulationRun(i, members, root).run(say)]
+    rows = summarise(results)
+    if rank == 0:
+        write_summary(root, rows, results, time.monotonic() - start)
+    if world > 1:
+        torch.distributed.barrier()  # the summary is on disk before any rank returns
+    return rows

@@ -1,0 +1,260 @@
+"""Populations: every member of a batched run equals the same settings run alone (float64, 20 steps), for every
+method, coupling, placement, engine and CPU backend, with h and lambda mixed across members, and for the Adam/SGD
+baselines; a member that diverges fails alone (the others bit-identical to the population without it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from odegan_kernels import ops
+from odegan_kernels.flat import FlatParams
+from odegan_kernels.models.mlp import mog_pair
+from odegan_kernels.ode import ODEStepper
+from odegan_kernels.problems import build_problem
+from odegan_kernels.train.baselines import build_optimizer
+from odegan_kernels.train.closure import GameClosure
+from odegan_kernels.train.config import Config
+from odegan_kernels.train.population import Population
+from odegan_kernels.train.state import RandomStreams
+
+STEPS = 20
+TOL = 1e-12
+BASE = dict(problem="mog", dtype="float64", batch=16, z_dim=4, hidden=6, backend="foreach", grads="auto")
+MIXED = [dict(seed=0, h=0.1, reg=0.07), dict(seed=1, h=0.05, reg=0.0), dict(seed=2, h=0.2, reg=0.3)]
+
+
+def solo(opts: dict, steps: int = STEPS) -> torch.Tensor:
+    """The solo run of these options, built as the Trainer builds it (problem, FlatParams, optimiser, closure)."""
+    cfg = Config(**opts)
+    cfg.validate()
+    problem = build_problem(cfg.problem, cfg)
+    flat = FlatParams(D=problem.D, G=problem.G, dtype=cfg.torch_dtype)
+    opt, _ = build_optimizer(cfg, flat)
+    streams = RandomStreams(cfg.seed, 0, cfg.device)
+    closure = GameClosure(cfg, problem, streams.data, streams.z)
+    for _ in range(steps):
+        opt.step(closure)
+    return flat.params.clone()
+
+
+def population(opts: dict, members: list[dict], steps: int = STEPS) -> Population:
+    pop = Population([Config(**opts, **m) for m in members])
+    for _ in range(steps):
+        pop.step()
+    return pop
+
+
+def assert_members_equal_solo(opts: dict, members: list[dict] = MIXED) -> Population:
+    pop = population(opts, members)
+    for k, m in enumerate(members):
+        ref = solo({**opts, **m})
+        got = pop.member_params(k)
+        assert torch.isfinite(ref).all()
+        rel = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert rel <= TOL, f"member {k} ({m}) differs from its solo run by {rel:.3g} relative"
+        assert not torch.equal(pop.member_params(k), pop.member_params((k + 1) % len(members)))
+    return pop
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "midpoint", "ralston", "rk3", "rk4"])
+def test_every_method(method):
+    assert_members_equal_solo({**BASE, "method": method, "reg_at": "after_step", "coupling": "joint"})
+
+
+@pytest.mark.parametrize("coupling", ["joint", "decoupled"])
+@pytest.mark.parametrize("reg_at", ["first_stage", "after_step"])
+@pytest.mark.parametrize("grads", ["mlp", "autograd"])
+@pytest.mark.parametrize("data", ["fresh", "shared"])
+def test_couplings_placements_engines(coupling, reg_at, grads, data):
+    opts = {**BASE, "method": "rk4", "coupling": coupling, "reg_at": reg_at, "grads": grads, "data_per_stage": data}
+    pop = assert_members_equal_solo(opts)
+    assert type(pop.engine).__name__ == ("PopulationMLP" if grads == "mlp" else "PopulationAutograd")
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach", "csrc"])
+def test_cpu_backends(backend):
+    assert ops.supports(backend, "cpu"), f"backend {backend} cannot run here: {ops.why_unavailable(backend)}"
+    assert_members_equal_solo({**BASE, "method": "heun", "backend": backend})
+
+
+def test_penalties_per_member():
+    """r1, r2, WGAN-GP and consensus (through the vmapped autograd engine), each member with its own lambda."""
+    opts = {**BASE, "method": "euler", "r1": 0.5, "r2": 0.2, "wgan_gp": 0.2, "consensus": 0.1, "reg_at": "first_stage"}
+    pop = assert_members_equal_solo(opts)
+    assert type(pop.engine).__name__ == "PopulationAutograd"
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_baselines(kind):
+    members = [dict(seed=0, reg=0.07), dict(seed=3, reg=0.07), dict(seed=5, reg=0.07)]
+    assert_members_equal_solo({**BASE, "optimizer": kind, "lr": 1e-2}, members)
+
+
+def test_one_diverging_member_fails_alone():
+    """A member with a step size that blows up is rolled back, retried with smaller h, then frozen; the others
+    end bit-identical to the population without it, and its parameters are its last finite ones."""
+    opts = {**BASE, "method": "rk4", "recover_retries": 2, "recover_factor": 0.5}
+    good = [MIXED[0], MIXED[2]]
+    bad = dict(seed=7, h=1e300, reg=0.07)
+    pop = population(opts, [good[0], bad, good[1]])
+    ref = population(opts, good)
+    assert pop.diverged == [False, True, False] and pop.frozen[1]
+    assert pop.failures[1] == 3 and pop.h[1] == pytest.approx(1e300 * 0.25)
+    assert pop.member_steps == [STEPS, 0, STEPS]
+    assert torch.equal(pop.member_params(0), ref.member_params(0))
+    assert torch.equal(pop.member_params(2), ref.member_params(1))
+    assert torch.isfinite(pop.member_params(1)).all()
+    start = Population([Config(**opts, **bad)]).member_params(0)
+    assert torch.equal(pop.member_params(1), start)  # never took a finite step: still at its start
+
+
+def test_members_are_views_and_segments():
+    pairs = [mog_pair(4, 6, seed=s, dtype=torch.float64) for s in range(3)]
+    flat = FlatParams(D=[p[0] for p in pairs], G=[p[1] for p in pairs], members=3, dtype=torch.float64)
+    assert flat.members == 3 and flat.nplayers == 2 and len(flat.segments) == 6
+    assert flat.names[:2] == ["m0.D", "m0.G"]
+    w = flat.stacked("G")["0.weight"]
+    assert w.shape == (3, 6, 4) and w.is_leaf and w.requires_grad
+    assert torch.equal(w[2], pairs[2][1][0].weight)
+    with torch.no_grad():
+        w[1].fill_(3.0)
+    assert (pairs[1][1][0].weight == 3.0).all()  # member modules see the population's values
+    (w**2).sum().backward()
+    assert torch.equal(pairs[1][1][0].weight.grad, 2 * pairs[1][1][0].weight)
+    flat.check_grads()
+    stepper = ODEStepper(flat, "rk4", h=[0.1, 0.2, 0.3], reg=[0.0, 0.07, 0.3], reg_at="after_step")
+    assert stepper.h == [0.1, 0.1, 0.2, 0.2, 0.3, 0.3]
+    rows = stepper.coefficients()
+    assert rows[-1, :, 4].tolist() == [0.0, 0.0, 0.07 / (1 / 6), 0.0, 0.3 / (1 / 6), 0.0]
+
+
+def test_bad_input_one_line():
+    pairs = [mog_pair(4, 6, seed=s) for s in range(2)]
+    Ds, Gs = [p[0] for p in pairs], [p[1] for p in pairs]
+    with pytest.raises(ValueError, match="members .* must be an int >= 1"):
+        FlatParams(D=Ds, G=Gs, members=0)
+    with pytest.raises(ValueError, match="has 2 members' modules but members=3"):
+        FlatParams(D=Ds, G=Gs, members=3)
+    with pytest.raises(TypeError, match="list of its members' modules"):
+        FlatParams(D=Ds[0], G=Gs, members=2)
+    odd = mog_pair(4, 7, seed=0)[1]
+    with pytest.raises(ValueError, match="member 1's G does not match member 0's"):
+        FlatParams(D=Ds, G=[Gs[0], odd], members=2)
+    flat = FlatParams(D=Ds, G=Gs, members=2)
+    with pytest.raises(ValueError, match="h has 3 step sizes for a population of 2 members"):
+        ODEStepper(flat, h=[0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="reg has 3 values for a population of 2 members"):
+        ODEStepper(flat, reg=[0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="member 1 has method='euler' but member 0 has 'rk4'"):
+        Population([Config(**BASE, method="rk4"), Config(**BASE, method="euler", seed=1)])
+    with pytest.raises(ValueError, match="at least one member"):
+        Population([])
+    for opts in (dict(ema=0.999), dict(autocast=True, dtype="float32"), dict(problem="dirac"), dict(schedule="cifar")):
+        with pytest.raises(ValueError, match="populations run the 16-Gaussian problem"):
+            Population([Config(**{**BASE, **opts})])
+
+
+def test_retried_member_continues_as_its_solo_run_with_the_smaller_h():
+    """A member whose first step diverges is put back (parameters and random streams) and retried with h times
+    recover_factor: it then follows exactly the solo run with the reduced h, from the same draws."""
+    opts = {**BASE, "method": "heun", "recover_retries": 2, "recover_factor": 1e-301}
+    bad = dict(seed=4, h=1e300, reg=0.07)
+    pop = population(opts, [MIXED[0], bad])
+    h = 1e300 * 1e-301
+    assert pop.failures == [0, 1] and pop.diverged == [False, False] and pop.h[1] == h
+    assert pop.member_steps == [STEPS, STEPS - 1]
+    ref = solo({**opts, **bad, "h": h}, steps=STEPS - 1)
+    rel = ((pop.member_params(1) - ref).abs().max() / ref.abs().max()).item()
+    assert rel <= TOL
+    assert torch.equal(pop.member_params(0), population(opts, [MIXED[0]]).member_params(0))
+
+
+def test_readme_population_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Populations: many runs as one\n.*?```python\n(.*?)```", text, re.S).group(1)
+    assert "range(100)" in code
+    scope: dict = {}
+    exec(compile(code.replace("range(100)", "range(3)"), "README.md", "exec"), scope)
+    assert scope["stepper"].steps == 3 and scope["stepper"].h[::2] == [0.05] * 4 + [0.1] * 4
+    assert scope["result"].loss_d.shape == (8,) and torch.isfinite(scope["flat"].params).all()
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+class _ConvD(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, 2, 1, dtype=torch.float64),
+            torch.nn.LeakyReLU(0.1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * 4 * 4, 1, dtype=torch.float64),
+        )
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+def _conv_pair(seed: int):
+    """A tiny DCGAN-like pair: G with BatchNorm (running statistics in training mode), D convolutional."""
+    torch.manual_seed(seed)
+    G = torch.nn.Sequential(
+        torch.nn.Linear(3, 4 * 4 * 4, dtype=torch.float64),
+        torch.nn.Unflatten(1, (4, 4, 4)),
+        torch.nn.BatchNorm2d(4, eps=1e-3, momentum=0.1, dtype=torch.float64),
+        torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(4, 1, 4, 2, 1, dtype=torch.float64),
+        torch.nn.Tanh(),
+    )
+    return _ConvD(), G
+
+
+@pytest.mark.parametrize("coupling,reg_at", [("joint", "first_stage"), ("decoupled", "after_step")])
+def test_conv_pair_with_batchnorm(coupling, reg_at):
+    """Any nn.Module pair through vmap(functional_call): a conv pair whose G has BatchNorm; each member's
+    parameters and running statistics equal its solo run's."""
+    from odegan_kernels.game import AutogradEngine, PopulationAutograd
+    from odegan_kernels.game import Batch as GBatch
+
+    seeds, hs, regs = [0, 1, 2], [0.1, 0.05, 0.2], [0.07, 0.0, 0.3]
+
+    def draw(gen, n=6):
+        return torch.rand(n, 1, 8, 8, generator=gen, dtype=torch.float64) * 2 - 1, torch.randn(
+            n, 3, generator=gen, dtype=torch.float64
+        )
+
+    pairs = [_conv_pair(s) for s in seeds]
+    solos = []
+    for (D, G), s, h, r in zip([_conv_pair(s) for s in seeds], seeds, hs, regs):
+        flat = FlatParams(D=D, G=G, dtype=torch.float64)
+        st = ODEStepper(flat, "heun", h=h, reg=r, reg_at=reg_at, coupling=coupling, backend="foreach")
+        eng, gen = AutogradEngine(D, G), torch.Generator().manual_seed(100 + s)
+
+        def closure(stage, eng=eng, gen=gen):
+            x, z = draw(gen)
+            return eng(GBatch(x, z), stage.players, stage.penalties)
+
+        for _ in range(STEPS):
+            st.step(closure)
+        solos.append((flat.params.clone(), G[2].running_mean.clone(), G[2].running_var.clone()))
+    flat = FlatParams(D=[p[0] for p in pairs], G=[p[1] for p in pairs], members=3, dtype=torch.float64)
+    st = ODEStepper(flat, "heun", h=hs, reg=regs, reg_at=reg_at, coupling=coupling, backend="foreach")
+    eng = PopulationAutograd(flat, *pairs[0])
+    gens = [torch.Generator().manual_seed(100 + s) for s in seeds]
+
+    def closure(stage):
+        xs, zs = zip(*(draw(g) for g in gens))
+        return eng(GBatch(torch.stack(xs), torch.stack(zs)), stage.players, stage.penalties)
+
+    for _ in range(STEPS):
+        st.step(closure)
+    for k, (params, mean, var) in enumerate(solos):
+        got = flat.params[k * flat.block : (k + 1) * flat.block]
+        assert ((got - params).abs().max() / params.abs().max()).item() <= TOL
+        bn = pairs[k][1][2]
+        assert ((bn.running_mean - mean).abs().max() / mean.abs().max()).item() <= TOL
+        assert ((bn.running_var - var).abs().max() / var.abs().max()).item() <= TOL
+        assert not torch.equal(bn.running_mean, torch.zeros_like(mean))

@@ -1,0 +1,145 @@
+"""``odegan sweep``: the grid grouped into populations, a folder per member, the summary's spread over seeds, and
+an interrupted sweep (killed with SIGKILL mid-population) that resumes to exactly the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from odegan_kernels.cli import main
+from odegan_kernels.train.sweep import parse_seeds, plan
+
+ARGS = [
+    "sweep", "mog", "--seeds", "0-2", "--h", "0.1,0.2", "--method", "euler", "--members", "4", "--steps", "40",
+    "--ckpt-every", "2", "--set", "eval_every=20", "--set", "log_every=10", "--set", "eval_samples=256",
+    "--set", "hidden=8", "--set", "batch=64",
+]  # fmt: skip
+
+
+def member_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("*/seed*/config.json"))
+
+
+def test_grid_folders_and_summary(tmp_path):
+    out = tmp_path / "sweep"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    pops = sorted((out / "populations").iterdir())
+    assert [p.name for p in pops] == ["p0", "p1"]  # 6 members, at most 4 per population
+    dirs = member_dirs(out)
+    assert len(dirs) == 6
+    for d in dirs:
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["steps"] == 40 and cfg["out"] == str(d) and cfg["method"] == "euler"
+        lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines if "loss_d" in r] == [10, 20, 30, 40]
+        assert [r["step"] for r in lines if "modes" in r] == [20, 40]
+        assert (d / "samples_40.png").exists() and (d / "params.pt").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["setting"]: r for r in summary["settings"]}
+    assert set(rows) == {"euler_h0.1_reg0.07", "euler_h0.2_reg0.07"}
+    for name, row in rows.items():
+        finals = [m["final"]["kl"] for m in summary["members"] if m["setting"] == name]
+        assert row["seeds"] == 3 and row["diverged"] == 0
+        assert row["kl"]["min"] == min(finals) and row["kl"]["max"] == max(finals)
+        assert row["kl"]["mean"] == pytest.approx(sum(finals) / 3)
+        assert row["kl"]["std"] == pytest.approx(statistics.stdev(finals))
+    assert "euler_h0.1_reg0.07" in (out / "summary.md").read_text() and (out / "summary.png").exists()
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main([*ARGS, "--out", str(whole)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "odegan_kernels", *ARGS, "--out", str(cut)], env=env)
+    ckpt = cut / "populations" / "p0" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+    assert not (cut / "populations" / "p0" / "done.json").exists()
+    assert main([*ARGS, "--out", str(cut)]) == 0
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (whole, cut))
+    assert a["settings"] == b["settings"] and a["members"] == b["members"]
+    for d in member_dirs(whole):
+        e = cut / d.relative_to(whole)
+        assert (d / "metrics.jsonl").read_text() == (e / "metrics.jsonl").read_text()
+        pa, pb = torch.load(d / "params.pt"), torch.load(e / "params.pt")
+        for player in ("D", "G"):
+            assert all(torch.equal(pa[player][k], pb[player][k]) for k in pa[player])
+
+
+def test_plan_and_bad_input(tmp_path):
+    assert parse_seeds("0-3,8") == [0, 1, 2, 3, 8]
+    pops = plan("mog", tmp_path, [0, 1, 2], [0.05, 0.1], [0.0, 0.07], ["euler", "rk4"], members=5)
+    assert [len(p) for p in pops] == [5, 5, 2, 5, 5, 2]  # one method per population
+    assert all(len({cfg.method for _, _, cfg in p}) == 1 for p in pops)
+    for bad, msg in [("3-1", "empty"), ("a", "ranges and lists"), ("1,1", "distinct")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_seeds(bad)
+    with pytest.raises(ValueError, match="--members must be an int >= 1"):
+        plan("mog", tmp_path, [0], members=0)
+    with pytest.raises(ValueError, match="seed is a sweep axis"):
+        plan("mog", tmp_path, [0], sets={"seed": 3})
+    assert main(["sweep", "mog", "--seeds", "0-1", "--members", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_member_equals_odegan_train_with_its_config(tmp_path):
+    """A sweep member's final parameters are those of `odegan train` run with the member's own config.json."""
+    out = tmp_path / "sweep"
+    args = ["sweep", "mog", "--seeds", "1,4", "--h", "0.05,0.2", "--method", "heun", "--steps", "20", "--set",
+            "dtype=float64", "--set", "eval_every=10", "--set", "batch=32", "--set", "hidden=8",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    member = out / "heun_h0.2_reg0.07" / "seed4"
+    run = tmp_path / "solo"
+    assert main(["train", "--config", str(member / "config.json"), "--out", str(run), "--no-progress"]) == 0
+    solo = torch.load(run / "checkpoint.pt", weights_only=False)
+    mine = torch.load(member / "params.pt")
+    for player in ("D", "G"):
+        for name, ref in solo[player].items():
+            rel = ((mine[player][name] - ref).abs().max() / ref.abs().max()).item()
+            assert rel <= 1e-12, f"{player}.{name} differs by {rel:.3g}"
+
+
+def _sweep_worker(rank, world, port, out):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    import torch.distributed as dist
+
+    try:
+        assert main([*ARGS, "--out", out]) == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_populations_shared_out_across_ranks(tmp_path):
+    """Under torchrun (two gloo ranks) population i trains on rank i mod 2, and the summary equals one process's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*ARGS, "--out", str(one)]) == 0
+    mp.start_processes(_sweep_worker, args=(2, port, str(two)), nprocs=2, join=True, start_method="spawn")
+    assert (two / "populations" / "p0" / "trained_by_rank0").exists()
+    assert (two / "populations" / "p1" / "trained_by_rank1").exists()
+    assert not (two / "populations" / "p1" / "trained_by_rank0").exists()
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (one, two))
+    assert a["settings"] == b["settings"] and a["members"] == b["members"]
