@@ -69,6 +69,9 @@ class ODEStepper(torch.optim.Optimizer):
             kind of step with its own graph (and memory pool), warmed up, captured and replayed at its own steps.
         distributed: data parallel under torch.distributed: the flat gradients are averaged over the ranks
             once per stage (``process_group``: the group, default the world).
+        compile: the stage op through torch.compile (ode/compiled.py; h and lambda stay tensors, so a change of
+            either replays the same compiled code); the closure's own work is the closure's to compile
+            (game.compile_engine). Not with cuda_graph or distributed (a ValueError says so).
 
     A step-size schedule is a torch scheduler on the stepper, e.g. ``LambdaLR(stepper, ode.cifar_schedule)``.
     """
@@ -87,6 +90,7 @@ class ODEStepper(torch.optim.Optimizer):
         graph_warmup: int = 3,
         distributed: bool = False,
         process_group=None,
+        compile: bool = False,
     ) -> None:
         if not isinstance(flat, FlatParams):
             raise TypeError(
@@ -150,6 +154,14 @@ class ODEStepper(torch.optim.Optimizer):
 
             check_capturable(flat)
             self.graph = StepGraph(self._run_stages, warmup=graph_warmup)
+        self._compiled = None
+        if compile is not False:
+            from .compiled import CompiledStages, why_not_compiled
+
+            why = why_not_compiled(compile, cuda_graph, distributed)
+            if why is not None:
+                raise ValueError(why)
+            self._compiled = CompiledStages(self._stages, flat.segments)
         self._built = True
 
     # -- step sizes and the regulariser weight -----------------------------------------------------------
@@ -307,6 +319,10 @@ class ODEStepper(torch.optim.Optimizer):
             if self.distributed:
                 self._average_across_ranks(last_stage=i == nstages - 1)
             last = i == nstages - 1
+            if self._compiled is not None:
+                reg = self._reg_buf if last else None
+                self._compiled(i, flat.params, flat.grads, self.x0, self.acc, self._coeffs[i], reg)
+                continue
             ops.rk_stage(
                 flat.params,
                 flat.grads,
