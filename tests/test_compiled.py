@@ -86,7 +86,7 @@ def test_a_change_of_h_and_lambda_between_steps_compiles_nothing_new():
 
 
 def test_options_compile_cannot_run_with_are_refused_in_one_line():
-    D, G = mog_pair(hidden=4, z_dim=2)
+    D, G = mog_pair(hidden=4, z_dim=2, dtype=torch.float64)
     flat = FlatParams(D=D, G=G, dtype=torch.float64)
     with pytest.raises(ValueError, match="compile must be True or False"):
         ODEStepper(flat, compile="yes")
@@ -101,7 +101,7 @@ def test_options_compile_cannot_run_with_are_refused_in_one_line():
     from odegan_kernels.game import AutogradEngine
 
     eng, why = compile_engine(AutogradEngine(D, G))
-    assert isinstance(eng, AutogradEngine) and "runs eagerly" in why and "\n" not in why
+    assert isinstance(eng, AutogradEngine) and "run eagerly" in why and "\n" not in why
     with pytest.raises(TypeError, match="MLPPair"):
         CompiledEngine(AutogradEngine(D, G))
 
@@ -118,3 +118,14 @@ def test_the_whole_compiled_step_agrees_with_eager_and_compiles_only_at_its_firs
     )
     assert graphs[1:] == [graphs[0]] * (STEPS - 1), f"graphs compiled after each step: {graphs}"
     assert _rel(compiled, eager) <= NUDGE_MARGIN * max(_rel(nudged, eager), 1e-15), _rel(compiled, eager)
+
+
+def test_the_trainer_option_compiles_the_hand_derived_engine_and_says_when_it_cannot(tmp_path):
+    from odegan_kernels.train import Trainer, make_config
+
+    tr = Trainer(make_config("mog", out=str(tmp_path / "a"), progress=False, compile=True))
+    assert tr.game_closure.engine.name == "mlp+compile" and tr.opt.compiled is not None
+    with pytest.warns(UserWarning, match="the autograd engine's autograd passes run eagerly"):
+        tr = Trainer(make_config("mog", out=str(tmp_path / "b"), progress=False, compile=True, grads="autograd"))
+    assert tr.game_closure.engine.name == "autograd"
+    assert Trainer(make_config("mog", out=str(tmp_path / "c"), progress=False)).opt.compiled is None

@@ -31,8 +31,9 @@ class CompiledEngine:
     def __call__(
         self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True
     ) -> StageResult:
-        if not self._ready:  # the fused ops' backend is resolved (and csrc loaded) eagerly, outside the trace
-            ops.sqnorm([batch.z.new_zeros(1)])
+        if not self._ready:  # eagerly, outside the trace: the fused ops' backend resolved (and csrc loaded), the
+            ops.sqnorm([batch.z.new_zeros(1)])  # .grad tensors made (else the second call's guards see them new)
+            self.engine.attach_grads()
             self._ready = True
         return self._fn(batch, tuple(players), tuple(penalties), bool(losses))
 

@@ -148,20 +148,20 @@ class ODEStepper(torch.optim.Optimizer):
                 raise RuntimeError(
                     "distributed=True needs torch.distributed initialised first (torchrun, or dist.init_process_group)"
                 )
-        self.graph = None
-        if cuda_graph:
-            from ..graphs import StepGraph, check_capturable
-
-            check_capturable(flat)
-            self.graph = StepGraph(self._run_stages, warmup=graph_warmup)
-        self._compiled = None
+        self.compiled = None
         if compile is not False:
             from .compiled import CompiledStages, why_not_compiled
 
             why = why_not_compiled(compile, cuda_graph, distributed)
             if why is not None:
                 raise ValueError(why)
-            self._compiled = CompiledStages(self._stages, flat.segments)
+            self.compiled = CompiledStages(self._stages, flat.segments)
+        self.graph = None
+        if cuda_graph:
+            from ..graphs import StepGraph, check_capturable
+
+            check_capturable(flat)
+            self.graph = StepGraph(self._run_stages, warmup=graph_warmup)
         self._built = True
 
     # -- step sizes and the regulariser weight -----------------------------------------------------------
@@ -319,9 +319,9 @@ class ODEStepper(torch.optim.Optimizer):
             if self.distributed:
                 self._average_across_ranks(last_stage=i == nstages - 1)
             last = i == nstages - 1
-            if self._compiled is not None:
+            if self.compiled is not None:
                 reg = self._reg_buf if last else None
-                self._compiled(i, flat.params, flat.grads, self.x0, self.acc, self._coeffs[i], reg)
+                self.compiled(i, flat.params, flat.grads, self.x0, self.acc, self._coeffs[i], reg)
                 continue
             ops.rk_stage(
                 flat.params,
