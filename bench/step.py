@@ -9,6 +9,8 @@ Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into 
   naive      a straightforward eager RK4 as public ports write it (per-tensor lists, separate forwards)
   ours       ODEStepper + game_gradients, eager
   ours_mlp   the same with the hand-derived gradients of a ReLU MLP pair (mlp_grads; toy pair only)
+  ours_mlp_cs  ours_mlp with compile=True (the stepper's stage op through torch.compile), the engine eager
+  ours_mlp_c   ... and the hand-derived engine compiled too (game/compiled.py: the run's compile=true)
   graph      the same step captured in one CUDA graph (GPU)
   compile    torch.compile'd D and G inside our stepper (double backward through compiled code is
              reported if it fails; then the finite-difference penalty, which needs none, is used)
@@ -28,13 +30,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from odegan_kernels import FlatParams, ODEStepper, game_gradients
 from odegan_kernels.contract import Stage, apply_penalties
-from odegan_kernels.game import Batch, d_loss, g_loss
+from odegan_kernels.game import Batch, MLPPair, d_loss, g_loss
+from odegan_kernels.game.compiled import CompiledEngine
 from odegan_kernels.models import (
     ConditionalResNetDiscriminator,
     ConditionalResNetGenerator,
@@ -185,6 +189,7 @@ def run_model(
     only_pen: bool = False,
     compile_rows: bool = True,
     on_row=None,
+    compiled_step: str = "on",
 ) -> None:
     """Every variant's rows for one model; on_row() (optional) is called after each row, so a caller can write them
     as they come: a run stopped at a time limit keeps what it measured."""
@@ -228,6 +233,16 @@ def run_model(
 
     if only_pen:
         return record_penalty_rows(name, device, batch, rep_ms, row)
+    if compiled_step == "only":  # compile=True against its eager self and JAX, nothing else (gpu_check's compiled-step)
+        if name != "mlp":
+            return None
+        D, G, real, z = make_models(name, device, batch)
+        flat_m, st_m = stepper_for(D, G)
+        closure_m = closure_for(D, G, real, z, engine="mlp")
+        record("ours_mlp", lambda: st_m.step(closure_m), "hand-derived gradients", params=[flat_m.params])
+        if jax_step.available():
+            record_jax_rows(name, device, batch, rep_ms, row)
+        return record_compiled_step_rows(name, device, batch, record)
     D, G, real, z = make_models(name, device, batch)
     record("naive", lambda: naive_step(D, G, real, z), params=list(D.parameters()) + list(G.parameters()))
 
@@ -309,7 +324,28 @@ def run_model(
     # forward retains D's graph for the second backward, which compiled backwards with donated buffers refuse; the
     # error tells users to turn them off.
     if compile_rows:
+        if name == "mlp" and compiled_step == "on":
+            record_compiled_step_rows(name, device, batch, record)
         record_compile_rows(name, device, batch, record, row)
+
+
+def record_compiled_step_rows(name: str, device, batch: int, record) -> None:
+    """compile=True (issue 21): the stepper's compiled stage op under the hand-derived engine (eager, then compiled
+    too), the first step (the cold or warm compile) outside the timing; the seconds it took go in the note."""
+    for variant, compiled_engine in (("ours_mlp_cs", False), ("ours_mlp_c", True)):
+        D, G, real, z = make_models(name, device, batch)
+        flat = FlatParams(D=D, G=G)
+        st = ODEStepper(flat, "rk4", h=H, reg=LAM, reg_at="first_stage", coupling="joint", compile=True)
+        engine = CompiledEngine(MLPPair(D, G)) if compiled_engine else MLPPair(D, G)
+
+        def closure(stage, real=real, z=z, engine=engine):
+            return engine(Batch(real[stage.index], z[stage.index]), stage.players, stage.penalties)
+
+        t0 = time.perf_counter()
+        st.step(closure)
+        first = time.perf_counter() - t0
+        what = "stage op and hand-derived engine compiled" if compiled_engine else "stage op compiled, engine eager"
+        record(variant, lambda: st.step(closure), f"{what}; first step {first:.0f} s", params=[flat.params])
 
 
 def record_compile_rows(name: str, device, batch: int, record, row) -> None:
@@ -519,6 +555,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-penalties", action="store_true", help="skip the gradient-penalty rows (pen:*)")
     ap.add_argument("--penalties-only", action="store_true", help="only the gradient-penalty rows (pen:*)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (a cold compile each)")
+    ap.add_argument(
+        "--compiled-step",
+        choices=("on", "off", "only"),
+        default="on",
+        help="the toy pair's compile=True rows (ours_mlp_cs, ours_mlp_c): with the compile rows (on), not at all, or "
+        "only them beside ours_mlp and JAX",
+    )
     ap.add_argument("--penalty-models", default=None, help="models that get the pen:* rows (default: every model)")
     ap.add_argument("--compile-models", default=None, help="models that get the compile rows (default: every model)")
     ap.add_argument(
@@ -577,7 +620,7 @@ def main(argv=None) -> int:
         )
         pens = not args.no_penalties and (args.penalty_models is None or m in args.penalty_models.split(","))
         comp = not args.no_compile and (args.compile_models is None or m in args.compile_models.split(","))
-        run_model(m, device, batch, rows, env, rep, pens, args.penalties_only, comp, flush)
+        run_model(m, device, batch, rows, env, rep, pens, args.penalties_only, comp, flush, args.compiled_step)
         report(rows, out, env, args.threads, plot=not args.no_plot)
     print(f"wrote {out}, {out.with_suffix('.md')}" + ("" if args.no_plot else f", {out.with_suffix('.png')}"))
     return 0

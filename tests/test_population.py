@@ -258,3 +258,9 @@ def test_conv_pair_with_batchnorm(coupling, reg_at):
         assert ((bn.running_mean - mean).abs().max() / mean.abs().max()).item() <= TOL
         assert ((bn.running_var - var).abs().max() / var.abs().max()).item() <= TOL
         assert not torch.equal(bn.running_mean, torch.zeros_like(mean))
+
+
+def test_a_compiled_population_is_refused_not_run_eagerly():
+    """compile=True is not built for populations: refused in one line rather than silently run eager."""
+    with pytest.raises(ValueError, match=r"eager \(no cuda_graph, no compile\)"):
+        Population([Config(**BASE, **m, compile=True) for m in MIXED])

@@ -182,6 +182,12 @@ class MLPPair:
             cached[:] = [(_grad_of(lin.weight), _grad_of(lin.bias)) for lin in layers]
         return cached
 
+    def attach_grads(self) -> None:
+        """Make (or find again) the .grad tensors the evaluation accumulates into, now: a compiled caller does this
+        before tracing, so the trace starts from them (game/compiled.py)."""
+        self._into(0)
+        self._into(1)
+
     @torch.no_grad()
     def __call__(
         self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True

@@ -70,6 +70,9 @@ class ODEStepper(torch.optim.Optimizer):
             kind of step with its own graph (and memory pool), warmed up, captured and replayed at its own steps.
         distributed: data parallel under torch.distributed: the flat gradients are averaged over the ranks
             once per stage (``process_group``: the group, default the world).
+        compile: the stage op through torch.compile (ode/compiled.py; h and lambda stay tensors, so a change of
+            either replays the same compiled code); the closure's own work is the closure's to compile
+            (game.compile_engine). Not with cuda_graph or distributed (a ValueError says so).
 
     A step-size schedule is a torch scheduler on the stepper, e.g. ``LambdaLR(stepper, ode.cifar_schedule)``.
     """
@@ -88,6 +91,7 @@ class ODEStepper(torch.optim.Optimizer):
         graph_warmup: int = 3,
         distributed: bool = False,
         process_group=None,
+        compile: bool = False,
     ) -> None:
         if not isinstance(flat, FlatParams):
             raise TypeError(
@@ -152,6 +156,14 @@ class ODEStepper(torch.optim.Optimizer):
                 raise RuntimeError(
                     "distributed=True needs torch.distributed initialised first (torchrun, or dist.init_process_group)"
                 )
+        self.compiled = None
+        if compile is not False:
+            from .compiled import CompiledStages, why_not_compiled
+
+            why = why_not_compiled(compile, cuda_graph, distributed)
+            if why is not None:
+                raise ValueError(why)
+            self.compiled = CompiledStages(self._stages, flat.segments)
         self.graph = None
         if cuda_graph:
             from ..graphs import StepGraph, check_capturable
@@ -334,6 +346,10 @@ class ODEStepper(torch.optim.Optimizer):
             takes_r = last if self._member_regs is None or self.reg_at == "after_step" else i == 0
             if self.distributed:
                 self._average_across_ranks(last_stage=takes_r)
+            if self.compiled is not None:
+                reg = self._reg_buf if takes_r else None
+                self.compiled(i, flat.params, flat.grads, self.x0, self.acc, self._coeffs[i], reg)
+                continue
             ops.rk_stage(
                 flat.params,
                 flat.grads,

@@ -104,6 +104,7 @@ def build_optimizer(cfg: Config, flat: FlatParams, distributed: bool = False):
             cuda_graph=cfg.cuda_graph,
             distributed=distributed,
             penalties=pens,
+            **({"compile": True} if cfg.compile else {}),
         )
         return stepper, LambdaLR(stepper, SCHEDULES[cfg.schedule])
     if cfg.cuda_graph:

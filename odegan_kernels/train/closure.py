@@ -3,6 +3,8 @@ for the gradient engine chosen once for the run (game.choose_engine: autograd, o
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..contract import PENALTIES, Stage, StageResult
@@ -27,6 +29,12 @@ def run_engine(cfg, problem):
     )
     if cfg.grads == "mlp" and why is not None:
         raise ValueError(f"grads='mlp' cannot run here: {why}")
+    if getattr(cfg, "compile", False):
+        from ..game.compiled import compile_engine
+
+        engine, why = compile_engine(engine)
+        if why is not None:
+            warnings.warn(why, stacklevel=2)
     return engine
 
 

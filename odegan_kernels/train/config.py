@@ -75,6 +75,9 @@ class Config:
     backend: str = option("auto", "fused-op backend: auto | triton | csrc | foreach | reference")
     threads: int = option(1, "CPU threads (0: torch's default); the toy's tiny matrices run fastest on one")
     cuda_graph: bool = option(False, "capture the whole ODE step in one CUDA graph (CUDA only)")
+    compile: bool = option(
+        False, "torch.compile the ODE step: the stage op, and the hand-derived engine's gradients (README: the cache)"
+    )
     dtype: str = option(
         "float32", "the parameters', gradients' and data's dtype: float32 | float64 (exact checks)", match=True
     )
@@ -162,6 +165,11 @@ class Config:
             raise ValueError(
                 f"ema={self.ema!r} rounds to 1.0 in {self.dtype} (the parameters' dtype), so the average would never "
                 f"move; use a decay below {1 - torch.finfo(self.torch_dtype).eps / 2}"
+            )
+        if self.compile and (self.optimizer != "ode" or self.cuda_graph):
+            raise ValueError(
+                "compile=true compiles the ODE stepper's step without cuda_graph: "
+                + ("use optimizer=ode" if self.optimizer != "ode" else "drop cuda_graph (not supported together yet)")
             )
         if self.autocast and self.dtype != "float32":
             raise ValueError("autocast (bf16 forward/backward over float32 parameters) needs dtype float32")

@@ -34,9 +34,18 @@ def check_members(cfgs) -> None:
                     f"{MEMBER_OPTIONS} (one method, one architecture per population)"
                 )
     c = cfgs[0]
-    if c.problem != "mog" or c.cuda_graph or c.instance_noise or c.schedule != "constant" or c.ema or c.autocast:
+    if (
+        c.problem != "mog"
+        or c.cuda_graph
+        or c.compile
+        or c.instance_noise
+        or c.schedule != "constant"
+        or c.ema
+        or c.autocast
+    ):
         raise ValueError(
-            "populations run the 16-Gaussian problem (mog), eager, in the parameters' dtype, without instance noise "
+            "populations run the 16-Gaussian problem (mog), eager (no cuda_graph, no compile), in the parameters' "
+            "dtype, without instance noise "
             "or an average of G, with the constant schedule (the rest is not built yet)"
         )
 
