@@ -150,12 +150,17 @@ class FlatParams:
             segments.append((start, offset))
         self.numel = offset
         self.device = device
-        self.params = torch.zeros(offset, dtype=dtype, device=device)
-        self.grads = torch.zeros(offset, dtype=dtype, device=device)
+        self._install(segments, layout, [(n, m) for n, m in zip(names, players) if isinstance(m, nn.Module)])
+
+    def _install(self, segments: list, layout: list, modules: list) -> None:
+        """The two buffers for ``layout`` (self.numel long, zero padding), filled with the players' values, and
+        every parameter made a view of them."""
+        self.params = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        self.grads = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         self.segments: list[tuple[int, int]] = segments
         self._layout = layout
         self._checked = [e for e in layout if e.param.numel() > 0]  # an empty view has no address to check
-        self._modules = [(n, m) for n, m in zip(names, players) if isinstance(m, nn.Module)]
+        self._modules = modules
         self._known = {id(e.param) for e in layout}
         self._step_lock = threading.Lock()
         with torch.no_grad():
@@ -402,18 +407,9 @@ class PopulationParams(FlatParams):
         self.members, self.player_names, self.block = members, list(names), block
         self.names = [f"m{k}.{n}" for k in range(members) for n in names]
         self.dtype, self.device, self.numel = dtype, device, offset
-        self.params = torch.zeros(offset, dtype=dtype, device=device)
-        self.grads = torch.zeros(offset, dtype=dtype, device=device)
-        self.segments = segments
-        self._layout = layout
-        self._checked = [e for e in layout if e.param.numel() > 0]
-        self._modules = [(f"m{k}.{n}", mods[k]) for k in range(members) for n, mods in zip(names, players)]
-        self._known = {id(e.param) for e in layout}
-        self._step_lock = threading.Lock()
-        with torch.no_grad():
-            for p, off, _ in layout:
-                self.params[off : off + p.numel()].copy_(p.detach().reshape(-1))
-        self._attach()
+        self._install(
+            segments, layout, [(f"m{k}.{n}", mods[k]) for k in range(members) for n, mods in zip(names, players)]
+        )
         # one [K, ...] leaf per parameter of the architecture: member k's copy at offset + k * block
         self._stacked: list[list[tuple[str, nn.Parameter, int]]] = []
         nper = [len(plists[0]) for plists in per_player]

@@ -152,6 +152,22 @@ def _backward(
 
 
 # -- the game -------------------------------------------------------------------------------------------
+
+
+def checked_request(batch: Batch, players: Sequence[int], penalties: Iterable[str], instead: str):
+    """A hand-derived engine's checks of one call: (players, whether g_reg is asked, need_d, need_g). It computes
+    g_reg only (``instead`` names the engine for the rest), and g_reg and a new fake need G's gradient."""
+    players, pens = checked_players(players), penalty_names(penalties)
+    if [p for p in pens if p != "g_reg"]:
+        raise ValueError(f"the hand-derived engine computes g_reg only, not {pens} (use {instead})")
+    greg, need_d, need_g = "g_reg" in pens, 0 in players, 1 in players
+    if greg and not need_g:
+        raise ValueError("g_reg needs the generator's gradient (players must include 1)")
+    if batch.fake is not None and need_g:
+        raise ValueError("batch.fake can only be reused when the generator's gradient is not needed")
+    return players, greg, need_d, need_g
+
+
 class MLPPair:
     """The hand-derived game gradients of one (D, G) pair of ReLU MLPs (a gradient engine, as
     game/autograd.py's AutogradEngine), its structure checked once at construction.
@@ -202,16 +218,9 @@ class MLPPair:
         """
         if not isinstance(batch, Batch):
             raise TypeError(f"the engine takes a game.Batch, got {type(batch).__name__}")
-        players, pens = checked_players(players), penalty_names(penalties)
-        if [p for p in pens if p != "g_reg"]:
-            raise ValueError(f"the hand-derived engine computes g_reg only, not {pens} (use the autograd engine)")
-        greg, loss, values = "g_reg" in pens, self.loss, losses
+        players, greg, need_d, need_g = checked_request(batch, players, penalties, "the autograd engine")
+        loss, values = self.loss, losses
         real, z, fake = batch.real, batch.z, batch.fake
-        need_d, need_g = 0 in players, 1 in players
-        if greg and not need_g:
-            raise ValueError("g_reg needs the generator's gradient (players must include 1)")
-        if fake is not None and need_g:
-            raise ValueError("batch.fake can only be reused when the generator's gradient is not needed")
         d_layers, g_layers = self.d_layers, self.g_layers
         if fake is None:
             fake, g_hs = _forward(g_layers, z)

@@ -21,7 +21,7 @@ from ..contract import PenaltyTerm, StageResult
 from .autograd import _accumulate
 from .batch import Batch, checked_players, penalty_names
 from .losses import ZERO_SUM, d_loss, g_loss, get_loss
-from .mlp import _checked_layers
+from .mlp import _checked_layers, checked_request
 
 _LAYOUT = "grad and param do not obey the gradient layout contract"  # the [K, ...] leaves are strided views
 
@@ -197,16 +197,9 @@ class PopulationMLP:
         self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True
     ) -> StageResult:
         _check_population(self.flat, batch)
-        players, pens = checked_players(players), penalty_names(penalties)
-        if [p for p in pens if p != "g_reg"]:
-            raise ValueError(f"the hand-derived engine computes g_reg only, not {pens} (use PopulationAutograd)")
-        greg, loss, values = "g_reg" in pens, self.loss, losses
+        players, greg, need_d, need_g = checked_request(batch, players, penalties, "PopulationAutograd")
+        loss, values = self.loss, losses
         real, z, fake = batch.real, batch.z, batch.fake
-        need_d, need_g = 0 in players, 1 in players
-        if greg and not need_g:
-            raise ValueError("g_reg needs the generator's gradient (players must include 1)")
-        if fake is not None and need_g:
-            raise ValueError("batch.fake can only be reused when the generator's gradient is not needed")
         dw, db, gw_, gb_ = self.d_w, self.d_b, self.g_w, self.g_b
         if fake is None:
             fake, g_hs = _forward(gw_, gb_, z)
