@@ -83,13 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _options(args) -> dict:
-    """The options given on the command line (flags and --set), by Config name; ValueError names a bad one."""
-    overrides = {
-        k: getattr(args, k) for k in ("steps", "out", "seed", "method", "h", "h_g", "reg", "device", "backend", "data")
-    }
+def _set_options(items) -> list[tuple[str, object]]:
+    """``--set KEY=VALUE`` items as (Config name, parsed value); ValueError names a malformed item or an unknown
+    option (with today's name of a renamed one, or the nearest names)."""
     fields = {f.name for f in dataclasses.fields(Config)}
-    for item in args.set:
+    out = []
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
@@ -97,7 +96,16 @@ def _options(args) -> dict:
             near = [RENAMED_OPTIONS[key]] if key in RENAMED_OPTIONS else difflib.get_close_matches(key, fields, n=3)
             hint = f"did you mean {' or '.join(near)}?" if near else "odegan train PRESET --dry-run lists them"
             raise ValueError(f"unknown option {key!r}; {hint}")
-        value = _parse_value(value)
+        out.append((key, _parse_value(value)))
+    return out
+
+
+def _options(args) -> dict:
+    """The options given on the command line (flags and --set), by Config name; ValueError names a bad one."""
+    overrides = {
+        k: getattr(args, k) for k in ("steps", "out", "seed", "method", "h", "h_g", "reg", "device", "backend", "data")
+    }
+    for key, value in _set_options(args.set):
         flag = overrides.get(key)
         if flag is not None and flag != value:
             raise ValueError(f"{key} is given twice, as a flag ({flag!r}) and with --set ({value!r}): give it once")
@@ -150,13 +158,7 @@ def _sweep(args) -> int:
     from .train.sweep import parse_seeds, parse_values, plan, run_sweep
 
     try:
-        fields = {f.name for f in dataclasses.fields(Config)}
-        sets = {}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep or key not in fields:
-                raise ValueError(f"--set needs KEY=VALUE with a Config field as KEY, got {item!r}")
-            sets[key] = _parse_value(value)
+        sets = dict(_set_options(args.set))
         if args.steps is not None:
             sets["steps"] = args.steps
         if args.ckpt_every < 1:

@@ -143,3 +143,24 @@ def test_populations_shared_out_across_ranks(tmp_path):
     assert not (two / "populations" / "p1" / "trained_by_rank0").exists()
     a, b = (json.loads((r / "summary.json").read_text()) for r in (one, two))
     assert a["settings"] == b["settings"] and a["members"] == b["members"]
+
+
+class _Planted:
+    def __reduce__(self):
+        return (os.system, ("touch PLANTED",))
+
+
+def test_a_planted_population_checkpoint_is_refused_and_never_run(tmp_path, capsys, monkeypatch):
+    """The sweep's own checkpoints are read as data (weights_only): a pickled object that would run code when
+    loaded is refused in one line naming the file, and it never runs."""
+    from odegan_kernels.train.sweep import POPULATIONS
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sw"
+    ckpt = out / POPULATIONS / "p0" / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"run": {"pstep": 1}, "params": _Planted()}, ckpt)
+    assert main([*ARGS, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(ckpt) in err[0] and "could run code" in err[0], err
+    assert not (tmp_path / "PLANTED").exists()

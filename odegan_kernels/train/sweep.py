@@ -8,7 +8,6 @@ interrupted sweep resumes exactly; a finished population leaves done.json and is
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import statistics
@@ -18,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..files import save_figure, write_file
-from .checkpoint import atomic_save
-from .config import make_config
+from .checkpoint import atomic_save, read_checkpoint
+from .config import make_config, written_options
 from .population import Population
 
 POPULATIONS = "populations"
@@ -122,7 +121,7 @@ class PopulationRun:
         pstep = 0
         ckpt = self.dir / "checkpoint.pt"
         if ckpt.exists():
-            state = torch.load(ckpt, weights_only=False)
+            state = read_checkpoint(ckpt)  # weights_only: a planted file is refused, never run
             pop.flat.params.copy_(state["params"])
             pop.opt.load_state_dict(state["opt"])
             for s, (d, z) in zip(pop.streams, state["streams"]):
@@ -130,11 +129,11 @@ class PopulationRun:
                 s.z.set_state(z)
             for key in ("member_steps", "failures", "frozen", "diverged"):
                 setattr(pop, key, list(state[key]))
-            records, pstep = state["records"], state["pstep"]
+            records, pstep = state["records"], state["run"]["pstep"]
             say(f"population {self.index}: resumed at step {pstep}")
         for c in self.cfgs:
             Path(c.out).mkdir(parents=True, exist_ok=True)
-            write_file(Path(c.out) / "config.json", json.dumps(dataclasses.asdict(c), indent=1) + "\n")
+            write_file(Path(c.out) / "config.json", json.dumps(written_options(c), indent=1) + "\n")
         start = time.monotonic()
         while not all(pop.frozen):
             before = list(pop.member_steps)
@@ -209,7 +208,7 @@ class PopulationRun:
                 "frozen": pop.frozen,
                 "diverged": pop.diverged,
                 "records": records,
-                "pstep": pstep,
+                "run": {"pstep": pstep},
             },
             path,
         )
