@@ -283,6 +283,8 @@ class FlatParams:
         """Raise if a gradient was replaced by a tensor outside the flat buffer, or set to None, or a parameter's
         data was (``w.data = w.data.clone()``): the fused kernels would read the flat buffers and never see it. The
         optimisers call it after every closure call, so the step that would use the wrong tensor never finishes."""
+        if torch.compiler.is_compiling():
+            return  # a traced step (ODEStepper(compile="step")): checked eagerly after it instead
         base_p, base_g, size = self.params.data_ptr(), self.grads.data_ptr(), self.grads.element_size()
         for p, off, name in self._layout:
             if p.numel() and p.data_ptr() != base_p + off * size:

@@ -88,7 +88,7 @@ def test_a_change_of_h_and_lambda_between_steps_compiles_nothing_new():
 def test_options_compile_cannot_run_with_are_refused_in_one_line():
     D, G = mog_pair(hidden=4, z_dim=2, dtype=torch.float64)
     flat = FlatParams(D=D, G=G, dtype=torch.float64)
-    with pytest.raises(ValueError, match="compile must be True or False"):
+    with pytest.raises(ValueError, match="compile must be True, False or .step."):
         ODEStepper(flat, compile="yes")
     with pytest.raises(ValueError, match="compile=True with cuda_graph=True is not supported"):
         ODEStepper(flat, compile=True, cuda_graph=True)
@@ -120,12 +120,108 @@ def test_the_whole_compiled_step_agrees_with_eager_and_compiles_only_at_its_firs
     assert _rel(compiled, eager) <= NUDGE_MARGIN * max(_rel(nudged, eager), 1e-15), _rel(compiled, eager)
 
 
-def test_the_trainer_option_compiles_the_hand_derived_engine_and_says_when_it_cannot(tmp_path):
+def test_the_trainer_option_traces_the_hand_derived_step_and_says_when_it_cannot(tmp_path):
     from odegan_kernels.train import Trainer, make_config
 
     tr = Trainer(make_config("mog", out=str(tmp_path / "a"), progress=False, compile=True))
-    assert tr.game_closure.engine.name == "mlp+compile" and tr.opt.compiled is not None
+    assert tr.game_closure.engine.name == "mlp" and tr.game_closure.traced and tr.opt.compiled_step is not None
     with pytest.warns(UserWarning, match="the autograd engine's autograd passes run eagerly"):
         tr = Trainer(make_config("mog", out=str(tmp_path / "b"), progress=False, compile=True, grads="autograd"))
-    assert tr.game_closure.engine.name == "autograd"
-    assert Trainer(make_config("mog", out=str(tmp_path / "c"), progress=False)).opt.compiled is None
+    assert tr.game_closure.engine.name == "autograd" and not tr.game_closure.traced
+    assert tr.opt.compiled is not None and tr.opt.compiled_step is None  # the stage op alone
+    plain = Trainer(make_config("mog", out=str(tmp_path / "c"), progress=False))
+    assert plain.opt.compiled is None and plain.opt.compiled_step is None
+
+
+# -- compile="step": the whole step traced as one graph ---------------------------------------------------------
+TRACED = [("rk4", "joint", "first_stage"), ("rk4", "decoupled", "after_step"), ("heun", "decoupled", "first_stage")]
+
+
+@pytest.mark.parametrize("method,coupling,reg_at", TRACED)
+def test_the_traced_step_agrees_with_eager_and_compiles_once(method, coupling, reg_at):
+    """compile="step" with the hand-derived engine: one graph for the whole step, traced at the second step (the
+    first runs eagerly), never again while h changes at every step; float64 within the nudge's tolerance."""
+    hs = [0.1 * (1 + 0.05 * i) for i in range(STEPS)]
+    eager, _ = _run(method, coupling, reg_at, hs=hs)
+    nudged, _ = _run(method, coupling, reg_at, hs=hs, nudge=True)
+    traced, graphs = _run(method, coupling, reg_at, compile="step", hs=hs, engine=MLPPair)
+    assert torch.isfinite(traced).all()
+    assert graphs[0] == graphs[1] - 1 and graphs[2:] == [graphs[1]] * (STEPS - 2), graphs
+    assert _rel(traced, eager) <= NUDGE_MARGIN * max(_rel(nudged, eager), 1e-15), _rel(traced, eager)
+    assert _rel(traced, eager) > 0 or torch.equal(traced, eager)
+    other = _run(method, coupling, reg_at, hs=[h * (1 + 1e-6) for h in hs])[0]
+    assert _rel(traced, other) > NUDGE_MARGIN * max(_rel(nudged, eager), 1e-15)  # the check can fail
+
+
+def test_a_traced_step_has_a_graph_per_kind_of_step_and_the_lazy_penalty_lands():
+    """A lazy penalty (every 2nd step) makes two kinds of step: two graphs, each replayed at its own steps; the
+    result equals the eager stepper's (a closure of plain tensor arithmetic, its penalty given as a gradient)."""
+    from odegan_kernels.contract import PenaltyTerm, StageResult
+
+    def run(compile, pens={"r1": (0.5, 2)}):
+        torch.manual_seed(0)
+        D, G = torch.nn.Linear(3, 2, dtype=torch.float64), torch.nn.Linear(2, 3, dtype=torch.float64)
+        flat = FlatParams(D=D, G=G, dtype=torch.float64)
+        st = ODEStepper(flat, "rk4", h=0.05, penalties=pens, compile=compile, backend="foreach")
+
+        @torch.no_grad()
+        def closure(stage):  # a smooth game written out: gradients and R1's as plain tensor arithmetic
+            D.weight.grad.add_(torch.tanh(G.weight.sum() * D.weight))
+            G.weight.grad.add_(-torch.sin(D.weight.sum() * G.weight))
+            terms = {}
+            if "r1" in stage.penalties:
+                terms["r1"] = PenaltyTerm((0,), grad=[2 * D.weight, 2 * D.bias])
+            return StageResult(terms=terms)
+
+        counts = []
+        for _ in range(8):
+            st.step(closure)
+            counts.append(counters["stats"]["unique_graphs"])
+        return flat.params.clone(), counts
+
+    eager, _ = run(False)
+    traced, counts = run("step")
+    assert counts[2] - counts[0] == 2 and counts[3:] == [counts[2]] * 5, counts  # steps 1 and 2: the two kinds
+    assert _rel(traced, eager) < 1e-14
+    assert _rel(run(False, pens=None)[0], eager) > 1e-6  # the lazy penalty moved the run: it was applied
+
+
+def test_a_closure_the_trace_cannot_take_is_refused_in_one_line_and_the_step_undone():
+    D, G = mog_pair(hidden=4, z_dim=2, dtype=torch.float64)
+    flat = FlatParams(D=D, G=G, dtype=torch.float64)
+    st = ODEStepper(flat, "euler", h=0.1, compile="step")
+    gen = torch.Generator().manual_seed(0)
+
+    def closure(stage):  # draws inside: a torch.Generator cannot be traced
+        x, z = torch.randn(8, 2, generator=gen, dtype=torch.float64), torch.randn(8, 2, generator=gen, dtype=torch.float64)
+        return MLPPair(D, G)(Batch(x, z), stage.players, stage.penalties)
+
+    st.step(closure)  # the first step runs eagerly
+    before = flat.params.clone()
+    with pytest.raises(RuntimeError, match="cannot be traced") as err:
+        st.step(closure)
+    assert "\n" not in str(err.value) and "compile=True" in str(err.value)
+    assert torch.equal(flat.params, before) and st.steps == 1 and st.rolled_back
+    with pytest.raises(ValueError, match="compile='step' with cuda_graph=True is not supported"):
+        ODEStepper(flat, compile="step", cuda_graph=True)
+
+
+def test_the_trainers_traced_step_agrees_with_its_eager_step_in_float64(tmp_path):
+    """compile=true on the main job's preset (decoupled, one batch per step, g_reg after the step) in float64:
+    the data drawn before each step in the eager order, so the traced run follows the eager one to rounding."""
+    from odegan_kernels.train import Trainer, make_config
+
+    def run(name, compile, nudge=False, steps=20):
+        tr = Trainer(make_config("mog", out=str(tmp_path / name), progress=False, compile=compile, dtype="float64"))
+        if nudge:
+            with torch.no_grad():
+                tr.flat.params.copy_(torch.nextafter(tr.flat.params, torch.full_like(tr.flat.params, float("inf"))))
+        for _ in range(steps):
+            tr.train_step()
+        return tr, tr.flat.params.clone()
+
+    _, eager = run("e", False)
+    _, nudged = run("n", False, nudge=True)
+    tr, traced = run("t", True)
+    assert tr.opt.compiled_step is not None and tr.opt.steps == 20
+    assert _rel(traced, eager) <= NUDGE_MARGIN * max(_rel(nudged, eager), 1e-15), _rel(traced, eager)

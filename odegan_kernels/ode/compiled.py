@@ -1,5 +1,7 @@
-"""The stepper's compiled stage op (``ODEStepper(compile=True)``): one torch.compile'd function per kind of stage, fed
-the coefficient tensor, so a change of h or lambda replays the same compiled code (no recompile in a run).
+"""The stepper through torch.compile. ``ODEStepper(compile=True)``: the stage op, one torch.compile'd function per kind
+of stage, fed the coefficient tensor, so a change of h or lambda replays the same compiled code (no recompile in a
+run). ``ODEStepper(compile="step")``: the whole step (every stage's closure call, its penalties and the stage op)
+traced as one graph per kind of step (CompiledStep), the stage op inside it the same math.
 
 The stage math is the stage op's (ops.rk_stage): k = g + e*r; acc <- a*acc + b*k; params <- x0 + c*k + d*acc. What
 varies between stages and not within a run (whether acc is read, whether r is there, the segment table) is a Python
@@ -10,17 +12,19 @@ from __future__ import annotations
 
 import torch
 
+from ..contract import stage_caller
+
 _COMPILED: dict = {}
 
 
 def why_not_compiled(compile, cuda_graph: bool, distributed: bool) -> str | None:
-    """Why ``compile=True`` cannot run with these options (one line), or None when it can."""
-    if not isinstance(compile, bool):
-        return f"compile must be True or False, got {compile!r}"
+    """Why ``compile=True`` (or ``"step"``) cannot run with these options (one line), or None when it can."""
+    if compile is not True and compile is not False and compile != "step":
+        return f"compile must be True, False or 'step', got {compile!r}"
     if cuda_graph:
-        return "compile=True with cuda_graph=True is not supported yet (capture the eager step, or compile it alone)"
+        return f"compile={compile!r} with cuda_graph=True is not supported yet (capture the eager step, or compile it alone)"
     if distributed:
-        return "compile=True under distributed=True is not supported yet (the per-stage all-reduce runs eagerly)"
+        return f"compile={compile!r} under distributed=True is not supported yet (the per-stage all-reduce runs eagerly)"
     if not hasattr(torch, "compile"):
         return f"torch {torch.__version__} has no torch.compile"
     return None
@@ -49,13 +53,47 @@ def compiled_stage():
 
 
 class CompiledStages:
-    """The stage op of one stepper through torch.compile: ``self(i, params, grads, x0, acc, coeffs, reg_grad)``."""
+    """The stage op of one stepper through torch.compile: ``self(i, params, grads, x0, acc, coeffs, reg_grad)``
+    (``traced``: inside a whole traced step, the plain function, which the step's trace takes in)."""
 
-    def __init__(self, stages, segments) -> None:
+    def __init__(self, stages, segments, traced: bool = False) -> None:
         self.segments = tuple((int(lo), int(hi)) for lo, hi in segments)
         self.read_acc = tuple(st.a != 0 for st in stages)
-        self.fn = compiled_stage()
+        self.fn = _stage if traced else compiled_stage()
 
     def __call__(self, i: int, params, grads, x0, acc, coeffs, reg_grad=None) -> None:
         with torch.no_grad():
             self.fn(params, grads, x0, acc, coeffs, reg_grad, self.segments, self.read_acc[i])
+
+
+class CompiledStep:
+    """A stepper's whole step through torch.compile (``ODEStepper(compile="step")``): ``self(closure, kind)`` runs
+    ``run_stages(closure, kind)``, the step's device work, as one graph (fullgraph: a closure that cannot be traced
+    is a RuntimeError naming why, never a silent fallback to eager pieces).
+
+    The first step runs eagerly: it builds what a trace must find built (the engine's gradient views, the
+    decoupled stages' scratch, the backends' caches). ``kind`` (the penalties due) selects the graph: a lazy
+    penalty's steps have their own. On the CPU the graph's wrapper is C++ (Inductor's cpp_wrapper): the step's
+    hundred-odd matrix products are called from it, not from Python.
+    """
+
+    def __init__(self, run_stages, device) -> None:
+        self.run_stages = run_stages
+        opts = {"cpp_wrapper": True} if torch.device(device).type == "cpu" else None
+        self.fn = torch.compile(run_stages, fullgraph=True, dynamic=False, options=opts)
+        self.warmed = False
+
+    def __call__(self, closure, kind: tuple[str, ...]):
+        if not self.warmed:
+            out = self.run_stages(closure)
+            self.warmed = True
+            return out
+        try:
+            return self.fn(stage_caller(closure), kind)
+        except torch._dynamo.exc.Unsupported as exc:
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(
+                f"compile='step' traces the whole step, the closure included, as one graph, and this closure cannot "
+                f"be traced ({why}): draw its data before the step, as tensors (no torch.Generator inside), or use "
+                "compile=True (the stage op alone)"
+            ) from None

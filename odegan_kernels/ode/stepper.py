@@ -70,9 +70,12 @@ class ODEStepper(torch.optim.Optimizer):
             kind of step with its own graph (and memory pool), warmed up, captured and replayed at its own steps.
         distributed: data parallel under torch.distributed: the flat gradients are averaged over the ranks
             once per stage (``process_group``: the group, default the world).
-        compile: the stage op through torch.compile (ode/compiled.py; h and lambda stay tensors, so a change of
-            either replays the same compiled code); the closure's own work is the closure's to compile
-            (game.compile_engine). Not with cuda_graph or distributed (a ValueError says so).
+        compile: ``True``: the stage op through torch.compile (ode/compiled.py; h and lambda stay tensors, so a
+            change of either replays the same compiled code); the closure's own work is the closure's to compile
+            (game.compile_engine). ``"step"``: the whole step, every stage's closure call, penalty and stage op,
+            traced as one graph (ode/compiled.py, CompiledStep) after one eager step; the closure must be
+            traceable (its data drawn before the step, as tensors: no torch.Generator inside), and inside the
+            trace ``stage.step`` is None. Not with cuda_graph or distributed (a ValueError says so).
 
     A step-size schedule is a torch scheduler on the stepper, e.g. ``LambdaLR(stepper, ode.cifar_schedule)``.
     """
@@ -91,7 +94,7 @@ class ODEStepper(torch.optim.Optimizer):
         graph_warmup: int = 3,
         distributed: bool = False,
         process_group=None,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         if not isinstance(flat, FlatParams):
             raise TypeError(
@@ -132,7 +135,9 @@ class ODEStepper(torch.optim.Optimizer):
         if self._member_regs is not None and reg > 0:  # every member's D: r over the whole buffer, e per member
             self._reg_buf = torch.zeros(flat.numel, dtype=dt, device=dev)
             self._reg_views = flat.views(self._reg_buf, 0)
-        elif reg > 0 and reg_at == "after_step":  # g_reg regularises player 0, the buffers' first segment
+        elif reg > 0 and (reg_at == "after_step" or compile == "step"):  # g_reg regularises player 0, the buffers'
+            # first segment. A traced step takes it at the first stage through r too: lambda / b1 is then the stage
+            # op's e, a tensor, so a change of lambda replays the same graph
             self._reg_buf = torch.zeros(flat.segments[0][1], dtype=dt, device=dev)  # r covers D's segment only
             self._reg_views = [
                 self._reg_buf[e.offset : e.offset + e.param.numel()].view_as(e.param) for e in flat.layout(0)
@@ -156,14 +161,16 @@ class ODEStepper(torch.optim.Optimizer):
                 raise RuntimeError(
                     "distributed=True needs torch.distributed initialised first (torchrun, or dist.init_process_group)"
                 )
-        self.compiled = None
+        self.compiled = self.compiled_step = None
         if compile is not False:
-            from .compiled import CompiledStages, why_not_compiled
+            from .compiled import CompiledStages, CompiledStep, why_not_compiled
 
             why = why_not_compiled(compile, cuda_graph, distributed)
             if why is not None:
                 raise ValueError(why)
-            self.compiled = CompiledStages(self._stages, flat.segments)
+            self.compiled = CompiledStages(self._stages, flat.segments, traced=compile == "step")
+            if compile == "step":
+                self.compiled_step = CompiledStep(self._run_stages, flat.device)
         self.graph = None
         if cuda_graph:
             from ..graphs import StepGraph, check_capturable
@@ -247,8 +254,8 @@ class ODEStepper(torch.optim.Optimizer):
             b = self.tableau.b[0] if self.reg_at == "first_stage" else self.tableau.b[-1]
             for k, lam in enumerate(self._member_regs):
                 rows[0 if self.reg_at == "first_stage" else -1, k * self.flat.nplayers, 4].fill_(lam / b)
-        elif self._reg_buf is not None:
-            rows[-1, 0, 4].fill_(self.reg_weight)  # the after-step g_reg: D's segment of the last stage
+        elif self._reg_buf is not None:  # one pair's g_reg through r: D's segment of the stage that takes it
+            rows[0 if self.reg_at == "first_stage" else -1, 0, 4].fill_(self.reg_weight)
         self._coeffs.copy_(rows)
         self._coeff_key = key
 
@@ -264,13 +271,32 @@ class ODEStepper(torch.optim.Optimizer):
         return [t for t in held if t is not None]
 
     # -- the step --------------------------------------------------------------------------------------
-    def _stage(self, i: int, players: tuple[int, ...]) -> Stage:
+    def draws_per_step(self, data_per_stage: str = "fresh") -> int:
+        """How many closure calls of one step draw data: one per step with data ``shared`` across the stages, else
+        one per closure call (every stage; each player's own call in a decoupled stage after the first)."""
+        n = len(self._stages)
+        if data_per_stage == "shared":
+            return 1
+        return n if self.coupling == "joint" else 1 + self.flat.nplayers * (n - 1)
+
+    def _due_key(self) -> tuple[str, ...]:
+        """The names of the field penalties due at this step (for any player): a kind of step."""
+        return tuple(due(self.penalties, self.steps, range(len(self.flat.segments))))
+
+    def _stage(self, i: int, players: tuple[int, ...], kind: tuple[str, ...] | None = None) -> Stage:
         """Stage i of this step for ``players``: the field penalties due, and g_reg at stage 0 (last, so that a
-        backward over several terms sums them in a fixed order)."""
-        pens = due(self.penalties, self.steps, players)
-        if i == 0 and self.reg > 0:
-            pens["g_reg"] = self.reg
-        return Stage(i, self.steps, players, pens)
+        backward over several terms sums them in a fixed order). In a traced step (``kind``: the penalties due,
+        _due_key) neither the step's number nor lambda is part of the trace: the penalties come from ``kind``,
+        stage.step is None, and g_reg's weight is 1 (lambda / b is the stage op's coefficient e, a tensor)."""
+        if kind is None:
+            pens = due(self.penalties, self.steps, players)
+            if i == 0 and self.reg > 0:
+                pens["g_reg"] = self.reg
+            return Stage(i, self.steps, players, pens)
+        pens = {p.name: p.weight * p.every for p in self.penalties if p.name in kind and set(p.players) & set(players)}
+        if i == 0 and self._reg_buf is not None:  # (lambda > 0 for the stepper's life: reg cannot switch it off)
+            pens["g_reg"] = 1.0
+        return Stage(i, None, players, pens)
 
     def _apply_penalties(self, out, stage: Stage) -> None:
         """The stage's penalty terms into its gradients; g_reg's into stage 1's (weight lambda / b1) or into the
@@ -309,10 +335,13 @@ class ODEStepper(torch.optim.Optimizer):
         self._refresh_coeffs()  # outside any graph: replays read the coefficient tensor
         self.rolled_back, before = False, self.steps
         try:
-            if self.graph is None:
+            if self.compiled_step is not None:
+                first = self.compiled_step(closure, self._due_key())
+                self.flat.check_grads()  # what the trace skips (compiler.is_compiling), once after it
+            elif self.graph is None:
                 first = self._run_stages(closure)
             else:  # a step with a lazy penalty due does other work than one without: its own graph
-                first = self.graph(closure, key=tuple(due(self.penalties, self.steps, range(len(self.flat.segments)))))
+                first = self.graph(closure, key=self._due_key())
             self.last_result = first
             self.steps += 1
         except BaseException:
@@ -323,10 +352,11 @@ class ODEStepper(torch.optim.Optimizer):
             raise
         return first
 
-    def _run_stages(self, closure):
-        """The device work of one step: every stage's closure call and fused stage op."""
+    def _run_stages(self, closure, kind: tuple[str, ...] | None = None):
+        """The device work of one step: every stage's closure call and fused stage op (``kind``: a traced step's
+        penalties due, _stage)."""
         flat = self.flat
-        call = stage_caller(closure)
+        call = stage_caller(closure) if kind is None else closure  # traced: CompiledStep resolved it before the trace
         nstages = len(self._stages)
         nplayers = flat.nplayers
         everyone = tuple(range(nplayers))
@@ -334,16 +364,16 @@ class ODEStepper(torch.optim.Optimizer):
         for i in range(nstages):
             if self.coupling == "joint" or i == 0:
                 flat.grads.zero_()  # attached at the step's start, checked after every call
-                stage = self._stage(i, everyone)
+                stage = self._stage(i, everyone, kind)
                 out = call(stage)
                 flat.check_grads()  # a closure that assigned p.grad = ... (or moved a p.data) would move nothing
                 self._apply_penalties(out, stage)
                 if i == 0:
                     first = returned(out)
             else:
-                self._decoupled_gradients(call, i)
+                self._decoupled_gradients(call, i, kind)
             last = i == nstages - 1
-            takes_r = last if self._member_regs is None or self.reg_at == "after_step" else i == 0
+            takes_r = i == 0 if self.reg_at == "first_stage" else last
             if self.distributed:
                 self._average_across_ranks(last_stage=takes_r)
             if self.compiled is not None:
@@ -369,7 +399,7 @@ class ODEStepper(torch.optim.Optimizer):
         if last_stage and self._reg_buf is not None:
             average_across_ranks(self._reg_buf, self.process_group)
 
-    def _decoupled_gradients(self, call, i: int) -> None:
+    def _decoupled_gradients(self, call, i: int, kind: tuple[str, ...] | None = None) -> None:
         """Each player's gradient at its own stage point with every other player at the step's start."""
         flat = self.flat
         if self._scratch is None:
@@ -385,7 +415,7 @@ class ODEStepper(torch.optim.Optimizer):
                     flat.params[a:b].copy_((point if owner[s] == q else self.x0)[a:b])
                     holds[s] = want
             flat.grads.zero_()
-            stage = self._stage(i, (q,))
+            stage = self._stage(i, (q,), kind)
             out = call(stage)
             flat.check_grads()
             self._apply_penalties(out, stage)

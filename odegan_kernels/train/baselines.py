@@ -87,9 +87,10 @@ class BaselineOptimizer:
         self.optimizer.load_state_dict(state)
 
 
-def build_optimizer(cfg: Config, flat: FlatParams, distributed: bool = False):
+def build_optimizer(cfg: Config, flat: FlatParams, distributed: bool = False, traced: bool = False):
     """(the optimiser, its step-size scheduler or None): the ODE stepper with ``cfg.schedule`` as a torch
-    scheduler, or an Adam/SGD baseline behind the same ``step(closure)`` (its lr stays constant)."""
+    scheduler, or an Adam/SGD baseline behind the same ``step(closure)`` (its lr stays constant). ``traced``:
+    ``compile=true``'s stepper traces the whole step (the closure can be traced: GameClosure.traced)."""
     pens = {k: (getattr(cfg, k), cfg.penalty_every) for k in PENALTIES if k != "g_reg"}  # zero weights: off
     if cfg.optimizer == "ode":
         h = cfg.h if cfg.h_g is None else [cfg.h, cfg.h_g]
@@ -104,7 +105,7 @@ def build_optimizer(cfg: Config, flat: FlatParams, distributed: bool = False):
             cuda_graph=cfg.cuda_graph,
             distributed=distributed,
             penalties=pens,
-            **({"compile": True} if cfg.compile else {}),
+            **({"compile": "step" if traced else True} if cfg.compile else {}),
         )
         return stepper, LambdaLR(stepper, SCHEDULES[cfg.schedule])
     if cfg.cuda_graph:

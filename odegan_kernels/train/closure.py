@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from ..contract import PENALTIES, Stage, StageResult
-from ..game import Batch, choose_engine
+from ..game import Batch, MLPPair, choose_engine
 from ..graphs import StaticBatches
 
 
@@ -29,13 +29,19 @@ def run_engine(cfg, problem):
     )
     if cfg.grads == "mlp" and why is not None:
         raise ValueError(f"grads='mlp' cannot run here: {why}")
-    if getattr(cfg, "compile", False):
+    if getattr(cfg, "compile", False) and not traces_whole_step(cfg, engine):
         from ..game.compiled import compile_engine
 
         engine, why = compile_engine(engine)
         if why is not None:
             warnings.warn(why, stacklevel=2)
     return engine
+
+
+def traces_whole_step(cfg, engine) -> bool:
+    """Whether ``compile=true`` traces the run's whole step as one graph (ODEStepper(compile="step")): the ODE
+    stepper with the hand-derived engine, eagerly, its data drawn before each step (GameClosure.predraw)."""
+    return bool(cfg.compile) and cfg.optimizer == "ode" and not cfg.cuda_graph and isinstance(engine, MLPPair)
 
 
 class GameClosure:
@@ -57,7 +63,12 @@ class GameClosure:
         self.engine = run_engine(cfg, problem)
         self.batch: Batch | None = None
         self.fake0: torch.Tensor | None = None  # the samples G drew at stage 0 of this step
-        self.sigma = None if static is None else torch.full((), self.noise_std(0), device=cfg.device)
+        # compile=true's traced step: the step's batches drawn before it (predraw), read in order inside the trace
+        self.traced = static is None and traces_whole_step(cfg, self.engine)
+        self.pre: list[Batch] = []
+        self.cursor = 0
+        graphed = static is not None or self.traced
+        self.sigma = torch.full((), self.noise_std(0), device=cfg.device) if graphed else None
 
     def noise_std(self, step: int) -> float:
         """The instance noise's std at ``step``: constant, or annealed linearly to 0 over instance_noise_anneal."""
@@ -71,7 +82,25 @@ class GameClosure:
         elif self.cfg.instance_noise_anneal > 0 and self.cfg.instance_noise > 0:
             raise ValueError("annealed instance noise under cuda_graph needs fill_static(step) before every step")
 
+    def predraw(self, step: int, n: int) -> None:
+        """Draw the next step's ``n`` batches (ODEStepper.draws_per_step) now, in the order the eager step draws
+        them, for the traced step to read; set the instance noise's std for ``step``."""
+        self.pre = [self._draw_now(0) for _ in range(n)]
+        self.cursor = 0
+        self.sigma.fill_(self.noise_std(step))
+
     def _draw(self, stage_index: int) -> Batch:
+        if self.traced:
+            if self.cursor >= len(self.pre):
+                raise RuntimeError(
+                    "the traced step (compile=true) asked for more batches than were drawn before it: call "
+                    "predraw(step, optimizer.draws_per_step(data_per_stage)) before each step"
+                )
+            self.cursor += 1
+            return self.pre[self.cursor - 1]
+        return self._draw_now(stage_index)
+
+    def _draw_now(self, stage_index: int) -> Batch:
         cfg, k = self.cfg, self.problem.num_classes
         z_dim, dev, dt = self.problem.z_dim, cfg.device, cfg.torch_dtype
         y_fake = None

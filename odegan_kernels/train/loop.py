@@ -26,6 +26,7 @@ from ..distributed import all_gather_objects, init_distributed
 from ..files import write_file
 from ..flat import FlatParams
 from ..graphs import StaticBatches
+from ..ode import get_tableau
 from ..problems import build_problem
 from .baselines import build_optimizer
 from .checkpoint import (
@@ -71,16 +72,17 @@ class Trainer:
         self.fixed_z = torch.randn(z_shape, generator=eval_gen, device=dev, dtype=cfg.torch_dtype)
         k = self.problem.num_classes
         self.fixed_y = torch.arange(cfg.eval_samples, device=dev) % k if k else None  # every class in turn
-        self.opt, self.scheduler = build_optimizer(cfg, self.flat, distributed=self.world > 1)
-        self.ema = GeneratorAverage(self.flat, cfg.ema, cfg.ema_start, cfg.backend)  # off when cfg.ema == 0
         static = None
         if cfg.cuda_graph:
-            slots = len(self.opt.tableau.b) if cfg.data_per_stage == "fresh" else 1
+            slots = len(get_tableau(cfg.method).b) if cfg.data_per_stage == "fresh" else 1
             shape = self.problem.sample_shape
             static = StaticBatches(slots, cfg.batch, shape, labels=bool(k), device=dev, dtype=cfg.torch_dtype)
         streams = self.state.streams
         self.game_closure = GameClosure(cfg, self.problem, streams.data, streams.z, static)
         self.closure = self.game_closure  # what the optimiser calls (wrap it to observe or inject)
+        traced = self.game_closure.traced  # compile=true with the hand-derived engine: the whole step is traced
+        self.opt, self.scheduler = build_optimizer(cfg, self.flat, distributed=self.world > 1, traced=traced)
+        self.ema = GeneratorAverage(self.flat, cfg.ema, cfg.ema_start, cfg.backend)  # off when cfg.ema == 0
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main)
         self._stop = StopRequests()  # run() installs the signal handlers
         self._last_ckpt = time.monotonic()  # when the last checkpoint was written (the clock of ckpt_minutes)
@@ -102,6 +104,8 @@ class Trainer:
         """One optimiser step; returns its statistics (0-dim tensors on the device: losses, penalties)."""
         if self.game_closure.static is not None:
             self.game_closure.fill_static(self.step)  # the step also sets annealed instance noise's std
+        elif self.game_closure.traced:  # the traced step reads its data drawn here, in the eager step's order
+            self.game_closure.predraw(self.step, self.opt.draws_per_step(self.cfg.data_per_stage))
         self.opt.step(self.closure)  # an interrupt inside is rolled back by the stepper
         return self._book()
 
