@@ -70,9 +70,9 @@ def linear_layers(module: torch.nn.Module) -> list[tuple[np.ndarray, np.ndarray]
     return layers
 
 
-def make_step(h: float, lam: float, device: str = "cpu"):
-    """step(params, real, z) -> params: one joint RK4 step of the toy pair; params = (D's layers, G's layers),
-    real [4, B, 2] and z [4, B, z_dim] (stage i reads real[i], z[i])."""
+def _game(device: str):
+    """The toy pair's losses as JAX functions: (mlp, loss_d, loss_g, penalty), the non-saturating loss with D's
+    gradient taken with G's samples held fixed and penalty(d, g, z) = ||dl_G/dphi||^2 (a function of D's params)."""
     jax = _import_jax(device)
     jnp = jax.numpy
 
@@ -86,51 +86,115 @@ def make_step(h: float, lam: float, device: str = "cpu"):
     def d_logits(d, x):
         return mlp(d, x)[..., 0]
 
-    def loss_d(d, g, real, z):
-        fake = jax.lax.stop_gradient(mlp(g, z))
+    def loss_d(d, real, fake):  # fake: G's samples, a constant here
         return jnp.mean(jax.nn.softplus(-d_logits(d, real))) + jnp.mean(jax.nn.softplus(d_logits(d, fake)))
 
     def loss_g(g, d, z):
         return jnp.mean(jax.nn.softplus(-d_logits(d, mlp(g, z))))
 
-    def penalty(d, g, z):  # ||dl_G/dphi||^2, a function of D's parameters
+    def penalty(d, g, z):
         return sum(jnp.sum(t * t) for t in jax.tree_util.tree_leaves(jax.grad(loss_g)(g, d, z)))
+
+    return mlp, loss_d, loss_g, penalty
+
+
+def _axpy(jax, x, a, k):  # x + a k over a parameter tree
+    return jax.tree_util.tree_map(lambda p, q: p + a * q, x, k)
+
+
+def make_step(h: float, lam: float, device: str = "cpu"):
+    """step(params, real, z) -> params: one joint RK4 step of the toy pair; params = (D's layers, G's layers),
+    real [4, B, 2] and z [4, B, z_dim] (stage i reads real[i], z[i])."""
+    jax = _import_jax(device)
+    mlp, loss_d, loss_g, penalty = _game(device)
 
     def field(params, real, z, regularise: bool):
         d, g = params
-        kd = jax.grad(loss_d)(d, g, real, z)
+        kd = jax.grad(loss_d)(d, real, jax.lax.stop_gradient(mlp(g, z)))
         if regularise:
             kd = jax.tree_util.tree_map(lambda a, r: a + 6.0 * lam * r, kd, jax.grad(penalty)(d, g, z))
         return kd, jax.grad(loss_g)(g, d, z)
 
-    def axpy(x, a, k):  # x + a k over the parameter tree
-        return jax.tree_util.tree_map(lambda p, q: p + a * q, x, k)
-
     def step(params, real, z):
         k1 = field(params, real[0], z[0], True)
-        k2 = field(axpy(params, -h / 2, k1), real[1], z[1], False)
-        k3 = field(axpy(params, -h / 2, k2), real[2], z[2], False)
-        k4 = field(axpy(params, -h, k3), real[3], z[3], False)
+        k2 = field(_axpy(jax, params, -h / 2, k1), real[1], z[1], False)
+        k3 = field(_axpy(jax, params, -h / 2, k2), real[2], z[2], False)
+        k4 = field(_axpy(jax, params, -h, k3), real[3], z[3], False)
         total = jax.tree_util.tree_map(lambda a, b, c, e: a + 2 * b + 2 * c + e, k1, k2, k3, k4)
-        return axpy(params, -h / 6, total)
+        return _axpy(jax, params, -h / 6, total)
 
     return step
 
 
-def setup(D, G, real: torch.Tensor, z: torch.Tensor, h: float, lam: float, device: str = "cpu", scan_steps: int = 100):
+def colab_step_fn(device: str = "cpu"):
+    """step(params, real, z, h, lam) -> params: the colab's RK4 step of the toy pair, the main job's (``odegan
+    train mog``): each player integrated with the other frozen at the step's start (decoupled), one real batch
+    [B, 2] and one z [B, z_dim] for all four stages, and theta <- theta - h lambda g_reg after the step, with
+    g_reg = grad_theta ||dl_G/dphi||^2 at the step's start. h and lam are traced (a vmap may give each member
+    its own)."""
+    jax = _import_jax(device)
+    mlp, loss_d, loss_g, penalty = _game(device)
+    tmap = jax.tree_util.tree_map
+
+    def step(params, real, z, h, lam):
+        d0, g0 = params
+        fake = jax.lax.stop_gradient(mlp(g0, z))  # G frozen at the step's start: the same samples at every stage
+
+        def kd(d):
+            return jax.grad(loss_d)(d, real, fake)
+
+        def kg(g):
+            return jax.grad(loss_g)(g, d0, z)  # D frozen at the step's start
+
+        ks_d, ks_g = [kd(d0)], [kg(g0)]
+        for c in (0.5, 0.5, 1.0):
+            ks_d.append(kd(_axpy(jax, d0, -h * c, ks_d[-1])))
+            ks_g.append(kg(_axpy(jax, g0, -h * c, ks_g[-1])))
+        reg = jax.grad(penalty)(d0, g0, z)
+        rk4 = lambda a, b, c, e: a + 2 * b + 2 * c + e  # noqa: E731
+        d = tmap(lambda p, s, r: p - h / 6 * s - h * lam * r, d0, tmap(rk4, *ks_d), reg)
+        g = _axpy(jax, g0, -h / 6, tmap(rk4, *ks_g))
+        return d, g
+
+    return step
+
+
+def make_colab_step(h: float, lam: float, device: str = "cpu"):
+    """step(params, real, z) -> params: colab_step_fn's step with h and lambda fixed."""
+    step = colab_step_fn(device)
+    return lambda params, real, z: step(params, real, z, h, lam)
+
+
+VARIANTS = {"joint": make_step, "colab": make_colab_step}
+
+
+def jax_params(D, G, device: str = "cpu"):
+    """(D's layers, G's layers) as JAX arrays on JAX's device for ``device``."""
+    jax = _import_jax(device)
+    jnp = jax.numpy
+    return jax.device_put(
+        ([(jnp.asarray(w), jnp.asarray(b)) for w, b in linear_layers(D)],
+         [(jnp.asarray(w), jnp.asarray(b)) for w, b in linear_layers(G)]),
+        jax_device(device),
+    )  # fmt: skip
+
+
+def setup(
+    D, G, real: torch.Tensor, z: torch.Tensor, h: float, lam: float, device: str = "cpu", scan_steps: int = 100,
+    variant: str = "joint",
+):  # fmt: skip
     """(step once, run scan_steps steps in one call, the parameters): compiled functions on JAX's device for
-    ``device``, starting from D's and G's parameters and reading the same per-stage data."""
+    ``device``, starting from D's and G's parameters and reading the same data: per stage (real [4, B, 2], z [4, B,
+    z_dim]) for the ``joint`` step, one batch (real [B, 2], z [B, z_dim]) for the ``colab`` step."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     jax = _import_jax(device)
     jnp = jax.numpy
     dev = jax_device(device)
-    params = jax.device_put(
-        ([(jnp.asarray(w), jnp.asarray(b)) for w, b in linear_layers(D)],
-         [(jnp.asarray(w), jnp.asarray(b)) for w, b in linear_layers(G)]),
-        dev,
-    )  # fmt: skip
+    params = jax_params(D, G, device)
     r = jax.device_put(jnp.asarray(real.detach().cpu().numpy()), dev)
     zz = jax.device_put(jnp.asarray(z.detach().cpu().numpy()), dev)
-    step = make_step(h, lam, device)
+    step = VARIANTS[variant](h, lam, device)
     jit_step = jax.jit(step)
 
     @jax.jit
@@ -158,26 +222,37 @@ def flat_params(params) -> np.ndarray:
 
 
 def check_against_ours(
-    h: float, lam: float, batch: int = 512, steps: int = 3, peer_lam: float | None = None, device: str = "cpu"
+    h: float,
+    lam: float,
+    batch: int = 512,
+    steps: int = 3,
+    peer_lam: float | None = None,
+    device: str = "cpu",
+    variant: str = "joint",
 ) -> float:
-    """max |JAX - ours| / max |ours| of the parameters after ``steps`` joint RK4 steps of the toy pair from the
-    same start and data, JAX against ODEStepper (autograd engine), both in float32 on ``device`` (cpu or cuda:
-    check on the device that is timed). ``peer_lam``: the JAX step's lambda (default ``lam``; another value
-    shows that the check can fail)."""
+    """max |JAX - ours| / max |ours| of the parameters after ``steps`` RK4 steps of the toy pair from the same start
+    and data, JAX against ODEStepper (autograd engine), both in float32 on ``device`` (cpu or cuda: check on the
+    device that is timed). ``variant``: ``joint`` (coupling joint, g_reg in stage 1, a batch per stage) or
+    ``colab`` (coupling decoupled, g_reg after the step, one batch for every stage: the main job's step).
+    ``peer_lam``: the JAX step's lambda (default ``lam``; another value shows that the check can fail)."""
     from odegan_kernels import Batch, FlatParams, ODEStepper, game_gradients
     from odegan_kernels.models import mog_pair
 
+    colab = variant == "colab"
     gen = torch.Generator().manual_seed(0)
     D, G = (m.to(device) for m in mog_pair())
     real = torch.randn(4, batch, 2, generator=gen).to(device)
     z = torch.randn(4, batch, 32, generator=gen).to(device)
-    once, _, state = setup(D, G, real, z, h, lam if peer_lam is None else peer_lam, device)
+    if colab:
+        real, z = real[0], z[0]
+    once, _, state = setup(D, G, real, z, h, lam if peer_lam is None else peer_lam, device, variant=variant)
     flat = FlatParams(D=D, G=G)
-    st = ODEStepper(flat, "rk4", h=h, reg=lam, reg_at="first_stage", coupling="joint")
+    kind = dict(reg_at="after_step", coupling="decoupled") if colab else dict(reg_at="first_stage", coupling="joint")
+    st = ODEStepper(flat, "rk4", h=h, reg=lam, **kind)
 
     def closure(stage):
-        i = stage.index
-        return game_gradients(D, G, Batch(real[i], z[i]), "ns", stage.players, stage.penalties, engine="autograd")
+        data = Batch(real, z) if colab else Batch(real[stage.index], z[stage.index])
+        return game_gradients(D, G, data, "ns", stage.players, stage.penalties, engine="autograd")
 
     for _ in range(steps):
         st.step(closure)
