@@ -8,6 +8,9 @@ then theta <- theta0 - h/6 (k1 + 2 k2 + 2 k3 + k4). Two ways to run it, both com
   jax_jit    one ``jax.jit``-compiled step per call (what a training loop calling a jitted step pays)
   jax_scan   ``lax.scan`` of 100 steps in one compiled call, per step (JAX's best case: no dispatch at all)
 
+The colab variant (``make_colab_step``, ``setup(variant="colab")``) is the main job's step: decoupled players, one
+batch for all stages, g_reg after the step (bench/colab_step.py times it; bench/jax_mog.py trains with it).
+
 Optional: it runs where ``jax`` is importable (``pip install "jax[cpu]"``; the GPU image has it) and is never a
 dependency of the package. ``check_against_ours`` measures how far one JAX step lands from ODEStepper's.
 """
@@ -16,29 +19,33 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 TOY_STAGES = 4  # RK4: the stage points x0 + c_i h k_{i-1} with c = (0, 1/2, 1/2, 1) and weights (1, 2, 2, 1) / 6
 
 
 def available() -> bool:
     """Whether jax is installed here (it is an optional benchmark dependency); does not import it, so the
-    environment ``_import_jax`` sets up still applies."""
+    environment ``import_jax`` sets up still applies."""
     import importlib.util
 
     return importlib.util.find_spec("jax") is not None
 
 
-def _import_jax(device: str):
+def import_jax(device: str):
     """jax, set up before its first import: on a machine without a GPU, the CPU platform only and one Eigen
     thread (the torch toy runs on one); with a GPU, no preallocation of 75% of its memory, which torch in this
     process needs too. Computations go to the device their inputs were put on (``setup``), so a CPU check and a
     GPU timing can share one process. Matrix products at full fp32 (``HIGHEST``), as torch's default: on a GPU
     JAX would otherwise use TF32."""
     if "jax" not in sys.modules:
-        if device == "cpu" and not torch.cuda.is_available():
+        torch = sys.modules.get("torch")  # a process without torch (bench/jax_mog.py) has no GPU to share
+        if device == "cpu" and not (torch is not None and torch.cuda.is_available()):
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
             flags = os.environ.get("XLA_FLAGS", "")
             if "xla_cpu_multi_thread_eigen" not in flags:
@@ -51,12 +58,14 @@ def _import_jax(device: str):
 
 def jax_device(device: str):
     """The JAX device for torch's device type ``device`` (cpu or cuda)."""
-    jax = _import_jax(device)
+    jax = import_jax(device)
     return jax.devices("cpu" if device == "cpu" else "gpu")[0]
 
 
 def linear_layers(module: torch.nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
     """(W^T, b) of each Linear of a plain ReLU MLP (Linear, ReLU, ..., Linear, optionally Squeeze), in order."""
+    import torch
+
     layers, kinds = [], []
     for m in module.modules():
         if isinstance(m, torch.nn.Linear):
@@ -70,10 +79,10 @@ def linear_layers(module: torch.nn.Module) -> list[tuple[np.ndarray, np.ndarray]
     return layers
 
 
-def _game(device: str):
+def toy_game(device: str):
     """The toy pair's losses as JAX functions: (mlp, loss_d, loss_g, penalty), the non-saturating loss with D's
     gradient taken with G's samples held fixed and penalty(d, g, z) = ||dl_G/dphi||^2 (a function of D's params)."""
-    jax = _import_jax(device)
+    jax = import_jax(device)
     jnp = jax.numpy
 
     def mlp(layers, x):
@@ -105,8 +114,8 @@ def _axpy(jax, x, a, k):  # x + a k over a parameter tree
 def make_step(h: float, lam: float, device: str = "cpu"):
     """step(params, real, z) -> params: one joint RK4 step of the toy pair; params = (D's layers, G's layers),
     real [4, B, 2] and z [4, B, z_dim] (stage i reads real[i], z[i])."""
-    jax = _import_jax(device)
-    mlp, loss_d, loss_g, penalty = _game(device)
+    jax = import_jax(device)
+    mlp, loss_d, loss_g, penalty = toy_game(device)
 
     def field(params, real, z, regularise: bool):
         d, g = params
@@ -132,8 +141,8 @@ def colab_step_fn(device: str = "cpu"):
     [B, 2] and one z [B, z_dim] for all four stages, and theta <- theta - h lambda g_reg after the step, with
     g_reg = grad_theta ||dl_G/dphi||^2 at the step's start. h and lam are traced (a vmap may give each member
     its own)."""
-    jax = _import_jax(device)
-    mlp, loss_d, loss_g, penalty = _game(device)
+    jax = import_jax(device)
+    mlp, loss_d, loss_g, penalty = toy_game(device)
     tmap = jax.tree_util.tree_map
 
     def step(params, real, z, h, lam):
@@ -170,7 +179,7 @@ VARIANTS = {"joint": make_step, "colab": make_colab_step}
 
 def jax_params(D, G, device: str = "cpu"):
     """(D's layers, G's layers) as JAX arrays on JAX's device for ``device``."""
-    jax = _import_jax(device)
+    jax = import_jax(device)
     jnp = jax.numpy
     return jax.device_put(
         ([(jnp.asarray(w), jnp.asarray(b)) for w, b in linear_layers(D)],
@@ -188,7 +197,7 @@ def setup(
     z_dim]) for the ``joint`` step, one batch (real [B, 2], z [B, z_dim]) for the ``colab`` step."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    jax = _import_jax(device)
+    jax = import_jax(device)
     jnp = jax.numpy
     dev = jax_device(device)
     params = jax_params(D, G, device)
@@ -235,6 +244,8 @@ def check_against_ours(
     device that is timed). ``variant``: ``joint`` (coupling joint, g_reg in stage 1, a batch per stage) or
     ``colab`` (coupling decoupled, g_reg after the step, one batch for every stage: the main job's step).
     ``peer_lam``: the JAX step's lambda (default ``lam``; another value shows that the check can fail)."""
+    import torch
+
     from odegan_kernels import Batch, FlatParams, ODEStepper, game_gradients
     from odegan_kernels.models import mog_pair
 

@@ -77,3 +77,21 @@ def test_the_colab_step_is_not_the_joint_one():
     assert np.isfinite(x).all() and np.abs(x - y).max() > 1e-3 * np.abs(x).max()  # measured 2.5e-3
     with pytest.raises(ValueError, match="variant must be one of"):
         jax_step.setup(D, G, real, z, 0.05, 0.5, variant="cifar")
+
+
+def test_the_jax_runs_metrics_are_ours():
+    """bench/jax_mog.py scores its samples as the trainer does (metrics.mode_metrics), on samples that cover some
+    modes well and others not at all."""
+    import numpy as np
+
+    from bench import jax_mog
+    from odegan_kernels.metrics import mode_metrics
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[x, y] for x in jax_mog.GRID for y in jax_mog.GRID], np.float32)
+    near = centres[rng.integers(0, 9, 3000)] + rng.normal(0, 0.03, (3000, 2))  # 9 modes, ~87% within 3 std
+    samples = np.concatenate([near, rng.uniform(-2, 2, (2000, 2))]).astype(np.float32)
+    ours = mode_metrics(torch.from_numpy(samples), torch.from_numpy(centres), jax_mog.STD)
+    theirs = jax_mog.mode_metrics(samples, centres)
+    assert theirs["modes"] == ours["modes"] and 9 <= ours["modes"] < 16
+    assert abs(theirs["high_quality"] - ours["high_quality"]) < 1e-6 and 0.3 < ours["high_quality"] < 0.7
