@@ -25,7 +25,7 @@ import numpy as np
 
 from . import jax_step
 
-STD, GRID = 0.02, (-1.5, -0.5, 0.5, 1.5)
+STD, GRID = jax_step.MOG_STD, jax_step.MOG_GRID
 
 
 def init_mlp(jax, key, dims: tuple[int, ...]):
@@ -69,15 +69,10 @@ def main(argv=None) -> int:
     step = jax_step.colab_step_fn("cpu")
     h, lam, batch = args.h, args.reg, args.batch
 
-    def draw(key):
-        kx, kz = jax.random.split(key)
-        real = centres[jnp.arange(batch) % 16] + STD * jax.random.normal(kx, (batch, 2), jnp.float32)
-        return real, jax.random.normal(kz, (batch, 32), jnp.float32)
-
     @jax.jit
     def train(params, key):
         def body(p, k):
-            real, z = draw(k)
+            real, z = jax_step.mog_draw(k, batch)
             return step(p, real, z, h, lam), None
 
         params = jax.lax.scan(body, params, jax.random.split(key, args.scan))[0]

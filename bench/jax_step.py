@@ -9,7 +9,8 @@ then theta <- theta0 - h/6 (k1 + 2 k2 + 2 k3 + k4). Two ways to run it, both com
   jax_scan   ``lax.scan`` of 100 steps in one compiled call, per step (JAX's best case: no dispatch at all)
 
 The colab variant (``make_colab_step``, ``setup(variant="colab")``) is the main job's step: decoupled players, one
-batch for all stages, g_reg after the step (bench/colab_step.py times it; bench/jax_mog.py trains with it).
+batch for all stages, g_reg after the step (bench/colab_step.py times it; bench/jax_mog.py trains with it);
+``setup_population`` vmaps it over K members (bench/population.py's jax_vmap rows).
 
 Optional: it runs where ``jax`` is importable (``pip install "jax[cpu]"``; the GPU image has it) and is never a
 dependency of the package. ``check_against_ours`` measures how far one JAX step lands from ODEStepper's.
@@ -175,6 +176,59 @@ def make_colab_step(h: float, lam: float, device: str = "cpu"):
 
 
 VARIANTS = {"joint": make_step, "colab": make_colab_step}
+
+
+MOG_GRID, MOG_STD = (-1.5, -0.5, 0.5, 1.5), 0.02  # the main job's 16 Gaussians (odegan_kernels/data.py)
+
+
+def mog_draw(key, batch: int, device: str = "cpu"):
+    """(real [B, 2], z [B, 32]): one batch of the 16-Gaussian mixture and one z drawn in JAX from ``key``, each mode
+    equally often as the main job draws it (B a multiple of 16: mode i % 16 for sample i)."""
+    jax = import_jax(device)
+    jnp = jax.numpy
+    centres = jnp.array([[x, y] for x in MOG_GRID for y in MOG_GRID], jnp.float32)
+    kx, kz = jax.random.split(key)
+    real = centres[jnp.arange(batch) % 16] + MOG_STD * jax.random.normal(kx, (batch, 2), jnp.float32)
+    return real, jax.random.normal(kz, (batch, 32), jnp.float32)
+
+
+def setup_population(
+    pairs, h, lam, batch: int = 512, device: str = "cpu", seed: int = 0, scan_steps: int = 10
+):  # fmt: skip
+    """(step once, run scan_steps steps in one call, state) for K members trained as one ``jax.vmap`` of the colab
+    step: member k starts from ``pairs[k]`` = (D, G), has its own step size h[k] and lambda lam[k] (numbers or one
+    per member) and draws its own batch and z inside JAX at every step. state["params"]: the stacked parameters."""
+    jax = import_jax(device)
+    jnp = jax.numpy
+    k = len(pairs)
+    hs = jnp.asarray(np.broadcast_to(np.asarray(h, np.float32), (k,)).copy())
+    lams = jnp.asarray(np.broadcast_to(np.asarray(lam, np.float32), (k,)).copy())
+    each = [jax_params(D, G, device) for D, G in pairs]
+    params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *each)
+    step = jax.vmap(colab_step_fn(device))
+    draw = jax.vmap(lambda key: mog_draw(key, batch, device))
+
+    def advance(p, key):
+        real, z = draw(jax.random.split(key, k))
+        return step(p, real, z, hs, lams)
+
+    jit_step = jax.jit(advance)
+
+    @jax.jit
+    def scan(p, key):
+        return jax.lax.scan(lambda q, kk: (advance(q, kk), None), p, jax.random.split(key, scan_steps))[0]
+
+    state = {"params": jax.device_put(params, jax_device(device)), "key": jax.random.PRNGKey(seed)}
+
+    def once():
+        state["key"], sub = jax.random.split(state["key"])
+        state["params"] = jax.block_until_ready(jit_step(state["params"], sub))
+
+    def many():
+        state["key"], sub = jax.random.split(state["key"])
+        state["params"] = jax.block_until_ready(scan(state["params"], sub))
+
+    return once, many, state
 
 
 def jax_params(D, G, device: str = "cpu"):

@@ -89,4 +89,8 @@ def test_step_population_rows(tmp_path, capsys):
     assert step.main(["--members", "2", "--rep-ms", "50", "--out", str(out)]) == 0
     text = out.read_text()
     assert "pop_mlp,2," in text and "pop_autograd,2," in text
+    from bench import jax_step
+
+    if jax_step.available():  # JAX's vmap of the same step, in the same run
+        assert "jax_solo,1," in text and "jax_vmap,2," in text and "jax_vmap_scan,2," in text
     assert "member-steps/s" in capsys.readouterr().out

@@ -95,3 +95,47 @@ def test_the_jax_runs_metrics_are_ours():
     theirs = jax_mog.mode_metrics(samples, centres)
     assert theirs["modes"] == ours["modes"] and 9 <= ours["modes"] < 16
     assert abs(theirs["high_quality"] - ours["high_quality"]) < 1e-6 and 0.3 < ours["high_quality"] < 0.7
+
+
+def test_the_vmap_of_the_colab_step_is_each_members_step():
+    """jax.vmap of the colab step over a member axis (bench/population.py's jax_vmap rows) takes each member's own
+    step, with its own h and lambda: member k lands where the unbatched step with h[k], lam[k] lands."""
+    import numpy as np
+
+    from odegan_kernels.models import mog_pair
+
+    jax = jax_step.import_jax("cpu")
+    jnp = jax.numpy
+    pairs = [mog_pair(seed=s) for s in range(3)]
+    hs, lams = [0.1, 0.05, 0.1], [0.07, 0.07, 0.5]
+    gen = torch.Generator().manual_seed(3)
+    real, z = torch.randn(3, 128, 2, generator=gen).numpy(), torch.randn(3, 128, 32, generator=gen).numpy()
+    each = [jax_step.jax_params(D, G) for D, G in pairs]
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *each)
+    batched = jax.jit(jax.vmap(jax_step.colab_step_fn()))(stacked, real, z, jnp.array(hs), jnp.array(lams))
+    ends = []
+    for k in range(3):
+        solo = jax.jit(jax_step.make_colab_step(hs[k], lams[k]))(each[k], real[k], z[k])
+        mine = jax.tree_util.tree_map(lambda t, k=k: t[k], batched)
+        x, y = jax_step.flat_params(mine), jax_step.flat_params(solo)
+        assert np.abs(x - y).max() <= 1e-6 * np.abs(y).max()
+        ends.append(x - jax_step.flat_params(each[k]))
+    # the members moved, and differently (own start, data, h and lambda)
+    assert min(np.abs(e).max() for e in ends) > 1e-4 and np.abs(ends[0] - ends[2]).max() > 1e-4
+
+
+def test_a_jax_population_draws_each_members_own_data():
+    """setup_population: two members from the same start, h and lambda end apart after one step (each drew its own
+    batch inside JAX); the scan runs its steps."""
+    import numpy as np
+
+    from odegan_kernels.models import mog_pair
+
+    D, G = mog_pair()
+    once, many, state = jax_step.setup_population([(D, G), (D, G)], 0.1, 0.07, batch=64, scan_steps=3)
+    start = jax_step.flat_params(jax_step.jax_params(D, G))
+    once()
+    a, b = (jax_step.flat_params([[(w[k], c[k]) for w, c in p] for p in state["params"]]) for k in (0, 1))
+    assert np.isfinite(a).all() and np.abs(a - b).max() > 1e-5 and np.abs(a - start).max() > 1e-4
+    many()
+    assert np.isfinite(jax_step.flat_params([[(w[0], c[0]) for w, c in p] for p in state["params"]])).all()
