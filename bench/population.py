@@ -35,7 +35,9 @@ def _solo_step(cfg):
     return lambda: opt.step(closure)
 
 
-def run(members: list[int], device: torch.device, out: Path | None, rep_ms: float, table: bool = True) -> int:
+def run(
+    members: list[int], device: torch.device, out: Path | None, rep_ms: float, table: bool = True, jax: bool = True
+) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)  # the toy's tiny matrices run fastest on one thread
     env = environment(device)
@@ -58,7 +60,8 @@ def run(members: list[int], device: torch.device, out: Path | None, rep_ms: floa
             append_csv(out, rows[-1:])
             print(f"{grads:8s} K={k:3d}: {rate:8.1f} member-steps/s ({rate / solo:.2f}x solo's {solo:.1f})")
             sync(device)
-    rows += jax_rows(members, device, rep_ms, env, out)
+    if jax:  # JAX's vmap of the same step (--no-jax-vmap: not)
+        rows += jax_rows(members, device, rep_ms, env, out)
     if table:  # (--no-plot: the CSV alone, as the GPU check keeps its files few)
         out.with_suffix(".md").write_text(markdown_table(rows, ["variant", "members", "member_steps_s", "vs_solo"]))
     print(f"wrote {out}" + (f", {out.with_suffix('.md')}" if table else ""))

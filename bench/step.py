@@ -25,7 +25,7 @@ colab rows:
              the main job's own step (odegan train mog: the colab's decoupled RK4 step, one batch per step,
              g_reg after the step, h 0.1, lambda 0.07): ours eager and with compile=True (the latter with the
              compile rows), against the colab variant of the JAX peer; toy pair only, timed round-robin,
-             host-timed (bench/colab_step.py)
+             host-timed (bench/colab_step.py; --no-colab skips them)
   pen:*      the gradient-penalty family: the joint RK4 step with one penalty (g_reg, r1, r2, wgan_gp,
              consensus; r1_lazy16: R1 every 16 steps, amortised) against pen:none, the same step without
              any, all through autograd and timed round-robin so a busy machine slows every row alike
@@ -197,6 +197,7 @@ def run_model(
     compile_rows: bool = True,
     on_row=None,
     compiled_step: str = "on",
+    colab: bool = True,
 ) -> None:
     """Every variant's rows for one model; on_row() (optional) is called after each row, so a caller can write them
     as they come: a run stopped at a time limit keeps what it measured."""
@@ -306,7 +307,8 @@ def run_model(
 
     if name == "mlp" and jax_step.available():  # the peer: the same step in JAX, from the same start and data
         record_jax_rows(name, device, batch, rep_ms, row, step_g if is_cuda else None)
-    if name == "mlp":  # the main job's own step (the colab's), ours against JAX's, round-robin (bench/colab_step.py)
+    # the main job's own step (the colab's), ours against JAX's, round-robin (bench/colab_step.py)
+    if name == "mlp" and colab:
         for variant, med, p20, p80, note in colab_rows(
             device, batch, rep_ms, compiled=compile_rows and compiled_step == "on"
         ):
@@ -586,6 +588,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--no-plot", action="store_true", help="write the CSV and the markdown table only")
     ap.add_argument("--members", default=None, help="population rows instead, e.g. 1,4,16,64 (bench/population.py)")
+    ap.add_argument("--no-colab", action="store_true", help="skip the main job's colab rows (ours_colab, jax_colab_*)")
+    ap.add_argument("--no-jax-vmap", action="store_true", help="--members: skip JAX's vmap rows (jax_solo, jax_vmap*)")
     args = ap.parse_args(argv)
     if args.members is not None:
         from .population import run as population_rows
@@ -597,7 +601,8 @@ def main(argv=None) -> int:
         if not ks or min(ks) < 1:
             ap.error(f"--members takes population sizes >= 1, e.g. 1,4,16,64; got {args.members!r}")
         out = Path(args.out) if args.out else None
-        return population_rows(ks, device_arg(ap, args.device), out, args.rep_ms or 1500, table=not args.no_plot)
+        dev, rep = device_arg(ap, args.device), args.rep_ms or 1500
+        return population_rows(ks, dev, out, rep, table=not args.no_plot, jax=not args.no_jax_vmap)
     known = ("mlp", "dcgan", "resnet", "resnet128")
     bad = [m for m in (args.models or "").split(",") if args.models and m not in known]
     if bad:
@@ -637,7 +642,8 @@ def main(argv=None) -> int:
         )
         pens = not args.no_penalties and (args.penalty_models is None or m in args.penalty_models.split(","))
         comp = not args.no_compile and (args.compile_models is None or m in args.compile_models.split(","))
-        run_model(m, device, batch, rows, env, rep, pens, args.penalties_only, comp, flush, args.compiled_step)
+        what = (pens, args.penalties_only, comp, flush, args.compiled_step, not args.no_colab)
+        run_model(m, device, batch, rows, env, rep, *what)
         report(rows, out, env, args.threads, plot=not args.no_plot)
     print(f"wrote {out}, {out.with_suffix('.md')}" + ("" if args.no_plot else f", {out.with_suffix('.png')}"))
     return 0
