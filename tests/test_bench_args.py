@@ -94,3 +94,9 @@ def test_step_population_rows(tmp_path, capsys):
     if jax_step.available():  # JAX's vmap of the same step, in the same run
         assert "jax_solo,1," in text and "jax_vmap,2," in text and "jax_vmap_scan,2," in text
     assert "member-steps/s" in capsys.readouterr().out
+
+
+def test_population_ab_refuses_an_empty_population(capsys):
+    from bench import population_ab
+
+    assert "--members and --rounds must be at least 1" in refused(population_ab.main, ["--members", "0"], capsys)
