@@ -108,7 +108,7 @@ def checks(part: str) -> list[Check]:
     if part == "quick":
         kernels = "{py} -m bench.kernels --providers foreach,foreach_list,triton,csrc --no-plot"
         kernels += " --out {out}/kernels_quick.csv"
-        steps = "{py} -m bench.step --no-penalties --no-plot --out {out}/step_quick.csv"
+        steps = "{py} -m bench.step --no-penalties --no-colab --no-plot --out {out}/step_quick.csv"
         return [
             env,
             build,
@@ -165,7 +165,7 @@ def checks(part: str) -> list[Check]:
             compiles,
         ]
     steps = "{py} -m bench.step --no-plot --out {out}/step_full.csv"
-    pops = "{py} -m bench.step --no-plot --out {out}/population_full.csv"
+    pops = "{py} -m bench.step --no-plot --no-jax-vmap --out {out}/population_full.csv"
     kernels = "{py} -m bench.kernels --no-plot --out {out}/kernels_full.csv"
     nccl = "{py} -m torch.distributed.run --standalone --nproc-per-node {n} -m bench.nccl_check --device {d}"
     return [

@@ -5,7 +5,8 @@
     python -m bench.step --device cuda --models resnet128 --dcgan-batch 32   # ImageNet's conditional pair
     python -m bench.step --members 1,4,16,64   # populations: member-steps/s against solo runs (bench/population.py)
 
-Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into stage 1, lambda 0.02):
+Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into stage 1, lambda 0.02) but the
+colab rows:
   naive      a straightforward eager RK4 as public ports write it (per-tensor lists, separate forwards)
   ours       ODEStepper + game_gradients, eager
   ours_mlp   the same with the hand-derived gradients of a ReLU MLP pair (mlp_grads; toy pair only)
@@ -20,6 +21,11 @@ Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into 
   jax_jit    the peer: the toy pair's same RK4 step in JAX (bench/jax_step.py), one jax.jit step per call
   jax_scan   the same, lax.scan of 100 steps in one call, per step (JAX's best case); both where jax imports,
              host-timed; on a GPU our graphed step is also host-timed for them (graph_sync, graph_x100)
+  ours_colab, ours_colab_c, jax_colab_jit, jax_colab_scan
+             the main job's own step (odegan train mog: the colab's decoupled RK4 step, one batch per step,
+             g_reg after the step, h 0.1, lambda 0.07): ours eager and with compile=True (the latter with the
+             compile rows), against the colab variant of the JAX peer; toy pair only, timed round-robin,
+             host-timed (bench/colab_step.py; --no-colab skips them)
   pen:*      the gradient-penalty family: the joint RK4 step with one penalty (g_reg, r1, r2, wgan_gp,
              consensus; r1_lazy16: R1 every 16 steps, amortised) against pen:none, the same step without
              any, all through autograd and timed round-robin so a busy machine slows every row alike
@@ -50,6 +56,7 @@ from odegan_kernels.models import (
 )
 
 from . import jax_step
+from .colab_step import colab_rows
 from .common import (
     RESULTS,
     append_csv,
@@ -190,6 +197,7 @@ def run_model(
     compile_rows: bool = True,
     on_row=None,
     compiled_step: str = "on",
+    colab: bool = True,
 ) -> None:
     """Every variant's rows for one model; on_row() (optional) is called after each row, so a caller can write them
     as they come: a run stopped at a time limit keeps what it measured."""
@@ -299,6 +307,13 @@ def run_model(
 
     if name == "mlp" and jax_step.available():  # the peer: the same step in JAX, from the same start and data
         record_jax_rows(name, device, batch, rep_ms, row, step_g if is_cuda else None)
+    # the main job's own step (the colab's), ours against JAX's, round-robin (bench/colab_step.py)
+    if name == "mlp" and colab:
+        for variant, med, p20, p80, note in colab_rows(
+            device, batch, rep_ms, compiled=compile_rows and compiled_step == "on"
+        ):
+            row(variant, med, p20, p80, note=note)
+            print(f"{name:5s} {variant:14s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}]  {note}", flush=True)
 
     # (f) Adam and Euler on the same model
     D, G, real, z = make_models(name, device, batch)
@@ -514,6 +529,10 @@ def report(rows: list[dict], out: Path, env: dict, threads: int | None = None, p
         ratio("ours_mlp", "jax_scan", "ours hand-derived / JAX lax.scan per step (< 1: we are faster)")
         ratio("graph_sync", "jax_jit", "ours with the graph / JAX jit step, both host-timed (target <= 1)")
         ratio(f"graph_x{SCAN}", "jax_scan", f"ours, {SCAN} graph replays / JAX lax.scan, per step (target <= 1)")
+        ratio("ours_colab", "jax_colab_jit", "the main job's step, ours / JAX jit (colab variant; < 1: we are faster)")
+        ratio("ours_colab", "jax_colab_scan", "the main job's step, ours / JAX lax.scan per step (colab variant)")
+        ratio("ours_colab_c", "jax_colab_jit", "the main job's step compiled (compile=True) / JAX jit (colab variant)")
+        ratio("ours_colab_c", "ours_colab", "the main job's step, compile=True / eager")
         ratio("ours", "adam", "ODE RK4 step / Adam step")
         ratio("euler", "adam", "ODE Euler step / Adam step")
         for variant, *_ in PENALTY_VARIANTS[1:]:
@@ -569,6 +588,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--no-plot", action="store_true", help="write the CSV and the markdown table only")
     ap.add_argument("--members", default=None, help="population rows instead, e.g. 1,4,16,64 (bench/population.py)")
+    ap.add_argument("--no-colab", action="store_true", help="skip the main job's colab rows (ours_colab, jax_colab_*)")
+    ap.add_argument("--no-jax-vmap", action="store_true", help="--members: skip JAX's vmap rows (jax_solo, jax_vmap*)")
     args = ap.parse_args(argv)
     if args.members is not None:
         from .population import run as population_rows
@@ -580,7 +601,8 @@ def main(argv=None) -> int:
         if not ks or min(ks) < 1:
             ap.error(f"--members takes population sizes >= 1, e.g. 1,4,16,64; got {args.members!r}")
         out = Path(args.out) if args.out else None
-        return population_rows(ks, device_arg(ap, args.device), out, args.rep_ms or 1500, table=not args.no_plot)
+        dev, rep = device_arg(ap, args.device), args.rep_ms or 1500
+        return population_rows(ks, dev, out, rep, table=not args.no_plot, jax=not args.no_jax_vmap)
     known = ("mlp", "dcgan", "resnet", "resnet128")
     bad = [m for m in (args.models or "").split(",") if args.models and m not in known]
     if bad:
@@ -620,7 +642,8 @@ def main(argv=None) -> int:
         )
         pens = not args.no_penalties and (args.penalty_models is None or m in args.penalty_models.split(","))
         comp = not args.no_compile and (args.compile_models is None or m in args.compile_models.split(","))
-        run_model(m, device, batch, rows, env, rep, pens, args.penalties_only, comp, flush, args.compiled_step)
+        what = (pens, args.penalties_only, comp, flush, args.compiled_step, not args.no_colab)
+        run_model(m, device, batch, rows, env, rep, *what)
         report(rows, out, env, args.threads, plot=not args.no_plot)
     print(f"wrote {out}, {out.with_suffix('.md')}" + ("" if args.no_plot else f", {out.with_suffix('.png')}"))
     return 0

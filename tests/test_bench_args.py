@@ -89,4 +89,29 @@ def test_step_population_rows(tmp_path, capsys):
     assert step.main(["--members", "2", "--rep-ms", "50", "--out", str(out)]) == 0
     text = out.read_text()
     assert "pop_mlp,2," in text and "pop_autograd,2," in text
+    from bench import jax_step
+
+    if jax_step.available():  # JAX's vmap of the same step, in the same run
+        assert "jax_solo,1," in text and "jax_vmap,2," in text and "jax_vmap_scan,2," in text
     assert "member-steps/s" in capsys.readouterr().out
+
+
+def test_population_ab_refuses_an_empty_population(capsys):
+    from bench import population_ab
+
+    assert "--members and --rounds must be at least 1" in refused(population_ab.main, ["--members", "0"], capsys)
+
+
+def test_the_main_job_ab_runs_options_the_trainer_takes(tmp_path):
+    """bench/main_job_ab.py's main job: every --set it passes is an option the trainer knows, with the value it says
+    (a misspelt one would be refused and the A/B would time an error message)."""
+    import subprocess
+
+    from bench import main_job_ab
+
+    cmd = main_job_ab.main_job_cmd(100, tmp_path / "run", compile=True) + ["--dry-run"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for line in ("eval_every = 1000000000", "plot_every = 1000000000", "tensorboard = false", "compile = true"):
+        assert line in done.stdout
+    assert main_job_ab.jax_cmd(100, tmp_path)[2:4] == ["bench.jax_mog", "--steps"]
