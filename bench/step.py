@@ -4,6 +4,7 @@
     python -m bench.step --device cuda    # GPU: toy MLP pair, DCGAN at batch 64, with CUDA graphs
     python -m bench.step --device cuda --models resnet128 --dcgan-batch 32   # ImageNet's conditional pair
     python -m bench.step --members 1,4,16,64   # populations: member-steps/s against solo runs (bench/population.py)
+    python -m bench.step --members 1,4 --models dcgan   # the DCGAN pair's population rows alone
 
 Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into stage 1, lambda 0.02):
   naive      a straightforward eager RK4 as public ports write it (per-tensor lists, separate forwards)
@@ -579,8 +580,12 @@ def main(argv=None) -> int:
             ks = [0]
         if not ks or min(ks) < 1:
             ap.error(f"--members takes population sizes >= 1, e.g. 1,4,16,64; got {args.members!r}")
+        pairs = tuple((args.models or "mlp,dcgan").split(","))
+        if not set(pairs) <= {"mlp", "dcgan"}:
+            ap.error(f"--members takes --models mlp, dcgan or mlp,dcgan (the population pairs); got {args.models!r}")
         out = Path(args.out) if args.out else None
-        return population_rows(ks, device_arg(ap, args.device), out, args.rep_ms or 1500, table=not args.no_plot)
+        device = device_arg(ap, args.device)
+        return population_rows(ks, device, out, args.rep_ms or 1500, table=not args.no_plot, models=pairs)
     known = ("mlp", "dcgan", "resnet", "resnet128")
     bad = [m for m in (args.models or "").split(",") if args.models and m not in known]
     if bad:
