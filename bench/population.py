@@ -9,7 +9,7 @@ step). The population's gain is ``pop / solo`` member-steps per second. ``pop_dc
 (bench/step.py's make_models; its G's BatchNorm running statistics per member) at batch B per stage (8 on a CPU, 64
 on a GPU), the CIFAR reference's step (RK4, joint, g_reg at the first stage) through FlatParams(members=K),
 PopulationAutograd and ODEStepper, against ``solo_dcgan_b{B}``: one DCGAN run's steps per second (bench/step.py's
-``ours`` row). On a CPU the DCGAN rows take K <= 4 (a K=4 step is about a second here). ``--models mlp`` or
+``ours`` row). On a CPU the DCGAN rows take K <= 4 (DCGAN_CPU_MAX_MEMBERS, below). ``--models mlp`` or
 ``--models dcgan`` keeps one pair's rows. Not here yet: JAX's vmap of the same step (bench/jax_step.py).
 """
 
@@ -33,8 +33,8 @@ from odegan_kernels.train.state import RandomStreams
 from .common import RESULTS, append_csv, bench, environment, markdown_table, sync
 from .step import LAM, H, closure_for, make_models, stepper_for
 
-# The DCGAN's K on a CPU: a K=4 step at batch 8 is about 4 solo steps (a solo step: 0.64 s on a quiet 2-core
-# machine, bench/results/step_cpu.md), and each row times at least 7 steps.
+# The DCGAN's K on a CPU: a K=4 step at batch 8 costs about 4 solo steps (a solo step: 0.64 s on a quiet 2-core
+# machine, bench/results/step_cpu.md; the K=4 step took 31 s with this machine loaded), and a row times >= 7 steps.
 DCGAN_CPU_MAX_MEMBERS = 4
 
 
