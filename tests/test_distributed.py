@@ -170,6 +170,65 @@ def test_a_population_on_two_ranks_gives_each_member_its_solo_two_rank_run(coupl
     assert POP_REGS[1] == 0 and rel <= 1e-10, rel
 
 
+POP_BASE = dict(problem="mog", dtype="float64", batch=16, z_dim=4, hidden=6, backend="foreach", method="rk4")
+POP_MEMBERS = [dict(seed=0, h=0.1, reg=0.07), dict(seed=1, h=0.05, reg=0.0), dict(seed=2, h=0.2, reg=0.3)]
+POP_SETTINGS = [dict(coupling="joint", reg_at="first_stage"), dict(coupling="decoupled", reg_at="after_step")]
+
+
+def _trainer_population_worker(rank, world, port, out):
+    """Each rank: every member's solo run built as a Trainer under torchrun builds it (this rank's problem and
+    streams, the optimiser averaging over the ranks), then train.population.Population(cfgs, rank, world)."""
+    from odegan_kernels.problems import build_problem
+    from odegan_kernels.train.baselines import build_optimizer
+    from odegan_kernels.train.closure import GameClosure
+    from odegan_kernels.train.config import Config
+    from odegan_kernels.train.population import Population
+    from odegan_kernels.train.state import RandomStreams
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        res = []
+        for setting in POP_SETTINGS:
+            solos = []
+            for m in POP_MEMBERS:
+                cfg = Config(**POP_BASE, **setting, **m)
+                cfg.validate()
+                problem = build_problem(cfg.problem, cfg, rank, world)
+                flat = FlatParams(D=problem.D, G=problem.G, dtype=cfg.torch_dtype)
+                opt, _ = build_optimizer(cfg, flat, distributed=True)
+                streams = RandomStreams(cfg.seed, rank, cfg.device)
+                closure = GameClosure(cfg, problem, streams.data, streams.z)
+                for _ in range(POP_STEPS):
+                    opt.step(closure)
+                solos.append(flat.params.clone())
+            pop = Population([Config(**POP_BASE, **setting, **m) for m in POP_MEMBERS], rank, world)
+            for _ in range(POP_STEPS):
+                pop.step()
+            res.append((solos, [pop.member_params(k).clone() for k in range(len(POP_MEMBERS))]))
+        out[rank] = res
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_trainers_population_on_two_ranks_gives_each_member_its_solo_two_rank_run():
+    """train.population.Population(cfgs, rank, world): each member equals its solo run as a Trainer under torchrun
+    builds it (every rank its own streams, gradients averaged), float64, 1e-12 relative; the ranks agree exactly."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_trainer_population_worker, args=(2, _free_port(), out), nprocs=2, join=True,
+                           start_method="spawn")  # fmt: skip
+        r0, r1 = out[0], out[1]
+    for (solos, members), (solos1, members1), setting in zip(r0, r1, POP_SETTINGS):
+        for k, (ref, got) in enumerate(zip(solos, members)):
+            assert torch.isfinite(ref).all() and torch.equal(ref, solos1[k]) and torch.equal(got, members1[k])
+            rel = ((got - ref).abs().max() / ref.abs().max()).item()
+            assert rel <= TOL, f"{setting} member {k} differs from its solo 2-rank run by {rel:.3g} relative"
+        assert not torch.equal(members[0], members[2])
+
+
 def test_distributed_needs_an_initialised_group():
     D, G = mog_pair()
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):

@@ -66,9 +66,13 @@ def population_engine(cfg, flat, D, G):
 class Population:
     """K members' runs as one batched run: ``Population(cfgs)`` builds each member's problem (its seed's initial
     parameters), one FlatParams(..., members=K), the population's optimiser (the ODE stepper with each member's h
-    and lambda, or an Adam/SGD baseline) and the closure. ``step()`` advances every member one step."""
+    and lambda, or an Adam/SGD baseline) and the closure. ``step()`` advances every member one step.
 
-    def __init__(self, cfgs) -> None:
+    ``rank``, ``world`` (torch.distributed initialised by the caller): data parallel as a Trainer under torchrun,
+    each rank drawing every member's batches from that member's streams for this rank (and, for the digits, its
+    share of the data), the flat gradients (every member's) averaged over the ranks once per stage."""
+
+    def __init__(self, cfgs, rank: int = 0, world: int = 1) -> None:
         cfgs = list(cfgs)
         for cfg in cfgs:
             cfg.validate()
@@ -77,10 +81,12 @@ class Population:
         self.cfgs, cfg = cfgs, cfgs[0]
         if cfg.threads > 0 and cfg.device == "cpu":
             torch.set_num_threads(cfg.threads)  # as the Trainer: the toy's small matrices run fastest on one
-        self.problems = [build_problem(c.problem, c) for c in cfgs]
+        self.problems = [build_problem(c.problem, c, rank, world) for c in cfgs]
         Ds, Gs = [p.D for p in self.problems], [p.G for p in self.problems]
         self.flat = FlatParams(D=Ds, G=Gs, members=len(cfgs), dtype=cfg.torch_dtype)
-        self.streams = [RandomStreams(c.seed, 0, cfg.device) for c in cfgs]
+        if world > 1:  # every rank starts from rank 0's parameters, as a Trainer's
+            torch.distributed.broadcast(self.flat.params, 0)
+        self.streams = [RandomStreams(c.seed, rank, cfg.device) for c in cfgs]
         pens = {k: (getattr(cfg, k), cfg.penalty_every) for k in PENALTIES if k != "g_reg"}
         if cfg.optimizer == "ode":
             from ..ode.stepper import ODEStepper
@@ -95,11 +101,14 @@ class Population:
                 coupling=cfg.coupling,
                 backend=cfg.backend,
                 penalties=pens,
+                distributed=world > 1,
             )
         else:
             if len({c.reg for c in cfgs}) > 1:
                 raise ValueError("the Adam/SGD baselines of a population take one reg for every member")
-            self.opt = BaselineOptimizer(self.flat, cfg.optimizer, cfg.lr, cfg.betas, cfg.reg, penalties=pens)
+            self.opt = BaselineOptimizer(
+                self.flat, cfg.optimizer, cfg.lr, cfg.betas, cfg.reg, penalties=pens, distributed=world > 1
+            )
         self.engine = population_engine(cfg, self.flat, Ds[0], Gs[0])
         self.closure = PopulationClosure(cfg, self.problems, self.engine, self.streams)
         self.schedule = SCHEDULES[cfg.schedule] if cfg.optimizer == "ode" else None
