@@ -4,6 +4,7 @@
     python -m bench.step --device cuda    # GPU: toy MLP pair, DCGAN at batch 64, with CUDA graphs
     python -m bench.step --device cuda --models resnet128 --dcgan-batch 32   # ImageNet's conditional pair
     python -m bench.step --members 1,4,16,64   # populations: member-steps/s against solo runs (bench/population.py)
+    python -m bench.step --members 1,4 --models dcgan   # the DCGAN pair's population rows alone
 
 Variants, all the joint RK4 step of the CIFAR-10 reference (penalty folded into stage 1, lambda 0.02) but the
 colab rows:
@@ -600,9 +601,12 @@ def main(argv=None) -> int:
             ks = [0]
         if not ks or min(ks) < 1:
             ap.error(f"--members takes population sizes >= 1, e.g. 1,4,16,64; got {args.members!r}")
+        pairs = tuple((args.models or "mlp,dcgan").split(","))
+        if not set(pairs) <= {"mlp", "dcgan"}:
+            ap.error(f"--members takes --models mlp, dcgan or mlp,dcgan (the population pairs); got {args.models!r}")
         out = Path(args.out) if args.out else None
         dev, rep = device_arg(ap, args.device), args.rep_ms or 1500
-        return population_rows(ks, dev, out, rep, table=not args.no_plot, jax=not args.no_jax_vmap)
+        return population_rows(ks, dev, out, rep, table=not args.no_plot, models=pairs, jax=not args.no_jax_vmap)
     known = ("mlp", "dcgan", "resnet", "resnet128")
     bad = [m for m in (args.models or "").split(",") if args.models and m not in known]
     if bad:

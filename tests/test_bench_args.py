@@ -86,7 +86,7 @@ def test_step_refuses_bad_population_sizes(members, capsys):
 def test_step_population_rows(tmp_path, capsys):
     """The population rows measure what they name: K=2 members' steps per second, and the solo runs'."""
     out = tmp_path / "pop.csv"
-    assert step.main(["--members", "2", "--rep-ms", "50", "--out", str(out)]) == 0
+    assert step.main(["--members", "2", "--models", "mlp", "--rep-ms", "50", "--out", str(out)]) == 0
     text = out.read_text()
     assert "pop_mlp,2," in text and "pop_autograd,2," in text
     from bench import jax_step
@@ -115,3 +115,33 @@ def test_the_main_job_ab_runs_options_the_trainer_takes(tmp_path):
     for line in ("eval_every = 1000000000", "plot_every = 1000000000", "tensorboard = false", "compile = true"):
         assert line in done.stdout
     assert main_job_ab.jax_cmd(100, tmp_path)[2:4] == ["bench.jax_mog", "--steps"]
+
+
+def test_step_population_refuses_a_pair_it_has_no_population_for(capsys):
+    says = "--members takes --models mlp, dcgan or mlp,dcgan"
+    assert says in refused(step.main, ["--members", "2", "--models", "resnet"], capsys)
+
+
+def test_population_dcgan_rows(tmp_path, capsys):
+    """The DCGAN rows (batch 2 here, to stay cheap): the solo run's steps/s, then each population's member-steps/s
+    and its ratio to the solo run; on a CPU a K over the cap is left out, and says so."""
+    import csv
+    import math
+
+    from bench import population
+    from bench.common import environment
+
+    cpu = torch.device("cpu")
+    out = tmp_path / "pop.csv"
+    k_big = population.DCGAN_CPU_MAX_MEMBERS + 1
+    rows = population.dcgan_rows([1, 2, k_big], cpu, 1.0, environment(cpu), out, batch=2)
+    expected = [("solo_dcgan_b2", 1), ("pop_dcgan_b2", 1), ("pop_dcgan_b2", 2)]
+    assert [(r["variant"], r["members"]) for r in rows] == expected
+    assert f"K > {population.DCGAN_CPU_MAX_MEMBERS} left out on a CPU ([{k_big}])" in capsys.readouterr().out
+    written = list(csv.DictReader(out.open()))
+    assert [w["variant"] for w in written] == [r["variant"] for r in rows]
+    solo = float(written[0]["member_steps_s"])
+    for w in written:
+        rate = float(w["member_steps_s"])
+        assert math.isfinite(rate) and rate > 0, w
+        assert math.isclose(float(w["vs_solo"]), rate / solo, rel_tol=1e-9), w

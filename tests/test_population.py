@@ -150,9 +150,19 @@ def test_bad_input_one_line():
         Population([Config(**BASE, method="rk4"), Config(**BASE, method="euler", seed=1)])
     with pytest.raises(ValueError, match="at least one member"):
         Population([])
-    for opts in (dict(ema=0.999), dict(autocast=True, dtype="float32"), dict(problem="dirac"), dict(schedule="cifar")):
-        with pytest.raises(ValueError, match="populations run the 16-Gaussian problem"):
+    for opts in (dict(ema=0.999), dict(autocast=True, dtype="float32"), dict(problem="dirac"), dict(problem="cifar10")):
+        with pytest.raises(ValueError, match=r"populations run the 16-Gaussian problem \(mog\) or the digits"):
             Population([Config(**{**BASE, **opts})])
+
+
+def test_the_schedule_reads_each_members_own_step_count():
+    """The cifar schedule (h/4 for 500 steps) as a solo run's LambdaLR applies it: h times the multiplier at the
+    member's own step count (a retried member is a step behind), a retry's factor on top."""
+    pop = Population([Config(**BASE, **m, schedule="cifar") for m in MIXED[:2]])
+    assert pop.h == [0.1 * 0.25, 0.05 * 0.25]
+    pop.member_steps, pop.failures = [500, 499], [0, 1]
+    pop.set_step_sizes()
+    assert pop.h == [0.1, 0.05 * 0.5 * 0.25] and [g["lr"] for g in pop.opt.param_groups[2:4]] == [0.05 * 0.5 * 0.25] * 2
 
 
 def test_retried_member_continues_as_its_solo_run_with_the_smaller_h():
@@ -264,3 +274,54 @@ def test_a_compiled_population_is_refused_not_run_eagerly():
     """compile=True is not built for populations: refused in one line rather than silently run eager."""
     with pytest.raises(ValueError, match=r"eager \(no cuda_graph, no compile\)"):
         Population([Config(**BASE, **m, compile=True) for m in MIXED])
+
+
+def test_digits_members_are_put_back_whole(tmp_path):
+    """The digits (a conv pair with BatchNorm, a data loader per member): a member whose step goes non-finite is put
+    back whole (parameters, BN statistics, data position, z stream) while the others move; a frozen member's
+    parameters and statistics stay as they were."""
+    pytest.importorskip("sklearn", reason="the digits need scikit-learn (the [dev] and [digits] extras)")
+    from odegan_kernels.train.config import make_config
+
+    cfgs = [make_config("digits", seed=s, width=8, batch=8, out=str(tmp_path / f"m{s}")) for s in (0, 1)]
+    pop = Population(cfgs)
+    assert type(pop.engine).__name__ == "PopulationAutograd"
+    bufs = [b for q in range(pop.flat.nplayers) for b in pop.flat.stacked_buffers(q).values()]
+    assert bufs, "the digits' G has BatchNorm statistics"
+
+    def snapshot(m):
+        return (
+            pop.member_params(m).clone(),
+            [b[m].clone() for b in bufs],
+            dict(pop.problems[m].state_dict()),
+            pop.streams[m].z.get_state(),
+        )
+
+    def same(a, b):
+        params, stats = torch.equal(a[0], b[0]), all(map(torch.equal, a[1], b[1]))
+        return params and stats and a[2] == b[2] and torch.equal(a[3], b[3])
+
+    pop.step()
+    before = [snapshot(0), snapshot(1)]
+    inner, block = pop.closure, pop.flat.block
+
+    def poisoned(stage):  # member 1's gradients non-finite at the first stage: its whole step goes NaN
+        out = inner(stage)
+        if stage.index == 0:
+            pop.flat.grads[block : 2 * block].fill_(float("nan"))
+        return out
+
+    pop.closure = poisoned
+    pop.step()
+    pop.closure = inner
+    assert pop.failures == [0, 1] and pop.member_steps == [2, 1]
+    assert same(snapshot(1), before[1])
+    moved = snapshot(0)
+    assert not torch.equal(moved[0], before[0][0]) and moved[2]["batches"] == before[0][2]["batches"] + 4
+    assert not all(map(torch.equal, moved[1], before[0][1]))  # member 0's BN statistics moved
+    pop.freeze(0)
+    pop.step()
+    frozen, retried = snapshot(0), snapshot(1)
+    assert torch.equal(frozen[0], moved[0]) and all(map(torch.equal, frozen[1], moved[1]))
+    assert pop.member_steps == [2, 2] and not torch.equal(retried[0], before[1][0])
+    assert all(torch.isfinite(t).all() for t in (retried[0], *retried[1]) if t.is_floating_point())

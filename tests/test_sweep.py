@@ -113,6 +113,69 @@ def test_a_member_equals_odegan_train_with_its_config(tmp_path):
             assert rel <= 1e-12, f"{player}.{name} differs by {rel:.3g}"
 
 
+def test_a_digits_member_equals_odegan_train_with_its_config(tmp_path):
+    """The digits (a conv pair with BatchNorm, the preset's cifar schedule): a sweep member's parameters and BN
+    statistics are those of `odegan train` with its config.json, and so is its final classifier metric. Measured
+    with the tensors of a player against that player's largest value: its conv biases before BatchNorm have a zero
+    gradient and hold rounding noise (~1e-20) that differs between the runs, so no tolerance relative to themselves
+    could be stated."""
+    pytest.importorskip("sklearn", reason="the digits need scikit-learn (the [dev] and [digits] extras)")
+    out = tmp_path / "sweep"
+    args = ["sweep", "digits", "--seeds", "2", "--h", "0.02,0.04", "--steps", "20", "--set", "dtype=float64",
+            "--set", "width=8", "--set", "eval_samples=100", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    member = out / "rk4_h0.04_reg0.02" / "seed2"
+    run = tmp_path / "solo"
+    assert main(["train", "--config", str(member / "config.json"), "--out", str(run), "--no-progress"]) == 0
+    solo = torch.load(run / "checkpoint.pt", weights_only=False)
+    mine = torch.load(member / "params.pt")
+    for player in ("D", "G"):
+        scale = max(t.abs().max().item() for t in solo[player].values() if t.is_floating_point())
+        assert any("running_var" in n for n in solo[player]) == (player == "G")
+        for name, ref in solo[player].items():
+            if not ref.is_floating_point():  # BN's num_batches_tracked
+                assert torch.equal(mine[player][name], ref), name
+                continue
+            assert torch.isfinite(ref).all()
+            rel = (mine[player][name] - ref).abs().max().item() / scale
+            assert rel <= 1e-12, f"{player}.{name} differs by {rel:.3g} of the player's largest value"
+    last = lambda path: [json.loads(r) for r in path.read_text().splitlines() if "fid_classifier" in r][-1]
+    ours, theirs = last(member / "metrics.jsonl"), last(run / "metrics.jsonl")
+    assert ours["step"] == theirs["step"] == 20
+    for key in ("fid_classifier", "coverage", "score"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-9), key
+
+
+def test_an_interrupted_digits_sweep_resumes_exactly(tmp_path):
+    """A digits population stopped after its checkpoint at step 3 (an exception from the progress line, in
+    process) resumes to exactly the uninterrupted run: parameters, BN statistics, the loaders' positions and the
+    metrics, bit for bit."""
+    pytest.importorskip("sklearn", reason="the digits need scikit-learn (the [dev] and [digits] extras)")
+    from odegan_kernels.train.sweep import run_sweep
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_the_checkpoint(line):
+        if "step 3," in line:
+            raise Stop(line)
+
+    sets = dict(width=8, batch=8, eval_samples=50, steps=6, log_every=2)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_sweep(plan("digits", whole, [0, 1], sets=sets), whole, ckpt_every=3, say=lambda line: None)
+    with pytest.raises(Stop):
+        run_sweep(plan("digits", cut, [0, 1], sets=sets), cut, ckpt_every=3, say=stop_at_the_checkpoint)
+    state = torch.load(cut / "populations" / "p0" / "checkpoint.pt", weights_only=False)
+    assert state["run"]["pstep"] == 3 and [p["batches"] for p in state["problems"]] == [12, 12]
+    run_sweep(plan("digits", cut, [0, 1], sets=sets), cut, ckpt_every=3, say=lambda line: None)
+    for d in member_dirs(whole):
+        e = cut / d.relative_to(whole)
+        assert (d / "metrics.jsonl").read_text() == (e / "metrics.jsonl").read_text()
+        pa, pb = torch.load(d / "params.pt"), torch.load(e / "params.pt")
+        for player in ("D", "G"):
+            assert all(torch.equal(pa[player][k], pb[player][k]) for k in pa[player]), player
+
+
 def _sweep_worker(rank, world, port, out):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)

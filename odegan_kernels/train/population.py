@@ -1,6 +1,7 @@
 """A population run's parts: each member's Config (its seed, h, lambda), the population's flat parameters and
-optimiser built from them, and the closure that draws every member's batch from that member's own random streams,
-exactly as a solo run with its Config would (train/closure.py's GameClosure, eager)."""
+optimiser built from them, and the closure that draws every member's batch from that member's own random streams
+and data (its own problem: the digits' loader order is its seed's), exactly as a solo run with its Config would
+(train/closure.py's GameClosure, eager)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ from ..flat import FlatParams
 from ..game import Batch
 from ..game.mlp import why_not
 from ..game.population import PopulationAutograd, PopulationMLP
+from ..ode.schedules import SCHEDULES
 from ..problems import build_problem
 from .baselines import BaselineOptimizer
+from .config import resolve_device
 from .state import RandomStreams
 
 # the options members may differ in; every other option is the population's one
 MEMBER_OPTIONS = ("seed", "h", "h_g", "reg", "out")
+POPULATION_PROBLEMS = ("mog", "digits")  # the problems a population runs (the other images: not built yet)
 
 
 def check_members(cfgs) -> None:
@@ -34,19 +38,10 @@ def check_members(cfgs) -> None:
                     f"{MEMBER_OPTIONS} (one method, one architecture per population)"
                 )
     c = cfgs[0]
-    if (
-        c.problem != "mog"
-        or c.cuda_graph
-        or c.compile
-        or c.instance_noise
-        or c.schedule != "constant"
-        or c.ema
-        or c.autocast
-    ):
+    if c.problem not in POPULATION_PROBLEMS or c.cuda_graph or c.compile or c.instance_noise or c.ema or c.autocast:
         raise ValueError(
-            "populations run the 16-Gaussian problem (mog), eager (no cuda_graph, no compile), in the parameters' "
-            "dtype, without instance noise "
-            "or an average of G, with the constant schedule (the rest is not built yet)"
+            "populations run the 16-Gaussian problem (mog) or the digits (digits), eager (no cuda_graph, no compile), "
+            "in the parameters' dtype, without instance noise or an average of G (the rest is not built yet)"
         )
 
 
@@ -71,20 +66,27 @@ def population_engine(cfg, flat, D, G):
 class Population:
     """K members' runs as one batched run: ``Population(cfgs)`` builds each member's problem (its seed's initial
     parameters), one FlatParams(..., members=K), the population's optimiser (the ODE stepper with each member's h
-    and lambda, or an Adam/SGD baseline) and the closure. ``step()`` advances every member one step."""
+    and lambda, or an Adam/SGD baseline) and the closure. ``step()`` advances every member one step.
 
-    def __init__(self, cfgs) -> None:
+    ``rank``, ``world`` (torch.distributed initialised by the caller): data parallel as a Trainer under torchrun,
+    each rank drawing every member's batches from that member's streams for this rank (and, for the digits, its
+    share of the data), the flat gradients (every member's) averaged over the ranks once per stage."""
+
+    def __init__(self, cfgs, rank: int = 0, world: int = 1) -> None:
         cfgs = list(cfgs)
         for cfg in cfgs:
             cfg.validate()
+            cfg.device = resolve_device(cfg.device)  # "auto", as a Trainer resolves it
         check_members(cfgs)
         self.cfgs, cfg = cfgs, cfgs[0]
         if cfg.threads > 0 and cfg.device == "cpu":
             torch.set_num_threads(cfg.threads)  # as the Trainer: the toy's small matrices run fastest on one
-        self.problems = [build_problem(c.problem, c) for c in cfgs]
+        self.problems = [build_problem(c.problem, c, rank, world) for c in cfgs]
         Ds, Gs = [p.D for p in self.problems], [p.G for p in self.problems]
         self.flat = FlatParams(D=Ds, G=Gs, members=len(cfgs), dtype=cfg.torch_dtype)
-        self.streams = [RandomStreams(c.seed, 0, cfg.device) for c in cfgs]
+        if world > 1:  # every rank starts from rank 0's parameters, as a Trainer's
+            torch.distributed.broadcast(self.flat.params, 0)
+        self.streams = [RandomStreams(c.seed, rank, cfg.device) for c in cfgs]
         pens = {k: (getattr(cfg, k), cfg.penalty_every) for k in PENALTIES if k != "g_reg"}
         if cfg.optimizer == "ode":
             from ..ode.stepper import ODEStepper
@@ -99,13 +101,20 @@ class Population:
                 coupling=cfg.coupling,
                 backend=cfg.backend,
                 penalties=pens,
+                distributed=world > 1,
             )
         else:
             if len({c.reg for c in cfgs}) > 1:
                 raise ValueError("the Adam/SGD baselines of a population take one reg for every member")
-            self.opt = BaselineOptimizer(self.flat, cfg.optimizer, cfg.lr, cfg.betas, cfg.reg, penalties=pens)
+            self.opt = BaselineOptimizer(
+                self.flat, cfg.optimizer, cfg.lr, cfg.betas, cfg.reg, penalties=pens, distributed=world > 1
+            )
         self.engine = population_engine(cfg, self.flat, Ds[0], Gs[0])
-        self.closure = PopulationClosure(cfg, self.problems[0], self.engine, self.streams)
+        self.closure = PopulationClosure(cfg, self.problems, self.engine, self.streams)
+        self.schedule = SCHEDULES[cfg.schedule] if cfg.optimizer == "ode" else None
+        # each member's step sizes before the schedule (h, h_g), as a solo run's LambdaLR holds them (base_lrs)
+        n = self.flat.nplayers
+        self._base_h = [[g["lr"] for g in self.opt.param_groups[m * n : (m + 1) * n]] for m in range(len(cfgs))]
 
         k = len(cfgs)
         self.retries, self.factor = cfg.recover_retries, cfg.recover_factor
@@ -114,15 +123,22 @@ class Population:
         self.frozen = [False] * k  # diverged past its retries (or finished): its parameters no longer move
         self.diverged = [False] * k
         self._start = torch.empty_like(self.flat.params)
+        self._buffers = [b for q in range(self.flat.nplayers) for b in self.flat.stacked_buffers(q).values()]
+        self._buffers_start = [torch.empty_like(b) for b in self._buffers]  # [K, ...] each: BN statistics
+        self.set_step_sizes()
 
     def step(self):
         """One step of every member that still moves. A member whose parameters went non-finite is put back to its
         step's start (parameters and random streams) and retried at the next step with its h times
         ``recover_factor``; after ``recover_retries`` retries it is frozen and marked diverged. Members never
-        interact, so the others' trajectories are exactly what they would be without it."""
+        interact, so the others' trajectories are exactly what they would be without it. A member's module buffers
+        (BatchNorm's statistics) and data position are put back with its parameters, and a frozen member's stay as
+        they were. The step-size schedule reads each member's own step count, as a solo run's scheduler would."""
         flat, k, block = self.flat, self.flat.members, self.flat.block
         self._start.copy_(flat.params)
-        states = [(s.data.get_state(), s.z.get_state()) for s in self.streams]
+        if self._buffers:
+            torch._foreach_copy_(self._buffers_start, self._buffers)
+        states = [(s.data.get_state(), s.z.get_state(), p.state_dict()) for s, p in zip(self.streams, self.problems)]
         out = self.opt.step(self.closure)
         ok = torch.isfinite(flat.params.view(k, block)).all(1).tolist()
         for m in range(k):
@@ -130,17 +146,39 @@ class Population:
                 self.member_steps[m] += 1
                 continue
             flat.params[m * block : (m + 1) * block].copy_(self._start[m * block : (m + 1) * block])
+            for b, b0 in zip(self._buffers, self._buffers_start):
+                b[m].copy_(b0[m])
             if self.frozen[m]:
                 continue
             self.streams[m].data.set_state(states[m][0])
             self.streams[m].z.set_state(states[m][1])
+            self.problems[m].load_state_dict(states[m][2])
             self.failures[m] += 1
             if self.failures[m] > self.retries:
                 self.frozen[m] = self.diverged[m] = True
-            else:
+            elif self.schedule is None:
                 for g in self.opt.param_groups[m * flat.nplayers : (m + 1) * flat.nplayers]:
                     g["lr"] *= self.factor
+        self.set_step_sizes()
         return out
+
+    def set_step_sizes(self) -> None:
+        """Every member's step sizes for its next step: ``member_h`` times the schedule at the member's own step
+        count, as a solo run's LambdaLR sets them (the ODE stepper; a baseline's lr stays its own)."""
+        if self.schedule is None:
+            return
+        n = self.flat.nplayers
+        for m in range(self.flat.members):
+            for g, h in zip(self.opt.param_groups[m * n : (m + 1) * n], self.member_h(m)):
+                g["lr"] = h * self.schedule(self.member_steps[m])
+
+    def member_h(self, m: int) -> list[float]:
+        """Member m's step sizes (D's, G's) before the schedule: its config's, times ``recover_factor`` per retry (the
+        failure that freezes it takes no retry)."""
+        hs = list(self._base_h[m])
+        for _ in range(min(self.failures[m], self.retries)):
+            hs = [h * self.factor for h in hs]
+        return hs
 
     def freeze(self, member: int) -> None:
         """Stop moving ``member`` (it has taken all its steps); the others go on unchanged."""
@@ -159,20 +197,21 @@ class Population:
 
 class PopulationClosure:
     """``closure(stage)`` for a population: each member draws its real batch and z (and WGAN-GP's weights) from
-    its own streams, in the order GameClosure draws them, and the engine evaluates all members at once."""
+    its own streams and its own problem's data, in the order GameClosure draws them, and the engine evaluates all
+    members at once."""
 
-    def __init__(self, cfg, problem, engine, streams) -> None:
-        self.cfg, self.problem, self.engine, self.streams = cfg, problem, engine, streams
+    def __init__(self, cfg, problems, engine, streams) -> None:
+        self.cfg, self.problems, self.engine, self.streams = cfg, list(problems), engine, streams
         self.batch: Batch | None = None
         self.fake0 = None
 
     def _draw(self) -> Batch:
         cfg, dev, dt = self.cfg, self.cfg.device, self.cfg.torch_dtype
         xs, zs, mixes = [], [], []
-        for s in self.streams:
-            x, _ = self.problem.draw(cfg.batch, s.data)
+        for s, problem in zip(self.streams, self.problems):
+            x, _ = problem.draw(cfg.batch, s.data)
             xs.append(x.to(dev))
-            zs.append(torch.randn(cfg.batch, self.problem.z_dim, generator=s.z, device=dev, dtype=dt))
+            zs.append(torch.randn(cfg.batch, problem.z_dim, generator=s.z, device=dev, dtype=dt))
             if cfg.wgan_gp:
                 mixes.append(torch.rand(cfg.batch, generator=s.z, device=dev, dtype=dt))
         return Batch(torch.stack(xs), torch.stack(zs), mix=torch.stack(mixes) if mixes else None)

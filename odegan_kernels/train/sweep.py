@@ -18,7 +18,7 @@ import torch
 
 from ..files import save_figure, write_file
 from .checkpoint import atomic_save, read_checkpoint
-from .config import make_config, written_options
+from .config import make_config, resolve_device, written_options
 from .population import Population
 
 POPULATIONS = "populations"
@@ -129,6 +129,11 @@ class PopulationRun:
                 s.z.set_state(z)
             for key in ("member_steps", "failures", "frozen", "diverged"):
                 setattr(pop, key, list(state[key]))
+            for b, saved in zip(pop.flat.buffers(), state.get("buffers", [])):  # BN statistics (image pairs)
+                b.copy_(saved)
+            for problem, saved in zip(pop.problems, state.get("problems", [])):  # the digits' loader positions
+                problem.load_state_dict(saved)
+            pop.set_step_sizes()
             records, pstep = state["records"], state["run"]["pstep"]
             say(f"population {self.index}: resumed at step {pstep}")
         for c in self.cfgs:
@@ -163,9 +168,8 @@ class PopulationRun:
             problem = pop.problems[m]
             atomic_save({"D": problem.D.state_dict(), "G": problem.G.state_dict()}, Path(c.out) / "params.pt")
             if not pop.diverged[m]:
-                G = pop.problems[m].G
-                with torch.no_grad():
-                    pop.problems[m].plot(G(fixed_z[m]), Path(c.out) / f"samples_{c.steps}.png", f"{name} seed {seed}")
+                samples = _samples(pop.problems[m].G, fixed_z[m])
+                pop.problems[m].plot(samples, Path(c.out) / f"samples_{c.steps}.png", f"{name} seed {seed}")
             final = [r for r in records[m] if "loss_d" not in r]
             results.append(
                 {
@@ -190,8 +194,7 @@ class PopulationRun:
 
     @staticmethod
     def _evaluate(pop, m: int, z: torch.Tensor) -> dict:
-        with torch.no_grad():
-            samples = pop.problems[m].G(z)
+        samples = _samples(pop.problems[m].G, z)
         return {
             k: (float(v) if isinstance(v, (int, float)) else v) for k, v in pop.problems[m].evaluate(samples).items()
         }
@@ -207,11 +210,25 @@ class PopulationRun:
                 "failures": pop.failures,
                 "frozen": pop.frozen,
                 "diverged": pop.diverged,
+                "buffers": [b.clone() for b in pop.flat.buffers()],
+                "problems": [p.state_dict() for p in pop.problems],
                 "records": records,
                 "run": {"pstep": pstep},
             },
             path,
         )
+
+
+@torch.no_grad()
+def _samples(G, z: torch.Tensor) -> torch.Tensor:
+    """A member's samples from its fixed latents as a solo run draws them (Trainer.samples): G in eval mode (BN
+    running statistics), 1024 latents at a time; G's mode is restored after."""
+    was = G.training
+    G.eval()
+    try:
+        return torch.cat([G(part) for part in z.split(1024)])
+    finally:
+        G.train(was)
 
 
 def summarise(results: list[dict]) -> list[dict]:
@@ -282,7 +299,7 @@ def run_sweep(pops: list[list], out, ckpt_every: int = 200, say=print) -> list[d
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    rank, world, device = init_distributed(pops[0][0][2].device if pops else "cpu")
+    rank, world, device = init_distributed(resolve_device(pops[0][0][2].device) if pops else "cpu")  # as a Trainer
     start = time.monotonic()
     for i, members in enumerate(pops):
         if i % world != rank:
