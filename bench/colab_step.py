@@ -3,8 +3,10 @@ step) timed ours against the JAX peer's, round-robin in one process: bench/step.
 
   ours_colab      ODEStepper(coupling="decoupled", reg_at="after_step") with the hand-derived engine and the
                   trainer's closure logic (D-only stages reuse the samples G drew at stage 0), eager
-  ours_colab_c    the same with compile=True (the stage op and the engine through torch.compile: the run's
-                  ``--set compile=true``); its first step (a cold or warm Inductor compile) outside the timing
+  ours_colab_c    the same with compile=True (the stage op and the engine through torch.compile, each call its
+                  own graph); its first step (a cold or warm Inductor compile) outside the timing
+  ours_colab_step the same with compile="step": the whole step traced as one graph (the run's
+                  ``--set compile=true``); its first two steps (eager, then the trace) outside the timing
   jax_colab_jit   bench/jax_step.py's colab step, one ``jax.jit`` step per call
   jax_colab_scan  the same, ``lax.scan`` of 100 steps per call, per step
 
@@ -41,13 +43,13 @@ def colab_data(batch: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return real.to(device), torch.randn(batch, 32, generator=gen).to(device)
 
 
-def ours_colab(D, G, real, z, h: float = H, lam: float = LAM, compile: bool = False):
+def ours_colab(D, G, real, z, h: float = H, lam: float = LAM, compile: bool | str = False):
     """(step(), flat): the main job's step on a fixed batch. The closure is the trainer's (train/closure.py) for
     ``data_per_stage="shared"``: one batch for all stages, and D's decoupled stages given the samples G drew at
     stage 0 (G is frozen at the step's start there, so they are the samples it would draw again)."""
     flat = FlatParams(D=D, G=G)
     st = ODEStepper(flat, "rk4", h=h, reg=lam, reg_at="after_step", coupling="decoupled", compile=compile)
-    engine = CompiledEngine(MLPPair(D, G)) if compile else MLPPair(D, G)
+    engine = CompiledEngine(MLPPair(D, G)) if compile is True else MLPPair(D, G)
     fake0 = [None]
 
     def closure(stage):
@@ -83,17 +85,19 @@ def colab_rows(device, batch: int = 512, rep_ms: float = 1500, rounds: int = 5, 
     steps["ours_colab"], notes["ours_colab"] = (synced(fn), 1), "hand-derived engine, eager; the trainer's closure"
     checks["ours_colab"] = lambda flat=flat: bool(torch.isfinite(flat.params).all())
     failed = []
-    if compiled:
+    kinds = (("ours_colab_c", True, "compile=True, stage op and engine compiled"),
+             ("ours_colab_step", "step", "compile='step', the whole step one graph"))  # fmt: skip
+    for variant, kind, what in kinds if compiled else ():
         try:
             D, G = (m.to(device) for m in mog_pair())
-            fn, flat_c = ours_colab(D, G, real, z, compile=True)
+            fn, flat_c = ours_colab(D, G, real, z, compile=kind)
             t0 = time.perf_counter()
-            fn()
-            note = f"compile=True, stage op and engine compiled; first step {time.perf_counter() - t0:.0f} s"
-            steps["ours_colab_c"], notes["ours_colab_c"] = (synced(fn), 1), note
-            checks["ours_colab_c"] = lambda flat=flat_c: bool(torch.isfinite(flat.params).all())
+            fn(), fn()  # (compile="step": the first step runs eagerly, the second traces)
+            note = f"{what}; first steps {time.perf_counter() - t0:.0f} s"
+            steps[variant], notes[variant] = (synced(fn), 1), note
+            checks[variant] = lambda flat=flat_c: bool(torch.isfinite(flat.params).all())
         except Exception as exc:
-            failed.append(("ours_colab_c", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
+            failed.append((variant, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
     if jax_step.available():
         try:
             err = jax_step.check_against_ours(H, LAM, batch, device=device.type, variant="colab")

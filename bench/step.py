@@ -12,7 +12,9 @@ colab rows:
   ours       ODEStepper + game_gradients, eager
   ours_mlp   the same with the hand-derived gradients of a ReLU MLP pair (mlp_grads; toy pair only)
   ours_mlp_cs  ours_mlp with compile=True (the stepper's stage op through torch.compile), the engine eager
-  ours_mlp_c   ... and the hand-derived engine compiled too (game/compiled.py: the run's compile=true)
+  ours_mlp_c   ... and the hand-derived engine compiled too (game/compiled.py)
+  ours_mlp_step  the whole step traced as one graph: ODEStepper(compile="step"), the engine inside the trace
+             (the run's compile=true with the hand-derived engine)
   graph      the same step captured in one CUDA graph (GPU)
   compile    torch.compile'd D and G inside our stepper (double backward through compiled code is
              reported if it fails; then the finite-difference penalty, which needs none, is used)
@@ -22,7 +24,7 @@ colab rows:
   jax_jit    the peer: the toy pair's same RK4 step in JAX (bench/jax_step.py), one jax.jit step per call
   jax_scan   the same, lax.scan of 100 steps in one call, per step (JAX's best case); both where jax imports,
              host-timed; on a GPU our graphed step is also host-timed for them (graph_sync, graph_x100)
-  ours_colab, ours_colab_c, jax_colab_jit, jax_colab_scan
+  ours_colab, ours_colab_c, ours_colab_step, jax_colab_jit, jax_colab_scan
              the main job's own step (odegan train mog: the colab's decoupled RK4 step, one batch per step,
              g_reg after the step, h 0.1, lambda 0.07): ours eager and with compile=True (the latter with the
              compile rows), against the colab variant of the JAX peer; toy pair only, timed round-robin,
@@ -251,7 +253,11 @@ def run_model(
         record("ours_mlp", lambda: st_m.step(closure_m), "hand-derived gradients", params=[flat_m.params])
         if jax_step.available():
             record_jax_rows(name, device, batch, rep_ms, row)
-        return record_compiled_step_rows(name, device, batch, record)
+        record_compiled_step_rows(name, device, batch, record)
+        for variant, med, p20, p80, note in colab_rows(device, batch, rep_ms, compiled=True) if colab else ():
+            row(variant, med, p20, p80, note=note)  # the main job's own step, eager, compiled and traced, and JAX's
+            print(f"{name:5s} {variant:14s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}]  {note}", flush=True)
+        return None
     D, G, real, z = make_models(name, device, batch)
     record("naive", lambda: naive_step(D, G, real, z), params=list(D.parameters()) + list(G.parameters()))
 
@@ -348,10 +354,12 @@ def run_model(
 def record_compiled_step_rows(name: str, device, batch: int, record) -> None:
     """compile=True (issue 21): the stepper's compiled stage op under the hand-derived engine (eager, then compiled
     too), the first step (the cold or warm compile) outside the timing; the seconds it took go in the note."""
-    for variant, compiled_engine in (("ours_mlp_cs", False), ("ours_mlp_c", True)):
+    # the whole traced step first: on a GPU the check's time limit may cut the rows after it (each prints as it ends)
+    kinds = (("ours_mlp_step", "step", False), ("ours_mlp_cs", True, False), ("ours_mlp_c", True, True))
+    for variant, compile, compiled_engine in kinds:
         D, G, real, z = make_models(name, device, batch)
         flat = FlatParams(D=D, G=G)
-        st = ODEStepper(flat, "rk4", h=H, reg=LAM, reg_at="first_stage", coupling="joint", compile=True)
+        st = ODEStepper(flat, "rk4", h=H, reg=LAM, reg_at="first_stage", coupling="joint", compile=compile)
         engine = CompiledEngine(MLPPair(D, G)) if compiled_engine else MLPPair(D, G)
 
         def closure(stage, real=real, z=z, engine=engine):
@@ -359,9 +367,11 @@ def record_compiled_step_rows(name: str, device, batch: int, record) -> None:
 
         t0 = time.perf_counter()
         st.step(closure)
+        st.step(closure)  # compile="step": the first step runs eagerly, the second traces
         first = time.perf_counter() - t0
         what = "stage op and hand-derived engine compiled" if compiled_engine else "stage op compiled, engine eager"
-        record(variant, lambda: st.step(closure), f"{what}; first step {first:.0f} s", params=[flat.params])
+        what = "the whole step traced as one graph (compile='step')" if compile == "step" else what
+        record(variant, lambda: st.step(closure), f"{what}; first two steps {first:.0f} s", params=[flat.params])
 
 
 def record_compile_rows(name: str, device, batch: int, record, row) -> None:
@@ -534,6 +544,10 @@ def report(rows: list[dict], out: Path, env: dict, threads: int | None = None, p
         ratio("ours_colab", "jax_colab_scan", "the main job's step, ours / JAX lax.scan per step (colab variant)")
         ratio("ours_colab_c", "jax_colab_jit", "the main job's step compiled (compile=True) / JAX jit (colab variant)")
         ratio("ours_colab_c", "ours_colab", "the main job's step, compile=True / eager")
+        ratio("ours_colab_step", "jax_colab_jit", "the main job's step traced (compile='step') / JAX jit (colab)")
+        ratio("ours_colab_step", "ours_colab", "the main job's step, traced (compile='step') / eager")
+        ratio("ours_mlp_step", "jax_jit", "the toy step traced (compile='step') / JAX jit step (goal: <= 1)")
+        ratio("ours_mlp_step", "ours_mlp", "the toy step traced (compile='step') / eager hand-derived")
         ratio("ours", "adam", "ODE RK4 step / Adam step")
         ratio("euler", "adam", "ODE Euler step / Adam step")
         for variant, *_ in PENALTY_VARIANTS[1:]:

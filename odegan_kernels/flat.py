@@ -474,6 +474,8 @@ class PopulationParams(FlatParams):
 
     def check_grads(self) -> None:
         super().check_grads()
+        if torch.compiler.is_compiling():
+            return  # checked eagerly after a traced step, as FlatParams'
         base_p, base_g, size = self.params.data_ptr(), self.grads.data_ptr(), self.grads.element_size()
         for pname, entries in zip(self.player_names, self._stacked):
             for name, sp, off in entries:

@@ -325,3 +325,12 @@ def test_digits_members_are_put_back_whole(tmp_path):
     assert torch.equal(frozen[0], moved[0]) and all(map(torch.equal, frozen[1], moved[1]))
     assert pop.member_steps == [2, 2] and not torch.equal(retried[0], before[1][0])
     assert all(torch.isfinite(t).all() for t in (retried[0], *retried[1]) if t.is_floating_point())
+
+
+def test_a_population_rank_that_torch_distributed_does_not_have_is_refused():
+    """rank and world must be torch.distributed's: rank 0 on every process would give every rank the same data."""
+    cfg = Config(**BASE)
+    with pytest.raises(ValueError, match="world=2 needs torch.distributed initialised first"):
+        Population([cfg], rank=1, world=2)
+    with pytest.raises(TypeError, match="rank and world must be ints"):
+        Population([cfg], rank=True, world=1)

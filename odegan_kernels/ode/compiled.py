@@ -10,6 +10,8 @@ constant here, so each stage kind compiles once; what varies within a run (h, la
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from ..contract import stage_caller
@@ -22,9 +24,14 @@ def why_not_compiled(compile, cuda_graph: bool, distributed: bool) -> str | None
     if compile is not True and compile is not False and compile != "step":
         return f"compile must be True, False or 'step', got {compile!r}"
     if cuda_graph:
-        return f"compile={compile!r} with cuda_graph=True is not supported yet (capture the eager step, or compile it alone)"
+        return (
+            f"compile={compile!r} with cuda_graph=True is not supported yet (capture the eager step, or compile it "
+            "alone)"
+        )
     if distributed:
-        return f"compile={compile!r} under distributed=True is not supported yet (the per-stage all-reduce runs eagerly)"
+        return (
+            f"compile={compile!r} under distributed=True is not supported yet (the per-stage all-reduce runs eagerly)"
+        )
     if not hasattr(torch, "compile"):
         return f"torch {torch.__version__} has no torch.compile"
     return None
@@ -72,16 +79,22 @@ class CompiledStep:
     is a RuntimeError naming why, never a silent fallback to eager pieces).
 
     The first step runs eagerly: it builds what a trace must find built (the engine's gradient views, the
-    decoupled stages' scratch, the backends' caches). ``kind`` (the penalties due) selects the graph: a lazy
+    backends' caches). ``warmup=False`` traces at the first step: the caller built them (the trainer does, so a run
+    resumed from a checkpoint traces its first step as the uninterrupted run did, and rounds as it did). ``kind`` (the penalties due) selects the graph: a lazy
     penalty's steps have their own. On the CPU the graph's wrapper is C++ (Inductor's cpp_wrapper): the step's
     hundred-odd matrix products are called from it, not from Python.
     """
 
-    def __init__(self, run_stages, device) -> None:
+    def __init__(self, run_stages, device, warmup: bool = True) -> None:
         self.run_stages = run_stages
         opts = {"cpp_wrapper": True} if torch.device(device).type == "cpu" else None
-        self.fn = torch.compile(run_stages, fullgraph=True, dynamic=False, options=opts)
-        self.warmed = False
+        # Dynamo keeps its compiled graphs on the code object (at most torch._dynamo.config.recompile_limit, 8, each
+        # guarded by the stepper it traced): a copy of the code per stepper gives each its own, so the 9th stepper of
+        # a process compiles as the first did, and only one stepper's kinds of step count against its limit.
+        fn = run_stages.__func__
+        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        self.fn = torch.compile(types.MethodType(own, run_stages.__self__), fullgraph=True, dynamic=False, options=opts)
+        self.warmed = not warmup  # (a caller that built everything itself traces at the first step: the trainer)
 
     def __call__(self, closure, kind: tuple[str, ...]):
         if not self.warmed:
@@ -90,10 +103,17 @@ class CompiledStep:
             return out
         try:
             return self.fn(stage_caller(closure), kind)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            raise RuntimeError(
+                f"compile='step': this stepper has compiled {torch._dynamo.config.recompile_limit} graphs (kinds of "
+                "step, or inputs that changed shape, dtype or device between steps), torch._dynamo.config."
+                "recompile_limit; keep its inputs' shapes fixed, or raise that limit"
+            ) from None
         except torch._dynamo.exc.Unsupported as exc:
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeError(
                 f"compile='step' traces the whole step, the closure included, as one graph, and this closure cannot "
                 f"be traced ({why}): draw its data before the step, as tensors (no torch.Generator inside), or use "
-                "compile=True (the stage op alone)"
+                "compile=True (the stage op alone); an exception the closure raised shows as 'Observed exception' "
+                "(run the step with compile=False to see it)"
             ) from None

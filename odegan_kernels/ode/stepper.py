@@ -166,11 +166,14 @@ class ODEStepper(torch.optim.Optimizer):
             from .compiled import CompiledStages, CompiledStep, why_not_compiled
 
             why = why_not_compiled(compile, cuda_graph, distributed)
+            if why is None and compile == "step" and isinstance(flat, PopulationParams):
+                why = "compile='step' with a population (PopulationParams) is not supported yet; compile=True is"
             if why is not None:
                 raise ValueError(why)
             self.compiled = CompiledStages(self._stages, flat.segments, traced=compile == "step")
             if compile == "step":
                 self.compiled_step = CompiledStep(self._run_stages, flat.device)
+                self._scratch = (torch.empty_like(flat.params), torch.empty_like(flat.grads))  # (made outside it)
         self.graph = None
         if cuda_graph:
             from ..graphs import StepGraph, check_capturable

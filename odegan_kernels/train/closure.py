@@ -68,7 +68,8 @@ class GameClosure:
         self.pre: list[Batch] = []
         self.cursor = 0
         graphed = static is not None or self.traced
-        self.sigma = torch.full((), self.noise_std(0), device=cfg.device) if graphed else None
+        # (in the parameters' dtype: a float32 std would round a float64 run's noise as eager never does)
+        self.sigma = torch.full((), self.noise_std(0), device=cfg.device, dtype=cfg.torch_dtype) if graphed else None
 
     def noise_std(self, step: int) -> float:
         """The instance noise's std at ``step``: constant, or annealed linearly to 0 over instance_noise_anneal."""
@@ -82,6 +83,14 @@ class GameClosure:
         elif self.cfg.instance_noise_anneal > 0 and self.cfg.instance_noise > 0:
             raise ValueError("annealed instance noise under cuda_graph needs fill_static(step) before every step")
 
+    def prepare_trace(self) -> None:
+        """Before the first traced step: the engine's gradient views made and the fused ops' backend resolved (and
+        csrc loaded), eagerly, so the trace finds them."""
+        from .. import ops
+
+        ops.sqnorm([torch.zeros(1, dtype=self.cfg.torch_dtype, device=self.cfg.device)])
+        self.engine.attach_grads()
+
     def predraw(self, step: int, n: int) -> None:
         """Draw the next step's ``n`` batches (ODEStepper.draws_per_step) now, in the order the eager step draws
         them, for the traced step to read; set the instance noise's std for ``step``."""
@@ -89,13 +98,17 @@ class GameClosure:
         self.cursor = 0
         self.sigma.fill_(self.noise_std(step))
 
+    def check_predrawn(self) -> None:
+        """After a traced step: it read every batch drawn for it, no more (else the streams are not where the eager
+        step leaves them)."""
+        if self.cursor != len(self.pre):
+            raise RuntimeError(
+                f"the traced step (compile=true) read {self.cursor} of the {len(self.pre)} batches drawn before it: "
+                "predraw(step, n) must draw optimizer.draws_per_step(data_per_stage) batches"
+            )
+
     def _draw(self, stage_index: int) -> Batch:
-        if self.traced:
-            if self.cursor >= len(self.pre):
-                raise RuntimeError(
-                    "the traced step (compile=true) asked for more batches than were drawn before it: call "
-                    "predraw(step, optimizer.draws_per_step(data_per_stage)) before each step"
-                )
+        if self.traced:  # (the trace indexes the list: too few batches fail it, too many check_predrawn names)
             self.cursor += 1
             return self.pre[self.cursor - 1]
         return self._draw_now(stage_index)

@@ -76,7 +76,9 @@ class Config:
     threads: int = option(1, "CPU threads (0: torch's default); the toy's tiny matrices run fastest on one")
     cuda_graph: bool = option(False, "capture the whole ODE step in one CUDA graph (CUDA only)")
     compile: bool = option(
-        False, "torch.compile the ODE step: the stage op, and the hand-derived engine's gradients (README: the cache)"
+        False,
+        "torch.compile the ODE step: with the hand-derived engine the whole step as one graph, else the stage op "
+        "(README: the cache)",
     )
     dtype: str = option(
         "float32", "the parameters', gradients' and data's dtype: float32 | float64 (exact checks)", match=True

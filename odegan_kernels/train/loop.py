@@ -55,6 +55,8 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         cfg.validate()
         self.rank, self.world, cfg.device = init_distributed(resolve_device(cfg.device))
+        if cfg.compile and self.world > 1:
+            raise ValueError("compile=true under torchrun (data parallel) is not supported yet: run without it")
         self.is_main = self.rank == 0
         self.cfg = cfg
         if cfg.threads > 0 and cfg.device == "cpu":
@@ -82,6 +84,9 @@ class Trainer:
         self.closure = self.game_closure  # what the optimiser calls (wrap it to observe or inject)
         traced = self.game_closure.traced  # compile=true with the hand-derived engine: the whole step is traced
         self.opt, self.scheduler = build_optimizer(cfg, self.flat, distributed=self.world > 1, traced=traced)
+        if traced:  # what the trace must find built, built now: every step is traced, the first included, so a
+            self.game_closure.prepare_trace()  # resumed run's steps round as the uninterrupted run's did
+            self.opt.compiled_step.warmed = True
         self.ema = GeneratorAverage(self.flat, cfg.ema, cfg.ema_start, cfg.backend)  # off when cfg.ema == 0
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main)
         self._stop = StopRequests()  # run() installs the signal handlers
@@ -107,6 +112,8 @@ class Trainer:
         elif self.game_closure.traced:  # the traced step reads its data drawn here, in the eager step's order
             self.game_closure.predraw(self.step, self.opt.draws_per_step(self.cfg.data_per_stage))
         self.opt.step(self.closure)  # an interrupt inside is rolled back by the stepper
+        if self.game_closure.traced:
+            self.game_closure.check_predrawn()
         return self._book()
 
     def _book(self) -> dict[str, torch.Tensor]:
@@ -243,10 +250,12 @@ class Trainer:
         self._tb = TensorBoardLog(self.out, main and cfg.tensorboard)
         self.recovery.start(self.step, float(self.flat.params.abs().max()))
         before, in_step = self.state.position(), False
+        self._began = self.step
         try:
             self._finish_step()  # what an interrupted run left to do after its last step
             while self.step < cfg.steps:
                 before, in_step = self.state.position(), True
+                self._began = self.step  # the step this one starts from (_interrupted: did it finish?)
                 self.train_step()
                 in_step = False
                 self._console.update(1)
@@ -363,8 +372,8 @@ class Trainer:
     def _interrupted(self, in_step: bool, before: tuple[dict, dict]) -> None:
         """An interrupt that stopped the run at once: make the state whole, checkpoint it (a single process), and
         raise TrainingInterrupted."""
-        if in_step and getattr(self.opt, "rolled_back", False):  # replay the undone step's noise and data
-            self.state.set_position(before)
+        if in_step and self.opt.steps == self._began:  # the optimiser did not finish the step (undone, or
+            self.state.set_position(before)  # stopped before it began, its batches drawn ahead): replay its draws
         elif self.opt.steps > self.step:  # the optimiser's step finished, its booking had not begun
             self._book()
         if self.world > 1:  # the ranks stop at different points: a collective save could hang

@@ -45,6 +45,24 @@ def check_members(cfgs) -> None:
         )
 
 
+def check_rank(rank, world) -> None:
+    """rank and world as torch.distributed has them (a rank that says 0 on every process would give every rank the
+    same streams and data); one process: rank 0 of 1."""
+    if isinstance(rank, bool) or isinstance(world, bool) or not isinstance(rank, int) or not isinstance(world, int):
+        raise TypeError(f"rank and world must be ints, got rank={rank!r}, world={world!r}")
+    if world == 1 and rank == 0:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"world={world} needs torch.distributed initialised first (torchrun, or init_process_group)")
+    if (rank, world) != (dist.get_rank(), dist.get_world_size()):
+        raise ValueError(
+            f"rank={rank}, world={world} but torch.distributed has rank {dist.get_rank()} of "
+            f"{dist.get_world_size()}: pass dist.get_rank() and dist.get_world_size()"
+        )
+
+
 def population_engine(cfg, flat, D, G):
     """The population's gradient engine: the batched hand-derived one where game/mlp.py's would run solo, else
     the vmapped autograd one (``grads='mlp'`` that cannot run is a ValueError naming the reason)."""
@@ -78,6 +96,7 @@ class Population:
             cfg.validate()
             cfg.device = resolve_device(cfg.device)  # "auto", as a Trainer resolves it
         check_members(cfgs)
+        check_rank(rank, world)
         self.cfgs, cfg = cfgs, cfgs[0]
         if cfg.threads > 0 and cfg.device == "cpu":
             torch.set_num_threads(cfg.threads)  # as the Trainer: the toy's small matrices run fastest on one
