@@ -44,6 +44,7 @@ TRITON_TESTS = ["tests/test_gpu_paths.py", "-k", "triton or bfloat16 or opcheck"
 CSRC_TESTS = ["tests/test_gpu_paths.py", "-k", "csrc or opcheck"]
 GRAPH_TESTS = [  # the whole-step graph against eager, every way a training run captures it
     "tests/test_graphs.py::test_captured_step_equals_eager_step",  # joint/first-stage, decoupled/after-step; h moves
+    "tests/test_graphs.py::test_a_captured_population_step_equals_its_eager_step",  # 3 members captured (issue 20)
     "tests/test_gpu_paths.py::test_an_lr_scheduler_moves_h_between_replays",  # h moved by a torch lr scheduler
     # the penalty family, and a lazy R1
     "tests/test_penalties_in_optimisers.py::test_captured_step_with_every_penalty_equals_the_eager_step",
@@ -126,11 +127,12 @@ def checks(part: str) -> list[Check]:
                 "the captured step against eager: RK4 joint and decoupled, first-stage and after-step penalty, h "
                 "changed between replays (a schedule, a torch lr scheduler), the penalty family and a lazy R1, loader "
                 "workers, no host sync, a syncing "
-                "closure refused (in a subprocess), the EMA after captured steps, a short mog run with cuda_graph",
+                "closure refused (in a subprocess), the EMA after captured steps, a short mog run with cuda_graph, a "
+                "captured population",
                 [*PYTEST, *GRAPH_TESTS],
                 [*PYTEST, *GRAPH_CPU_TESTS],
                 limit=90,
-                estimate=53,
+                estimate=55,
                 collect=GRAPH_TESTS,
             ),
             Check(

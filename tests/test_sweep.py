@@ -95,18 +95,24 @@ def test_plan_and_bad_input(tmp_path):
     assert main(["sweep", "mog", "--seeds", "0-1", "--members", "0", "--out", str(tmp_path / "x")]) == 2
 
 
+def _member_and_its_solo_run(tmp_path, args, setting):
+    """Run the sweep ``args`` (its last seed's member of ``setting``), then `odegan train` with that member's
+    config.json: (the member's params.pt, the solo run's checkpoint)."""
+    assert main(args) == 0
+    seed = args[args.index("--seeds") + 1].split(",")[-1]
+    member = tmp_path / "sweep" / setting / f"seed{seed}"
+    run = tmp_path / "solo"
+    assert main(["train", "--config", str(member / "config.json"), "--out", str(run), "--no-progress"]) == 0
+    return torch.load(member / "params.pt"), torch.load(run / "checkpoint.pt", weights_only=False)
+
+
 def test_a_member_equals_odegan_train_with_its_config(tmp_path):
     """A sweep member's final parameters are those of `odegan train` run with the member's own config.json."""
     out = tmp_path / "sweep"
     args = ["sweep", "mog", "--seeds", "1,4", "--h", "0.05,0.2", "--method", "heun", "--steps", "20", "--set",
             "dtype=float64", "--set", "eval_every=10", "--set", "batch=32", "--set", "hidden=8",
             "--out", str(out)]  # fmt: skip
-    assert main(args) == 0
-    member = out / "heun_h0.2_reg0.07" / "seed4"
-    run = tmp_path / "solo"
-    assert main(["train", "--config", str(member / "config.json"), "--out", str(run), "--no-progress"]) == 0
-    solo = torch.load(run / "checkpoint.pt", weights_only=False)
-    mine = torch.load(member / "params.pt")
+    mine, solo = _member_and_its_solo_run(tmp_path, args, "heun_h0.2_reg0.07")
     for player in ("D", "G"):
         for name, ref in solo[player].items():
             rel = ((mine[player][name] - ref).abs().max() / ref.abs().max()).item()
@@ -123,12 +129,9 @@ def test_a_digits_member_equals_odegan_train_with_its_config(tmp_path):
     out = tmp_path / "sweep"
     args = ["sweep", "digits", "--seeds", "2", "--h", "0.02,0.04", "--steps", "20", "--set", "dtype=float64",
             "--set", "width=8", "--set", "eval_samples=100", "--out", str(out)]  # fmt: skip
-    assert main(args) == 0
+    mine, solo = _member_and_its_solo_run(tmp_path, args, "rk4_h0.04_reg0.02")
     member = out / "rk4_h0.04_reg0.02" / "seed2"
     run = tmp_path / "solo"
-    assert main(["train", "--config", str(member / "config.json"), "--out", str(run), "--no-progress"]) == 0
-    solo = torch.load(run / "checkpoint.pt", weights_only=False)
-    mine = torch.load(member / "params.pt")
     for player in ("D", "G"):
         scale = max(t.abs().max().item() for t in solo[player].values() if t.is_floating_point())
         assert any("running_var" in n for n in solo[player]) == (player == "G")
