@@ -100,8 +100,11 @@ def test_options_compile_cannot_run_with_are_refused_in_one_line():
         make_config("mog", compile="maybe")
     from odegan_kernels.game import AutogradEngine
 
-    eng, why = compile_engine(AutogradEngine(D, G))
-    assert isinstance(eng, AutogradEngine) and "run eagerly" in why and "\n" not in why
+    eng, why = compile_engine(AutogradEngine(D, G), ["g_reg"])
+    assert eng.name == "autograd" and "reg_method='double_backward' differentiates a gradient" in why
+    assert "\n" not in why
+    eng, why = compile_engine(AutogradEngine(D, G, reg_method="finite_difference"), ["g_reg", "r1"])
+    assert eng.name == "autograd" and "('r1',) differentiate a gradient" in why
     with pytest.raises(TypeError, match="MLPPair"):
         CompiledEngine(AutogradEngine(D, G))
 
@@ -125,7 +128,7 @@ def test_the_trainer_option_traces_the_hand_derived_step_and_says_when_it_cannot
 
     tr = Trainer(make_config("mog", out=str(tmp_path / "a"), progress=False, compile=True))
     assert tr.game_closure.engine.name == "mlp" and tr.game_closure.traced and tr.opt.compiled_step is not None
-    with pytest.warns(UserWarning, match="the autograd engine's autograd passes run eagerly"):
+    with pytest.warns(UserWarning, match="compile=true leaves the autograd engine's passes eager: g_reg by"):
         tr = Trainer(make_config("mog", out=str(tmp_path / "b"), progress=False, compile=True, grads="autograd"))
     assert tr.game_closure.engine.name == "autograd" and not tr.game_closure.traced
     assert tr.opt.compiled is not None and tr.opt.compiled_step is None  # the stage op alone
@@ -298,3 +301,81 @@ def test_an_interrupt_after_the_batches_were_drawn_ahead_resumes_exactly(tmp_pat
     resumed = Trainer(make_config("mog-joint", out=str(tmp_path / "b"), **opts))
     resumed.run()
     assert resumed.step == 4 and torch.equal(resumed.flat.params, straight.flat.params)
+
+
+class _TinyConvD(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3, 2, 1, dtype=torch.float64)
+        self.out = torch.nn.Linear(3 * 4 * 4, 1, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.leaky_relu(self.conv(x), 0.2).flatten(1)).squeeze(1)
+
+
+def _tiny_conv_pair():
+    """An image pair small enough to compile in seconds: D convolutional, G with BatchNorm in training mode."""
+    torch.manual_seed(0)
+    G = torch.nn.Sequential(
+        torch.nn.Linear(4, 4 * 4 * 4, dtype=torch.float64),
+        torch.nn.Unflatten(1, (4, 4, 4)),
+        torch.nn.BatchNorm2d(4, dtype=torch.float64),
+        torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(4, 1, 4, 2, 1, dtype=torch.float64),
+        torch.nn.Tanh(),
+    )
+    return _TinyConvD(), G
+
+
+def test_compiled_players_of_an_image_pair_agree_with_eager_in_float64():
+    """The autograd engine with first-order passes only (g_reg by finite differences) runs its players as compiled
+    modules: a conv pair with BatchNorm, RK4 joint with g_reg in the first stage, against the eager players within
+    the nudge's tolerance; BN's running statistics too; nothing recompiles after the first step."""
+    from odegan_kernels.game import AutogradEngine
+
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.rand(8, 1, 8, 8, generator=gen, dtype=torch.float64) * 2 - 1,
+             torch.randn(8, 4, generator=gen, dtype=torch.float64)) for _ in range(4)]  # fmt: skip
+
+    def run(compiled, nudge=False):
+        D, G = _tiny_conv_pair()
+        flat = FlatParams(D=D, G=G, dtype=torch.float64)
+        if nudge:
+            with torch.no_grad():
+                flat.params.copy_(torch.nextafter(flat.params, torch.full_like(flat.params, float("inf"))))
+        eng = AutogradEngine(D, G, reg_method="finite_difference")
+        if compiled:
+            eng, why = compile_engine(eng, ["g_reg"])
+            assert why is None and eng.name == "autograd+compile"
+        st = ODEStepper(flat, "rk4", h=0.05, reg=0.1, reg_at="first_stage", coupling="joint", backend="foreach")
+        graphs = []
+        for x, z in data:
+            st.step(lambda stage, x=x, z=z: eng(Batch(x, z), stage.players, stage.penalties))
+            graphs.append(counters["stats"]["unique_graphs"])
+        return torch.cat([flat.params, G[2].running_mean, G[2].running_var]), graphs
+
+    eager, _ = run(False)
+    nudged, _ = run(False, nudge=True)
+    compiled, graphs = run(True)
+    assert torch.isfinite(compiled).all()
+    assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 3, graphs
+    assert _rel(compiled, eager) <= NUDGE_MARGIN * max(_rel(nudged, eager), 1e-15), _rel(compiled, eager)
+
+
+def test_the_trainer_compiles_an_image_pairs_players_when_its_passes_are_first_order(tmp_path):
+    """compile=true on the digits preset (a conv pair with BatchNorm, autograd engine): with g_reg by finite
+    differences the players run compiled and train; with the preset's double backward they stay eager, said in one
+    line."""
+    pytest.importorskip("sklearn", reason="the digits need scikit-learn (the [dev] and [digits] extras)")
+    from odegan_kernels.train import Trainer, make_config
+
+    opts = dict(progress=False, compile=True, width=4, batch=8, eval_samples=64)
+    tr = Trainer(make_config("digits", out=str(tmp_path / "a"), reg_method="finite_difference", **opts))
+    assert tr.game_closure.engine.name == "autograd+compile" and not tr.game_closure.traced
+    start = tr.flat.params.clone()
+    for _ in range(2):
+        tr.train_step()
+    assert torch.isfinite(tr.flat.params).all() and not torch.equal(tr.flat.params, start)
+    with pytest.warns(UserWarning, match="g_reg by reg_method='double_backward' differentiates a gradient"):
+        tr = Trainer(make_config("digits", out=str(tmp_path / "b"), **opts))
+    assert tr.game_closure.engine.name == "autograd"

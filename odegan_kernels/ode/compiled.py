@@ -80,9 +80,9 @@ class CompiledStep:
 
     The first step runs eagerly: it builds what a trace must find built (the engine's gradient views, the
     backends' caches). ``warmup=False`` traces at the first step: the caller built them (the trainer does, so a run
-    resumed from a checkpoint traces its first step as the uninterrupted run did, and rounds as it did). ``kind`` (the penalties due) selects the graph: a lazy
-    penalty's steps have their own. On the CPU the graph's wrapper is C++ (Inductor's cpp_wrapper): the step's
-    hundred-odd matrix products are called from it, not from Python.
+    resumed from a checkpoint traces its first step as the uninterrupted run did, and rounds as it did). ``kind``
+    (the penalties due) selects the graph: a lazy penalty's steps have their own. On the CPU the graph's wrapper is
+    C++ (Inductor's cpp_wrapper): the step's hundred-odd matrix products are called from it, not from Python.
     """
 
     def __init__(self, run_stages, device, warmup: bool = True) -> None:

@@ -32,7 +32,7 @@ def run_engine(cfg, problem):
     if getattr(cfg, "compile", False) and not traces_whole_step(cfg, engine):
         from ..game.compiled import compile_engine
 
-        engine, why = compile_engine(engine)
+        engine, why = compile_engine(engine, pens)
         if why is not None:
             warnings.warn(why, stacklevel=2)
     return engine
