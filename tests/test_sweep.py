@@ -230,3 +230,26 @@ def test_a_planted_population_checkpoint_is_refused_and_never_run(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(ckpt) in err[0] and "could run code" in err[0], err
     assert not (tmp_path / "PLANTED").exists()
+
+
+def test_a_sweep_folder_holds_one_sweep(tmp_path, capsys):
+    """The same command again reads the finished populations back; other steps, seeds or options in the same folder
+    are refused in one line naming what differs, never answered with the old results."""
+    out = tmp_path / "sweep"
+    base = ["sweep", "mog", "--seeds", "0,1", "--steps", "6", "--set", "batch=16", "--set", "hidden=4",
+            "--set", "eval_every=3", "--out", str(out)]  # fmt: skip
+    assert main(base) == 0
+    first = (out / "summary.json").read_text()
+    assert main(base) == 0 and json.loads((out / "summary.json").read_text())["members"] == json.loads(first)["members"]
+    capsys.readouterr()
+    for change, says in (
+        (["--steps", "8"], "steps 6 there, 8 now"),
+        (["--seeds", "0-2"], "members 1 setting(s) x seeds [0, 1] there, 1 setting(s) x seeds [0, 1, 2] now"),
+        (["--set", "hidden=5"], "hidden 4 there, 5 now"),
+    ):
+        args = list(base)
+        i = args.index(change[0]) if change[0] in args and change[0] != "--set" else len(args)
+        args[i : i + 2] = change
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert says in err and "holds another sweep" in err and err.count("\n") == 1, err

@@ -291,6 +291,56 @@ def _plot(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+PLAN = "plan.json"
+_NOT_PLANNED = ("out", "device", "threads", "progress")  # where and how it runs, not what it trains
+
+
+def _plan(pops: list[list]) -> list[list]:
+    """What a sweep trains: per population, each member's setting, seed and options (as config.json has them)."""
+    return [
+        [[name, seed, {k: v for k, v in written_options(c).items() if k not in _NOT_PLANNED}] for name, seed, c in m]
+        for m in pops
+    ]
+
+
+def check_plan(root: Path, pops: list[list], write: bool = True) -> None:
+    """A sweep folder holds one sweep: the same command resumes it (done populations are read back, an interrupted
+    one resumes); another grid, other seeds, steps or options are refused in one line, never answered with the old
+    results. A new folder gets the plan written (``write``: rank 0's)."""
+    path, plan = root / PLAN, json.loads(json.dumps(_plan(pops)))  # (as JSON reads it back: tuples are lists)
+    if not path.exists():
+        if any((root / POPULATIONS).glob("p*/done.json")):
+            raise ValueError(
+                f"{root} holds finished populations but no {PLAN} (an earlier version's sweep): pass --out for a new "
+                "sweep, or remove it"
+            )
+        if write:
+            write_file(path, json.dumps(plan, indent=1) + "\n")
+        return
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} cannot be read as a sweep plan ({exc}): pass --out for a new sweep") from None
+    if held == plan:
+        return
+    was = {(n, s): o for p in held if isinstance(p, list) for n, s, o in p} if isinstance(held, list) else {}
+    now = {(n, s): o for p in plan for n, s, o in p}
+    if set(was) != set(now):
+        diff = f"members {_members(was)} there, {_members(now)} now"
+    else:
+        key, name = next(((k, n) for k in now for n in now[k] if now[k].get(n) != was[k].get(n)), (None, None))
+        diff = f"{name} {was[key].get(name)!r} there, {now[key].get(name)!r} now" if key else "the populations differ"
+    raise ValueError(
+        f"{root} holds another sweep ({diff}): rerun its own command to resume it, or pass --out for a new sweep"
+    )
+
+
+def _members(members: dict) -> str:
+    settings = sorted({n for n, _ in members})
+    seeds = sorted({s for _, s in members})
+    return f"{len(settings)} setting(s) x seeds {seeds}" if len(seeds) <= 8 else f"{len(members)} members"
+
+
 def run_sweep(pops: list[list], out, ckpt_every: int = 200, say=print) -> list[dict]:
     """Train every population not yet done (resuming one that was interrupted), then write the summary. Under
     torchrun (WORLD_SIZE > 1) the populations are shared out across the ranks (population i on rank i mod world,
@@ -300,6 +350,9 @@ def run_sweep(pops: list[list], out, ckpt_every: int = 200, say=print) -> list[d
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     rank, world, device = init_distributed(resolve_device(pops[0][0][2].device) if pops else "cpu")  # as a Trainer
+    check_plan(root, pops, write=rank == 0)
+    if world > 1:
+        torch.distributed.barrier()  # the plan is on disk before a rank starts
     start = time.monotonic()
     for i, members in enumerate(pops):
         if i % world != rank:
