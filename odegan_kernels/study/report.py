@@ -148,9 +148,9 @@ def _json_safe(x):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="odegan study dirac", description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=STEPS)
-    ap.add_argument("--h", type=float, default=H)
+    ap = argparse.ArgumentParser(prog="odegan study dirac", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--steps", type=int, default=STEPS, help=f"steps of every method (default {STEPS})")
+    ap.add_argument("--h", type=float, default=H, help=f"the step size of every method (default {H})")
     ap.add_argument("--out", default="runs/dirac_study", help="folder for table.md, table.json, trajectories.png")
     ap.add_argument("--no-figure", action="store_true")
     args = ap.parse_args(argv)
