@@ -253,3 +253,13 @@ def test_a_sweep_folder_holds_one_sweep(tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert says in err and "holds another sweep" in err and err.count("\n") == 1, err
+
+
+def test_an_adam_preset_sweeps_over_seeds(tmp_path):
+    """The Adam baseline has no method or h: a sweep of its preset over seeds sets neither (it was refused, blaming
+    options the user never gave), and --h is refused as it is for `odegan train`."""
+    out = tmp_path / "adam"
+    assert main(["sweep", "mog-adam", "--seeds", "0,1", "--steps", "4", "--set", "batch=16", "--out", str(out)]) == 0
+    members = json.loads((out / "summary.json").read_text())["members"]
+    assert [m["seed"] for m in members] == [0, 1] and all(m["steps"] == 4 for m in members)
+    assert main(["sweep", "mog-adam", "--seeds", "0", "--h", "0.1", "--out", str(tmp_path / "b")]) == 2

@@ -75,9 +75,9 @@ def plan(preset: str, out, seeds, hs=None, regs=None, methods=None, sets=None, m
         grid = []
         for h, reg, seed in itertools.product(hs or [base.h], regs or [base.reg], seeds):
             name = setting_name(method, h, reg)
-            cfg = make_config(
-                preset, **sets, method=method, h=h, reg=reg, seed=seed, out=str(out / name / f"seed{seed}")
-            )
+            axes = {k: v for k, v, given in (("method", method, methods), ("h", h, hs), ("reg", reg, regs)) if given}
+            cfg = make_config(preset, **sets, **axes, seed=seed, out=str(out / name / f"seed{seed}"))  # (the axes
+            # given only: an Adam preset has no method or h to set)
             cfg.validate()
             grid.append((name, seed, cfg))
         pops += [grid[i : i + members] for i in range(0, len(grid), members)]
