@@ -225,7 +225,8 @@ def checks(part: str) -> list[Check]:
         ),
         Check(
             "compiled-step",
-            "the toy pair's compile=True step (stage op, then the hand-derived engine too) against ours_mlp and JAX",
+            "the toy pair's compiled step (compile='step': the whole step one graph; then compile=True: the stage op, "
+            "then the hand-derived engine too) against ours_mlp and JAX",
             sh(steps + " --device cuda --models mlp --compiled-step only --rep-ms 200"),
             # the CPU fallback checks the command line and the rows beside it; a cold compile here takes minutes
             sh(steps + " --device cpu --models mlp --compiled-step off --no-compile --no-penalties --rep-ms 5"),

@@ -199,9 +199,11 @@ def penalty_specs(penalties: Mapping | Iterable[Penalty] | None) -> tuple[Penalt
     return tuple(p for p in specs if p.weight > 0)
 
 
-def due(specs: Sequence[Penalty], step: int, players: Sequence[int]) -> dict[str, float]:
-    """{name: weight x every} of the penalties due at ``step`` that regularise any of ``players``."""
-    return {p.name: p.weight * p.every for p in specs if step % p.every == 0 and set(p.players) & set(players)}
+def due(specs: Sequence[Penalty], step: int | None, players: Sequence[int], names=None) -> dict[str, float]:
+    """{name: weight x every} of the penalties due at ``step`` that regularise any of ``players``; with ``names``
+    (and step None: a traced step, which has no step number) those of the penalties named there."""
+    now = (lambda p: p.name in names) if names is not None else (lambda p: step % p.every == 0)
+    return {p.name: p.weight * p.every for p in specs if now(p) and set(p.players) & set(players)}
 
 
 def check_reg(reg) -> float:

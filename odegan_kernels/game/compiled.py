@@ -35,11 +35,17 @@ class CompiledEngine:
     def __call__(
         self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True
     ) -> StageResult:
-        if not self._ready:  # eagerly, outside the trace: the fused ops' backend resolved (and csrc loaded), the
-            ops.sqnorm([batch.z.new_zeros(1)])  # .grad tensors made (else the second call's guards see them new)
-            self.engine.attach_grads()
+        if not self._ready:
+            prepare_trace(self.engine, batch.z.dtype, batch.z.device)
             self._ready = True
         return self._fn(batch, tuple(players), tuple(penalties), bool(losses))
+
+
+def prepare_trace(engine: MLPPair, dtype, device) -> None:
+    """Eagerly, before a trace of the hand-derived engine: the fused ops' backend resolved (and csrc loaded) and the
+    .grad tensors made (else a second call's guards would see them new)."""
+    ops.sqnorm([torch.zeros(1, dtype=dtype, device=device)])
+    engine.attach_grads()
 
 
 def compile_engine(engine, penalties: Iterable[str] = ()):

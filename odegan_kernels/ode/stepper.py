@@ -296,7 +296,7 @@ class ODEStepper(torch.optim.Optimizer):
             if i == 0 and self.reg > 0:
                 pens["g_reg"] = self.reg
             return Stage(i, self.steps, players, pens)
-        pens = {p.name: p.weight * p.every for p in self.penalties if p.name in kind and set(p.players) & set(players)}
+        pens = due(self.penalties, None, players, names=kind)
         if i == 0 and self._reg_buf is not None:  # (lambda > 0 for the stepper's life: reg cannot switch it off)
             pens["g_reg"] = 1.0
         return Stage(i, None, players, pens)

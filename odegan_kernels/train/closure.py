@@ -86,10 +86,9 @@ class GameClosure:
     def prepare_trace(self) -> None:
         """Before the first traced step: the engine's gradient views made and the fused ops' backend resolved (and
         csrc loaded), eagerly, so the trace finds them."""
-        from .. import ops
+        from ..game.compiled import prepare_trace
 
-        ops.sqnorm([torch.zeros(1, dtype=self.cfg.torch_dtype, device=self.cfg.device)])
-        self.engine.attach_grads()
+        prepare_trace(self.engine, self.cfg.torch_dtype, self.cfg.device)
 
     def predraw(self, step: int, n: int) -> None:
         """Draw the next step's ``n`` batches (ODEStepper.draws_per_step) now, in the order the eager step draws
