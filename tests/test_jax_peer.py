@@ -55,7 +55,7 @@ def test_the_jax_colab_step_is_the_main_jobs():
     stage: the main job's step (odegan train mog). float64 on both sides measured 4.8e-16 (5 steps, h 0.05,
     lambda 0.5): the same arithmetic; float32 rounding alone leaves ~2e-7."""
     assert jax_step.check_against_ours(0.1, 0.07, variant="colab") < 1e-6  # measured 9.9e-8
-    assert jax_step.check_against_ours(0.05, 0.5, steps=5, variant="colab") < 2e-6  # measured 2.0e-7
+    assert jax_step.check_against_ours(0.05, 0.5, steps=5, variant="colab") < 1e-5  # measured 2.0e-7 (50x)
     assert jax_step.check_against_ours(0.05, 0.5, steps=5, variant="colab", peer_lam=0.5 * 1.01) > 2e-5  # 1.7e-4
     assert jax_step.check_against_ours(0.05, 0.5, steps=5, variant="colab", peer_lam=0.0) > 1e-3
 
