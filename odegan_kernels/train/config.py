@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import typing
@@ -367,6 +368,10 @@ def unknown_options(names) -> str | None:
     if not bad:
         return None
     renamed = [f"{k} is {RENAMED_OPTIONS[k]} since 0.3" for k in bad if k in RENAMED_OPTIONS]
+    for k in bad:  # a misspelling: the nearest option names (difflib), as --set's parser suggests them
+        near = difflib.get_close_matches(k, sorted(fields), n=1) if k not in RENAMED_OPTIONS else []
+        if near:
+            renamed.append(f"did you mean {near[0]} for {k}?")
     return (
         f"unknown option(s) {bad}" + (f" ({'; '.join(renamed)})" if renamed else "") + f"; options are {sorted(fields)}"
     )
