@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import sys
 
@@ -19,8 +18,7 @@ from .train import (
     load_config,
     make_config,
 )
-from .train.config import check_environment, coerce
-from .train.legacy import RENAMED_OPTIONS
+from .train.config import check_environment, coerce, nearest_options
 
 
 def _parse_value(text: str):
@@ -93,7 +91,7 @@ def _set_options(items) -> list[tuple[str, object]]:
         if not sep:
             raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
         if key not in fields:
-            near = [RENAMED_OPTIONS[key]] if key in RENAMED_OPTIONS else difflib.get_close_matches(key, fields, n=3)
+            near = nearest_options(key)
             hint = f"did you mean {' or '.join(near)}?" if near else "odegan train PRESET --dry-run lists them"
             raise ValueError(f"unknown option {key!r}; {hint}")
         out.append((key, _parse_value(value)))

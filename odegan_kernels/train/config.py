@@ -358,6 +358,16 @@ PRESETS["digits"] = dict(
 )  # fmt: skip
 
 
+def nearest_options(key: str) -> list[str]:
+    """What an unknown option ``key`` most likely meant: today's name of one renamed since 0.2, else the nearest
+    option names (difflib, at most 3; none when nothing is near)."""
+    from .legacy import RENAMED_OPTIONS
+
+    if key in RENAMED_OPTIONS:
+        return [RENAMED_OPTIONS[key]]
+    return difflib.get_close_matches(key, sorted(f.name for f in dataclasses.fields(Config)), n=3)
+
+
 def unknown_options(names) -> str | None:
     """A message naming the options of ``names`` that Config does not have (with today's name of one renamed since
     0.2), or None when every one is known."""
@@ -368,10 +378,8 @@ def unknown_options(names) -> str | None:
     if not bad:
         return None
     renamed = [f"{k} is {RENAMED_OPTIONS[k]} since 0.3" for k in bad if k in RENAMED_OPTIONS]
-    for k in bad:  # a misspelling: the nearest option names (difflib), as --set's parser suggests them
-        near = difflib.get_close_matches(k, sorted(fields), n=1) if k not in RENAMED_OPTIONS else []
-        if near:
-            renamed.append(f"did you mean {near[0]} for {k}?")
+    near = {k: nearest_options(k) for k in bad if k not in RENAMED_OPTIONS}
+    renamed += [f"did you mean {' or '.join(v)} for {k}?" for k, v in near.items() if v]
     return (
         f"unknown option(s) {bad}" + (f" ({'; '.join(renamed)})" if renamed else "") + f"; options are {sorted(fields)}"
     )
