@@ -3,8 +3,10 @@ shared machine's load hits both alike (bench/population.py times its rows one af
 
     python -m bench.population_ab --members 16 --rounds 6
     python -m bench.population_ab --members 16 --counts      # ... and what each step is made of
+    python -m bench.population_ab --members 16 --compiled    # ... and the population with compile=true
 
-Rows: ``pop_mlp`` (Population of the mog preset, hand-derived engine, one CPU thread), ``jax_vmap`` (one jitted call
+Rows: ``pop_mlp`` (Population of the mog preset, hand-derived engine, one CPU thread), with ``--compiled`` also
+``pop_mlp_compiled`` (the same population with compile=true: its whole step traced), ``jax_vmap`` (one jitted call
 a step) and ``jax_vmap_scan`` (lax.scan of 10 steps a call) from bench/jax_step.py's ``setup_population``, each
 member drawing its own batch every step on both sides. ``--counts``: our step's aten calls and matrix products
 (torch.profiler, 10 steps) and the compiled XLA step's operations (its HLO's entry computation). Writes
@@ -17,6 +19,7 @@ import argparse
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--rep-ms", type=float, default=700, help="timing per row and round")
     ap.add_argument("--counts", action="store_true", help="also count what each step is made of")
+    ap.add_argument("--compiled", action="store_true", help="also the population with compile=true (a traced step)")
     ap.add_argument("--device", default="cpu", choices=("cpu",), help="the CPU only, for now")
     args = ap.parse_args(argv)
     if args.members < 1 or args.rounds < 1 or not args.rep_ms > 0:
@@ -86,16 +90,24 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     k = args.members
-    pop = Population([make_config("mog", method="rk4", grads="mlp", device="cpu", seed=s) for s in range(k)])
+    cfgs = lambda **kw: [make_config("mog", method="rk4", grads="mlp", device="cpu", seed=s, **kw) for s in range(k)]  # noqa: E731
+    pop = Population(cfgs())
+    traced = Population(cfgs(compile=True)) if args.compiled else None
     once, many, state = jax_step.setup_population([mog_pair(seed=s) for s in range(k)], 0.1, 0.07, scan_steps=10)
     once(), many()  # compiled outside the timing
     rows = {"pop_mlp": (pop.step, 1), "jax_vmap": (once, 1), "jax_vmap_scan": (many, 10)}
+    if traced is not None:
+        t0 = time.perf_counter()
+        traced.step(), traced.step()  # the first step runs eagerly, the second traces (outside the timing)
+        compile_s = time.perf_counter() - t0
+        rows = {"pop_mlp": rows["pop_mlp"], "pop_mlp_compiled": (traced.step, 1), **rows}
     rates: dict[str, list[float]] = {v: [] for v in rows}
     host = torch.device("cpu")
     for _ in range(args.rounds):
         for variant, (fn, per) in rows.items():
             rates[variant].append(k * per * 1e3 / bench(fn, host, warmup_ms=50, rep_ms=args.rep_ms)[0])
-    ok = jax_step.finite(state) and bool(torch.isfinite(pop.flat.params).all())
+    ours = [p for p in (pop, traced) if p is not None]
+    ok = jax_step.finite(state) and all(bool(torch.isfinite(p.flat.params).all()) for p in ours)
     md = [
         f"# K = {k} members, ours against JAX's vmap, round-robin ({args.rounds} rounds)\n",
         f"Command: `python -m bench.population_ab {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
@@ -103,9 +115,14 @@ def main(argv=None) -> int:
         "| --- | --- | --- |",
     ]
     md += [f"| {v} | {statistics.median(r):.1f} | {', '.join(f'{x:.0f}' for x in r)} |" for v, r in rates.items()]
-    for other in ("jax_vmap", "jax_vmap_scan"):
-        per = [a / b for a, b in zip(rates["pop_mlp"], rates[other])]
-        md.append(f"\npop_mlp / {other}, round by round: {', '.join(f'{x:.2f}' for x in per)} (>= 1: ours as fast)")
+    for mine in ("pop_mlp", "pop_mlp_compiled")[: len(ours)]:
+        for other in ("jax_vmap", "jax_vmap_scan"):
+            per = [a / b for a, b in zip(rates[mine], rates[other])]
+            md.append(f"\n{mine} / {other}, round by round: {', '.join(f'{x:.2f}' for x in per)} (>= 1: ours as fast)")
+    if traced is not None:
+        per = [a / b for a, b in zip(rates["pop_mlp_compiled"], rates["pop_mlp"])]
+        md.append(f"\npop_mlp_compiled / pop_mlp, round by round: {', '.join(f'{x:.2f}' for x in per)}")
+        md.append(f"\npop_mlp_compiled: its first two steps (eager, then the trace) took {compile_s:.1f} s")
     if not ok:
         md.append("\nDIVERGED: a timing of non-finite arithmetic")
     if args.counts:

@@ -4,6 +4,12 @@ relative 1e-6 of the result is too tight for kernels with fused multiply-adds)."
 
 import torch
 
+# A compiled step's tolerance against the eager one (tests/test_compiled.py, tests/test_population_compiled.py):
+# NUDGE_MARGIN x the same run's distance from itself with its start point nudged by one ulp. A compiled step rounds
+# differently from the eager one in the last bits (other fused orders of the same products), and the game amplifies
+# that as it amplifies a nudge.
+NUDGE_MARGIN = 30
+
 
 def gamma(n: int, dtype: torch.dtype) -> float:
     """gamma_n = n u / (1 - n u): the relative error bound of n roundings (u the unit roundoff of dtype)."""

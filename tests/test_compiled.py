@@ -19,8 +19,9 @@ from odegan_kernels.game.compiled import CompiledEngine, compile_engine
 from odegan_kernels.models import mog_pair
 from odegan_kernels.ode import TABLEAUS
 
+from .bounds import NUDGE_MARGIN
+
 STEPS = 12
-NUDGE_MARGIN = 30
 CASES = [
     (m, c, p)
     for m in TABLEAUS
@@ -228,9 +229,6 @@ def test_a_closure_the_trace_cannot_take_is_refused_in_one_line_and_the_step_und
     assert torch.equal(flat.params, before) and st.steps == 1 and st.rolled_back
     with pytest.raises(ValueError, match="compile='step' with cuda_graph=True is not supported"):
         ODEStepper(flat, compile="step", cuda_graph=True)
-    pop = FlatParams(D=[mog_pair(hidden=4, z_dim=2)[0]] * 1, G=[mog_pair(hidden=4, z_dim=2)[1]], members=1)
-    with pytest.raises(ValueError, match="compile='step' with a population .* is not supported yet"):
-        ODEStepper(pop, compile="step")
 
 
 TRAINER_CASES = [

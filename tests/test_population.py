@@ -270,12 +270,6 @@ def test_conv_pair_with_batchnorm(coupling, reg_at):
         assert not torch.equal(bn.running_mean, torch.zeros_like(mean))
 
 
-def test_a_compiled_population_is_refused_not_run_eagerly():
-    """compile=True is not built for populations: refused in one line rather than silently run eager."""
-    with pytest.raises(ValueError, match=r"eager \(no cuda_graph, no compile\)"):
-        Population([Config(**BASE, **m, compile=True) for m in MIXED])
-
-
 def test_digits_members_are_put_back_whole(tmp_path):
     """The digits (a conv pair with BatchNorm, a data loader per member): a member whose step goes non-finite is put
     back whole (parameters, BN statistics, data position, z stream) while the others move; a frozen member's

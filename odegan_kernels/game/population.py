@@ -192,6 +192,11 @@ class PopulationMLP:
         self.g_w = [pG[names[id(lin.weight)]] for lin in layers[1]]
         self.g_b = [pG[names[id(lin.bias)]] for lin in layers[1]]
 
+    def attach_grads(self) -> None:
+        """Make (or find again) the [K, ...] leaves' .grad views the evaluation accumulates into, now: a traced step
+        starts from them (game/compiled.py's prepare_trace)."""
+        self.flat.attach_grads()
+
     @torch.no_grad()
     def __call__(
         self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True

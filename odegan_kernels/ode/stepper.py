@@ -166,8 +166,6 @@ class ODEStepper(torch.optim.Optimizer):
             from .compiled import CompiledStages, CompiledStep, why_not_compiled
 
             why = why_not_compiled(compile, cuda_graph, distributed)
-            if why is None and compile == "step" and isinstance(flat, PopulationParams):
-                why = "compile='step' with a population (PopulationParams) is not supported yet; compile=True is"
             if why is not None:
                 raise ValueError(why)
             self.compiled = CompiledStages(self._stages, flat.segments, traced=compile == "step")

@@ -6,12 +6,14 @@ and data (its own problem: the digits' loader order is its seed's), exactly as a
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
 from ..contract import PENALTIES, Stage, StageResult
 from ..flat import FlatParams
 from ..game import Batch
+from ..game.compiled import prepare_trace
 from ..game.mlp import why_not
 from ..game.population import PopulationAutograd, PopulationMLP
 from ..ode.schedules import SCHEDULES
@@ -38,10 +40,11 @@ def check_members(cfgs) -> None:
                     f"{MEMBER_OPTIONS} (one method, one architecture per population)"
                 )
     c = cfgs[0]
-    if c.problem not in POPULATION_PROBLEMS or c.cuda_graph or c.compile or c.instance_noise or c.ema or c.autocast:
+    if c.problem not in POPULATION_PROBLEMS or c.cuda_graph or c.instance_noise or c.ema or c.autocast:
         raise ValueError(
-            "populations run the 16-Gaussian problem (mog) or the digits (digits), eager (no cuda_graph, no compile), "
-            "in the parameters' dtype, without instance noise or an average of G (the rest is not built yet)"
+            "populations run the 16-Gaussian problem (mog) or the digits (digits), eager or compile=true (no "
+            "cuda_graph), in the parameters' dtype, without instance noise or an average of G (the rest is not built "
+            "yet)"
         )
 
 
@@ -107,6 +110,15 @@ class Population:
             torch.distributed.broadcast(self.flat.params, 0)
         self.streams = [RandomStreams(c.seed, rank, cfg.device) for c in cfgs]
         pens = {k: (getattr(cfg, k), cfg.penalty_every) for k in PENALTIES if k != "g_reg"}
+        self.engine = population_engine(cfg, self.flat, Ds[0], Gs[0])
+        # compile=true: the whole step traced (the batched hand-derived engine), else the stage op alone
+        self.traced = traced = bool(cfg.compile) and isinstance(self.engine, PopulationMLP)
+        if cfg.compile and not traced:
+            warnings.warn(
+                "compile=true with a population's autograd engine compiles the stage op alone: the players' vmapped "
+                "passes run eagerly (grads='mlp' traces the whole step where the pair is a ReLU MLP)",
+                stacklevel=2,
+            )
         if cfg.optimizer == "ode":
             from ..ode.stepper import ODEStepper
 
@@ -121,6 +133,7 @@ class Population:
                 backend=cfg.backend,
                 penalties=pens,
                 distributed=world > 1,
+                **({"compile": "step" if traced else True} if cfg.compile else {}),
             )
         else:
             if len({c.reg for c in cfgs}) > 1:
@@ -128,8 +141,10 @@ class Population:
             self.opt = BaselineOptimizer(
                 self.flat, cfg.optimizer, cfg.lr, cfg.betas, cfg.reg, penalties=pens, distributed=world > 1
             )
-        self.engine = population_engine(cfg, self.flat, Ds[0], Gs[0])
-        self.closure = PopulationClosure(cfg, self.problems, self.engine, self.streams)
+        self.closure = PopulationClosure(cfg, self.problems, self.engine, self.streams, traced)
+        if traced:  # what the trace must find built, built now, so every step is traced (a resumed one included)
+            prepare_trace(self.engine, cfg.torch_dtype, cfg.device)
+            self.opt.compiled_step.warmed = True
         self.schedule = SCHEDULES[cfg.schedule] if cfg.optimizer == "ode" else None
         # each member's step sizes before the schedule (h, h_g), as a solo run's LambdaLR holds them (base_lrs)
         n = self.flat.nplayers
@@ -158,7 +173,11 @@ class Population:
         if self._buffers:
             torch._foreach_copy_(self._buffers_start, self._buffers)
         states = [(s.data.get_state(), s.z.get_state(), p.state_dict()) for s, p in zip(self.streams, self.problems)]
+        if self.traced:  # the traced step reads its batches drawn here, in the eager step's order
+            self.closure.predraw(self.opt.draws_per_step(self.cfgs[0].data_per_stage))
         out = self.opt.step(self.closure)
+        if self.traced:
+            self.closure.check_predrawn()
         ok = torch.isfinite(flat.params.view(k, block)).all(1).tolist()
         for m in range(k):
             if not self.frozen[m] and ok[m]:
@@ -217,14 +236,38 @@ class Population:
 class PopulationClosure:
     """``closure(stage)`` for a population: each member draws its real batch and z (and WGAN-GP's weights) from
     its own streams and its own problem's data, in the order GameClosure draws them, and the engine evaluates all
-    members at once."""
+    members at once. ``traced`` (compile=true's traced step): the step's batches are drawn before it (predraw) and
+    read in order inside the trace, as GameClosure's."""
 
-    def __init__(self, cfg, problems, engine, streams) -> None:
+    def __init__(self, cfg, problems, engine, streams, traced: bool = False) -> None:
         self.cfg, self.problems, self.engine, self.streams = cfg, list(problems), engine, streams
         self.batch: Batch | None = None
         self.fake0 = None
+        self.traced = traced
+        self.pre: list[Batch] = []
+        self.cursor = 0
+
+    def predraw(self, n: int) -> None:
+        """Draw the next step's ``n`` batches (ODEStepper.draws_per_step) now, in the order the eager step draws
+        them, for the traced step to read."""
+        self.pre = [self._draw_now() for _ in range(n)]
+        self.cursor = 0
+
+    def check_predrawn(self) -> None:
+        """After a traced step: it read every batch drawn for it, no more."""
+        if self.cursor != len(self.pre):
+            raise RuntimeError(
+                f"the population's traced step (compile=true) read {self.cursor} of the {len(self.pre)} batches drawn "
+                "before it: predraw(n) must draw optimizer.draws_per_step(data_per_stage) batches"
+            )
 
     def _draw(self) -> Batch:
+        if self.traced:  # (the trace indexes the list: too few batches fail it, too many check_predrawn names)
+            self.cursor += 1
+            return self.pre[self.cursor - 1]
+        return self._draw_now()
+
+    def _draw_now(self) -> Batch:
         cfg, dev, dt = self.cfg, self.cfg.device, self.cfg.torch_dtype
         xs, zs, mixes = [], [], []
         for s, problem in zip(self.streams, self.problems):
