@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     rows = {"pop_mlp": (pop.step, 1), "jax_vmap": (once, 1), "jax_vmap_scan": (many, 10)}
     if traced is not None:
         t0 = time.perf_counter()
-        traced.step(), traced.step()  # the first step runs eagerly, the second traces (outside the timing)
+        traced.step(), traced.step()  # the first step traces and compiles (prepare_trace at build), outside the timing
         compile_s = time.perf_counter() - t0
         rows = {"pop_mlp": rows["pop_mlp"], "pop_mlp_compiled": (traced.step, 1), **rows}
     rates: dict[str, list[float]] = {v: [] for v in rows}
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     if traced is not None:
         per = [a / b for a, b in zip(rates["pop_mlp_compiled"], rates["pop_mlp"])]
         md.append(f"\npop_mlp_compiled / pop_mlp, round by round: {', '.join(f'{x:.2f}' for x in per)}")
-        md.append(f"\npop_mlp_compiled: its first two steps (eager, then the trace) took {compile_s:.1f} s")
+        md.append(f"\npop_mlp_compiled: its first two steps (the first traces and compiles) took {compile_s:.1f} s")
     if not ok:
         md.append("\nDIVERGED: a timing of non-finite arithmetic")
     if args.counts:

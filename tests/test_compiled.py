@@ -241,7 +241,7 @@ TRAINER_CASES = [
 @pytest.mark.parametrize("preset,opts", TRAINER_CASES)
 def test_the_trainers_traced_step_agrees_with_its_eager_step_in_float64(tmp_path, preset, opts):
     """compile=true in float64: the data (and instance noise) drawn before each step in the eager order, so the traced
-    run follows the eager one to rounding; one graph is compiled, at the second step."""
+    run follows the eager one to rounding; one graph is compiled (the trainer traces its first step)."""
     from odegan_kernels.train import Trainer, make_config
 
     def run(name, compile, nudge=False, steps=20):

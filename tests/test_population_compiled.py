@@ -4,8 +4,8 @@ sensitivity (tests/bounds.py's NUDGE_MARGIN); one graph per population whatever 
 smaller h included; a diverging member fails alone; what compile cannot run with a population is refused in one
 line, and the autograd engine says that it compiles the stage op alone.
 
-The trace costs about a minute on 2 cores, paid once: every traced population here has one shape (heun, K=3), so
-the later ones reuse the compiled code."""
+Each population's stepper traces its own step (one graph each), but the populations here share two shapes (heun,
+K=3, joint or colab), so inductor's cache makes every trace after the first of a shape take seconds, not a minute."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ from .test_population import MIXED, solo
 STEPS = 20
 TOL = 1e-12  # a member against its solo run, as tests/test_population.py
 OPTS = dict(problem="mog", dtype="float64", batch=16, z_dim=4, hidden=6, backend="foreach", method="heun")
+# joint with a fresh batch a stage and g_reg in the first stage (Config's defaults), and the main job's colab step
+# (decoupled, one batch a step, the fake batch of stage 0 reused, g_reg after the step)
+SETTINGS = {"joint": {}, "colab": dict(coupling="decoupled", data_per_stage="shared", reg_at="after_step")}
 
 
 def _rel(a, b):
@@ -40,26 +43,28 @@ def _run(opts, members, nudge=False):
     return pop, counters["stats"]["unique_graphs"] - before
 
 
-def test_a_compiled_population_follows_the_eager_one_and_its_members_solo_runs():
-    eager, _ = _run(OPTS, MIXED)
-    nudged, _ = _run(OPTS, MIXED, nudge=True)
-    traced, graphs = _run({**OPTS, "compile": True}, MIXED)
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_a_compiled_population_follows_the_eager_one_and_its_members_solo_runs(settings):
+    opts = {**OPTS, **SETTINGS[settings]}
+    eager, _ = _run(opts, MIXED)
+    nudged, _ = _run(opts, MIXED, nudge=True)
+    traced, graphs = _run({**opts, "compile": True}, MIXED)
     assert type(traced.engine).__name__ == "PopulationMLP" and traced.opt.compiled_step is not None
     assert graphs == 1  # the whole step traced once: not eager pieces, no recompile for the members' own h, lambda
     tol = NUDGE_MARGIN * max(_rel(nudged.flat.params, eager.flat.params), 1e-15)
     assert _rel(traced.flat.params, eager.flat.params) <= tol, _rel(traced.flat.params, eager.flat.params)
     for k, m in enumerate(MIXED):
-        ref = solo({**OPTS, **m})
+        ref = solo({**opts, **m}, STEPS)
         got = traced.member_params(k)
         assert torch.isfinite(got).all() and _rel(got, ref) <= TOL, (k, _rel(got, ref))
-        assert _rel(got, solo({**OPTS, **MIXED[(k + 1) % 3]})) > TOL  # the check can fail: another member's run
+        assert _rel(got, solo({**opts, **MIXED[(k + 1) % 3]}, STEPS)) > TOL  # the check can fail: another member's
     assert traced.member_steps == [STEPS] * 3 and traced.opt.steps == STEPS
 
 
 def test_a_diverging_member_of_a_compiled_population_fails_alone():
     """The bad member is rolled back, retried with a smaller h (no new graph), then frozen; the others end
     bit-identical to the compiled population with a good member in its place (the same graph)."""
-    opts = {**OPTS, "compile": True, "recover_retries": 2, "recover_factor": 0.5}
+    opts = {**OPTS, **SETTINGS["colab"], "compile": True, "recover_retries": 2, "recover_factor": 0.5}
     bad = dict(seed=7, h=1e300, reg=0.07)
     pop, graphs = _run(opts, [MIXED[0], bad, MIXED[2]])
     ref, ref_graphs = _run(opts, MIXED)
@@ -80,6 +85,9 @@ def test_what_compile_cannot_run_with_a_population_is_refused_in_one_line():
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="use optimizer=ode") as err:
         Population([Config(**OPTS, seed=s, optimizer="adam", compile=True) for s in (0, 1)])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"under torchrun \(world > 1\) is not supported yet") as err:
+        Population(cfgs(compile=True), rank=0, world=2)  # refused before torch.distributed is touched
     assert "\n" not in str(err.value)
 
 

@@ -43,8 +43,8 @@ def check_members(cfgs) -> None:
     if c.problem not in POPULATION_PROBLEMS or c.cuda_graph or c.instance_noise or c.ema or c.autocast:
         raise ValueError(
             "populations run the 16-Gaussian problem (mog) or the digits (digits), eager or compile=true (no "
-            "cuda_graph), in the parameters' dtype, without instance noise or an average of G (the rest is not built "
-            "yet)"
+            "cuda_graph; compile on one process only), in the parameters' dtype, without instance noise or an "
+            "average of G (the rest is not built yet)"
         )
 
 
@@ -99,6 +99,11 @@ class Population:
             cfg.validate()
             cfg.device = resolve_device(cfg.device)  # "auto", as a Trainer resolves it
         check_members(cfgs)
+        if cfgs[0].compile and type(world) is int and world > 1:  # said before the problems and the broadcast
+            raise ValueError(
+                "compile=true with a population under torchrun (world > 1) is not supported yet: the per-stage "
+                "all-reduce runs eagerly; run the population without compile"
+            )
         check_rank(rank, world)
         self.cfgs, cfg = cfgs, cfgs[0]
         if cfg.threads > 0 and cfg.device == "cpu":
