@@ -43,6 +43,7 @@ def _run(opts, members, nudge=False):
     return pop, counters["stats"]["unique_graphs"] - before
 
 
+@pytest.mark.slow  # a trace: a minute cold on 2 cores
 @pytest.mark.parametrize("settings", SETTINGS)
 def test_a_compiled_population_follows_the_eager_one_and_its_members_solo_runs(settings):
     opts = {**OPTS, **SETTINGS[settings]}
@@ -61,6 +62,7 @@ def test_a_compiled_population_follows_the_eager_one_and_its_members_solo_runs(s
     assert traced.member_steps == [STEPS] * 3 and traced.opt.steps == STEPS
 
 
+@pytest.mark.slow  # a trace: a minute cold on 2 cores
 def test_a_diverging_member_of_a_compiled_population_fails_alone():
     """The bad member is rolled back, retried with a smaller h (no new graph), then frozen; the others end
     bit-identical to the compiled population with a good member in its place (the same graph)."""
@@ -91,6 +93,7 @@ def test_what_compile_cannot_run_with_a_population_is_refused_in_one_line():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # a trace: a minute cold on 2 cores
 def test_the_autograd_engine_compiles_the_stage_op_alone_and_says_so():
     opts = {**OPTS, "grads": "autograd", "method": "euler"}
     eager = Population([Config(**opts, **m) for m in MIXED])
