@@ -31,12 +31,17 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def _nudge(pop):
+    """Every parameter one ulp up: the sensitivity the tolerances come from."""
+    with torch.no_grad():
+        p = pop.flat.params
+        p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
+
+
 def _run(opts, members, nudge=False):
     pop = Population([Config(**opts, **m) for m in members])
     if nudge:
-        with torch.no_grad():
-            p = pop.flat.params
-            p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
+        _nudge(pop)
     before = counters["stats"]["unique_graphs"]
     for _ in range(STEPS):
         pop.step()
@@ -96,12 +101,14 @@ def test_what_compile_cannot_run_with_a_population_is_refused_in_one_line():
 @pytest.mark.slow  # a trace: a minute cold on 2 cores
 def test_the_autograd_engine_compiles_the_stage_op_alone_and_says_so():
     opts = {**OPTS, "grads": "autograd", "method": "euler"}
-    eager = Population([Config(**opts, **m) for m in MIXED])
+    eager, nudged = (Population([Config(**opts, **m) for m in MIXED]) for _ in range(2))
+    _nudge(nudged)
     with pytest.warns(UserWarning, match="compiles the stage op alone"):
         pop = Population([Config(**opts, **m, compile=True) for m in MIXED])
     assert type(pop.engine).__name__ == "PopulationAutograd"
     assert pop.opt.compiled is not None and pop.opt.compiled_step is None
     for _ in range(3):
-        eager.step()
-        pop.step()
-    assert _rel(pop.flat.params, eager.flat.params) <= 1e-13  # three euler steps: rounding of one fused update each
+        eager.step(), nudged.step(), pop.step()
+    # measured here: 1.7e-17 compiled, 1.6e-16 nudged, so the bound is the floor's 3e-14
+    tol = NUDGE_MARGIN * max(_rel(nudged.flat.params, eager.flat.params), 1e-15)
+    assert _rel(pop.flat.params, eager.flat.params) <= tol, _rel(pop.flat.params, eager.flat.params)

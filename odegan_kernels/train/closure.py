@@ -9,6 +9,7 @@ import torch
 
 from ..contract import PENALTIES, Stage, StageResult
 from ..game import Batch, MLPPair, choose_engine
+from ..game.population import PopulationMLP
 from ..graphs import StaticBatches
 
 
@@ -40,8 +41,35 @@ def run_engine(cfg, problem):
 
 def traces_whole_step(cfg, engine) -> bool:
     """Whether ``compile=true`` traces the run's whole step as one graph (ODEStepper(compile="step")): the ODE
-    stepper with the hand-derived engine, eagerly, its data drawn before each step (GameClosure.predraw)."""
-    return bool(cfg.compile) and cfg.optimizer == "ode" and not cfg.cuda_graph and isinstance(engine, MLPPair)
+    stepper with the hand-derived engine (a pair's, or a population's batched one), eagerly, its data drawn before
+    each step (Predrawn)."""
+    hand_derived = isinstance(engine, (MLPPair, PopulationMLP))
+    return bool(cfg.compile) and cfg.optimizer == "ode" and not cfg.cuda_graph and hand_derived
+
+
+class Predrawn:
+    """The traced step's batches (compile=true): drawn before the step in the order the eager step draws them
+    (``fill``), read in that order inside the trace (``next``), and checked after it (``check``): a step that read
+    fewer would leave the streams where the eager step never does. GameClosure's and PopulationClosure's."""
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self.cursor = 0
+
+    def fill(self, draw, n: int) -> None:
+        self.batches = [draw() for _ in range(n)]
+        self.cursor = 0
+
+    def next(self) -> Batch:
+        self.cursor += 1  # (the trace indexes the list: too few batches fail it, too many check names)
+        return self.batches[self.cursor - 1]
+
+    def check(self) -> None:
+        if self.cursor != len(self.batches):
+            raise RuntimeError(
+                f"the traced step (compile=true) read {self.cursor} of the {len(self.batches)} batches drawn before "
+                "it: predraw must draw optimizer.draws_per_step(data_per_stage) batches"
+            )
 
 
 class GameClosure:
@@ -65,8 +93,7 @@ class GameClosure:
         self.fake0: torch.Tensor | None = None  # the samples G drew at stage 0 of this step
         # compile=true's traced step: the step's batches drawn before it (predraw), read in order inside the trace
         self.traced = static is None and traces_whole_step(cfg, self.engine)
-        self.pre: list[Batch] = []
-        self.cursor = 0
+        self.pre = Predrawn()
         graphed = static is not None or self.traced
         # (in the parameters' dtype: a float32 std would round a float64 run's noise as eager never does)
         self.sigma = torch.full((), self.noise_std(0), device=cfg.device, dtype=cfg.torch_dtype) if graphed else None
@@ -93,24 +120,15 @@ class GameClosure:
     def predraw(self, step: int, n: int) -> None:
         """Draw the next step's ``n`` batches (ODEStepper.draws_per_step) now, in the order the eager step draws
         them, for the traced step to read; set the instance noise's std for ``step``."""
-        self.pre = [self._draw_now(0) for _ in range(n)]
-        self.cursor = 0
+        self.pre.fill(lambda: self._draw_now(0), n)
         self.sigma.fill_(self.noise_std(step))
 
     def check_predrawn(self) -> None:
-        """After a traced step: it read every batch drawn for it, no more (else the streams are not where the eager
-        step leaves them)."""
-        if self.cursor != len(self.pre):
-            raise RuntimeError(
-                f"the traced step (compile=true) read {self.cursor} of the {len(self.pre)} batches drawn before it: "
-                "predraw(step, n) must draw optimizer.draws_per_step(data_per_stage) batches"
-            )
+        """After a traced step: it read every batch drawn for it, no more."""
+        self.pre.check()
 
     def _draw(self, stage_index: int) -> Batch:
-        if self.traced:  # (the trace indexes the list: too few batches fail it, too many check_predrawn names)
-            self.cursor += 1
-            return self.pre[self.cursor - 1]
-        return self._draw_now(stage_index)
+        return self.pre.next() if self.traced else self._draw_now(stage_index)
 
     def _draw_now(self, stage_index: int) -> Batch:
         cfg, k = self.cfg, self.problem.num_classes

@@ -19,6 +19,7 @@ from ..game.population import PopulationAutograd, PopulationMLP
 from ..ode.schedules import SCHEDULES
 from ..problems import build_problem
 from .baselines import BaselineOptimizer
+from .closure import Predrawn, traces_whole_step
 from .config import resolve_device
 from .state import RandomStreams
 
@@ -117,7 +118,7 @@ class Population:
         pens = {k: (getattr(cfg, k), cfg.penalty_every) for k in PENALTIES if k != "g_reg"}
         self.engine = population_engine(cfg, self.flat, Ds[0], Gs[0])
         # compile=true: the whole step traced (the batched hand-derived engine), else the stage op alone
-        self.traced = traced = bool(cfg.compile) and isinstance(self.engine, PopulationMLP)
+        self.traced = traced = traces_whole_step(cfg, self.engine)
         if cfg.compile and not traced:
             warnings.warn(
                 "compile=true with a population's autograd engine compiles the stage op alone: the players' vmapped "
@@ -249,28 +250,19 @@ class PopulationClosure:
         self.batch: Batch | None = None
         self.fake0 = None
         self.traced = traced
-        self.pre: list[Batch] = []
-        self.cursor = 0
+        self.pre = Predrawn()
 
     def predraw(self, n: int) -> None:
         """Draw the next step's ``n`` batches (ODEStepper.draws_per_step) now, in the order the eager step draws
         them, for the traced step to read."""
-        self.pre = [self._draw_now() for _ in range(n)]
-        self.cursor = 0
+        self.pre.fill(self._draw_now, n)
 
     def check_predrawn(self) -> None:
         """After a traced step: it read every batch drawn for it, no more."""
-        if self.cursor != len(self.pre):
-            raise RuntimeError(
-                f"the population's traced step (compile=true) read {self.cursor} of the {len(self.pre)} batches drawn "
-                "before it: predraw(n) must draw optimizer.draws_per_step(data_per_stage) batches"
-            )
+        self.pre.check()
 
     def _draw(self) -> Batch:
-        if self.traced:  # (the trace indexes the list: too few batches fail it, too many check_predrawn names)
-            self.cursor += 1
-            return self.pre[self.cursor - 1]
-        return self._draw_now()
+        return self.pre.next() if self.traced else self._draw_now()
 
     def _draw_now(self) -> Batch:
         cfg, dev, dt = self.cfg, self.cfg.device, self.cfg.torch_dtype
