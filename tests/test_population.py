@@ -150,8 +150,8 @@ def test_bad_input_one_line():
         Population([Config(**BASE, method="rk4"), Config(**BASE, method="euler", seed=1)])
     with pytest.raises(ValueError, match="at least one member"):
         Population([])
-    for opts in (dict(ema=0.999), dict(autocast=True, dtype="float32"), dict(problem="dirac"), dict(problem="cifar10")):
-        with pytest.raises(ValueError, match=r"populations run the 16-Gaussian problem \(mog\) or the digits"):
+    for opts in (dict(autocast=True, dtype="float32"), dict(problem="dirac"), dict(instance_noise=0.1)):
+        with pytest.raises(ValueError, match=r"populations run mog digits cifar10 or imagefolder"):
             Population([Config(**{**BASE, **opts})])
 
 

@@ -21,12 +21,13 @@ class GeneratorAverage:
     ``evaluating(G)`` puts G in eval mode with the average in its parameters, and afterwards puts the trained
     values back bit for bit (and G's mode), so training goes on undisturbed. Only parameters are averaged:
     BatchNorm running statistics (buffers) stay the trained model's, so a BN generator is evaluated with its
-    trained statistics under averaged weights.
+    trained statistics under averaged weights. ``player``: the segment averaged (a population's member k: "m<k>.G",
+    its own average, updated at its own step count).
     """
 
-    def __init__(self, flat: FlatParams, decay: float, start: int = 0, backend: str = "auto") -> None:
+    def __init__(self, flat: FlatParams, decay: float, start: int = 0, backend: str = "auto", player="G") -> None:
         self.decay, self.start, self.backend = float(decay), int(start), backend
-        lo, hi = flat.segment("G")
+        lo, hi = flat.segment(player)  # a population's member k: player "m<k>.G"
         self.params = flat.params[lo:hi]  # a view: always G's current parameters
         self.avg = self.params.detach().clone() if self.decay > 0 else None
         self._saved: torch.Tensor | None = None  # the trained parameters while the average is swapped in

@@ -17,15 +17,17 @@ from ..game.compiled import prepare_trace
 from ..game.mlp import why_not
 from ..game.population import PopulationAutograd, PopulationMLP
 from ..ode.schedules import SCHEDULES
-from ..problems import build_problem
+from ..problems import IMAGE_PROBLEMS, build_problem
 from .baselines import BaselineOptimizer
 from .closure import Predrawn, traces_whole_step
 from .config import resolve_device
+from .ema import GeneratorAverage
 from .state import RandomStreams
 
 # the options members may differ in; every other option is the population's one
 MEMBER_OPTIONS = ("seed", "h", "h_g", "reg", "out")
-POPULATION_PROBLEMS = ("mog", "digits")  # the problems a population runs (the other images: not built yet)
+# the problems a population runs: the toy and the unconditional image problems (resnet128 is class-conditional)
+POPULATION_PROBLEMS = ("mog", "digits", "cifar10", "imagefolder")
 
 
 def check_members(cfgs) -> None:
@@ -41,11 +43,16 @@ def check_members(cfgs) -> None:
                     f"{MEMBER_OPTIONS} (one method, one architecture per population)"
                 )
     c = cfgs[0]
-    if c.problem not in POPULATION_PROBLEMS or c.cuda_graph or c.instance_noise or c.ema or c.autocast:
+    if c.problem not in POPULATION_PROBLEMS or c.cuda_graph or c.instance_noise or c.autocast:
         raise ValueError(
-            "populations run the 16-Gaussian problem (mog) or the digits (digits), eager or compile=true (no "
-            "cuda_graph; compile on one process only), in the parameters' dtype, without instance noise or an "
-            "average of G (the rest is not built yet)"
+            f"populations run {' '.join(POPULATION_PROBLEMS[:-1])} or {POPULATION_PROBLEMS[-1]} (got "
+            f"problem={c.problem!r}), eager or compile=true (no cuda_graph; compile on one process only), in the "
+            "parameters' dtype, without instance noise (the rest is not built yet)"
+        )
+    if c.problem in IMAGE_PROBLEMS and c.arch == "resnet128":
+        raise ValueError(
+            "populations run unconditional pairs; arch=resnet128 is class-conditional (not built yet): use "
+            "arch=dcgan or arch=resnet"
         )
 
 
@@ -165,6 +172,10 @@ class Population:
         self._start = torch.empty_like(self.flat.params)
         self._buffers = [b for q in range(self.flat.nplayers) for b in self.flat.stacked_buffers(q).values()]
         self._buffers_start = [torch.empty_like(b) for b in self._buffers]  # [K, ...] each: BN statistics
+        # each member's average of G (cfg.ema; off at 0), folded in after each of its own steps, as a solo run's
+        self.averages = [
+            GeneratorAverage(self.flat, c.ema, c.ema_start, c.backend, player=f"m{m}.G") for m, c in enumerate(cfgs)
+        ]
         self.set_step_sizes()
 
     def step(self):
@@ -188,6 +199,7 @@ class Population:
         for m in range(k):
             if not self.frozen[m] and ok[m]:
                 self.member_steps[m] += 1
+                self.averages[m].update(self.member_steps[m])
                 continue
             flat.params[m * block : (m + 1) * block].copy_(self._start[m * block : (m + 1) * block])
             for b, b0 in zip(self._buffers, self._buffers_start):

@@ -133,6 +133,8 @@ class PopulationRun:
                 b.copy_(saved)
             for problem, saved in zip(pop.problems, state.get("problems", [])):  # the digits' loader positions
                 problem.load_state_dict(saved)
+            for average, saved in zip(pop.averages, state.get("averages", [None] * k)):  # ema > 0: G's averages
+                average.load_state_dict(saved)
             pop.set_step_sizes()
             records, pstep = state["records"], state["run"]["pstep"]
             say(f"population {self.index}: resumed at step {pstep}")
@@ -165,10 +167,14 @@ class PopulationRun:
         results = []
         for m, (name, seed, c) in enumerate(self.members):
             write_file(Path(c.out) / "metrics.jsonl", _metrics_dicts(records[m]))
-            problem = pop.problems[m]
-            atomic_save({"D": problem.D.state_dict(), "G": problem.G.state_dict()}, Path(c.out) / "params.pt")
+            problem, average = pop.problems[m], pop.averages[m]
+            params = {"D": problem.D.state_dict(), "G": problem.G.state_dict()}
+            if average.enabled:  # ema > 0: G with its weight average (BN statistics the trained ones), as sampled
+                with average.swapped_in():
+                    params["G_ema"] = {k: v.clone() for k, v in problem.G.state_dict().items()}
+            atomic_save(params, Path(c.out) / "params.pt")
             if not pop.diverged[m]:
-                samples = _samples(pop.problems[m].G, fixed_z[m])
+                samples = _samples(pop, m, fixed_z[m])
                 pop.problems[m].plot(samples, Path(c.out) / f"samples_{c.steps}.png", f"{name} seed {seed}")
             final = [r for r in records[m] if "loss_d" not in r]
             results.append(
@@ -194,10 +200,9 @@ class PopulationRun:
 
     @staticmethod
     def _evaluate(pop, m: int, z: torch.Tensor) -> dict:
-        samples = _samples(pop.problems[m].G, z)
-        return {
-            k: (float(v) if isinstance(v, (int, float)) else v) for k, v in pop.problems[m].evaluate(samples).items()
-        }
+        with pop.averages[m].swapped_in():  # FID draws from G itself: the average there too (Trainer.evaluate)
+            metrics = pop.problems[m].evaluate(_samples(pop, m, z))
+        return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
 
     @staticmethod
     def _checkpoint(path: Path, pop, records, pstep: int) -> None:
@@ -212,6 +217,7 @@ class PopulationRun:
                 "diverged": pop.diverged,
                 "buffers": [b.clone() for b in pop.flat.buffers()],
                 "problems": [p.state_dict() for p in pop.problems],
+                "averages": [a.state_dict() for a in pop.averages],
                 "records": records,
                 "run": {"pstep": pstep},
             },
@@ -220,15 +226,13 @@ class PopulationRun:
 
 
 @torch.no_grad()
-def _samples(G, z: torch.Tensor) -> torch.Tensor:
-    """A member's samples from its fixed latents as a solo run draws them (Trainer.samples): G in eval mode (BN
-    running statistics), 1024 latents at a time; G's mode is restored after."""
-    was = G.training
-    G.eval()
-    try:
+def _samples(pop, m: int, z: torch.Tensor) -> torch.Tensor:
+    """Member m's samples from its fixed latents as a solo run draws them (Trainer.samples): G in eval mode (BN
+    running statistics), with its weight average when ema is on, 1024 latents at a time; G's mode and trained
+    parameters are restored after."""
+    G = pop.problems[m].G
+    with pop.averages[m].evaluating(G):
         return torch.cat([G(part) for part in z.split(1024)])
-    finally:
-        G.train(was)
 
 
 def summarise(results: list[dict]) -> list[dict]:

@@ -1,0 +1,172 @@
+"""Populations of the image problems beyond the digits (CIFAR-10 in its on-disk format, an ImageFolder tree) and
+populations with G's weight average (ema): each member is the solo run of its config.json, its parameters, BN
+statistics and average included; an interrupted sweep with ema resumes bit for bit; what is not built is refused
+in one line naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from odegan_kernels.cli import main
+from odegan_kernels.flat import FlatParams
+from odegan_kernels.problems import build_problem
+from odegan_kernels.train.config import Config, make_config
+from odegan_kernels.train.population import Population
+from odegan_kernels.train.sweep import plan, run_sweep
+
+from .test_trainer import write_cifar10, write_imagefolder
+
+TOL = 1e-12
+TINY_IMAGES = ["--set", "dtype=float64", "--set", "width=4", "--set", "batch=4", "--set", "workers=0",
+               "--set", "eval_samples=8", "--set", "eval_every=2", "--steps", "4"]  # fmt: skip
+
+
+def sweep_then_train(tmp_path: Path, args: list[str], seed: int) -> tuple[Path, dict, dict]:
+    """Run the sweep ``args`` (its only setting), then `odegan train` with member ``seed``'s config.json: (the
+    member's folder, its params.pt, the solo run's checkpoint)."""
+    out = tmp_path / "sweep"
+    assert main([*args, "--out", str(out)]) == 0
+    (member,) = [p.parent for p in out.glob(f"*/seed{seed}/config.json")]
+    run = tmp_path / "solo"
+    assert main(["train", "--config", str(member / "config.json"), "--out", str(run), "--no-progress"]) == 0
+    return member, torch.load(member / "params.pt"), torch.load(run / "checkpoint.pt", weights_only=False)
+
+
+def assert_players_equal(mine: dict, solo: dict) -> None:
+    """Every tensor of D and G (parameters and BN statistics) within TOL of the player's largest value (a conv
+    bias before BatchNorm has a zero gradient and holds rounding noise, as test_sweep's digits test says)."""
+    for player in ("D", "G"):
+        ref_all = solo[player]
+        scale = max(t.abs().max().item() for t in ref_all.values() if t.is_floating_point())
+        for name, ref in ref_all.items():
+            got = mine[player][name]
+            if not ref.is_floating_point():  # BN's num_batches_tracked
+                assert torch.equal(got, ref), name
+                continue
+            assert torch.isfinite(ref).all() and torch.isfinite(got).all(), name
+            rel = (got - ref).abs().max().item() / scale
+            assert rel <= TOL, f"{player}.{name} differs by {rel:.3g} of the player's largest value"
+
+
+def averaged_g(config: Path, solo: dict) -> dict:
+    """The solo run's G (checkpoint ``solo``) with its flat average (ema.avg) in its parameters, in the solo run's
+    own layout (FlatParams of its problem's pair); its BN statistics stay the trained ones."""
+    cfg = Config(**json.loads(config.read_text()))
+    cfg.validate()
+    problem = build_problem(cfg.problem, cfg)
+    problem.G.load_state_dict(solo["G"])
+    avg = solo["ema"]["avg"]
+    flat = FlatParams(D=problem.D, G=problem.G, dtype=cfg.torch_dtype)
+    lo, hi = flat.segment("G")
+    with torch.no_grad():
+        flat.params[lo:hi].copy_(avg)
+    return {k: v.clone() for k, v in problem.G.state_dict().items()}
+
+
+@pytest.mark.parametrize("problem", ["cifar10", "imagefolder"])
+def test_an_image_member_equals_odegan_train_with_its_config(tmp_path, problem):
+    """A CIFAR-10 member (the pickled batches) and an ImageFolder member (PNG files resized to 16x16), each a DCGAN
+    pair with BatchNorm and its own loader, with ema on: its parameters, BN statistics and weight average are
+    those of `odegan train` with its config.json."""
+    data = tmp_path / "data"
+    if problem == "cifar10":
+        write_cifar10(data, n=16)
+        extra = []
+    else:
+        write_imagefolder(data, classes=2, per_class=6)
+        extra = ["--set", "image_size=16"]
+    args = ["sweep", problem, "--seeds", "0,1", "--set", f"data={data}", *TINY_IMAGES, *extra,
+            "--set", "ema=0.9", "--set", "ema_start=1"]  # fmt: skip
+    member, mine, solo = sweep_then_train(tmp_path, args, seed=1)
+    assert any("running_var" in n for n in solo["G"])
+    assert_players_equal(mine, solo)
+    ref = averaged_g(member / "config.json", solo)
+    assert_players_equal({"D": mine["D"], "G": mine["G_ema"]}, {"D": solo["D"], "G": ref})
+    assert not torch.equal(mine["G_ema"]["net.0.weight"], mine["G"]["net.0.weight"])  # the average is not G
+
+
+def test_a_mog_member_with_ema_samples_from_its_average(tmp_path):
+    """The 16-Gaussian problem with ema: the member's average equals the solo run's, and so do its metrics, which
+    a solo run takes from the average (and which differ from G's own: the check can fail)."""
+    args = ["sweep", "mog", "--seeds", "0,2", "--h", "0.1", "--steps", "20", "--set", "dtype=float64",
+            "--set", "eval_every=10", "--set", "batch=32", "--set", "hidden=8", "--set", "eval_samples=512",
+            "--set", "ema=0.5", "--set", "ema_start=5"]  # fmt: skip
+    member, mine, solo = sweep_then_train(tmp_path, args, seed=2)
+    assert_players_equal(mine, solo)
+    ref = averaged_g(member / "config.json", solo)
+    assert_players_equal({"D": mine["D"], "G": mine["G_ema"]}, {"D": solo["D"], "G": ref})
+    last = lambda path: [json.loads(r) for r in path.read_text().splitlines() if "modes" in r][-1]
+    ours, theirs = last(member / "metrics.jsonl"), last(tmp_path / "solo" / "metrics.jsonl")
+    assert ours["step"] == theirs["step"] == 20
+    for key in ("modes", "high_quality"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-9), key
+
+
+def test_an_interrupted_sweep_with_ema_resumes_exactly(tmp_path):
+    """A population with ema stopped after its checkpoint at step 3 resumes to the uninterrupted run: G's averages
+    too, bit for bit."""
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_the_checkpoint(line):
+        if "step 3," in line:
+            raise Stop(line)
+
+    sets = dict(steps=6, eval_every=3, log_every=2, eval_samples=64, hidden=8, batch=16, ema=0.8, ema_start=2)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_sweep(plan("mog", whole, [0, 1], sets=sets), whole, ckpt_every=3, say=lambda line: None)
+    with pytest.raises(Stop):
+        run_sweep(plan("mog", cut, [0, 1], sets=sets), cut, ckpt_every=3, say=stop_at_the_checkpoint)
+    state = torch.load(cut / "populations" / "p0" / "checkpoint.pt", weights_only=False)
+    assert len(state["averages"]) == 2 and all(a["avg"] is not None for a in state["averages"])
+    run_sweep(plan("mog", cut, [0, 1], sets=sets), cut, ckpt_every=3, say=lambda line: None)
+    dirs = sorted(p.parent for p in whole.glob("*/seed*/config.json"))
+    assert len(dirs) == 2
+    for d in dirs:
+        e = cut / d.relative_to(whole)
+        assert (d / "metrics.jsonl").read_text() == (e / "metrics.jsonl").read_text()
+        pa, pb = torch.load(d / "params.pt"), torch.load(e / "params.pt")
+        for player in ("D", "G", "G_ema"):
+            assert all(torch.equal(pa[player][k], pb[player][k]) for k in pa[player]), player
+
+
+def test_a_retried_member_folds_in_only_its_good_steps():
+    """A member whose step went non-finite folds nothing into its average for that step (as a solo run's rollback
+    puts its average back), and a frozen member's average stays put, while the others' move."""
+    base = dict(problem="mog", dtype="float64", batch=16, z_dim=4, hidden=6, backend="foreach", ema=0.5)
+    pop = Population([Config(**base, seed=s) for s in (0, 1)])
+    pop.step()
+    before = [a.avg.clone() for a in pop.averages]
+    inner, block = pop.closure, pop.flat.block
+
+    def poisoned(stage):
+        out = inner(stage)
+        if stage.index == 0:
+            pop.flat.grads[block : 2 * block].fill_(float("nan"))
+        return out
+
+    pop.closure = poisoned
+    pop.step()
+    pop.closure = inner
+    assert pop.failures == [0, 1]
+    assert torch.equal(pop.averages[1].avg, before[1]) and not torch.equal(pop.averages[0].avg, before[0])
+    pop.freeze(0)
+    frozen = pop.averages[0].avg.clone()
+    pop.step()
+    assert torch.equal(pop.averages[0].avg, frozen) and not torch.equal(pop.averages[1].avg, before[1])
+
+
+def test_what_populations_do_not_run_is_refused_in_one_line(tmp_path):
+    write_imagefolder(tmp_path / "data", classes=2, per_class=2)
+    opts = dict(data=str(tmp_path / "data"), workers=0, image_size=32, width=2, device="cpu")
+    cfgs = [make_config("imagenet128", seed=s, out=str(tmp_path / f"m{s}"), **opts) for s in (0, 1)]
+    with pytest.raises(ValueError, match="arch=resnet128 is class-conditional"):
+        Population(cfgs)
+    cfg = dict(problem="mog", instance_noise=0.1)
+    with pytest.raises(ValueError, match="without instance noise"):
+        Population([Config(**cfg, seed=s) for s in (0, 1)])
