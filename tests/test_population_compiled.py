@@ -22,9 +22,13 @@ from .test_population import MIXED, solo
 STEPS = 20
 TOL = 1e-12  # a member against its solo run, as tests/test_population.py
 OPTS = dict(problem="mog", dtype="float64", batch=16, z_dim=4, hidden=6, backend="foreach", method="heun")
-# joint with a fresh batch a stage and g_reg in the first stage (Config's defaults), and the main job's colab step
-# (decoupled, one batch a step, the fake batch of stage 0 reused, g_reg after the step)
-SETTINGS = {"joint": {}, "colab": dict(coupling="decoupled", data_per_stage="shared", reg_at="after_step")}
+# joint with a fresh batch a stage and g_reg in the first stage (Config's defaults) with instance noise annealed to
+# 0 over 10 steps (each member's std a tensor the trace reads: no recompile as it changes), and the main job's colab
+# step (decoupled, one batch a step, the fake batch of stage 0 reused, g_reg after the step)
+SETTINGS = {
+    "joint_noise": dict(instance_noise=0.2, instance_noise_anneal=10),
+    "colab": dict(coupling="decoupled", data_per_stage="shared", reg_at="after_step"),
+}
 
 
 def _rel(a, b):

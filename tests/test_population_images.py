@@ -167,6 +167,5 @@ def test_what_populations_do_not_run_is_refused_in_one_line(tmp_path):
     cfgs = [make_config("imagenet128", seed=s, out=str(tmp_path / f"m{s}"), **opts) for s in (0, 1)]
     with pytest.raises(ValueError, match="arch=resnet128 is class-conditional"):
         Population(cfgs)
-    cfg = dict(problem="mog", instance_noise=0.1)
-    with pytest.raises(ValueError, match="without instance noise"):
-        Population([Config(**cfg, seed=s) for s in (0, 1)])
+    with pytest.raises(ValueError, match="no autocast"):
+        Population([Config(problem="mog", autocast=True, seed=s) for s in (0, 1)])

@@ -38,8 +38,13 @@ def _check_population(flat, batch: Batch) -> None:
                 f"a population's Batch.{name} is [members, batch, ...] with members={flat.members}, got "
                 f"{tuple(v.shape)}"
             )
-    if batch.conditional or batch.noise is not None:
-        raise ValueError("a population runs unconditional pairs without instance noise (not built yet)")
+    if batch.conditional:
+        raise ValueError("a population runs unconditional pairs (class labels: not built yet)")
+    for v in batch.noise or ():
+        if v is not None and v.shape != batch.real.shape:
+            raise ValueError(
+                f"a population's instance noise is shaped as Batch.real {tuple(batch.real.shape)}, got {tuple(v.shape)}"
+            )
 
 
 class PopulationAutograd:
@@ -76,20 +81,23 @@ class PopulationAutograd:
         if fake is not None and run_g:
             raise ValueError("batch.fake can only be reused when the generator's gradient is not needed")
         real, nb = batch.real, batch.real.shape[1]
+        noise_r, noise_f = batch.noise if batch.noise is not None else (None, None)
         terms: dict[str, PenaltyTerm] = {}
         if fake is None:
             with torch.set_grad_enabled(run_g):
                 fake = vmap(lambda p, b, z: functional_call(self.G, (p, b), (z,)))(self.pG, self.bG, batch.z)
         x_fake = fake if run_g else fake.detach()
+        if noise_f is not None:  # instance noise on what D sees, as the AutogradEngine adds it
+            x_fake = x_fake + noise_f
         if "r2" in pens and not x_fake.requires_grad:
             x_fake.requires_grad_()
         d_fake = self._d(x_fake)
         lg = vmap(lambda o: g_loss(o, loss))(d_fake) if run_g else None
         ld = None
-        x_real = real
+        x_real = real if noise_r is None else real + noise_r
         if run_d:
             if "r1" in pens:
-                x_real = real.detach().requires_grad_()
+                x_real = x_real.detach().requires_grad_()
             d_real = self._d(x_real)
             ld = vmap(lambda r, f: d_loss(r, f, loss))(d_real, d_fake)
         if "r1" in pens:
@@ -101,7 +109,7 @@ class PopulationAutograd:
             if mix is None:
                 raise ValueError("a population's WGAN-GP takes its interpolation weights from the batch (Batch.mix)")
             u = mix.to(real.dtype).reshape(*mix.shape, *([1] * (real.dim() - 2)))
-            x_hat = (u * real.detach() + (1 - u) * x_fake.detach()).requires_grad_()
+            x_hat = (u * x_real.detach() + (1 - u) * x_fake.detach()).requires_grad_()
             (g,) = torch.autograd.grad(self._d(x_hat).sum(), x_hat, create_graph=True)
             norms = torch.linalg.vector_norm(g.flatten(2), dim=2)
             terms["wgan_gp"] = PenaltyTerm((0,), ops.sqnorm([norms - 1]) / nb)
@@ -209,11 +217,15 @@ class PopulationMLP:
         if fake is None:
             fake, g_hs = _forward(gw_, gb_, z)
         out = StageResult(fake=fake)
+        noise_r, noise_f = batch.noise if batch.noise is not None else (None, None)
+        if noise_r is not None:  # constant: the gradients and g_reg's tangent pass through it unchanged (mlp.py)
+            real = real + noise_r
+        x_fake = fake if noise_f is None else fake + noise_f
         nr = real.shape[1]
         into_d = [(w.grad, b.grad) for w, b in zip(dw, db)]
         into_g = [(w.grad, b.grad) for w, b in zip(gw_, gb_)]
         if need_d:
-            logits, d_hs = _forward(dw, db, torch.cat([real, fake], 1))
+            logits, d_hs = _forward(dw, db, torch.cat([real, x_fake], 1))
             logits = logits.squeeze(-1)
             lr, lf = logits[:, :nr], logits[:, nr:]
             lo = get_loss(loss)
@@ -225,7 +237,7 @@ class PopulationMLP:
             if need_g:
                 f_hs = [h[:, nr:] for h in d_hs]
         elif need_g:
-            lf, f_hs = _forward(dw, db, fake)
+            lf, f_hs = _forward(dw, db, x_fake)
             lf = lf.squeeze(-1)
         if not need_g:
             return out

@@ -72,6 +72,13 @@ class Predrawn:
             )
 
 
+def noise_std(cfg, step: int) -> float:
+    """The instance noise's std at ``step`` (steps taken before it): cfg.instance_noise, constant, or annealed
+    linearly to 0 over cfg.instance_noise_anneal steps."""
+    sigma, span = cfg.instance_noise, cfg.instance_noise_anneal
+    return sigma * max(0.0, 1.0 - step / span) if span > 0 else sigma
+
+
 class GameClosure:
     """``closure(stage)`` for the optimisers: draws what the stage needs and fills the players' gradients.
 
@@ -100,8 +107,7 @@ class GameClosure:
 
     def noise_std(self, step: int) -> float:
         """The instance noise's std at ``step``: constant, or annealed linearly to 0 over instance_noise_anneal."""
-        sigma, span = self.cfg.instance_noise, self.cfg.instance_noise_anneal
-        return sigma * max(0.0, 1.0 - step / span) if span > 0 else sigma
+        return noise_std(self.cfg, step)
 
     def fill_static(self, step: int | None = None) -> None:
         self.static.fill(lambda: self.problem.draw(self.cfg.batch, self.data_gen))

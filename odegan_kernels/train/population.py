@@ -19,7 +19,7 @@ from ..game.population import PopulationAutograd, PopulationMLP
 from ..ode.schedules import SCHEDULES
 from ..problems import IMAGE_PROBLEMS, build_problem
 from .baselines import BaselineOptimizer
-from .closure import Predrawn, traces_whole_step
+from .closure import Predrawn, noise_std, traces_whole_step
 from .config import resolve_device
 from .ema import GeneratorAverage
 from .state import RandomStreams
@@ -43,11 +43,11 @@ def check_members(cfgs) -> None:
                     f"{MEMBER_OPTIONS} (one method, one architecture per population)"
                 )
     c = cfgs[0]
-    if c.problem not in POPULATION_PROBLEMS or c.cuda_graph or c.instance_noise or c.autocast:
+    if c.problem not in POPULATION_PROBLEMS or c.cuda_graph or c.autocast:
         raise ValueError(
             f"populations run {' '.join(POPULATION_PROBLEMS[:-1])} or {POPULATION_PROBLEMS[-1]} (got "
             f"problem={c.problem!r}), eager or compile=true (no cuda_graph; compile on one process only), in the "
-            "parameters' dtype, without instance noise (the rest is not built yet)"
+            "parameters' dtype (no autocast; the rest is not built yet)"
         )
     if c.problem in IMAGE_PROBLEMS and c.arch == "resnet128":
         raise ValueError(
@@ -154,7 +154,8 @@ class Population:
             self.opt = BaselineOptimizer(
                 self.flat, cfg.optimizer, cfg.lr, cfg.betas, cfg.reg, penalties=pens, distributed=world > 1
             )
-        self.closure = PopulationClosure(cfg, self.problems, self.engine, self.streams, traced)
+        # closure: what the optimiser calls (wrap it to observe or inject); game_closure: the PopulationClosure
+        self.closure = self.game_closure = PopulationClosure(cfg, self.problems, self.engine, self.streams, traced)
         if traced:  # what the trace must find built, built now, so every step is traced (a resumed one included)
             prepare_trace(self.engine, cfg.torch_dtype, cfg.device)
             self.opt.compiled_step.warmed = True
@@ -190,11 +191,12 @@ class Population:
         if self._buffers:
             torch._foreach_copy_(self._buffers_start, self._buffers)
         states = [(s.data.get_state(), s.z.get_state(), p.state_dict()) for s, p in zip(self.streams, self.problems)]
+        self.game_closure.set_noise_std(self.member_steps)  # each member's instance noise at its own step count
         if self.traced:  # the traced step reads its batches drawn here, in the eager step's order
-            self.closure.predraw(self.opt.draws_per_step(self.cfgs[0].data_per_stage))
+            self.game_closure.predraw(self.opt.draws_per_step(self.cfgs[0].data_per_stage))
         out = self.opt.step(self.closure)
         if self.traced:
-            self.closure.check_predrawn()
+            self.game_closure.check_predrawn()
         ok = torch.isfinite(flat.params.view(k, block)).all(1).tolist()
         for m in range(k):
             if not self.frozen[m] and ok[m]:
@@ -263,6 +265,21 @@ class PopulationClosure:
         self.fake0 = None
         self.traced = traced
         self.pre = Predrawn()
+        # instance noise: each member's std (a [K] tensor in the parameters' dtype, as a solo traced run's 0-dim one)
+        self.sigma = None
+        if cfg.instance_noise:
+            self.sigma = torch.zeros(len(self.problems), device=cfg.device, dtype=cfg.torch_dtype)
+        self._stds: list[float] | None = None
+
+    def set_noise_std(self, steps) -> None:
+        """Each member's instance-noise std for its next step, at ``steps[k]`` steps taken (its own count, as a solo
+        run's stage.step); copied to the device only when it changes."""
+        if self.sigma is None:
+            return
+        stds = [noise_std(self.cfg, s) for s in steps]
+        if stds != self._stds:
+            self.sigma.copy_(torch.tensor(stds, dtype=self.sigma.dtype))
+            self._stds = stds
 
     def predraw(self, n: int) -> None:
         """Draw the next step's ``n`` batches (ODEStepper.draws_per_step) now, in the order the eager step draws
@@ -278,14 +295,17 @@ class PopulationClosure:
 
     def _draw_now(self) -> Batch:
         cfg, dev, dt = self.cfg, self.cfg.device, self.cfg.torch_dtype
-        xs, zs, mixes = [], [], []
+        xs, zs, mixes, noises = [], [], [], []
         for s, problem in zip(self.streams, self.problems):
             x, _ = problem.draw(cfg.batch, s.data)
             xs.append(x.to(dev))
             zs.append(torch.randn(cfg.batch, problem.z_dim, generator=s.z, device=dev, dtype=dt))
             if cfg.wgan_gp:
                 mixes.append(torch.rand(cfg.batch, generator=s.z, device=dev, dtype=dt))
-        return Batch(torch.stack(xs), torch.stack(zs), mix=torch.stack(mixes) if mixes else None)
+            if cfg.instance_noise:  # on the real batch, then on the fakes, as GameClosure draws them
+                noises.append([torch.randn(xs[-1].shape, generator=s.z, device=dev, dtype=x.dtype) for _ in range(2)])
+        noise = tuple(torch.stack(part) for part in zip(*noises)) if noises else None
+        return Batch(torch.stack(xs), torch.stack(zs), mix=torch.stack(mixes) if mixes else None, noise=noise)
 
     def __call__(self, stage: Stage) -> StageResult:
         cfg = self.cfg
@@ -293,7 +313,11 @@ class PopulationClosure:
             self.batch, self.fake0 = self._draw(), None
         b = self.batch
         reuse = stage.players == (0,) and cfg.data_per_stage == "shared" and "consensus" not in stage.penalties
-        batch = Batch(b.real, b.z, mix=b.mix, fake=self.fake0 if reuse else None)
+        noise = b.noise
+        if noise is not None:  # unit noise times each member's std
+            sigma = self.sigma.view(-1, *[1] * (b.real.dim() - 1))
+            noise = (noise[0] * sigma, noise[1] * sigma)
+        batch = Batch(b.real, b.z, mix=b.mix, noise=noise, fake=self.fake0 if reuse else None)
         out = self.engine(batch, stage.players, stage.penalties, losses=stage.index == 0)
         if stage.index == 0:
             self.fake0 = out.fake
