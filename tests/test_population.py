@@ -85,6 +85,39 @@ def test_penalties_per_member():
     assert type(pop.engine).__name__ == "PopulationAutograd"
 
 
+@pytest.mark.parametrize("optimizer", ["ode", "adam"])
+def test_penalty_weights_per_member(optimizer):
+    """Each member its own r1, r2, WGAN-GP and consensus weights (one of them 0 for one member; r1 lazy, every 2
+    steps): the engine weighs each member's value by its own weight, the optimiser gives the term weight 1."""
+    members = [
+        dict(seed=0, h=0.1, reg=0.07, r1=0.5, r2=0.0, wgan_gp=0.2, consensus=0.1),
+        dict(seed=1, h=0.05, reg=0.07, r1=0.1, r2=0.3, wgan_gp=0.2, consensus=0.4),
+        dict(seed=2, h=0.2, reg=0.07, r1=2.0, r2=0.1, wgan_gp=0.2, consensus=0.0),
+    ]
+    opts = {**BASE, "method": "euler", "reg_at": "first_stage", "penalty_every": 2}
+    if optimizer == "adam":
+        opts.update(optimizer="adam", lr=1e-2)
+    pop = assert_members_equal_solo(opts, members)
+    assert sorted(pop.engine.weights) == ["consensus", "r1", "r2"]  # wgan_gp is alike: the optimiser's weight
+    assert pop.engine.weights["r1"].tolist() == [0.5, 0.1, 2.0]
+
+
+def test_member_weights_bad_input_one_line():
+    from odegan_kernels.game.population import PopulationAutograd
+
+    pairs = [mog_pair(4, 6, seed=s) for s in range(2)]
+    flat = FlatParams(D=[p[0] for p in pairs], G=[p[1] for p in pairs], members=2)
+    for weights, match in (
+        ({"g_reg": [1, 2]}, "not a penalty a population weighs per member"),
+        ({"r1": [1.0]}, r"one weight per member \(2\)"),
+        ({"r1": [1.0, float("nan")]}, "finite numbers >= 0"),
+        ({"r1": [1.0, -1.0]}, "finite numbers >= 0"),
+        ([1.0, 2.0], "must be a dict"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=match):
+            PopulationAutograd(flat, *pairs[0], weights=weights)
+
+
 @pytest.mark.parametrize("grads", ["mlp", "autograd"])
 @pytest.mark.parametrize("anneal", [0, 12])
 def test_instance_noise_per_member(grads, anneal):

@@ -9,6 +9,7 @@ of the members' values, so its gradient is each member's own too. A population B
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -55,13 +56,20 @@ class PopulationAutograd:
 
     name = "population-autograd"
 
-    def __init__(self, flat, D: nn.Module, G: nn.Module, loss: str = "ns") -> None:
+    def __init__(self, flat, D: nn.Module, G: nn.Module, loss: str = "ns", weights=None) -> None:
         get_loss(loss)
         if not hasattr(flat, "stacked"):
             raise TypeError("PopulationAutograd needs a population's FlatParams (FlatParams(..., members=K))")
         self.flat, self.D, self.G, self.loss = flat, D, G, loss
         self.pD, self.pG = flat.stacked(0), flat.stacked(1)
         self.bD, self.bG = flat.stacked_buffers(0), flat.stacked_buffers(1)
+        self.weights = member_weights(weights, flat)
+
+    def _term(self, name: str, per_member, summed) -> torch.Tensor:
+        """A penalty's value: the members' sum (``summed()``, through ops.sqnorm), or with per-member weights
+        (``weights[name]``) the weighted sum of ``per_member()``, the members' own values ([K])."""
+        w = self.weights.get(name)
+        return summed() if w is None else torch.dot(w, per_member())
 
     def _d(self, x):
         return vmap(lambda p, b, x: functional_call(self.D, (p, b), (x,)))(self.pD, self.bD, x)
@@ -100,10 +108,11 @@ class PopulationAutograd:
                 x_real = x_real.detach().requires_grad_()
             d_real = self._d(x_real)
             ld = vmap(lambda r, f: d_loss(r, f, loss))(d_real, d_fake)
-        if "r1" in pens:
-            terms["r1"] = PenaltyTerm((0,), _input_penalty(d_real, x_real, nb))
-        if "r2" in pens:
-            terms["r2"] = PenaltyTerm((0,), _input_penalty(d_fake, x_fake, nb))
+        for name, out_, x in (("r1", d_real, x_real), ("r2", d_fake, x_fake)):
+            if name in pens:
+                (g,) = torch.autograd.grad(out_.sum(), x, create_graph=True)
+                value = self._term(name, lambda g=g: _rowwise_sqnorm(g), lambda g=g: ops.sqnorm([g]))
+                terms[name] = PenaltyTerm((0,), value * (0.5 / nb))
         if "wgan_gp" in pens:
             mix = batch.mix
             if mix is None:
@@ -111,8 +120,9 @@ class PopulationAutograd:
             u = mix.to(real.dtype).reshape(*mix.shape, *([1] * (real.dim() - 2)))
             x_hat = (u * x_real.detach() + (1 - u) * x_fake.detach()).requires_grad_()
             (g,) = torch.autograd.grad(self._d(x_hat).sum(), x_hat, create_graph=True)
-            norms = torch.linalg.vector_norm(g.flatten(2), dim=2)
-            terms["wgan_gp"] = PenaltyTerm((0,), ops.sqnorm([norms - 1]) / nb)
+            dev = torch.linalg.vector_norm(g.flatten(2), dim=2) - 1
+            value = self._term("wgan_gp", lambda: _rowwise_sqnorm(dev), lambda: ops.sqnorm([dev]))
+            terms["wgan_gp"] = PenaltyTerm((0,), value / nb)
         d_par, gp = list(self.pD.values()), list(self.pG.values()) if run_g else []
         keep = bool(pens)
         with warnings.catch_warnings():
@@ -120,7 +130,9 @@ class PopulationAutograd:
             if consensus:
                 g_theta = torch.autograd.grad(ld.sum(), d_par, create_graph=True)
                 g_phi = torch.autograd.grad(lg.sum(), gp, create_graph=True)
-                terms["consensus"] = PenaltyTerm((0, 1), ops.sqnorm([*g_theta, *g_phi]) * 0.5)
+                v = [*g_theta, *g_phi]
+                value = self._term("consensus", lambda: sum(map(_rowwise_sqnorm, v)), lambda: ops.sqnorm(v))
+                terms["consensus"] = PenaltyTerm((0, 1), value * 0.5)
                 if need_d:
                     _accumulate(d_par, g_theta)
                 if need_g:
@@ -147,10 +159,36 @@ class PopulationAutograd:
         return out
 
 
-def _input_penalty(out: torch.Tensor, x: torch.Tensor, nb: int) -> torch.Tensor:
-    """The members' summed 1/2 E||grad_x D(x)||^2, each member's mean over its own ``nb`` samples."""
-    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    return ops.sqnorm([g]) * (0.5 / nb)
+def _rowwise_sqnorm(t: torch.Tensor) -> torch.Tensor:
+    """Each member's squared norm of its slice of ``t`` ([K, ...] -> [K])."""
+    return t.flatten(1).square().sum(1)
+
+
+WEIGHTED = ("r1", "r2", "wgan_gp", "consensus")  # the penalties a population's members may weigh differently
+
+
+def member_weights(weights, flat) -> dict[str, torch.Tensor]:
+    """{penalty: [K] weights} from {penalty: K numbers}: member k's value of that penalty enters the term times
+    weights[k] (the optimiser's weight for the penalty multiplies the whole term, so give it 1)."""
+    if weights is None:
+        return {}
+    if not isinstance(weights, dict):
+        raise TypeError(f"weights must be a dict {{penalty: one weight per member}}, got {type(weights).__name__}")
+    out = {}
+    for name, ws in weights.items():
+        if name not in WEIGHTED:
+            raise ValueError(
+                f"weights: {name!r} is not a penalty a population weighs per member; choose from {WEIGHTED} "
+                "(g_reg's per-member lambda is the stepper's reg=[...])"
+            )
+        ws = list(ws) if isinstance(ws, (list, tuple)) else None
+        if ws is None or len(ws) != flat.members:
+            raise ValueError(f"weights[{name!r}] must hold one weight per member ({flat.members})")
+        for w in ws:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"weights[{name!r}] must be finite numbers >= 0, got {w!r}")
+        out[name] = torch.tensor([float(w) for w in ws], dtype=flat.dtype, device=flat.device)
+    return out
 
 
 # -- the hand-derived engine, batched ------------------------------------------------------------------------------

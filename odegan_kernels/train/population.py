@@ -25,7 +25,7 @@ from .ema import GeneratorAverage
 from .state import RandomStreams
 
 # the options members may differ in; every other option is the population's one
-MEMBER_OPTIONS = ("seed", "h", "h_g", "reg", "out")
+MEMBER_OPTIONS = ("seed", "h", "h_g", "reg", "r1", "r2", "wgan_gp", "consensus", "out")
 # the problems a population runs: the toy and the unconditional image problems (resnet128 is class-conditional)
 POPULATION_PROBLEMS = ("mog", "digits", "cifar10", "imagefolder")
 
@@ -74,10 +74,27 @@ def check_rank(rank, world) -> None:
         )
 
 
-def population_engine(cfg, flat, D, G):
+def penalty_weights(cfgs) -> tuple[dict, dict]:
+    """(the optimiser's penalties {name: (weight, every)}, the engine's per-member weights {name: [K weights]}): a
+    penalty every member weighs alike keeps that weight in the optimiser; one the members weigh differently gets
+    weight 1 there and each member's own weight in the engine (PopulationAutograd's weights)."""
+    pens, per_member, every = {}, {}, cfgs[0].penalty_every
+    for name in (k for k in PENALTIES if k != "g_reg"):
+        ws = [getattr(c, name) for c in cfgs]
+        if len(set(ws)) == 1:
+            pens[name] = (ws[0], every)
+        else:
+            pens[name], per_member[name] = (1.0, every), ws
+    return pens, per_member
+
+
+def population_engine(cfg, flat, D, G, weights=None):
     """The population's gradient engine: the batched hand-derived one where game/mlp.py's would run solo, else
-    the vmapped autograd one (``grads='mlp'`` that cannot run is a ValueError naming the reason)."""
-    pens = [k for k in PENALTIES if k != "g_reg" and getattr(cfg, k)] + (["g_reg"] if cfg.reg > 0 else [])
+    the vmapped autograd one (``grads='mlp'`` that cannot run is a ValueError naming the reason). ``weights``: the
+    penalties the members weigh differently (penalty_weights), which only the autograd engine takes."""
+    weights = weights or {}
+    pens = [k for k in PENALTIES if k != "g_reg" and (getattr(cfg, k) or k in weights)]
+    pens += ["g_reg"] if cfg.reg > 0 else []
     why = (
         "grads='autograd' was asked for"
         if cfg.grads == "autograd"
@@ -89,7 +106,7 @@ def population_engine(cfg, flat, D, G):
         raise ValueError(f"grads='mlp' cannot run here: {why}")
     if cfg.reg_method != "double_backward":
         raise ValueError("a population's autograd engine takes g_reg by double backward only")
-    return PopulationAutograd(flat, D, G, cfg.loss)
+    return PopulationAutograd(flat, D, G, cfg.loss, weights=weights)
 
 
 class Population:
@@ -122,8 +139,8 @@ class Population:
         if world > 1:  # every rank starts from rank 0's parameters, as a Trainer's
             torch.distributed.broadcast(self.flat.params, 0)
         self.streams = [RandomStreams(c.seed, rank, cfg.device) for c in cfgs]
-        pens = {k: (getattr(cfg, k), cfg.penalty_every) for k in PENALTIES if k != "g_reg"}
-        self.engine = population_engine(cfg, self.flat, Ds[0], Gs[0])
+        pens, weights = penalty_weights(cfgs)  # r1, r2, wgan_gp, consensus: per member where they differ
+        self.engine = population_engine(cfg, self.flat, Ds[0], Gs[0], weights)
         # compile=true: the whole step traced (the batched hand-derived engine), else the stage op alone
         self.traced = traced = traces_whole_step(cfg, self.engine)
         if cfg.compile and not traced:
