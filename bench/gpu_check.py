@@ -67,6 +67,8 @@ FULL_TESTS = [  # every size of the kernel tests; the GPU tests quick leaves out
     "tests/test_flat.py",
     "tests/test_graphs.py::test_trainer_graph_mode_conditional_images",
     "tests/test_penalties_in_optimisers.py::test_trainer_graph_mode_with_the_penalty_family",
+    # issue 20: members through the Triton and csrc stage ops' per-segment rows on the device, both engines
+    "tests/test_gpu_paths.py::test_a_population_on_the_device_equals_its_solo_runs",
 ]
 
 
@@ -198,7 +200,8 @@ def checks(part: str) -> list[Check]:
         ),
         Check(
             "gpu-tests",
-            "the kernel and op test files on the GPU at all their sizes, and the GPU tests quick does not run",
+            "the kernel and op test files on the GPU at all their sizes, the GPU tests quick does not run, and a "
+            "population on the device against its members' solo runs",
             [*PYTEST, *FULL_TESTS],
             [*PYTEST, "--collect-only", *FULL_TESTS],
             limit=130,

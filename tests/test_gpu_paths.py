@@ -303,3 +303,21 @@ def _fixed_h_run(steps: int) -> list[torch.Tensor]:
                                              stage.penalties))  # fmt: skip
         out.append(flat.params.detach().clone())
     return out
+
+
+# -- a population on the device ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("grads", ["mlp", "autograd"])
+def test_a_population_on_the_device_equals_its_solo_runs(backend, grads):
+    """Three float64 members with their own h and lambda (and, on the autograd engine, their own r1 weights, instance
+    noise and WGAN-GP) through the compiled stage op's per-segment coefficient rows on the device: each equals its
+    solo run with the same backend (tests/test_population.py's check, 20 steps, 1e-12)."""
+    from .test_population import BASE, MIXED, assert_members_equal_solo
+
+    opts = {**BASE, "device": DEVICE.type, "backend": backend, "method": "rk4", "grads": grads}
+    members = MIXED
+    if grads == "autograd":
+        opts.update(instance_noise=0.1, wgan_gp=0.2)
+        members = [dict(m, r1=w) for m, w in zip(MIXED, (0.5, 0.0, 2.0))]
+    pop = assert_members_equal_solo(opts, members)
+    assert pop.flat.params.device.type == DEVICE.type and pop.opt.backend == backend

@@ -85,16 +85,17 @@ def test_penalties_per_member():
     assert type(pop.engine).__name__ == "PopulationAutograd"
 
 
-@pytest.mark.parametrize("optimizer", ["ode", "adam"])
-def test_penalty_weights_per_member(optimizer):
+@pytest.mark.parametrize("optimizer,coupling", [("ode", "joint"), ("ode", "decoupled"), ("adam", "joint")])
+def test_penalty_weights_per_member(optimizer, coupling):
     """Each member its own r1, r2, WGAN-GP and consensus weights (one of them 0 for one member; r1 lazy, every 2
-    steps): the engine weighs each member's value by its own weight, the optimiser gives the term weight 1."""
+    steps): the engine weighs each member's value by its own weight, the optimiser gives the term weight 1.
+    Decoupled: D's penalties in D's stages, G's stages without them."""
     members = [
         dict(seed=0, h=0.1, reg=0.07, r1=0.5, r2=0.0, wgan_gp=0.2, consensus=0.1),
         dict(seed=1, h=0.05, reg=0.07, r1=0.1, r2=0.3, wgan_gp=0.2, consensus=0.4),
         dict(seed=2, h=0.2, reg=0.07, r1=2.0, r2=0.1, wgan_gp=0.2, consensus=0.0),
     ]
-    opts = {**BASE, "method": "euler", "reg_at": "first_stage", "penalty_every": 2}
+    opts = {**BASE, "method": "heun", "reg_at": "first_stage", "penalty_every": 2, "coupling": coupling}
     if optimizer == "adam":
         opts.update(optimizer="adam", lr=1e-2)
     pop = assert_members_equal_solo(opts, members)

@@ -108,8 +108,9 @@ class PopulationAutograd:
                 x_real = x_real.detach().requires_grad_()
             d_real = self._d(x_real)
             ld = vmap(lambda r, f: d_loss(r, f, loss))(d_real, d_fake)
-        for name, out_, x in (("r1", d_real, x_real), ("r2", d_fake, x_fake)):
+        for name in ("r1", "r2"):
             if name in pens:
+                out_, x = (d_real, x_real) if name == "r1" else (d_fake, x_fake)
                 (g,) = torch.autograd.grad(out_.sum(), x, create_graph=True)
                 value = self._term(name, lambda g=g: _rowwise_sqnorm(g), lambda g=g: ops.sqnorm([g]))
                 terms[name] = PenaltyTerm((0,), value * (0.5 / nb))
