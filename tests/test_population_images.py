@@ -167,5 +167,89 @@ def test_what_populations_do_not_run_is_refused_in_one_line(tmp_path):
     cfgs = [make_config("imagenet128", seed=s, out=str(tmp_path / f"m{s}"), **opts) for s in (0, 1)]
     with pytest.raises(ValueError, match="arch=resnet128 is class-conditional"):
         Population(cfgs)
-    with pytest.raises(ValueError, match="no autocast"):
+    with pytest.raises(ValueError, match="not autocast=true"):
         Population([Config(problem="mog", autocast=True, seed=s) for s in (0, 1)])
+
+
+def solo_players(cfg, steps: int) -> dict:
+    """D's and G's state dicts (BN statistics included) after ``steps`` steps of the Trainer with ``cfg``."""
+    from odegan_kernels.train import Trainer
+
+    tr = Trainer(cfg)
+    for _ in range(steps):
+        tr.train_step()
+    return {"D": tr.D.state_dict(), "G": tr.G.state_dict()}
+
+
+@pytest.mark.parametrize("weights", [("consensus", (0.0, 0.1)), ("wgan_gp", (0.0, 0.2)), ("wgan_gp", (0.2, 0.0))])
+def test_members_that_weigh_a_penalty_zero_are_their_solo_runs(tmp_path, weights):
+    """CIFAR-10 (a DCGAN pair, BatchNorm in G), decoupled with one batch a step: a member without consensus reuses
+    its fakes in D's stages as its solo run does (its G's BN statistics are not moved by the others' consensus), and
+    a member without WGAN-GP draws no interpolation weights from its stream, whichever member it is."""
+    write_cifar10(tmp_path / "data", n=16)
+    name, ws = weights
+    opts = dict(data=str(tmp_path / "data"), workers=0, dtype="float64", width=4, batch=4, eval_samples=8,
+                method="heun", coupling="decoupled", data_per_stage="shared", reg_at="after_step", device="cpu",
+                progress=False)  # fmt: skip
+    cfgs = [
+        make_config("cifar10", seed=s, out=str(tmp_path / f"m{s}"), **{name: w}, **opts) for s, w in zip((0, 1), ws)
+    ]
+    pop = Population(cfgs)
+    for _ in range(3):
+        pop.step()
+    for m, cfg in enumerate(cfgs):
+        own = make_config("cifar10", seed=cfg.seed, out=str(tmp_path / f"s{m}"), **{name: ws[m]}, **opts)
+        solo = solo_players(own, 3)
+        mine = {"D": pop.problems[m].D.state_dict(), "G": pop.problems[m].G.state_dict()}
+        assert_players_equal(mine, solo)
+
+
+def test_a_summary_over_seeds_without_a_finite_metric_is_written(tmp_path):
+    """A metric that is NaN or None for some seeds (a run that diverged in its samples) is summarised over the seeds
+    that have one, and says how many do not; a metric no seed has is a dash, not a crash."""
+    from odegan_kernels.train.sweep import summarise, write_summary
+
+    results = [
+        {"setting": "a", "seed": s, "method": "rk4", "h": 0.1, "reg": 0.0, "diverged": False,
+         "final": {"step": 4, "fid": v, "score": float("nan")}}
+        for s, v in enumerate([1.0, float("nan"), 3.0, None])
+    ]  # fmt: skip
+    (row,) = summarise(results)
+    assert row["fid"] == {"mean": 2.0, "std": pytest.approx(2**0.5), "min": 1.0, "max": 3.0, "missing": 2}
+    assert row["score"]["mean"] is None and row["score"]["missing"] == 4
+    write_summary(tmp_path, [row], results, 1.0)
+    text = (tmp_path / "summary.md").read_text()
+    assert "2 ± 1.41 [1, 3] (2 seed(s) without a finite value)" in text and "| - |" in text
+
+
+def test_more_bad_population_input_one_line(tmp_path):
+    from odegan_kernels.game.population import PopulationAutograd
+    from odegan_kernels.models.mlp import mog_pair
+    from odegan_kernels.train.sweep import PopulationRun
+
+    pairs = [mog_pair(4, 6, seed=s) for s in range(2)]
+    flat = FlatParams(D=[p[0] for p in pairs], G=[p[1] for p in pairs], members=2)
+    import numpy as np
+
+    for ws in (torch.tensor([0.5, 1.0]), np.array([0.5, 1.0]), (np.float32(0.5), 1)):  # any sequence of reals
+        assert PopulationAutograd(flat, *pairs[0], weights={"r1": ws}).weights["r1"].tolist() == [0.5, 1.0]
+    with pytest.raises(ValueError, match="overflow the parameters' dtype"):
+        PopulationAutograd(flat, *pairs[0], weights={"r1": [1e308, 1.0]})
+    with pytest.raises(ValueError, match="a sequence of one weight per member"):
+        PopulationAutograd(flat, *pairs[0], weights={"r1": "ab"})
+    with pytest.raises(ValueError, match="not cuda_graph=true") as err:
+        Population([Config(problem="mog", cuda_graph=True, seed=s) for s in (0, 1)])
+    assert "problem" not in str(err.value)
+    with pytest.raises(ValueError, match="too few for the classifier metric"):
+        make_config("digits", eval_samples=8)
+    # a population checkpoint without the averages its members' ema asks for is refused, not silently restarted
+    cfgs = [Config(problem="mog", ema=0.9, steps=4, out=str(tmp_path / f"m{s}"), seed=s) for s in (0, 1)]
+    run = PopulationRun(0, [("a", c.seed, c) for c in cfgs], tmp_path, ckpt_every=2)
+    run.dir.mkdir(parents=True)
+    pop = Population(cfgs)
+    torch.save({"params": pop.flat.params.clone(), "opt": pop.opt.state_dict(), "streams": [
+        (s.data.get_state(), s.z.get_state()) for s in pop.streams], "member_steps": [0, 0], "failures": [0, 0],
+        "frozen": [False, False], "diverged": [False, False], "records": [[], []], "run": {"pstep": 0}},
+        run.dir / "checkpoint.pt")  # fmt: skip
+    with pytest.raises(ValueError, match="holds no averages of G but the members have ema > 0"):
+        run.run(say=lambda line: None)

@@ -10,6 +10,7 @@ of the members' values, so its gradient is each member's own too. A population B
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -182,13 +183,20 @@ def member_weights(weights, flat) -> dict[str, torch.Tensor]:
                 f"weights: {name!r} is not a penalty a population weighs per member; choose from {WEIGHTED} "
                 "(g_reg's per-member lambda is the stepper's reg=[...])"
             )
-        ws = list(ws) if isinstance(ws, (list, tuple)) else None
+        if isinstance(ws, torch.Tensor):
+            ws = ws.detach().cpu().reshape(-1).tolist() if ws.dim() == 1 else None
+        elif isinstance(ws, (str, bytes)) or not isinstance(ws, Iterable):
+            ws = None
+        ws = None if ws is None else list(ws)
         if ws is None or len(ws) != flat.members:
-            raise ValueError(f"weights[{name!r}] must hold one weight per member ({flat.members})")
+            raise ValueError(f"weights[{name!r}] must be a sequence of one weight per member ({flat.members})")
         for w in ws:
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
                 raise ValueError(f"weights[{name!r}] must be finite numbers >= 0, got {w!r}")
-        out[name] = torch.tensor([float(w) for w in ws], dtype=flat.dtype, device=flat.device)
+        t = torch.tensor([float(w) for w in ws], dtype=flat.dtype, device=flat.device)
+        if not torch.isfinite(t).all():
+            raise ValueError(f"weights[{name!r}] overflow the parameters' dtype {flat.dtype}: {ws}")
+        out[name] = t
     return out
 
 

@@ -210,6 +210,11 @@ class Config:
 
         if self.fid_features == "classifier" and self.problem not in IMAGE_PROBLEMS:
             raise ValueError(f"fid_features=classifier is for the image problems; {self.problem!r} has its own metrics")
+        if self.fid_features == "classifier" and self.eval_samples < 10:
+            raise ValueError(
+                f"eval_samples={self.eval_samples} is too few for the classifier metric: its score averages over 10 "
+                "splits of the samples; give eval_samples >= 10"
+            )
         if self.problem in IMAGE_PROBLEMS:
             from ..problems import check_image_options
 

@@ -43,12 +43,15 @@ def check_members(cfgs) -> None:
                     f"{MEMBER_OPTIONS} (one method, one architecture per population)"
                 )
     c = cfgs[0]
-    if c.problem not in POPULATION_PROBLEMS or c.cuda_graph or c.autocast:
+    if c.problem not in POPULATION_PROBLEMS:
         raise ValueError(
-            f"populations run {' '.join(POPULATION_PROBLEMS[:-1])} or {POPULATION_PROBLEMS[-1]} (got "
-            f"problem={c.problem!r}), eager or compile=true (no cuda_graph; compile on one process only), in the "
-            "parameters' dtype (no autocast; the rest is not built yet)"
+            f"populations run {', '.join(POPULATION_PROBLEMS[:-1])} or {POPULATION_PROBLEMS[-1]}, not "
+            f"problem={c.problem!r} (the rest is not built yet)"
         )
+    if c.cuda_graph:
+        raise ValueError("populations run eagerly or with compile=true, not cuda_graph=true (not built yet)")
+    if c.autocast:
+        raise ValueError("populations run in the parameters' dtype, not autocast=true (not built yet)")
     if c.problem in IMAGE_PROBLEMS and c.arch == "resnet128":
         raise ValueError(
             "populations run unconditional pairs; arch=resnet128 is class-conditional (not built yet): use "
@@ -172,7 +175,9 @@ class Population:
                 self.flat, cfg.optimizer, cfg.lr, cfg.betas, cfg.reg, penalties=pens, distributed=world > 1
             )
         # closure: what the optimiser calls (wrap it to observe or inject); game_closure: the PopulationClosure
-        self.closure = self.game_closure = PopulationClosure(cfg, self.problems, self.engine, self.streams, traced)
+        self.closure = self.game_closure = PopulationClosure(
+            cfg, self.problems, self.engine, self.streams, traced, cfgs, list(self.flat.stacked_buffers(1).values())
+        )
         if traced:  # what the trace must find built, built now, so every step is traced (a resumed one included)
             prepare_trace(self.engine, cfg.torch_dtype, cfg.device)
             self.opt.compiled_step.warmed = True
@@ -212,6 +217,7 @@ class Population:
         if self.traced:  # the traced step reads its batches drawn here, in the eager step's order
             self.game_closure.predraw(self.opt.draws_per_step(self.cfgs[0].data_per_stage))
         out = self.opt.step(self.closure)
+        self.game_closure.restore_buffers()  # after the last stage's penalties
         if self.traced:
             self.game_closure.check_predrawn()
         ok = torch.isfinite(flat.params.view(k, block)).all(1).tolist()
@@ -276,8 +282,13 @@ class PopulationClosure:
     members at once. ``traced`` (compile=true's traced step): the step's batches are drawn before it (predraw) and
     read in order inside the trace, as GameClosure's."""
 
-    def __init__(self, cfg, problems, engine, streams, traced: bool = False) -> None:
+    def __init__(self, cfg, problems, engine, streams, traced: bool = False, members=None, g_buffers=()) -> None:
         self.cfg, self.problems, self.engine, self.streams = cfg, list(problems), engine, streams
+        # each member's Config (the penalties' weights may differ: a member draws WGAN-GP's weights only when its
+        # own run would) and G's [K, ...] buffers (BN statistics), put back for a member whose run reuses the fakes
+        self.members = list(members) if members is not None else [cfg] * len(self.problems)
+        self.g_buffers = list(g_buffers)
+        self._kept: list = []  # (buffer, member, its values before a consensus stage) to put back
         self.batch: Batch | None = None
         self.fake0 = None
         self.traced = traced
@@ -287,6 +298,13 @@ class PopulationClosure:
         if cfg.instance_noise:
             self.sigma = torch.zeros(len(self.problems), device=cfg.device, dtype=cfg.torch_dtype)
         self._stds: list[float] | None = None
+
+    def restore_buffers(self) -> None:
+        """Put back the G statistics a consensus stage moved for members without consensus (see __call__)."""
+        with torch.no_grad():
+            for b, m, saved in self._kept:
+                b[m].copy_(saved)
+        self._kept = []
 
     def set_noise_std(self, steps) -> None:
         """Each member's instance-noise std for its next step, at ``steps[k]`` steps taken (its own count, as a solo
@@ -317,8 +335,11 @@ class PopulationClosure:
             x, _ = problem.draw(cfg.batch, s.data)
             xs.append(x.to(dev))
             zs.append(torch.randn(cfg.batch, problem.z_dim, generator=s.z, device=dev, dtype=dt))
-            if cfg.wgan_gp:
-                mixes.append(torch.rand(cfg.batch, generator=s.z, device=dev, dtype=dt))
+            if any(c.wgan_gp for c in self.members):  # zeros (weight 0, unread) for a member whose run has none
+                if self.members[len(zs) - 1].wgan_gp:
+                    mixes.append(torch.rand(cfg.batch, generator=s.z, device=dev, dtype=dt))
+                else:
+                    mixes.append(torch.zeros(cfg.batch, device=dev, dtype=dt))
             if cfg.instance_noise:  # on the real batch, then on the fakes, as GameClosure draws them
                 noises.append([torch.randn(xs[-1].shape, generator=s.z, device=dev, dtype=x.dtype) for _ in range(2)])
         noise = tuple(torch.stack(part) for part in zip(*noises)) if noises else None
@@ -330,6 +351,12 @@ class PopulationClosure:
             self.batch, self.fake0 = self._draw(), None
         b = self.batch
         reuse = stage.players == (0,) and cfg.data_per_stage == "shared" and "consensus" not in stage.penalties
+        self.restore_buffers()
+        # a D-only stage that runs G for consensus: a member without it would reuse its fakes, G's BN statistics
+        # untouched, so theirs are put back once the stage's penalties are applied (at the next call or the step's end)
+        if stage.players == (0,) and cfg.data_per_stage == "shared" and not reuse and self.g_buffers:
+            without = [m for m, c in enumerate(self.members) if not c.consensus]
+            self._kept = [(b_, m, b_[m].clone()) for m in without for b_ in self.g_buffers]
         noise = b.noise
         if noise is not None:  # unit noise times each member's std
             sigma = self.sigma.view(-1, *[1] * (b.real.dim() - 1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -133,6 +134,11 @@ class PopulationRun:
                 b.copy_(saved)
             for problem, saved in zip(pop.problems, state.get("problems", [])):  # the digits' loader positions
                 problem.load_state_dict(saved)
+            if any(a.enabled for a in pop.averages) and "averages" not in state:
+                raise ValueError(
+                    f"{ckpt} holds no averages of G but the members have ema > 0: it was not written by this sweep; "
+                    "remove it to start the population again"
+                )
             for average, saved in zip(pop.averages, state.get("averages", [None] * k)):  # ema > 0: G's averages
                 average.load_state_dict(saved)
             pop.set_step_sizes()
@@ -235,6 +241,10 @@ def _samples(pop, m: int, z: torch.Tensor) -> torch.Tensor:
         return torch.cat([G(part) for part in z.split(1024)])
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def summarise(results: list[dict]) -> list[dict]:
     """Per setting: every final metric as mean, std (over seeds; 0 for one), min and max, and the diverged count."""
     rows = []
@@ -245,14 +255,15 @@ def summarise(results: list[dict]) -> list[dict]:
         ok = [r["final"] for r in rs if r["final"] is not None]
         row = {"setting": name, "method": rs[0]["method"], "h": rs[0]["h"], "reg": rs[0]["reg"]}
         row.update({"seeds": len(rs), "diverged": sum(r["diverged"] for r in rs)})
-        keys = [k for k in (ok[0] if ok else {}) if k != "step" and isinstance(ok[0][k], (int, float))]
+        keys = list(dict.fromkeys(k for f in ok for k, v in f.items() if k != "step" and _number(v)))
         for key in keys:
-            vals = [float(f[key]) for f in ok]
-            row[key] = {
-                "mean": statistics.fmean(vals),
-                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "min": min(vals),
-                "max": max(vals),
+            vals = [float(f[key]) for f in ok if _number(f.get(key)) and math.isfinite(f[key])]
+            row[key] = {  # over the seeds with a finite value; "missing": those without one (None, NaN)
+                "mean": statistics.fmean(vals) if vals else None,
+                "std": (statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None,
+                "min": min(vals) if vals else None,
+                "max": max(vals) if vals else None,
+                **({"missing": len(ok) - len(vals)} if len(vals) < len(ok) else {}),
             }
         rows.append(row)
     return rows
@@ -268,7 +279,11 @@ def write_summary(root: Path, rows: list[dict], results: list[dict], seconds: fl
         cells = []
         for k in keys:
             v = r.get(k)
-            cells.append("-" if v is None else f"{v['mean']:.3g} ± {v['std']:.3g} [{v['min']:.3g}, {v['max']:.3g}]")
+            if v is None or v["mean"] is None:
+                cells.append("-")
+                continue
+            cell = f"{v['mean']:.3g} ± {v['std']:.3g} [{v['min']:.3g}, {v['max']:.3g}]"
+            cells.append(cell + (f" ({v['missing']} seed(s) without a finite value)" if v.get("missing") else ""))
         lines.append(f"| {r['setting']} | {r['seeds']} | {r['diverged']} | " + " | ".join(cells) + " |")
     write_file(root / "summary.md", "\n".join(lines) + "\n")
     _plot(root / "summary.png", rows)
@@ -284,7 +299,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(rows) + 2), 3.5))
     for i, r in enumerate(rows):
         v = r.get(metric) if metric else None
-        if v is None:
+        if v is None or v["mean"] is None:
             continue
         ax.errorbar([i], [v["mean"]], yerr=[[v["mean"] - v["min"]], [v["max"] - v["mean"]]], fmt="o", capsize=3)
         ax.errorbar([i], [v["mean"]], yerr=[v["std"]], fmt="none", lw=4, alpha=0.4)
