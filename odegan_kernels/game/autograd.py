@@ -16,16 +16,7 @@ from ..contract import PenaltyTerm, StageResult
 from .batch import Batch, checked_players, penalty_names
 from .g_reg import METHODS, g_reg_grad
 from .losses import ZERO_SUM, d_loss, g_loss, get_loss
-from .penalties import (
-    consensus_penalty,
-    generator_grad_sqnorm,
-    input_grad_penalty,
-    input_penalty_fd,
-    interpolates,
-    wgan_gp_penalty,
-)
-
-GP_METHODS = ("double_backward", "finite_difference")  # how r1, r2 and wgan_gp are differentiated
+from .penalties import consensus_penalty, generator_grad_sqnorm, input_grad_penalty, interpolates, wgan_gp_penalty
 
 
 class AutogradEngine:
@@ -36,11 +27,8 @@ class AutogradEngine:
     it automatically). g_reg comes as its value ||dl_G/dphi||^2, differentiable w.r.t. D, with
     ``reg_method="double_backward"``, otherwise as its gradient (game/g_reg.py's methods) with its value logged.
     ``autocast`` runs forward and backward in bfloat16 (parameters, gradients and stage math stay fp32).
-    ``gp_method``: r1, r2 and wgan_gp as values differentiated twice (``double_backward``) or as their gradients by
-    a central difference along the input gradient (``finite_difference``: first-order passes only, so compiled
-    players can take them; game/penalties.py). ``g_params`` (optional) restricts G's trainable parameters.
-    WGAN-GP's interpolation weights come from the batch, else are drawn from ``generator`` (None: the device's
-    default generator, as graph capture needs).
+    ``g_params`` (optional) restricts G's trainable parameters. WGAN-GP's interpolation weights come from the
+    batch, else are drawn from ``generator`` (None: the device's default generator, as graph capture needs).
     """
 
     name = "autograd"
@@ -55,18 +43,10 @@ class AutogradEngine:
         g_params: Sequence[torch.Tensor] | None = None,
         zero_sum: bool | None = None,
         generator: torch.Generator | None = None,
-        *,
-        gp_method: str = "double_backward",
     ) -> None:
         get_loss(loss)  # a ValueError naming the losses
         if reg_method not in METHODS:
             raise ValueError(f"reg_method (how g_reg is computed) must be one of {METHODS}, got {reg_method!r}")
-        if gp_method not in GP_METHODS:
-            raise ValueError(f"gp_method (how r1, r2 and wgan_gp are differentiated) must be one of {GP_METHODS}, "
-                             f"got {gp_method!r}")  # fmt: skip
-        if gp_method == "finite_difference" and autocast:
-            raise ValueError("gp_method='finite_difference' needs full-precision passes: a bf16 difference is noise")
-        self.gp_method = gp_method
         if zero_sum and loss not in ZERO_SUM:
             raise ValueError(f"zero_sum=True needs a zero-sum loss {ZERO_SUM}, not {loss!r}")
         self.D, self.G, self.loss, self.reg_method = D, G, loss, reg_method
@@ -123,29 +103,16 @@ class AutogradEngine:
                     x_real = x_real.detach().requires_grad_()
                 d_real = D(x_real, *c_real)
                 ld = d_loss(d_real, d_fake, loss)
-            fd = self.gp_method == "finite_difference"  # each term as its gradient, by first-order passes
             if "r1" in pens:
-                terms["r1"] = (
-                    PenaltyTerm((0,), *input_penalty_fd(D, d_real, x_real, c_real))
-                    if fd
-                    else PenaltyTerm((0,), input_grad_penalty(d_real, x_real))
-                )
+                terms["r1"] = PenaltyTerm((0,), input_grad_penalty(d_real, x_real))
             if "r2" in pens:
-                terms["r2"] = (
-                    PenaltyTerm((0,), *input_penalty_fd(D, d_fake, x_fake, c_fake))
-                    if fd
-                    else PenaltyTerm((0,), input_grad_penalty(d_fake, x_fake))
-                )
+                terms["r2"] = PenaltyTerm((0,), input_grad_penalty(d_fake, x_fake))
             if "wgan_gp" in pens:
                 mix = batch.mix
                 if mix is None:
                     mix = torch.rand(real.shape[0], generator=self.generator, device=real.device, dtype=real.dtype)
                 x_hat = interpolates(x_real, x_fake, mix)
-                terms["wgan_gp"] = (
-                    PenaltyTerm((0,), *input_penalty_fd(D, D(x_hat, *c_real), x_hat, c_real, kind="wgan_gp"))
-                    if fd
-                    else PenaltyTerm((0,), wgan_gp_penalty(D(x_hat, *c_real), x_hat))
-                )
+                terms["wgan_gp"] = PenaltyTerm((0,), wgan_gp_penalty(D(x_hat, *c_real), x_hat))
         out = StageResult(fake=fake.detach(), terms=terms)
         d_par = [p for p in D.parameters() if p.requires_grad]
         gp = []

@@ -1,8 +1,7 @@
 """The gradient engine through torch.compile: the hand-derived engine's whole evaluation (forward, backward, g_reg's
 forward-over-reverse) as compiled code; the autograd engine's players as compiled modules where every pass is first
-order (g_reg by finite differences; r1, r2 and wgan_gp by finite differences or none; no consensus); any other engine
-runs eagerly, with the reason. (A run's ``compile=true`` with the hand-derived engine traces the whole step instead:
-ode/compiled.py.)
+order (g_reg by finite differences, no gradient penalty of D); any other engine runs eagerly, with the reason. (A
+run's ``compile=true`` with the hand-derived engine traces the whole step instead: ode/compiled.py.)
 
 An evaluation compiles once per kind of call (players, penalties asked for, losses or not, a reused fake batch),
 so a run compiles a handful of graphs at its first step and none after (the penalty weights are not part of it).
@@ -20,7 +19,6 @@ from ..contract import StageResult
 from .autograd import AutogradEngine
 from .batch import Batch
 from .mlp import MLPPair
-from .penalties import FD_PENALTIES
 
 
 class CompiledEngine:
@@ -75,14 +73,11 @@ def compile_engine(engine, penalties: Iterable[str] = ()):
 
 def second_order(engine, penalties: Iterable[str]) -> str | None:
     """Why the autograd engine's evaluation needs a second-order pass (one line), or None when it is all first
-    order: g_reg by finite differences (or no g_reg), r1, r2 and wgan_gp by finite differences (gp_method) or none,
-    and no consensus."""
+    order: g_reg by finite differences (or no g_reg), and no gradient penalty of D or consensus."""
     pens = [p for p in penalties]
-    fd = getattr(engine, "gp_method", "double_backward") == "finite_difference"
-    field = [p for p in pens if p != "g_reg" and not (fd and p in FD_PENALTIES)]
+    field = [p for p in pens if p != "g_reg"]
     if field:
-        hint = "" if "consensus" in field else " (gp_method=finite_difference takes them by first-order passes)"
-        return f"the penalties {tuple(field)} differentiate a gradient (create_graph){hint}"
+        return f"the penalties {tuple(field)} differentiate a gradient (create_graph)"
     if "g_reg" in pens and engine.reg_method != "finite_difference":
         return (
             f"g_reg by reg_method={engine.reg_method!r} differentiates a gradient (reg_method=finite_difference "

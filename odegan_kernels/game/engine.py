@@ -34,7 +34,6 @@ def choose_engine(
     zero_sum: bool | None = None,
     generator: torch.Generator | None = None,
     capture: bool = False,
-    gp_method: str = "double_backward",
 ):
     """(the gradient engine for this pair and these options, why it is not the hand-derived one, or None).
 
@@ -42,7 +41,7 @@ def choose_engine(
     reason when they cannot run); ``auto`` (``mlp`` wherever nothing is against it, else autograd). ``penalties``:
     every penalty the engine will be asked for (a field penalty rules out the hand-derived engine). ``capture``:
     the step will be captured in a CUDA graph, which keeps autograd (a captured step has no per-op overhead
-    left for the hand-derived engine to save). The other options (``gp_method`` among them) are AutogradEngine's.
+    left for the hand-derived engine to save). The other options are AutogradEngine's.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -56,8 +55,7 @@ def choose_engine(
             return MLPPair(D, G, loss), None
         if engine == "mlp":
             raise ValueError(f"engine='mlp' cannot run here: {why}")
-    engine = AutogradEngine(D, G, loss, reg_method, autocast, g_params, zero_sum, generator, gp_method=gp_method)
-    return engine, why
+    return AutogradEngine(D, G, loss, reg_method, autocast, g_params, zero_sum, generator), why
 
 
 def game_gradients(
@@ -74,7 +72,6 @@ def game_gradients(
     g_params: Sequence[torch.Tensor] | None = None,
     zero_sum: bool | None = None,
     generator: torch.Generator | None = None,
-    gp_method: str = "double_backward",
 ) -> StageResult:
     """Accumulate dl_D/dtheta (player 0) and dl_G/dphi (player 1) into .grad at the current parameters; return a
     StageResult with the losses, a term per penalty named in ``penalties`` (contract.PENALTIES: g_reg, r1, r2,
@@ -85,8 +82,7 @@ def game_gradients(
     value with ``reg_method="double_backward"`` (the optimiser differentiates it), else as its gradient by that
     method (game/g_reg.py), exact from the hand-derived engine. ``autocast``: bf16 forward and backward;
     ``g_params``: a subset of G's parameters; ``zero_sum``: one backward for a zero-sum loss (None: when it
-    applies); ``generator``: WGAN-GP's interpolation weights when the batch has none; ``gp_method``: r1, r2 and
-    wgan_gp by double backward or by finite differences (AutogradEngine).
+    applies); ``generator``: WGAN-GP's interpolation weights when the batch has none.
     """
     pens = penalty_names(penalties)
     chosen, _ = choose_engine(
@@ -101,6 +97,5 @@ def game_gradients(
         g_params=g_params,
         zero_sum=zero_sum,
         generator=generator,
-        gp_method=gp_method,
     )
     return chosen(batch, players, pens)

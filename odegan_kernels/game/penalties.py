@@ -10,15 +10,6 @@
 * ``consensus`` (Mescheder et al. 2017): 1/2 ||v||^2 of the whole field v = [dl_D/dtheta, dl_G/dphi],
   regularising both players.
 
-r1, r2 and wgan_gp also come by a central difference (``input_penalty_fd``, gp_method="finite_difference"): each
-one's gradient w.r.t. D's parameters is the directional derivative grad_theta [grad_x D(x) . d] along a direction d
-fixed from grad_x D (R1/R2: d = g / B; WGAN-GP: d = 2 (|g| - 1) g / (|g| B) per sample), so with u = d / |d|
-grad_theta P ~= |d| grad_theta [sum D(x + eps u) - sum D(x - eps u)] / (2 eps): first-order passes only (two more
-forwards of D, one backward), which torch.compile can take. eps = cbrt(machine eps) * max(1, rms(x)), as g_reg's
-finite difference (game/g_reg.py); exact up to rounding for a piecewise-linear (ReLU) D while no sample crosses an
-activation switch within eps. Measured against the double backward: 1e-10 to 3e-10 relative in float64 on the toy
-and a DCGAN pair; 1-20x the gradient's norm in float32, which is therefore refused.
-
 The input-gradient penalties take grad_x of D's summed outputs, which is each sample's own gradient as long as D
 treats samples independently (no batch norm in D: true of every D in this package). r1, r2, wgan_gp and consensus
 are part of the players' losses, so an ODE stepper evaluates them at every stage point; g_reg once per step.
@@ -68,40 +59,3 @@ def wgan_gp_penalty(out: torch.Tensor, x_hat: torch.Tensor, backend: str = "auto
 def consensus_penalty(grads: Sequence[torch.Tensor], backend: str = "auto") -> torch.Tensor:
     """1/2 ||v||^2 from the players' gradients [dl_D/dtheta..., dl_G/dphi...] taken with create_graph."""
     return ops.sqnorm(list(grads), backend=backend) * 0.5
-
-
-FD_PENALTIES = ("r1", "r2", "wgan_gp")  # the penalties gp_method="finite_difference" computes without create_graph
-
-
-def input_penalty_fd(D, out: torch.Tensor, x: torch.Tensor, cond=(), kind: str = "r1", backend: str = "auto"):
-    """(value, gradient w.r.t. D's trainable parameters) of R1/R2 (``kind`` "r1", ``x`` real or generated) or of
-    WGAN-GP (``kind`` "wgan_gp", ``x`` the interpolates) from D's outputs ``out`` on ``x``, by the central difference
-    along the input gradient the module docstring derives; ``cond``: D's class labels. First-order passes only."""
-    from .g_reg import fd_epsilon
-
-    if x.dtype != torch.float64:
-        raise ValueError(
-            f"gp_method='finite_difference' needs float64 inputs and parameters, got {x.dtype}: in float32 a ReLU or "
-            "LeakyReLU D's difference is dominated by rounding and activation switches (measured 1-20x the gradient's "
-            "norm on the toy and DCGAN pairs); use float64, or gp_method='double_backward'"
-        )
-    (g,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
-    g, n = _wide(g).detach(), x.shape[0]
-    tiny = torch.finfo(g.dtype).tiny
-    if kind == "wgan_gp":
-        norms = torch.linalg.vector_norm(g.flatten(1), dim=1)
-        value = ops.sqnorm([norms - 1], backend=backend) / n
-        d = g * ((norms - 1) * (2 / n) / norms.clamp_min(tiny)).reshape(-1, *([1] * (g.dim() - 1)))
-    elif kind == "r1":
-        value, d = ops.sqnorm([g], backend=backend) * (0.5 / n), g / n
-    else:
-        raise ValueError(f"kind must be 'r1' (R1 or R2, by its inputs) or 'wgan_gp', got {kind!r}")
-    norm = ops.sqnorm([d], backend=backend).sqrt()
-    x0 = x.detach()
-    eps = fd_epsilon([x0], backend)
-    step = d * (eps / norm.clamp_min(tiny))  # eps u
-    params = [p for p in D.parameters() if p.requires_grad]
-    diff = D(x0 + step, *cond).sum() - D(x0 - step, *cond).sum()
-    grads = torch.autograd.grad(diff, params, allow_unused=True, materialize_grads=True)
-    scale = norm / (2 * eps)
-    return value.detach(), [gr * scale for gr in grads]

@@ -27,7 +27,6 @@ def run_engine(cfg, problem):
         autocast=cfg.autocast,
         conditional=bool(problem.num_classes),
         capture=cfg.cuda_graph,
-        gp_method=cfg.gp_method,
     )
     if cfg.grads == "mlp" and why is not None:
         raise ValueError(f"grads='mlp' cannot run here: {why}")

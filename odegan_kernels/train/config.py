@@ -59,11 +59,6 @@ class Config:
     reg_method: str = option(
         "double_backward", "how g_reg is computed: double_backward | finite_difference | jvp", match=True
     )
-    gp_method: str = option(
-        "double_backward",
-        "how r1, r2 and wgan_gp are differentiated: double_backward | finite_difference",
-        match=True,
-    )
     autocast: bool = option(False, "bf16 forward/backward (parameters, gradients and stage math stay fp32)", match=True)
     grads: str = option("auto", "gradient engine: autograd | mlp (hand-derived, ReLU MLP pairs) | auto")
     lr: float = option(1e-4, "learning rate of the adam / sgd baselines", match=True, change=True)
@@ -181,15 +176,6 @@ class Config:
             )
         if self.autocast and self.dtype != "float32":
             raise ValueError("autocast (bf16 forward/backward over float32 parameters) needs dtype float32")
-        if self.gp_method == "finite_difference" and not (self.r1 or self.r2 or self.wgan_gp):
-            raise ValueError(
-                "gp_method=finite_difference differentiates r1, r2 and wgan_gp; this run has none: set one, or drop it"
-            )
-        if self.gp_method == "finite_difference" and (self.autocast or self.dtype != "float64"):
-            raise ValueError(
-                "gp_method=finite_difference needs dtype float64 without autocast (in float32 its difference is "
-                "dominated by rounding and ReLU switches: game/penalties.py); set dtype=float64 or drop it"
-            )
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.inception_weights and not self.fid_real:
@@ -235,7 +221,6 @@ FINITE = ("h", "h_g", "lr")
 def choices() -> dict[str, tuple]:
     """The options with a fixed set of values, and those values."""
     from ..game import ENGINES, LOSSES, METHODS
-    from ..game.autograd import GP_METHODS
     from ..ode import COUPLINGS, REG_PLACEMENTS, SCHEDULES, TABLEAUS
     from ..ops import BACKENDS
     from ..problems import ARCHS, FID_FEATURES, PROBLEMS
@@ -250,7 +235,6 @@ def choices() -> dict[str, tuple]:
         "schedule": tuple(SCHEDULES),
         "loss": tuple(LOSSES),
         "reg_method": METHODS,
-        "gp_method": GP_METHODS,
         "grads": ENGINES,
         "backend": ("auto", *BACKENDS),
         "arch": ARCHS,

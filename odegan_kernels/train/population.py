@@ -107,8 +107,8 @@ def population_engine(cfg, flat, D, G, weights=None):
         return PopulationMLP(flat, D, G, cfg.loss)
     if cfg.grads == "mlp":
         raise ValueError(f"grads='mlp' cannot run here: {why}")
-    if cfg.reg_method != "double_backward" or cfg.gp_method != "double_backward":
-        raise ValueError("a population's autograd engine takes g_reg and the penalties by double backward only")
+    if cfg.reg_method != "double_backward":
+        raise ValueError("a population's autograd engine takes g_reg by double backward only")
     return PopulationAutograd(flat, D, G, cfg.loss, weights=weights)
 
 
