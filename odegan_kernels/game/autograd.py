@@ -6,6 +6,7 @@ The velocity field is v = -[dl_D/dtheta, dl_G/dphi]; an evaluation accumulates e
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -17,6 +18,13 @@ from .batch import Batch, checked_players, penalty_names
 from .g_reg import METHODS, g_reg_grad
 from .losses import ZERO_SUM, d_loss, g_loss, get_loss
 from .penalties import consensus_penalty, generator_grad_sqnorm, input_grad_penalty, interpolates, wgan_gp_penalty
+
+# measured by python/fd_switch_rate.py (float64, fresh pairs and z): docs/RESULTS.md, "Penalty variants"
+FD_HAZARD = (
+    "reg_method='finite_difference' differences D's gradient across a step in G's parameters: with ReLU/LeakyReLU "
+    "pairs (every pair of this package) 4-7% of evaluations cross an activation switch and err by up to ~1e3x the "
+    "gradient, unflagged (python/fd_switch_rate.py); use reg_method='double_backward' or 'jvp' for runs you keep"
+)
 
 
 class AutogradEngine:
@@ -49,6 +57,8 @@ class AutogradEngine:
             raise ValueError(f"reg_method (how g_reg is computed) must be one of {METHODS}, got {reg_method!r}")
         if zero_sum and loss not in ZERO_SUM:
             raise ValueError(f"zero_sum=True needs a zero-sum loss {ZERO_SUM}, not {loss!r}")
+        if reg_method == "finite_difference":
+            warnings.warn(FD_HAZARD, stacklevel=2)
         self.D, self.G, self.loss, self.reg_method = D, G, loss, reg_method
         self.autocast, self.g_params, self.zero_sum, self.generator = autocast, g_params, zero_sum, generator
 
