@@ -57,6 +57,23 @@ def assert_members_equal_solo(opts: dict, members: list[dict] = MIXED) -> Popula
     return pop
 
 
+def step_with_member_poisoned(pop: Population, member: int = 1) -> None:
+    """One population step in which ``member``'s gradients go non-finite at the first stage (its whole step NaN)."""
+    inner, block = pop.closure, pop.flat.block
+
+    def poisoned(stage):
+        out = inner(stage)
+        if stage.index == 0:
+            pop.flat.grads[member * block : (member + 1) * block].fill_(float("nan"))
+        return out
+
+    pop.closure = poisoned
+    try:
+        pop.step()
+    finally:
+        pop.closure = inner
+
+
 @pytest.mark.parametrize("method", ["euler", "heun", "midpoint", "ralston", "rk3", "rk4"])
 def test_every_method(method):
     assert_members_equal_solo({**BASE, "method": method, "reg_at": "after_step", "coupling": "joint"})
@@ -134,17 +151,7 @@ def test_instance_noise_per_member(grads, anneal):
 def test_a_retried_member_anneals_its_noise_at_its_own_step_count():
     pop = Population([Config(**BASE, **m, instance_noise=0.4, instance_noise_anneal=10) for m in MIXED[:2]])
     pop.step()
-    inner, block = pop.closure, pop.flat.block
-
-    def poisoned(stage):
-        out = inner(stage)
-        if stage.index == 0:
-            pop.flat.grads[block : 2 * block].fill_(float("nan"))
-        return out
-
-    pop.closure = poisoned
-    pop.step()
-    pop.closure = inner
+    step_with_member_poisoned(pop)
     pop.step()  # member 0 at its step 3 (2 taken), member 1 at its step 2 (1 taken)
     assert pop.member_steps == [3, 2]
     assert pop.game_closure.sigma.tolist() == pytest.approx([0.4 * 0.8, 0.4 * 0.9], rel=1e-15)
@@ -363,17 +370,7 @@ def test_digits_members_are_put_back_whole(tmp_path):
 
     pop.step()
     before = [snapshot(0), snapshot(1)]
-    inner, block = pop.closure, pop.flat.block
-
-    def poisoned(stage):  # member 1's gradients non-finite at the first stage: its whole step goes NaN
-        out = inner(stage)
-        if stage.index == 0:
-            pop.flat.grads[block : 2 * block].fill_(float("nan"))
-        return out
-
-    pop.closure = poisoned
-    pop.step()
-    pop.closure = inner
+    step_with_member_poisoned(pop)
     assert pop.failures == [0, 1] and pop.member_steps == [2, 1]
     assert same(snapshot(1), before[1])
     moved = snapshot(0)

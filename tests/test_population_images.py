@@ -18,6 +18,7 @@ from odegan_kernels.train.config import Config, make_config
 from odegan_kernels.train.population import Population
 from odegan_kernels.train.sweep import plan, run_sweep
 
+from .test_population import step_with_member_poisoned
 from .test_trainer import write_cifar10, write_imagefolder
 
 TOL = 1e-12
@@ -142,17 +143,7 @@ def test_a_retried_member_folds_in_only_its_good_steps():
     pop = Population([Config(**base, seed=s) for s in (0, 1)])
     pop.step()
     before = [a.avg.clone() for a in pop.averages]
-    inner, block = pop.closure, pop.flat.block
-
-    def poisoned(stage):
-        out = inner(stage)
-        if stage.index == 0:
-            pop.flat.grads[block : 2 * block].fill_(float("nan"))
-        return out
-
-    pop.closure = poisoned
-    pop.step()
-    pop.closure = inner
+    step_with_member_poisoned(pop)
     assert pop.failures == [0, 1]
     assert torch.equal(pop.averages[1].avg, before[1]) and not torch.equal(pop.averages[0].avg, before[0])
     pop.freeze(0)
