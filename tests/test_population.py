@@ -253,6 +253,19 @@ def test_retried_member_continues_as_its_solo_run_with_the_smaller_h():
     assert torch.equal(pop.member_params(0), population(opts, [MIXED[0]]).member_params(0))
 
 
+def test_a_retried_member_keeps_its_own_lazy_penalty_steps():
+    """With a lazy r1 (every 2 steps), a member retried once is a step behind the population: its r1 comes at its
+    own even steps, as in its solo run, and the other member's at theirs (the population's)."""
+    opts = {**BASE, "method": "heun", "recover_retries": 2, "recover_factor": 1e-301, "r1": 0.3, "penalty_every": 2}
+    bad = dict(seed=4, h=1e300, reg=0.07)
+    pop = population(opts, [MIXED[0], bad])
+    assert pop.failures == [0, 1] and pop.member_steps == [STEPS, STEPS - 1]
+    for k, ref in enumerate((solo({**opts, **MIXED[0]}), solo({**opts, **bad, "h": 1e300 * 1e-301}, STEPS - 1))):
+        rel = ((pop.member_params(k) - ref).abs().max() / ref.abs().max()).item()
+        assert rel <= TOL, f"member {k} differs from its solo run by {rel:.3g}"
+    assert [p.every for p in pop.opt.penalties] == [2] and not pop.engine.weights  # put back after every step
+
+
 def test_readme_population_example_runs(capsys):
     import re
     from pathlib import Path

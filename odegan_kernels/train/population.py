@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from ..contract import PENALTIES, Stage, StageResult
+from ..contract import PENALTIES, Penalty, Stage, StageResult
 from ..flat import FlatParams
 from ..game import Batch
 from ..game.compiled import prepare_trace
@@ -216,7 +216,12 @@ class Population:
         self.game_closure.set_noise_std(self.member_steps)  # each member's instance noise at its own step count
         if self.traced:  # the traced step reads its batches drawn here, in the eager step's order
             self.game_closure.predraw(self.opt.draws_per_step(self.cfgs[0].data_per_stage))
-        out = self.opt.step(self.closure)
+        lazy = self._lazy_per_member()
+        try:
+            out = self.opt.step(self.closure)
+        finally:
+            if lazy is not None:  # the population's own penalties and weights again
+                self.opt.penalties, self.engine.weights = lazy
         self.game_closure.restore_buffers()  # after the last stage's penalties
         if self.traced:
             self.game_closure.check_predrawn()
@@ -242,6 +247,33 @@ class Population:
                     g["lr"] *= self.factor
         self.set_step_sizes()
         return out
+
+    def _lazy_per_member(self):
+        """A lazy penalty (every k > 1) is due at a member's own step count, as in its solo run. While every moving
+        member's count agrees with the population's on it (no retries), the optimiser's schedule is theirs and
+        nothing changes (returns None). Otherwise, for this step, each lazy penalty due for some member is asked
+        for at weight 1 and each member weighs its value w_k * k where it is due, 0 where not (the engine's
+        per-member weights); returns (the optimiser's penalties, the engine's weights) to put back after."""
+        specs, n = self.opt.penalties, self.opt.steps
+        moving = [m for m in range(self.flat.members) if not self.frozen[m]]
+        lazy = [p for p in specs if p.every > 1] if hasattr(self.engine, "weights") else []  # field penalties: autograd
+        due = {p.name: [self.member_steps[m] % p.every == 0 for m in range(self.flat.members)] for p in lazy}
+        if all(due[p.name][m] == (n % p.every == 0) for p in lazy for m in moving):
+            return None
+        saved = (specs, dict(self.engine.weights))
+        new_specs, weights = [], dict(self.engine.weights)
+        for p in specs:
+            if p.every == 1:
+                new_specs.append(p)
+                continue
+            own = self.engine.weights.get(p.name)
+            ws = own.tolist() if own is not None else [p.weight] * self.flat.members
+            now = [w * p.every if d and m in moving else 0.0 for m, (w, d) in enumerate(zip(ws, due[p.name]))]
+            if any(now):
+                new_specs.append(Penalty(p.name, 1.0, 1))
+                weights[p.name] = torch.tensor(now, dtype=self.flat.dtype, device=self.flat.device)
+        self.opt.penalties, self.engine.weights = tuple(new_specs), weights
+        return saved
 
     def set_step_sizes(self) -> None:
         """Every member's step sizes for its next step: ``member_h`` times the schedule at the member's own step
