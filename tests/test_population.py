@@ -266,6 +266,32 @@ def test_a_retried_member_keeps_its_own_lazy_penalty_steps():
     assert [p.every for p in pop.opt.penalties] == [2] and not pop.engine.weights  # put back after every step
 
 
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_a_retried_baseline_member_gets_its_optimiser_state_back(kind):
+    """A member of an Adam (or SGD) population whose third step went non-finite is put back with its optimiser state
+    (Adam's moments and step count) and retried at lr x recover_factor: it equals the run that took two steps at lr
+    and the rest at lr / 2; the other member its own uninterrupted run."""
+    opts = {**BASE, "optimizer": kind, "lr": 1e-2, "recover_factor": 0.5}
+    members = [dict(seed=0, reg=0.07), dict(seed=3, reg=0.07)]
+    pop = Population([Config(**opts, **m) for m in members])
+    for _ in range(2):
+        pop.step()
+    step_with_member_poisoned(pop)
+    for _ in range(STEPS - 3):
+        pop.step()
+    assert pop.failures == [0, 1] and pop.member_steps == [STEPS, STEPS - 1] and not pop.frozen[1]
+    ref = Population([Config(**opts, **members[1])])
+    for step in range(STEPS - 1):
+        if step == 2:
+            for g in ref.opt.param_groups:
+                g["lr"] *= 0.5
+        ref.step()
+    for got, want in ((pop.member_params(1), ref.member_params(0)),
+                      (pop.member_params(0), population(opts, members[:1]).member_params(0))):  # fmt: skip
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        assert torch.isfinite(got).all() and rel <= TOL, rel
+
+
 def test_readme_population_example_runs(capsys):
     import re
     from pathlib import Path

@@ -216,6 +216,7 @@ class Population:
         self.game_closure.set_noise_std(self.member_steps)  # each member's instance noise at its own step count
         if self.traced:  # the traced step reads its batches drawn here, in the eager step's order
             self.game_closure.predraw(self.opt.draws_per_step(self.cfgs[0].data_per_stage))
+        moments = self._optimizer_state()  # Adam's moments (a baseline): put back with a failed member's step
         lazy = self._lazy_per_member()
         try:
             out = self.opt.step(self.closure)
@@ -239,6 +240,8 @@ class Population:
             self.streams[m].data.set_state(states[m][0])
             self.streams[m].z.set_state(states[m][1])
             self.problems[m].load_state_dict(states[m][2])
+            if moments is not None:
+                self._restore_optimizer_state(moments, m)
             self.failures[m] += 1
             if self.failures[m] > self.retries:
                 self.frozen[m] = self.diverged[m] = True
@@ -247,6 +250,28 @@ class Population:
                     g["lr"] *= self.factor
         self.set_step_sizes()
         return out
+
+    def _optimizer_state(self):
+        """A baseline's per-parameter state (Adam's moments and step counts) before a step, or None (the ODE stepper
+        keeps no state across steps)."""
+        opt = getattr(self.opt, "optimizer", None)
+        if opt is None:
+            return None
+        return {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for p, st in opt.state.items()}
+
+    def _restore_optimizer_state(self, saved, m: int) -> None:
+        """Member m's parameters' optimiser state as it was before the step (none yet: none again)."""
+        opt, n = self.opt.optimizer, self.flat.nplayers
+        for group in opt.param_groups[m * n : (m + 1) * n]:
+            for p in group["params"]:
+                if p not in saved:
+                    opt.state.pop(p, None)
+                    continue
+                for key, v in saved[p].items():
+                    if torch.is_tensor(v):
+                        opt.state[p][key].copy_(v)
+                    else:
+                        opt.state[p][key] = v
 
     def _lazy_per_member(self):
         """A lazy penalty (every k > 1) is due at a member's own step count, as in its solo run. While every moving
