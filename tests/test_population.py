@@ -292,6 +292,37 @@ def test_a_retried_baseline_member_gets_its_optimiser_state_back(kind):
         assert torch.isfinite(got).all() and rel <= TOL, rel
 
 
+@pytest.mark.parametrize("problem", ["mog", "digits"])
+def test_a_step_that_raises_leaves_the_population_at_its_start(problem, tmp_path):
+    """An exception (or Ctrl-C) inside a step puts every member back to the step's start (parameters, random streams,
+    data positions, BN statistics, Adam's moments), so taking the step again gives the uninterrupted population."""
+    if problem == "digits":
+        pytest.importorskip("sklearn", reason="the digits need scikit-learn (the [dev] and [digits] extras)")
+        from odegan_kernels.train.config import make_config
+
+        cfgs = lambda: [make_config("digits", seed=s, width=4, batch=8, out=str(tmp_path / f"m{s}")) for s in (0, 1)]  # noqa: E731
+    else:
+        cfgs = lambda: [Config(**BASE, **m, optimizer="adam", lr=1e-2, reg=0.07) for m in (dict(seed=0), dict(seed=1))]  # noqa: E731
+    pop, ref = Population(cfgs()), Population(cfgs())
+    pop.step(), ref.step()
+    inner = pop.closure
+
+    def boom(stage):
+        out = inner(stage)
+        if stage.index == 0:
+            raise KeyboardInterrupt
+        return out
+
+    pop.closure = boom
+    with pytest.raises(KeyboardInterrupt):
+        pop.step()
+    pop.closure = inner
+    for _ in range(2):
+        pop.step(), ref.step()
+    assert torch.equal(pop.flat.params, ref.flat.params)
+    assert all(torch.equal(a, b) for a, b in zip(pop.flat.buffers(), ref.flat.buffers()))
+
+
 def test_readme_population_example_runs(capsys):
     import re
     from pathlib import Path

@@ -220,6 +220,9 @@ class Population:
         lazy = self._lazy_per_member()
         try:
             out = self.opt.step(self.closure)
+        except BaseException:  # an exception or interrupt inside: every member back to the step's start
+            self._put_back_all(states, moments)
+            raise
         finally:
             if lazy is not None:  # the population's own penalties and weights again
                 self.opt.penalties, self.engine.weights = lazy
@@ -250,6 +253,21 @@ class Population:
                     g["lr"] *= self.factor
         self.set_step_sizes()
         return out
+
+    def _put_back_all(self, states, moments) -> None:
+        """Every member at the start of the step that raised: parameters, BN statistics, random streams, data
+        positions and a baseline's optimiser state, so that the step can be taken again as if never begun."""
+        with torch.no_grad():
+            self.flat.params.copy_(self._start)
+            if self._buffers:
+                torch._foreach_copy_(self._buffers, self._buffers_start)
+        for m, (s, problem) in enumerate(zip(self.streams, self.problems)):
+            s.data.set_state(states[m][0])
+            s.z.set_state(states[m][1])
+            problem.load_state_dict(states[m][2])
+            if moments is not None:
+                self._restore_optimizer_state(moments, m)
+        self.game_closure.restore_buffers()
 
     def _optimizer_state(self):
         """A baseline's per-parameter state (Adam's moments and step counts) before a step, or None (the ODE stepper
