@@ -201,10 +201,20 @@ def member_weights(weights, flat) -> dict[str, torch.Tensor]:
 
 
 # -- the hand-derived engine, batched ------------------------------------------------------------------------------
+# Activations are feature-major, [K, features, batch]: every product has the batch as its long side (W @ h, not
+# h @ W^T). MKL's batched GEMM runs D's one-unit output layer ~3x faster this way ([16, 1, 25] x [16, 25, 1024]:
+# 73 us against 210 us for [16, 1024, 25] x [16, 25, 1]; one thread, AMD EPYC) and the whole K = 16 toy step ~1.1x
+# faster (a paired run of both engines, 12 rounds: 0.98-1.47, median 1.11); docs/RESULTS.md has the population figures.
+def _wt_times(w, delta):
+    """w^T @ delta over the member axis; for a one-unit layer (w [K, 1, n]) the outer product as a broadcast
+    multiply (64 us against bmm's 183 us, whose inner dimension would be 1)."""
+    return w.transpose(1, 2) * delta if w.shape[1] == 1 else torch.bmm(w.transpose(1, 2), delta)
+
+
 def _forward(ws, bs, x):
     hs = [x]
     for i, (w, b) in enumerate(zip(ws, bs)):
-        a = torch.baddbmm(b.unsqueeze(1), hs[-1], w.transpose(1, 2))
+        a = torch.baddbmm(b.unsqueeze(2), w, hs[-1])
         if i == len(ws) - 1:
             return a, hs
         hs.append(a.relu_())
@@ -217,11 +227,11 @@ def _backward(ws, hs, delta, into, need_input=False, deltas=None):
             deltas.append(delta)
         if into is not None:
             gw, gb = into[i]
-            gw.baddbmm_(delta.transpose(1, 2), hs[i])
-            gb.add_(delta.sum(1))
+            gw.baddbmm_(delta, hs[i].transpose(1, 2))
+            gb.add_(delta.sum(2))
         if i == 0 and not need_input:
             return None
-        up = torch.bmm(delta, ws[i])
+        up = _wt_times(ws[i], delta)
         delta = torch.ops.aten.threshold_backward(up, hs[i], 0) if i > 0 else up
     return delta
 
@@ -262,7 +272,8 @@ class PopulationMLP:
         real, z, fake = batch.real, batch.z, batch.fake
         dw, db, gw_, gb_ = self.d_w, self.d_b, self.g_w, self.g_b
         if fake is None:
-            fake, g_hs = _forward(gw_, gb_, z)
+            fake_t, g_hs = _forward(gw_, gb_, z.transpose(1, 2))
+            fake = fake_t.transpose(1, 2).contiguous()
         out = StageResult(fake=fake)
         noise_r, noise_f = batch.noise if batch.noise is not None else (None, None)
         if noise_r is not None:  # constant: the gradients and g_reg's tangent pass through it unchanged (mlp.py)
@@ -272,20 +283,20 @@ class PopulationMLP:
         into_d = [(w.grad, b.grad) for w, b in zip(dw, db)]
         into_g = [(w.grad, b.grad) for w, b in zip(gw_, gb_)]
         if need_d:
-            logits, d_hs = _forward(dw, db, torch.cat([real, x_fake], 1))
-            logits = logits.squeeze(-1)
+            logits, d_hs = _forward(dw, db, torch.cat([real, x_fake], 1).transpose(1, 2))
+            logits = logits.squeeze(1)
             lr, lf = logits[:, :nr], logits[:, nr:]
             lo = get_loss(loss)
             ld = lo.d_real(lr).mean(1) + lo.d_fake(lf).mean(1) if values else None
             dr, df = lo.d_real_grad(lr).mul_(1.0 / nr), lo.d_fake_grad(lf).mul_(1.0 / lf.shape[1])
-            _backward(dw, d_hs, torch.cat([dr, df], 1).unsqueeze(-1), into_d)
+            _backward(dw, d_hs, torch.cat([dr, df], 1).unsqueeze(1), into_d)
             if values:
                 out.loss_d = ld.float()
             if need_g:
-                f_hs = [h[:, nr:] for h in d_hs]
+                f_hs = [h[:, :, nr:] for h in d_hs]
         elif need_g:
-            lf, f_hs = _forward(dw, db, x_fake)
-            lf = lf.squeeze(-1)
+            lf, f_hs = _forward(dw, db, x_fake.transpose(1, 2))
+            lf = lf.squeeze(1)
         if not need_g:
             return out
         lg = get_loss(loss).g(lf).mean(1)
@@ -294,7 +305,7 @@ class PopulationMLP:
         curv = None if curv is None else curv.mul_(1.0 / lf.shape[1])
         out.loss_g = lg.float()
         d_deltas: list[torch.Tensor] = []
-        dfake = _backward(dw, f_hs, dg.unsqueeze(-1), None, need_input=True, deltas=d_deltas)
+        dfake = _backward(dw, f_hs, dg.unsqueeze(1), None, need_input=True, deltas=d_deltas)
         if not greg:
             _backward(gw_, g_hs, dfake, into_g)
             return out
@@ -309,23 +320,23 @@ class PopulationMLP:
 
 
 def _g_reg_grad(dw, gw, g_hs, f_hs, d_deltas, curv, g_phi) -> list[torch.Tensor]:
-    """game/mlp.py's forward-over-reverse for g_reg, batched over the member axis."""
+    """game/mlp.py's forward-over-reverse for g_reg, batched over the member axis (feature-major, as above)."""
     tangent = None
     for i, (w, (tw, tb)) in enumerate(zip(gw, g_phi)):
-        a = torch.baddbmm(tb.unsqueeze(1), g_hs[i], tw.transpose(1, 2))
+        a = torch.baddbmm(tb.unsqueeze(2), tw, g_hs[i])
         if tangent is not None:
-            a.baddbmm_(tangent, w.transpose(1, 2))
+            a.baddbmm_(w, tangent)
         tangent = torch.ops.aten.threshold_backward(a, g_hs[i + 1], 0) if i + 1 < len(gw) else a
     f_tangents = [tangent]
     for i, w in enumerate(dw[:-1]):
-        up = torch.bmm(f_tangents[-1], w.transpose(1, 2))
+        up = torch.bmm(w, f_tangents[-1])
         f_tangents.append(torch.ops.aten.threshold_backward(up, f_hs[i + 1], 0))
-    delta_t = torch.bmm(f_tangents[-1], dw[-1].transpose(1, 2)).mul_(curv.unsqueeze(-1))
+    delta_t = torch.bmm(dw[-1], f_tangents[-1]).mul_(curv.unsqueeze(1))
     out: list[torch.Tensor] = []
     for i in range(len(dw) - 1, -1, -1):
         delta = d_deltas[len(dw) - 1 - i]
-        g = torch.bmm(delta_t.transpose(1, 2), f_hs[i]).baddbmm_(delta.transpose(1, 2), f_tangents[i]).mul_(2.0)
-        out[:0] = [g, delta_t.sum(1).mul_(2.0)]
+        g = torch.bmm(delta_t, f_hs[i].transpose(1, 2)).baddbmm_(delta, f_tangents[i].transpose(1, 2)).mul_(2.0)
+        out[:0] = [g, delta_t.sum(2).mul_(2.0)]
         if i > 0:
-            delta_t = torch.ops.aten.threshold_backward(torch.bmm(delta_t, dw[i]), f_hs[i], 0)
+            delta_t = torch.ops.aten.threshold_backward(_wt_times(dw[i], delta_t), f_hs[i], 0)
     return out
