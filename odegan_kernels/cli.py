@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", help="sweep folder (default runs/sweep-PRESET)")
     sw.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=200, help="population steps per checkpoint")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other Config field")
+    sw.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a further axis, any other Config field (r1, r2, wgan_gp, consensus, h_g share populations; others split)",
+    )
     sub.add_parser("presets", help="list presets and their options")
     sub.add_parser("backends", help="which op backends run here, and why not")
     st = sub.add_parser("study", help="a study with closed-form answers: dirac (which training methods converge)")
@@ -95,6 +102,17 @@ def _set_options(items) -> list[tuple[str, object]]:
             hint = f"did you mean {' or '.join(near)}?" if near else "odegan train PRESET --dry-run lists them"
             raise ValueError(f"unknown option {key!r}; {hint}")
         out.append((key, _parse_value(value)))
+    return out
+
+
+def _vary_options(items) -> dict:
+    """``--vary KEY=V1,V2`` items as {Config name: [parsed values]} (the names checked as --set's are)."""
+    out: dict = {}
+    for item in items:
+        ((key, _),) = _set_options([item])
+        if key in out:
+            raise ValueError(f"--vary {key} is given twice: give its values once, comma-separated")
+        out[key] = [_parse_value(v.strip()) for v in item.partition("=")[2].split(",") if v.strip()]
     return out
 
 
@@ -171,6 +189,7 @@ def _sweep(args) -> int:
             parse_values(args.method, "method", str),
             sets,
             args.members,
+            _vary_options(args.vary),
         )
         for members in pops:  # every population buildable before the first step
             from .train.population import check_members

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -263,3 +264,47 @@ def test_an_adam_preset_sweeps_over_seeds(tmp_path):
     members = json.loads((out / "summary.json").read_text())["members"]
     assert [m["seed"] for m in members] == [0, 1] and all(m["steps"] == 4 for m in members)
     assert main(["sweep", "mog-adam", "--seeds", "0", "--h", "0.1", "--out", str(tmp_path / "b")]) == 2
+
+
+def test_vary_axes_share_or_split_populations(tmp_path):
+    """--vary: a member option (r1) shares populations, any other option (batch) splits them; every member is still
+    the solo run of its config.json, and the summary names each setting's values."""
+    out = tmp_path / "sweep"
+    args = ["sweep", "mog", "--seeds", "0,3", "--vary", "r1=0,0.5", "--vary", "batch=32,64", "--steps", "12",
+            "--set", "dtype=float64", "--set", "eval_every=6", "--set", "hidden=8", "--set", "eval_samples=128",
+            "--out", str(out)]  # fmt: skip
+    mine, solo = _member_and_its_solo_run(tmp_path, args, "rk4_h0.1_reg0.07_r10.5_batch32")
+    for player in ("D", "G"):
+        for name, ref in solo[player].items():
+            rel = ((mine[player][name] - ref).abs().max() / ref.abs().max()).item()
+            assert rel <= 1e-12, f"{player}.{name} differs by {rel:.3g}"
+    plan_ = json.loads((out / "plan.json").read_text())
+    assert [sorted({(o["r1"], o["batch"]) for _, _, o in p}) for p in plan_] == [
+        [(0, 32), (0.5, 32)],
+        [(0, 64), (0.5, 64)],
+    ]
+    rows = {r["setting"]: r for r in json.loads((out / "summary.json").read_text())["settings"]}
+    assert rows["rk4_h0.1_reg0.07_r10.5_batch64"]["options"] == {"r1": 0.5, "batch": 64}
+    assert len(rows) == 4 and all(r["seeds"] == 2 for r in rows.values())
+    assert {float(json.loads((d / "config.json").read_text())["r1"]) for d in member_dirs(out)} == {0.0, 0.5}
+
+
+@pytest.mark.parametrize(
+    ("extra", "msg"),
+    [
+        (["--vary", "h=0.1,0.2"], r"own sweep flag \(--h\)"),
+        (["--vary", "r1=1", "--set", "r1=2"], "both by --set and by --vary"),
+        (["--vary", "r1=1", "--vary", "r1=2"], "given twice"),
+        (["--vary", "r1=,"], "needs distinct values"),
+        (["--vary", "r1=1,1.0"], "twice"),
+        (["--vary", "bogus=1"], "unknown option 'bogus'"),
+        (["--vary", "data=a/b,a-b"], "share the folder"),
+        (["--vary", "r1=a,b"], "r1"),
+    ],
+)
+def test_bad_vary_is_refused_in_one_line(tmp_path, capsys, extra, msg):
+    out = tmp_path / "x"
+    assert main(["sweep", "mog", "--seeds", "0", "--steps", "2", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(msg, err), err
+    assert not out.exists() or not any((out / "populations").glob("*"))

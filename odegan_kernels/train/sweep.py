@@ -20,9 +20,10 @@ import torch
 from ..files import save_figure, write_file
 from .checkpoint import atomic_save, read_checkpoint
 from .config import make_config, resolve_device, written_options
-from .population import Population
+from .population import MEMBER_OPTIONS, Population
 
 POPULATIONS = "populations"
+OWN_AXES = {"seed": "--seeds", "h": "--h", "reg": "--reg", "method": "--method", "out": "--out"}  # the sweep's own
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -56,32 +57,72 @@ def parse_values(text: str | None, name: str, kind=float) -> list | None:
     return values
 
 
-def setting_name(method: str, h: float, reg: float) -> str:
-    return f"{method}_h{h:g}_reg{reg:g}"
+def _label(value) -> str:
+    """A value as a setting name shows it: numbers as %g, anything else with only [A-Za-z0-9.+-] kept."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}"
+    return "".join(c if c.isalnum() or c in ".+-" else "-" for c in str(value))
 
 
-def plan(preset: str, out, seeds, hs=None, regs=None, methods=None, sets=None, members: int = 16) -> list[list]:
+def setting_name(method: str, h: float, reg: float, extra=()) -> str:
+    """``euler_h0.1_reg0.07``, then ``_KEYvalue`` for each further axis (``extra``: (key, value) pairs)."""
+    return f"{method}_h{h:g}_reg{reg:g}" + "".join(f"_{k}{_label(v)}" for k, v in extra)
+
+
+def _checked_vary(vary, sets) -> dict:
+    """--vary's axes {key: [values]}: any option but the sweep's own flags and --set's, each with distinct values."""
+    vary = dict(vary or {})
+    for key, values in vary.items():
+        if key in OWN_AXES:
+            raise ValueError(f"{key} has its own sweep flag ({OWN_AXES[key]}): not --vary")
+        if key in sets:
+            raise ValueError(f"{key} is given both by --set and by --vary: give it once")
+        if not values or len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            raise ValueError(f"--vary {key} needs distinct values, got {values!r}")
+    return vary
+
+
+def plan(
+    preset: str, out, seeds, hs=None, regs=None, methods=None, sets=None, members: int = 16, vary=None
+) -> list[list]:
     """The grid's product as populations: [[(setting, seed, Config), ...], ...], one method per population and at
-    most ``members`` members each, every member's out folder OUT/<setting>/seed<s>."""
+    most ``members`` members each, every member's out folder OUT/<setting>/seed<s>. ``vary``: further axes {option:
+    [values]}; a member option (MEMBER_OPTIONS: r1, r2, wgan_gp, consensus, h_g) shares populations as h and lambda
+    do, any other option gets populations of its own, as a method does."""
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise ValueError(f"--members must be an int >= 1, got {members!r}")
     sets = dict(sets or {})
-    for key in ("seed", "h", "reg", "method", "out"):
+    for key, flag in OWN_AXES.items():
         if key in sets:
-            raise ValueError(f"{key} is a sweep axis or the sweep's own: give it as --{key}s/--{key}, not --set")
+            raise ValueError(f"{key} is a sweep axis or the sweep's own: give it as {flag}, not --set")
+    vary = _checked_vary(vary, sets)
+    shared = [k for k in vary if k in MEMBER_OPTIONS]
+    apart = [k for k in vary if k not in MEMBER_OPTIONS]
     base = make_config(preset, **sets)
     out = Path(out)
-    pops = []
+    pops, names, seen = [], {}, set()
     for method in methods or [base.method]:
-        grid = []
-        for h, reg, seed in itertools.product(hs or [base.h], regs or [base.reg], seeds):
-            name = setting_name(method, h, reg)
-            axes = {k: v for k, v, given in (("method", method, methods), ("h", h, hs), ("reg", reg, regs)) if given}
-            cfg = make_config(preset, **sets, **axes, seed=seed, out=str(out / name / f"seed{seed}"))  # (the axes
-            # given only: an Adam preset has no method or h to set)
-            cfg.validate()
-            grid.append((name, seed, cfg))
-        pops += [grid[i : i + members] for i in range(0, len(grid), members)]
+        for split in itertools.product(*(vary[k] for k in apart)):
+            grid = []
+            for h, reg, *within, seed in itertools.product(
+                hs or [base.h], regs or [base.reg], *(vary[k] for k in shared), seeds
+            ):
+                extra = dict(zip(apart, split)) | dict(zip(shared, within))
+                given = (("method", method, methods), ("h", h, hs), ("reg", reg, regs))
+                axes = {k: v for k, v, asked in given if asked}
+                cfg = make_config(preset, **sets, **extra, **axes, seed=seed, out=str(out))  # (the axes given only:
+                # an Adam preset has no method or h to set)
+                name = setting_name(method, h, reg, [(k, getattr(cfg, k)) for k in vary])
+                key = (method, h, reg, *(json.dumps(getattr(cfg, k), sort_keys=True) for k in vary))
+                if names.setdefault(name, key) != key:
+                    raise ValueError(f"two settings of --vary would share the folder {name!r}: give distinct values")
+                if (name, seed) in seen:
+                    raise ValueError(f"--vary gives the setting {name!r} twice (values equal as the options take them)")
+                seen.add((name, seed))
+                cfg.out = str(out / name / f"seed{seed}")
+                cfg.validate()
+                grid.append((name, seed, cfg))
+            pops += [grid[i : i + members] for i in range(0, len(grid), members)]
     return pops
 
 
@@ -92,8 +133,8 @@ def _metrics_dicts(records) -> str:
 class PopulationRun:
     """One population of a sweep: trains it to every member's ``steps`` with its records and checkpoint."""
 
-    def __init__(self, index: int, members: list, root: Path, ckpt_every: int = 200) -> None:
-        self.index, self.members = index, members
+    def __init__(self, index: int, members: list, root: Path, ckpt_every: int = 200, axes=()) -> None:
+        self.index, self.members, self.axes = index, members, tuple(axes)
         self.dir = root / POPULATIONS / f"p{index}"
         self.cfgs = [cfg for _, _, cfg in members]
         self.ckpt_every = ckpt_every
@@ -190,6 +231,7 @@ class PopulationRun:
                     "method": c.method,
                     "h": c.h,
                     "reg": c.reg,
+                    **({"options": {a: getattr(c, a) for a in self.axes}} if self.axes else {}),
                     "steps": pop.member_steps[m],
                     "diverged": pop.diverged[m],
                     "retries": pop.failures[m],
@@ -254,6 +296,7 @@ def summarise(results: list[dict]) -> list[dict]:
     for name, rs in by_setting.items():
         ok = [r["final"] for r in rs if r["final"] is not None]
         row = {"setting": name, "method": rs[0]["method"], "h": rs[0]["h"], "reg": rs[0]["reg"]}
+        row.update({"options": rs[0]["options"]} if "options" in rs[0] else {})
         row.update({"seeds": len(rs), "diverged": sum(r["diverged"] for r in rs)})
         keys = list(dict.fromkeys(k for f in ok for k, v in f.items() if k != "step" and _number(v)))
         for key in keys:
@@ -272,7 +315,7 @@ def summarise(results: list[dict]) -> list[dict]:
 def write_summary(root: Path, rows: list[dict], results: list[dict], seconds: float) -> None:
     root = Path(root)
     write_file(root / "summary.json", json.dumps({"settings": rows, "members": results, "seconds": seconds}, indent=1))
-    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict)})
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict) and k != "options"})
     head = "| setting | seeds | diverged | " + " | ".join(f"{k} mean ± std [min, max]" for k in keys) + " |"
     lines = [f"# Sweep summary ({seconds:.0f} s)", "", head, "|" + " --- |" * (3 + len(keys))]
     for r in rows:
@@ -354,6 +397,13 @@ def check_plan(root: Path, pops: list[list], write: bool = True) -> None:
     )
 
 
+def varied_options(pops: list[list]) -> list[str]:
+    """The options other than method, h, reg and the seed that differ between a sweep's members (--vary's axes)."""
+    opts = [o for m in _plan(pops) for _, _, o in m]
+    keys = dict.fromkeys(k for o in opts for k in o)
+    return [k for k in keys if k not in OWN_AXES and len({json.dumps(o.get(k), sort_keys=True) for o in opts}) > 1]
+
+
 def _members(members: dict) -> str:
     settings = sorted({n for n, _ in members})
     seeds = sorted({s for _, s in members})
@@ -373,18 +423,19 @@ def run_sweep(pops: list[list], out, ckpt_every: int = 200, say=print) -> list[d
     if world > 1:
         torch.distributed.barrier()  # the plan is on disk before a rank starts
     start = time.monotonic()
+    axes = varied_options(pops)
     for i, members in enumerate(pops):
         if i % world != rank:
             continue
         for _, _, cfg in members:
             cfg.device = device
-        run = PopulationRun(i, members, root, ckpt_every)
+        run = PopulationRun(i, members, root, ckpt_every, axes)
         run.run(say)
         if world > 1:
             write_file(run.dir / f"trained_by_rank{rank}", "")
     if world > 1:
         torch.distributed.barrier()
-    results = [r for i, members in enumerate(pops) for r in PopulationRun(i, members, root).run(say)]
+    results = [r for i, members in enumerate(pops) for r in PopulationRun(i, members, root, axes=axes).run(say)]
     rows = summarise(results)
     if rank == 0:
         write_summary(root, rows, results, time.monotonic() - start)
