@@ -89,6 +89,14 @@ def test_couplings_placements_engines(coupling, reg_at, grads, data):
     assert type(pop.engine).__name__ == ("PopulationMLP" if grads == "mlp" else "PopulationAutograd")
 
 
+@pytest.mark.parametrize("hidden", [1, 2])
+def test_narrow_layers_on_the_hand_derived_engine(hidden):
+    """One- and two-unit hidden layers: the batched engine's outer products as broadcast multiplies (one unit) and
+    as products (two) in every layer, not only D's output layer."""
+    opts = {**BASE, "hidden": hidden, "method": "rk4", "grads": "mlp", "reg_at": "first_stage", "coupling": "joint"}
+    assert type(assert_members_equal_solo(opts).engine).__name__ == "PopulationMLP"
+
+
 @pytest.mark.parametrize("backend", ["reference", "foreach", "csrc"])
 def test_cpu_backends(backend):
     assert ops.supports(backend, "cpu"), f"backend {backend} cannot run here: {ops.why_unavailable(backend)}"
