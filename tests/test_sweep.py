@@ -107,6 +107,14 @@ def _member_and_its_solo_run(tmp_path, args, setting):
     return torch.load(member / "params.pt"), torch.load(run / "checkpoint.pt", weights_only=False)
 
 
+def assert_players_close(mine: dict, solo: dict, tol: float = 1e-12) -> None:
+    """Every D and G tensor of a member's params.pt within ``tol`` (relative to its largest value) of the solo run's."""
+    for player in ("D", "G"):
+        for name, ref in solo[player].items():
+            rel = ((mine[player][name] - ref).abs().max() / ref.abs().max()).item()
+            assert rel <= tol, f"{player}.{name} differs by {rel:.3g}"
+
+
 def test_a_member_equals_odegan_train_with_its_config(tmp_path):
     """A sweep member's final parameters are those of `odegan train` run with the member's own config.json."""
     out = tmp_path / "sweep"
@@ -114,10 +122,7 @@ def test_a_member_equals_odegan_train_with_its_config(tmp_path):
             "dtype=float64", "--set", "eval_every=10", "--set", "batch=32", "--set", "hidden=8",
             "--out", str(out)]  # fmt: skip
     mine, solo = _member_and_its_solo_run(tmp_path, args, "heun_h0.2_reg0.07")
-    for player in ("D", "G"):
-        for name, ref in solo[player].items():
-            rel = ((mine[player][name] - ref).abs().max() / ref.abs().max()).item()
-            assert rel <= 1e-12, f"{player}.{name} differs by {rel:.3g}"
+    assert_players_close(mine, solo)
 
 
 def test_a_digits_member_equals_odegan_train_with_its_config(tmp_path):
@@ -274,10 +279,7 @@ def test_vary_axes_share_or_split_populations(tmp_path):
             "--set", "dtype=float64", "--set", "eval_every=6", "--set", "hidden=8", "--set", "eval_samples=128",
             "--out", str(out)]  # fmt: skip
     mine, solo = _member_and_its_solo_run(tmp_path, args, "rk4_h0.1_reg0.07_r10.5_batch32")
-    for player in ("D", "G"):
-        for name, ref in solo[player].items():
-            rel = ((mine[player][name] - ref).abs().max() / ref.abs().max()).item()
-            assert rel <= 1e-12, f"{player}.{name} differs by {rel:.3g}"
+    assert_players_close(mine, solo)
     plan_ = json.loads((out / "plan.json").read_text())
     assert [sorted({(o["r1"], o["batch"]) for _, _, o in p}) for p in plan_] == [
         [(0, 32), (0.5, 32)],
