@@ -1,7 +1,7 @@
-"""Populations of the image problems beyond the digits (CIFAR-10 in its on-disk format, an ImageFolder tree) and
-populations with G's weight average (ema): each member is the solo run of its config.json, its parameters, BN
-statistics and average included; an interrupted sweep with ema resumes bit for bit; what is not built is refused
-in one line naming it."""
+"""Populations of the image problems beyond the digits (CIFAR-10 in its on-disk format, an ImageFolder tree),
+populations with G's weight average (ema) and class-conditional pairs (the imagenet128 preset's): each member is
+the solo run of its config.json, its parameters, BN statistics and average included; an interrupted sweep with ema
+resumes bit for bit; what is not built is refused in one line naming it."""
 
 from __future__ import annotations
 
@@ -153,13 +153,52 @@ def test_a_retried_member_folds_in_only_its_good_steps():
 
 
 def test_what_populations_do_not_run_is_refused_in_one_line(tmp_path):
-    write_imagefolder(tmp_path / "data", classes=2, per_class=2)
-    opts = dict(data=str(tmp_path / "data"), workers=0, image_size=32, width=2, device="cpu")
-    cfgs = [make_config("imagenet128", seed=s, out=str(tmp_path / f"m{s}"), **opts) for s in (0, 1)]
-    with pytest.raises(ValueError, match="arch=resnet128 is class-conditional"):
-        Population(cfgs)
     with pytest.raises(ValueError, match="not autocast=true"):
         Population([Config(problem="mog", autocast=True, seed=s) for s in (0, 1)])
+
+
+CONDITIONAL = dict(workers=0, image_size=32, width=2, batch=4, eval_samples=8, dtype="float64", device="cpu",
+                   progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, {"r1": 0.5, "coupling": "decoupled", "reg_at": "after_step"}, {"wgan_gp": 0.2, "method": "heun"}]
+)
+def test_class_conditional_members_are_their_solo_runs(tmp_path, extra):
+    """The imagenet128 preset's class-conditional ResNet pair (conditional BN in G, a projection D) on a 3-class
+    ImageFolder tree: each member draws its real labels with its batch and the labels to generate after its z, as a
+    solo run does, so each equals its solo run (BN statistics included) with h mixed; R1 and WGAN-GP see the real
+    labels, as solo."""
+    write_imagefolder(tmp_path / "data", classes=3, per_class=4)
+    opts = {**CONDITIONAL, "data": str(tmp_path / "data"), **extra}
+    cfgs = [
+        make_config("imagenet128", seed=s, h=h, out=str(tmp_path / f"m{s}"), **opts) for s, h in ((0, 0.04), (1, 0.02))
+    ]
+    pop = Population(cfgs)
+    assert pop.problems[0].num_classes == 3 and type(pop.engine).__name__ == "PopulationAutograd"
+    for _ in range(3):
+        pop.step()
+    for m, cfg in enumerate(cfgs):
+        solo = solo_players(make_config("imagenet128", seed=cfg.seed, h=cfg.h, out=str(tmp_path / f"s{m}"), **opts), 3)
+        assert_players_equal({"D": pop.problems[m].D.state_dict(), "G": pop.problems[m].G.state_dict()}, solo)
+
+
+def test_a_class_conditional_sweep_member_equals_odegan_train(tmp_path):
+    """`odegan sweep imagenet128`: a member (ema on) equals `odegan train` with its config.json, G's average
+    included, and its classifier metric, taken from samples of every class in turn, is the solo run's."""
+    write_imagefolder(tmp_path / "data", classes=3, per_class=4)
+    args = ["sweep", "imagenet128", "--seeds", "0,1", "--set", f"data={tmp_path / 'data'}", *TINY_IMAGES,
+            "--set", "image_size=32", "--set", "width=2", "--set", "ema=0.9", "--set", "ema_start=1",
+            "--set", "fid_features=classifier", "--set", "eval_samples=12"]  # fmt: skip
+    member, mine, solo = sweep_then_train(tmp_path, args, seed=1)
+    assert_players_equal(mine, solo)
+    ref = averaged_g(member / "config.json", solo)
+    assert_players_equal({"D": mine["D"], "G": mine["G_ema"]}, {"D": solo["D"], "G": ref})
+    last = lambda path: [json.loads(r) for r in path.read_text().splitlines() if "loss_d" not in json.loads(r)][-1]
+    ours, theirs = last(member / "metrics.jsonl"), last(tmp_path / "solo" / "metrics.jsonl")
+    assert ours["step"] == theirs["step"] == 4
+    for key in ("fid_classifier", "coverage", "score"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-9), key
 
 
 def solo_players(cfg, steps: int) -> dict:
@@ -228,6 +267,14 @@ def test_more_bad_population_input_one_line(tmp_path):
         PopulationAutograd(flat, *pairs[0], weights={"r1": [1e308, 1.0]})
     with pytest.raises(ValueError, match="a sequence of one weight per member"):
         PopulationAutograd(flat, *pairs[0], weights={"r1": "ab"})
+    from odegan_kernels.game import Batch, PopulationMLP
+
+    real, z, y = torch.randn(2, 8, 2), torch.randn(2, 8, 4), torch.zeros(2, 8, dtype=torch.long)
+    for y_real, want in ((y[0], r"y_real is \[members, batch\] class indices"), (y.float(), "torch.long")):
+        with pytest.raises(ValueError, match=want):
+            PopulationAutograd(flat, *pairs[0])(Batch(real, z, y_real, y))
+    with pytest.raises(ValueError, match="unconditional MLP pairs"):
+        PopulationMLP(flat, *pairs[0])(Batch(real, z, y, y))
     with pytest.raises(ValueError, match="not cuda_graph=true") as err:
         Population([Config(problem="mog", cuda_graph=True, seed=s) for s in (0, 1)])
     assert "problem" not in str(err.value)

@@ -41,7 +41,13 @@ def _check_population(flat, batch: Batch) -> None:
                 f"{tuple(v.shape)}"
             )
     if batch.conditional:
-        raise ValueError("a population runs unconditional pairs (class labels: not built yet)")
+        for name, v in (("y_real", batch.y_real), ("y_fake", batch.y_fake)):
+            n = (batch.real if name == "y_real" else batch.z).shape[:2]
+            if v.shape != n or v.dtype != torch.long:
+                raise ValueError(
+                    f"a population's Batch.{name} is [members, batch] class indices (torch.long) shaped {tuple(n)}, "
+                    f"got {tuple(v.shape)} {v.dtype}"
+                )
     for v in batch.noise or ():
         if v is not None and v.shape != batch.real.shape:
             raise ValueError(
@@ -72,8 +78,8 @@ class PopulationAutograd:
         w = self.weights.get(name)
         return summed() if w is None else torch.dot(w, per_member())
 
-    def _d(self, x):
-        return vmap(lambda p, b, x: functional_call(self.D, (p, b), (x,)))(self.pD, self.bD, x)
+    def _d(self, x, *c):
+        return vmap(lambda p, b, x, *c: functional_call(self.D, (p, b), (x, *c)))(self.pD, self.bD, x, *c)
 
     def __call__(
         self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True
@@ -90,24 +96,27 @@ class PopulationAutograd:
         if fake is not None and run_g:
             raise ValueError("batch.fake can only be reused when the generator's gradient is not needed")
         real, nb = batch.real, batch.real.shape[1]
+        c_real = () if batch.y_real is None else (batch.y_real,)  # a class-conditional pair's labels, per member
+        c_fake = () if batch.y_fake is None else (batch.y_fake,)
         noise_r, noise_f = batch.noise if batch.noise is not None else (None, None)
         terms: dict[str, PenaltyTerm] = {}
         if fake is None:
             with torch.set_grad_enabled(run_g):
-                fake = vmap(lambda p, b, z: functional_call(self.G, (p, b), (z,)))(self.pG, self.bG, batch.z)
+                g = lambda p, b, z, *c: functional_call(self.G, (p, b), (z, *c))  # noqa: E731
+                fake = vmap(g)(self.pG, self.bG, batch.z, *c_fake)
         x_fake = fake if run_g else fake.detach()
         if noise_f is not None:  # instance noise on what D sees, as the AutogradEngine adds it
             x_fake = x_fake + noise_f
         if "r2" in pens and not x_fake.requires_grad:
             x_fake.requires_grad_()
-        d_fake = self._d(x_fake)
+        d_fake = self._d(x_fake, *c_fake)
         lg = vmap(lambda o: g_loss(o, loss))(d_fake) if run_g else None
         ld = None
         x_real = real if noise_r is None else real + noise_r
         if run_d:
             if "r1" in pens:
                 x_real = x_real.detach().requires_grad_()
-            d_real = self._d(x_real)
+            d_real = self._d(x_real, *c_real)
             ld = vmap(lambda r, f: d_loss(r, f, loss))(d_real, d_fake)
         for name in ("r1", "r2"):
             if name in pens:
@@ -121,7 +130,7 @@ class PopulationAutograd:
                 raise ValueError("a population's WGAN-GP takes its interpolation weights from the batch (Batch.mix)")
             u = mix.to(real.dtype).reshape(*mix.shape, *([1] * (real.dim() - 2)))
             x_hat = (u * x_real.detach() + (1 - u) * x_fake.detach()).requires_grad_()
-            (g,) = torch.autograd.grad(self._d(x_hat).sum(), x_hat, create_graph=True)
+            (g,) = torch.autograd.grad(self._d(x_hat, *c_real).sum(), x_hat, create_graph=True)
             dev = torch.linalg.vector_norm(g.flatten(2), dim=2) - 1
             value = self._term("wgan_gp", lambda: _rowwise_sqnorm(dev), lambda: ops.sqnorm([dev]))
             terms["wgan_gp"] = PenaltyTerm((0,), value / nb)
@@ -267,6 +276,8 @@ class PopulationMLP:
         self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True
     ) -> StageResult:
         _check_population(self.flat, batch)
+        if batch.conditional:
+            raise ValueError("the hand-derived engine runs unconditional MLP pairs (class labels: PopulationAutograd)")
         players, greg, need_d, need_g = checked_request(batch, players, penalties, "PopulationAutograd")
         loss, values = self.loss, losses
         real, z, fake = batch.real, batch.z, batch.fake

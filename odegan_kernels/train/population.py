@@ -17,7 +17,7 @@ from ..game.compiled import prepare_trace
 from ..game.mlp import why_not
 from ..game.population import PopulationAutograd, PopulationMLP
 from ..ode.schedules import SCHEDULES
-from ..problems import IMAGE_PROBLEMS, build_problem
+from ..problems import build_problem
 from .baselines import BaselineOptimizer
 from .closure import Predrawn, noise_std, traces_whole_step
 from .config import resolve_device
@@ -26,7 +26,7 @@ from .state import RandomStreams
 
 # the options members may differ in; every other option is the population's one
 MEMBER_OPTIONS = ("seed", "h", "h_g", "reg", "r1", "r2", "wgan_gp", "consensus", "out")
-# the problems a population runs: the toy and the unconditional image problems (resnet128 is class-conditional)
+# the problems a population runs: the toy and the image problems (resnet128's pair class-conditional)
 POPULATION_PROBLEMS = ("mog", "digits", "cifar10", "imagefolder")
 
 
@@ -52,11 +52,6 @@ def check_members(cfgs) -> None:
         raise ValueError("populations run eagerly or with compile=true, not cuda_graph=true (not built yet)")
     if c.autocast:
         raise ValueError("populations run in the parameters' dtype, not autocast=true (not built yet)")
-    if c.problem in IMAGE_PROBLEMS and c.arch == "resnet128":
-        raise ValueError(
-            "populations run unconditional pairs; arch=resnet128 is class-conditional (not built yet): use "
-            "arch=dcgan or arch=resnet"
-        )
 
 
 def check_rank(rank, world) -> None:
@@ -405,11 +400,13 @@ class PopulationClosure:
 
     def _draw_now(self) -> Batch:
         cfg, dev, dt = self.cfg, self.cfg.device, self.cfg.torch_dtype
-        xs, zs, mixes, noises = [], [], [], []
+        xs, zs, ys, mixes, noises = [], [], [], [], []
         for s, problem in zip(self.streams, self.problems):
-            x, _ = problem.draw(cfg.batch, s.data)
+            x, y = problem.draw(cfg.batch, s.data)
             xs.append(x.to(dev))
             zs.append(torch.randn(cfg.batch, problem.z_dim, generator=s.z, device=dev, dtype=dt))
+            if problem.num_classes:  # a class-conditional pair: the real batch's labels, then those to generate
+                ys.append((y.to(dev), torch.randint(problem.num_classes, (cfg.batch,), generator=s.z, device=dev)))
             if any(c.wgan_gp for c in self.members):  # zeros (weight 0, unread) for a member whose run has none
                 if self.members[len(zs) - 1].wgan_gp:
                     mixes.append(torch.rand(cfg.batch, generator=s.z, device=dev, dtype=dt))
@@ -418,7 +415,9 @@ class PopulationClosure:
             if cfg.instance_noise:  # on the real batch, then on the fakes, as GameClosure draws them
                 noises.append([torch.randn(xs[-1].shape, generator=s.z, device=dev, dtype=x.dtype) for _ in range(2)])
         noise = tuple(torch.stack(part) for part in zip(*noises)) if noises else None
-        return Batch(torch.stack(xs), torch.stack(zs), mix=torch.stack(mixes) if mixes else None, noise=noise)
+        y_real, y_fake = (torch.stack(part) for part in zip(*ys)) if ys else (None, None)
+        mix = torch.stack(mixes) if mixes else None
+        return Batch(torch.stack(xs), torch.stack(zs), y_real, y_fake, mix=mix, noise=noise)
 
     def __call__(self, stage: Stage) -> StageResult:
         cfg = self.cfg
@@ -436,7 +435,7 @@ class PopulationClosure:
         if noise is not None:  # unit noise times each member's std
             sigma = self.sigma.view(-1, *[1] * (b.real.dim() - 1))
             noise = (noise[0] * sigma, noise[1] * sigma)
-        batch = Batch(b.real, b.z, mix=b.mix, noise=noise, fake=self.fake0 if reuse else None)
+        batch = Batch(b.real, b.z, b.y_real, b.y_fake, mix=b.mix, noise=noise, fake=self.fake0 if reuse else None)
         out = self.engine(batch, stage.players, stage.penalties, losses=stage.index == 0)
         if stage.index == 0:
             self.fake0 = out.fake

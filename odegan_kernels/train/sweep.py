@@ -276,11 +276,14 @@ class PopulationRun:
 @torch.no_grad()
 def _samples(pop, m: int, z: torch.Tensor) -> torch.Tensor:
     """Member m's samples from its fixed latents as a solo run draws them (Trainer.samples): G in eval mode (BN
-    running statistics), with its weight average when ema is on, 1024 latents at a time; G's mode and trained
-    parameters are restored after."""
-    G = pop.problems[m].G
+    running statistics), with its weight average when ema is on, 1024 latents at a time, a class-conditional G
+    every class in turn; G's mode and trained parameters are restored after."""
+    G, k = pop.problems[m].G, pop.problems[m].num_classes
     with pop.averages[m].evaluating(G):
-        return torch.cat([G(part) for part in z.split(1024)])
+        if not k:
+            return torch.cat([G(part) for part in z.split(1024)])
+        y = torch.arange(z.shape[0], device=z.device) % k
+        return torch.cat([G(part, c) for part, c in zip(z.split(1024), y.split(1024))])
 
 
 def _number(v) -> bool:
