@@ -68,7 +68,14 @@ def xla_counts(k: int, device: str) -> str:
     for m in re.finditer(r"= \S+ ([a-z][\w-]*)\(", entry):
         ops[m.group(1)] = ops.get(m.group(1), 0) + 1
     shown = ", ".join(f"{n} {c}" for n, c in sorted(ops.items(), key=lambda x: -x[1])[:4])
-    return f"JAX: the compiled step's entry computation has {sum(ops.values())} operations ({shown})"
+    dots: dict[str, int] = {}  # every dot, the entry's and those XLA fused into other computations
+    for m in re.finditer(r"= (\S+?)\{[^}]*\} dot\(", text):
+        dots[m.group(1)] = dots.get(m.group(1), 0) + 1
+    by_shape = ", ".join(f"{c} x {s}" for s, c in sorted(dots.items(), key=lambda x: -x[1]))
+    return (
+        f"JAX: the compiled step's entry computation has {sum(ops.values())} operations ({shown}); in all its "
+        f"computations (fusions included) {sum(dots.values())} dots ({by_shape})"
+    )
 
 
 def main(argv=None) -> int:
