@@ -105,14 +105,39 @@ def _set_options(items) -> list[tuple[str, object]]:
     return out
 
 
-def _vary_options(items) -> dict:
+def _split_values(text: str) -> list[str]:
+    """``0,0.5`` or ``[0.5,0.9],[0,0.99]``: split at the commas outside brackets and quotes (a list-valued option's
+    values keep theirs)."""
+    parts, depth, quote, cur = [], 0, None, ""
+    for c in text:
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c in "[{(":
+            depth += 1
+        elif c in "]})":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        cur += c
+    return [p.strip() for p in [*parts, cur] if p.strip()]
+
+
+def _vary_options(items, steps=None) -> dict:
     """``--vary KEY=V1,V2`` items as {Config name: [parsed values]} (the names checked as --set's are)."""
     out: dict = {}
     for item in items:
+        if "=" not in item:
+            raise ValueError(f"--vary needs KEY=V1,V2 (comma-separated values), got {item!r}")
         ((key, _),) = _set_options([item])
         if key in out:
             raise ValueError(f"--vary {key} is given twice: give its values once, comma-separated")
-        out[key] = [_parse_value(v.strip()) for v in item.partition("=")[2].split(",") if v.strip()]
+        if key == "steps" and steps is not None:
+            raise ValueError("steps is given both by --steps and by --vary: give it once")
+        out[key] = [_parse_value(v) for v in _split_values(item.partition("=")[2])]
     return out
 
 
@@ -173,13 +198,14 @@ def _train(args) -> int:
 def _sweep(args) -> int:
     from .train.sweep import parse_seeds, parse_values, plan, run_sweep
 
+    out = args.out or f"runs/sweep-{args.preset}"
     try:
         sets = dict(_set_options(args.set))
         if args.steps is not None:
             sets["steps"] = args.steps
         if args.ckpt_every < 1:
             raise ValueError(f"--ckpt-every must be >= 1, got {args.ckpt_every}")
-        out = args.out or f"runs/sweep-{args.preset}"
+        vary = _vary_options(args.vary, args.steps)
         pops = plan(
             args.preset,
             out,
@@ -189,16 +215,15 @@ def _sweep(args) -> int:
             parse_values(args.method, "method", str),
             sets,
             args.members,
-            _vary_options(args.vary),
+            vary,
         )
-        for members in pops:  # every population buildable before the first step
-            from .train.population import check_members
-
-            check_members([cfg for _, _, cfg in members])
-        rows = run_sweep(pops, out, args.ckpt_every)
+        rows = run_sweep(pops, out, args.ckpt_every, axes=list(vary))  # every population built before the first step
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"odegan: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"odegan: interrupted; the same command resumes the sweep in {out}", file=sys.stderr)
+        return 130
     print(json.dumps({"out": out, "settings": len(rows), "populations": len(pops)}))
     return 0
 

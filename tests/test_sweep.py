@@ -287,6 +287,7 @@ def test_vary_axes_share_or_split_populations(tmp_path):
     ]
     rows = {r["setting"]: r for r in json.loads((out / "summary.json").read_text())["settings"]}
     assert rows["rk4_h0.1_reg0.07_r10.5_batch64"]["options"] == {"r1": 0.5, "batch": 64}
+    assert list(rows["rk4_h0.1_reg0.07_r10.5_batch64"]["options"]) == ["r1", "batch"]
     assert len(rows) == 4 and all(r["seeds"] == 2 for r in rows.values())
     assert {float(json.loads((d / "config.json").read_text())["r1"]) for d in member_dirs(out)} == {0.0, 0.5}
 
@@ -302,6 +303,15 @@ def test_vary_axes_share_or_split_populations(tmp_path):
         (["--vary", "bogus=1"], "unknown option 'bogus'"),
         (["--vary", "data=a/b,a-b"], "share the folder"),
         (["--vary", "r1=a,b"], "r1"),
+        (["--vary", "r1"], "--vary needs KEY=V1,V2"),
+        (["--vary", "steps=2,4"], "both by --steps and by --vary"),
+        (["--vary", "device=cpu,cuda"], "device says how the sweep runs"),
+        (["--vary", "ckpt_every=10,1000"], "ckpt_every says how the sweep runs"),
+        (["--vary", "r1=-0.0,0"], "twice"),
+        (["--vary", "data=" + "a" * 300 + ",b"], "more than a file name holds"),
+        (["--vary", "data=数,据"], "share the folder"),
+        # the second population's engine refuses its options: said before the first population trains
+        (["--vary", "reg_method=double_backward,jvp", "--vary", "r1=0,1"], "double backward only"),
     ],
 )
 def test_bad_vary_is_refused_in_one_line(tmp_path, capsys, extra, msg):
@@ -309,4 +319,36 @@ def test_bad_vary_is_refused_in_one_line(tmp_path, capsys, extra, msg):
     assert main(["sweep", "mog", "--seeds", "0", "--steps", "2", "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(msg, err), err
-    assert not out.exists() or not any((out / "populations").glob("*"))
+    assert not out.exists(), "a refused sweep leaves no folder, so its corrected command can use it"
+
+
+def test_vary_values_named_apart_and_kept_whole(tmp_path):
+    """Settings whose values differ past %g's six figures get their own folders (as do such step sizes); a
+    list-valued option's values keep their commas; summary.json's options are exactly --vary's, in its order."""
+    pops = plan("mog", tmp_path, [0], hs=[0.1234567, 0.1234568], vary={"r1": [0.1234567, 0.1234568]})
+    assert sorted({name for p in pops for name, _, _ in p}) == [
+        f"rk4_h{h}_reg0.07_r1{r}" for h in ("0.1234567", "0.1234568") for r in ("0.1234567", "0.1234568")
+    ]
+    assert {name for p in plan("mog", tmp_path, [0], hs=[0.1, 1e-05]) for name, _, _ in p} == {
+        "rk4_h0.1_reg0.07", "rk4_h1e-05_reg0.07"}  # fmt: skip
+    with pytest.raises(TypeError, match="must be a list of values"):
+        plan("mog", tmp_path, [0], vary={"r1": 0.5})
+    out = tmp_path / "s"
+    args = ["sweep", "mog-adam", "--seeds", "0", "--steps", "2", "--vary", "r1=0,0.5", "--vary",
+            "betas=[0.5,0.9],[0,0.99]", "--set", "hidden=8", "--set", "eval_samples=64", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["settings"]) == 4 and all(list(r["options"]) == ["r1", "betas"] for r in summary["members"])
+    assert {tuple(r["options"]["betas"]) for r in summary["settings"]} == {(0.5, 0.9), (0.0, 0.99)}
+
+
+def test_an_interrupted_sweep_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import odegan_kernels.train.sweep as sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    assert main(["sweep", "mog", "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "x")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"odegan: interrupted; the same command resumes the sweep in {tmp_path / 'x'}"

@@ -8,6 +8,7 @@ interrupted sweep resumes exactly; a finished population leaves done.json and is
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
 from ..files import save_figure, write_file
 from .checkpoint import atomic_save, read_checkpoint
 from .config import make_config, resolve_device, written_options
@@ -57,29 +59,52 @@ def parse_values(text: str | None, name: str, kind=float) -> list | None:
     return values
 
 
+# options that say where and how a sweep runs, or that it never reads: not axes (two settings would train alike)
+NOT_AXES = ("device", "threads", "progress", "workers", "ckpt_every", "ckpt_minutes", "plot_every", "tensorboard")
+NAME_MAX = 255  # bytes in one file name (a setting's folder)
+
+
+def _canon(value):
+    """A value as settings are told apart: -0.0 is 0.0."""
+    return value + 0.0 if isinstance(value, float) else value
+
+
+def _num_text(value) -> str:
+    """%g where it reads back as the same number, else the shortest repr that does (0.1234567 is not 0.123457)."""
+    text = f"{_canon(value):g}"
+    return text if float(text) == value else repr(_canon(value))
+
+
 def _label(value) -> str:
-    """A value as a setting name shows it: numbers as %g, anything else with only [A-Za-z0-9.+-] kept."""
+    """A value as a setting name shows it: a number as _num_text, anything else with only ASCII [A-Za-z0-9.+-] kept."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{value:g}"
-    return "".join(c if c.isalnum() or c in ".+-" else "-" for c in str(value))
+        return _num_text(value)
+    return "".join(c if (c.isascii() and c.isalnum()) or c in ".+-" else "-" for c in str(value))
 
 
 def setting_name(method: str, h: float, reg: float, extra=()) -> str:
     """``euler_h0.1_reg0.07``, then ``_KEYvalue`` for each further axis (``extra``: (key, value) pairs)."""
-    return f"{method}_h{h:g}_reg{reg:g}" + "".join(f"_{k}{_label(v)}" for k, v in extra)
+    return f"{method}_h{_num_text(h)}_reg{_num_text(reg)}" + "".join(f"_{k}{_label(v)}" for k, v in extra)
 
 
 def _checked_vary(vary, sets) -> dict:
-    """--vary's axes {key: [values]}: any option but the sweep's own flags and --set's, each with distinct values."""
-    vary = dict(vary or {})
+    """--vary's axes {key: [values]}: any option but the sweep's own flags, --set's and NOT_AXES, each with distinct
+    values."""
+    if not isinstance(vary, dict):
+        raise TypeError(f"vary must be a dict {{option: [values]}}, got {type(vary).__name__}")
     for key, values in vary.items():
         if key in OWN_AXES:
             raise ValueError(f"{key} has its own sweep flag ({OWN_AXES[key]}): not --vary")
+        if key in NOT_AXES:
+            raise ValueError(f"{key} says how the sweep runs, not what it trains: give it with --set, not --vary")
         if key in sets:
-            raise ValueError(f"{key} is given both by --set and by --vary: give it once")
-        if not values or len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            flag = "--steps" if key == "steps" else "--set"
+            raise ValueError(f"{key} is given both by {flag} and by --vary: give it once")
+        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+            raise TypeError(f"vary[{key!r}] must be a list of values, got {values!r}")
+        if not values or len({json.dumps(_canon(v), sort_keys=True) for v in values}) != len(values):
             raise ValueError(f"--vary {key} needs distinct values, got {values!r}")
-    return vary
+    return dict(vary)
 
 
 def plan(
@@ -88,17 +113,18 @@ def plan(
     """The grid's product as populations: [[(setting, seed, Config), ...], ...], one method per population and at
     most ``members`` members each, every member's out folder OUT/<setting>/seed<s>. ``vary``: further axes {option:
     [values]}; a member option (MEMBER_OPTIONS: r1, r2, wgan_gp, consensus, h_g) shares populations as h and lambda
-    do, any other option gets populations of its own, as a method does."""
+    do, any other option gets populations of its own, as a method does. Each member's Config is checked whole (a
+    --set option checked against the axes it is given with)."""
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise ValueError(f"--members must be an int >= 1, got {members!r}")
     sets = dict(sets or {})
     for key, flag in OWN_AXES.items():
         if key in sets:
             raise ValueError(f"{key} is a sweep axis or the sweep's own: give it as {flag}, not --set")
-    vary = _checked_vary(vary, sets)
+    vary = _checked_vary(vary or {}, sets)
     shared = [k for k in vary if k in MEMBER_OPTIONS]
     apart = [k for k in vary if k not in MEMBER_OPTIONS]
-    base = make_config(preset, **sets)
+    base = make_config(preset)  # the preset's method, h and lambda, where no axis gives them
     out = Path(out)
     pops, names, seen = [], {}, set()
     for method in methods or [base.method]:
@@ -113,9 +139,14 @@ def plan(
                 cfg = make_config(preset, **sets, **extra, **axes, seed=seed, out=str(out))  # (the axes given only:
                 # an Adam preset has no method or h to set)
                 name = setting_name(method, h, reg, [(k, getattr(cfg, k)) for k in vary])
-                key = (method, h, reg, *(json.dumps(getattr(cfg, k), sort_keys=True) for k in vary))
+                if len(name.encode()) > NAME_MAX:
+                    raise ValueError(
+                        f"the setting {name[:60]!r}... names a folder of {len(name.encode())} bytes, more than a file "
+                        f"name holds ({NAME_MAX}): give shorter values"
+                    )
+                key = (method, h, reg, *(json.dumps(_canon(getattr(cfg, k)), sort_keys=True) for k in vary))
                 if names.setdefault(name, key) != key:
-                    raise ValueError(f"two settings of --vary would share the folder {name!r}: give distinct values")
+                    raise ValueError(f"two settings would share the folder {name!r}: give values that name apart")
                 if (name, seed) in seen:
                     raise ValueError(f"--vary gives the setting {name!r} twice (values equal as the options take them)")
                 seen.add((name, seed))
@@ -124,6 +155,20 @@ def plan(
                 grid.append((name, seed, cfg))
             pops += [grid[i : i + members] for i in range(0, len(grid), members)]
     return pops
+
+
+def check_populations(pops: list[list], root) -> None:
+    """Build every population not yet done once, and let it go, before anything trains or is written: whatever a
+    population refuses (an engine or a backend that cannot run its options, missing data) is said before the first
+    step of the first one, not after others have trained."""
+    for i, members in enumerate(pops):
+        if not (Path(root) / POPULATIONS / f"p{i}" / "done.json").exists():
+            pop = Population([dataclasses.replace(cfg) for _, _, cfg in members])
+            for op in ("stage", "sqnorm"):  # a backend is resolved at its first call: now, not after others trained
+                ops.resolve(pop.cfgs[0].backend, pop.cfgs[0].device, op)
+            for problem in pop.problems:
+                problem.close()
+            del pop
 
 
 def _metrics_dicts(records) -> str:
@@ -391,7 +436,18 @@ def check_plan(root: Path, pops: list[list], write: bool = True) -> None:
     was = {(n, s): o for p in held if isinstance(p, list) for n, s, o in p} if isinstance(held, list) else {}
     now = {(n, s): o for p in plan for n, s, o in p}
     if set(was) != set(now):
+        there, here = (
+            sorted({n for n, _ in was} - {n for n, _ in now}),
+            sorted({n for n, _ in now} - {n for n, _ in was}),
+        )
         diff = f"members {_members(was)} there, {_members(now)} now"
+        if there or here:
+            show = lambda names: ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")  # noqa: E731
+            diff += "; " + "; ".join(
+                part
+                for part in (there and f"settings only there: {show(there)}", here and f"only now: {show(here)}")
+                if part
+            )
     else:
         key, name = next(((k, n) for k in now for n in now[k] if now[k].get(n) != was[k].get(n)), (None, None))
         diff = f"{name} {was[key].get(name)!r} there, {now[key].get(name)!r} now" if key else "the populations differ"
@@ -400,33 +456,31 @@ def check_plan(root: Path, pops: list[list], write: bool = True) -> None:
     )
 
 
-def varied_options(pops: list[list]) -> list[str]:
-    """The options other than method, h, reg and the seed that differ between a sweep's members (--vary's axes)."""
-    opts = [o for m in _plan(pops) for _, _, o in m]
-    keys = dict.fromkeys(k for o in opts for k in o)
-    return [k for k in keys if k not in OWN_AXES and len({json.dumps(o.get(k), sort_keys=True) for o in opts}) > 1]
-
-
 def _members(members: dict) -> str:
     settings = sorted({n for n, _ in members})
     seeds = sorted({s for _, s in members})
     return f"{len(settings)} setting(s) x seeds {seeds}" if len(seeds) <= 8 else f"{len(members)} members"
 
 
-def run_sweep(pops: list[list], out, ckpt_every: int = 200, say=print) -> list[dict]:
-    """Train every population not yet done (resuming one that was interrupted), then write the summary. Under
-    torchrun (WORLD_SIZE > 1) the populations are shared out across the ranks (population i on rank i mod world,
-    on that rank's device); rank 0 writes the summary once every rank has finished its share."""
+def run_sweep(pops: list[list], out, ckpt_every: int = 200, say=print, axes=()) -> list[dict]:
+    """Train every population not yet done (resuming one that was interrupted), then write the summary. Every
+    population is built once first (check_populations), and the plan written only then. ``axes``: the options
+    each member's results name under "options" (the CLI passes --vary's). Under torchrun (WORLD_SIZE > 1) the
+    populations are shared out across the ranks (population i on rank i mod world, on that rank's device); rank 0
+    writes the summary once every rank has finished its share."""
     from ..distributed import init_distributed
 
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+    axes = list(axes)
     rank, world, device = init_distributed(resolve_device(pops[0][0][2].device) if pops else "cpu")  # as a Trainer
+    if root.exists():
+        check_plan(root, pops, write=False)  # another sweep's folder: said before anything is built
+    check_populations(pops, root)
+    root.mkdir(parents=True, exist_ok=True)
     check_plan(root, pops, write=rank == 0)
     if world > 1:
         torch.distributed.barrier()  # the plan is on disk before a rank starts
     start = time.monotonic()
-    axes = varied_options(pops)
     for i, members in enumerate(pops):
         if i % world != rank:
             continue
