@@ -68,6 +68,19 @@ def averaged_g(config: Path, solo: dict) -> dict:
     return {k: v.clone() for k, v in problem.G.state_dict().items()}
 
 
+def member_and_average_equal_solo(tmp_path: Path, args: list[str], seed: int, metric: str | None = None):
+    """sweep_then_train, then the member's players and G's average checked against the solo run's: (the member's
+    params.pt, its last record with ``metric``, the solo run's), the records None without ``metric``."""
+    member, mine, solo = sweep_then_train(tmp_path, args, seed)
+    assert_players_equal(mine, solo)
+    ref = averaged_g(member / "config.json", solo)
+    assert_players_equal({"D": mine["D"], "G": mine["G_ema"]}, {"D": solo["D"], "G": ref})
+    if metric is None:
+        return mine, None, None
+    last = lambda path: [json.loads(r) for r in path.read_text().splitlines() if metric in r][-1]  # noqa: E731
+    return mine, last(member / "metrics.jsonl"), last(tmp_path / "solo" / "metrics.jsonl")
+
+
 @pytest.mark.parametrize("problem", ["cifar10", "imagefolder"])
 def test_an_image_member_equals_odegan_train_with_its_config(tmp_path, problem):
     """A CIFAR-10 member (the pickled batches) and an ImageFolder member (PNG files resized to 16x16), each a DCGAN
@@ -82,11 +95,8 @@ def test_an_image_member_equals_odegan_train_with_its_config(tmp_path, problem):
         extra = ["--set", "image_size=16"]
     args = ["sweep", problem, "--seeds", "0,1", "--set", f"data={data}", *TINY_IMAGES, *extra,
             "--set", "ema=0.9", "--set", "ema_start=1"]  # fmt: skip
-    member, mine, solo = sweep_then_train(tmp_path, args, seed=1)
-    assert any("running_var" in n for n in solo["G"])
-    assert_players_equal(mine, solo)
-    ref = averaged_g(member / "config.json", solo)
-    assert_players_equal({"D": mine["D"], "G": mine["G_ema"]}, {"D": solo["D"], "G": ref})
+    mine, _, _ = member_and_average_equal_solo(tmp_path, args, seed=1)
+    assert any("running_var" in n for n in mine["G"])
     assert not torch.equal(mine["G_ema"]["net.0.weight"], mine["G"]["net.0.weight"])  # the average is not G
 
 
@@ -96,12 +106,7 @@ def test_a_mog_member_with_ema_samples_from_its_average(tmp_path):
     args = ["sweep", "mog", "--seeds", "0,2", "--h", "0.1", "--steps", "20", "--set", "dtype=float64",
             "--set", "eval_every=10", "--set", "batch=32", "--set", "hidden=8", "--set", "eval_samples=512",
             "--set", "ema=0.5", "--set", "ema_start=5"]  # fmt: skip
-    member, mine, solo = sweep_then_train(tmp_path, args, seed=2)
-    assert_players_equal(mine, solo)
-    ref = averaged_g(member / "config.json", solo)
-    assert_players_equal({"D": mine["D"], "G": mine["G_ema"]}, {"D": solo["D"], "G": ref})
-    last = lambda path: [json.loads(r) for r in path.read_text().splitlines() if "modes" in r][-1]
-    ours, theirs = last(member / "metrics.jsonl"), last(tmp_path / "solo" / "metrics.jsonl")
+    _, ours, theirs = member_and_average_equal_solo(tmp_path, args, seed=2, metric="modes")
     assert ours["step"] == theirs["step"] == 20
     for key in ("modes", "high_quality"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-9), key
@@ -190,12 +195,7 @@ def test_a_class_conditional_sweep_member_equals_odegan_train(tmp_path):
     args = ["sweep", "imagenet128", "--seeds", "0,1", "--set", f"data={tmp_path / 'data'}", *TINY_IMAGES,
             "--set", "image_size=32", "--set", "width=2", "--set", "ema=0.9", "--set", "ema_start=1",
             "--set", "fid_features=classifier", "--set", "eval_samples=12"]  # fmt: skip
-    member, mine, solo = sweep_then_train(tmp_path, args, seed=1)
-    assert_players_equal(mine, solo)
-    ref = averaged_g(member / "config.json", solo)
-    assert_players_equal({"D": mine["D"], "G": mine["G_ema"]}, {"D": solo["D"], "G": ref})
-    last = lambda path: [json.loads(r) for r in path.read_text().splitlines() if "loss_d" not in json.loads(r)][-1]
-    ours, theirs = last(member / "metrics.jsonl"), last(tmp_path / "solo" / "metrics.jsonl")
+    _, ours, theirs = member_and_average_equal_solo(tmp_path, args, seed=1, metric="fid_classifier")
     assert ours["step"] == theirs["step"] == 4
     for key in ("fid_classifier", "coverage", "score"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-9), key
