@@ -188,6 +188,66 @@ def test_class_conditional_members_are_their_solo_runs(tmp_path, extra):
         assert_players_equal({"D": pop.problems[m].D.state_dict(), "G": pop.problems[m].G.state_dict()}, solo)
 
 
+def test_bad_labels_are_refused_before_any_pass(tmp_path):
+    """Labels outside the pair's classes, a conditional pair without labels and labels for an unconditional pair:
+    each one line from the engine, before a pass has moved G's BN statistics."""
+    from odegan_kernels.game import Batch, PopulationAutograd
+    from odegan_kernels.models.mlp import mog_pair
+
+    write_imagefolder(tmp_path / "data", classes=3, per_class=4)
+    opts = {**CONDITIONAL, "data": str(tmp_path / "data")}
+    pop = Population([make_config("imagenet128", seed=s, out=str(tmp_path / f"m{s}"), **opts) for s in (0, 1)])
+    real = torch.randn(2, 4, 3, 32, 32, dtype=torch.float64)
+    z = torch.randn(2, 4, pop.problems[0].z_dim, dtype=torch.float64)
+    y = torch.zeros(2, 4, dtype=torch.long)
+    before = [b.clone() for b in pop.flat.buffers()]
+    for batch, want in [
+        (Batch(real, z, y + 3, y), r"y_real holds classes outside \[0, 3\): 3\.\.3"),
+        (Batch(real, z, y, y - 1), r"y_fake holds classes outside \[0, 3\)"),
+        (Batch(real, z), "class-conditional .* needs y_real and y_fake"),
+    ]:
+        with pytest.raises(ValueError, match=want):
+            pop.engine(batch, (0, 1), ("r1",))
+    assert all(torch.equal(a, b) for a, b in zip(before, pop.flat.buffers()))
+    pairs = [mog_pair(4, 6, seed=s) for s in range(2)]
+    flat = FlatParams(D=[p[0] for p in pairs], G=[p[1] for p in pairs], members=2)
+    with pytest.raises(ValueError, match="this pair is unconditional"):
+        PopulationAutograd(flat, *pairs[0])(
+            Batch(torch.randn(2, 8, 2), torch.randn(2, 8, 4), y[:, :1].repeat(1, 8), y[:, :1].repeat(1, 8))
+        )
+
+
+def test_a_conditional_sweep_resumed_on_other_data_is_refused_in_one_line(tmp_path, capsys):
+    """A class added to the data after a checkpoint changes a conditional pair's parameter count: the resumed sweep
+    says so, naming the checkpoint, rather than failing inside a copy."""
+    data = tmp_path / "data"
+    write_imagefolder(data, classes=3, per_class=4)
+    out = tmp_path / "sweep"
+    args = ["sweep", "imagenet128", "--seeds", "0,1", "--set", f"data={data}", *TINY_IMAGES, "--set", "image_size=32",
+            "--set", "width=2", "--ckpt-every", "1", "--out", str(out)]  # fmt: skip
+    cfgs = plan("imagenet128", out, [0, 1], sets={"data": str(data), "workers": 0, "image_size": 32, "width": 2,
+                "batch": 4, "eval_samples": 8, "eval_every": 2, "dtype": "float64", "steps": 4})  # fmt: skip
+    from odegan_kernels.train.sweep import PopulationRun, check_plan
+
+    out.mkdir()
+    check_plan(out, cfgs)
+    run = PopulationRun(0, cfgs[0], out, ckpt_every=1)
+    stop = RuntimeError("stopped after the first checkpoint")
+
+    def stop_at_the_checkpoint(line):
+        if "step 1" in line:
+            raise stop
+
+    with pytest.raises(RuntimeError, match="stopped after the first checkpoint"):
+        run.run(say=stop_at_the_checkpoint)
+    assert (run.dir / "checkpoint.pt").exists()
+    write_imagefolder(tmp_path / "more", classes=4, per_class=4)
+    (tmp_path / "more" / "n00000003").rename(data / "n00000003")  # a fourth class
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint.pt holds parameters of shape" in err and "classes" in err, err
+
+
 def test_a_class_conditional_sweep_member_equals_odegan_train(tmp_path):
     """`odegan sweep imagenet128`: a member (ema on) equals `odegan train` with its config.json, G's average
     included, and its classifier metric, taken from samples of every class in turn, is the solo run's."""

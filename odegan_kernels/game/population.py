@@ -9,6 +9,7 @@ of the members' values, so its gradient is each member's own too. A population B
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -68,9 +69,28 @@ class PopulationAutograd:
         if not hasattr(flat, "stacked"):
             raise TypeError("PopulationAutograd needs a population's FlatParams (FlatParams(..., members=K))")
         self.flat, self.D, self.G, self.loss = flat, D, G, loss
+        # a class-conditional pair (G(z, y), D(x, y)) needs a Batch with labels, an unconditional one one without
+        self.needs_labels, self.takes_labels = _label_arity(G)
+        self.num_classes = getattr(G, "num_classes", None) if self.takes_labels else None
         self.pD, self.pG = flat.stacked(0), flat.stacked(1)
         self.bD, self.bG = flat.stacked_buffers(0), flat.stacked_buffers(1)
         self.weights = member_weights(weights, flat)
+
+    def _check_labels(self, batch: Batch) -> None:
+        """The Batch fits the pair: labels for a class-conditional G, none for an unconditional one; on the CPU (no
+        host sync to pay) the labels' classes in [0, num_classes), before any pass moves BN statistics."""
+        if self.needs_labels and not batch.conditional:
+            raise ValueError("this pair is class-conditional (G(z, y)): the Batch needs y_real and y_fake")
+        if batch.conditional and not self.takes_labels:
+            raise ValueError(
+                "this pair is unconditional: a Batch with labels (y_real, y_fake) is for a class-conditional one"
+            )
+        if batch.conditional and isinstance(self.num_classes, int):
+            for name, y in (("y_real", batch.y_real), ("y_fake", batch.y_fake)):
+                if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                    raise ValueError(
+                        f"Batch.{name} holds classes outside [0, {self.num_classes}): {int(y.min())}..{int(y.max())}"
+                    )
 
     def _term(self, name: str, per_member, summed) -> torch.Tensor:
         """A penalty's value: the members' sum (``summed()``, through ops.sqnorm), or with per-member weights
@@ -85,6 +105,7 @@ class PopulationAutograd:
         self, batch: Batch, players: Sequence[int] = (0, 1), penalties: Iterable[str] = (), losses: bool = True
     ) -> StageResult:
         _check_population(self.flat, batch)
+        self._check_labels(batch)
         players, pens = checked_players(players), penalty_names(penalties)
         loss = self.loss
         need_d, need_g = 0 in players, 1 in players
@@ -168,6 +189,18 @@ class PopulationAutograd:
         if need_g:
             out.loss_g = lg.detach().float()
         return out
+
+
+def _label_arity(module: nn.Module) -> tuple[bool, bool]:
+    """(whether ``module``'s forward needs a second argument, the labels; whether it can take one at all)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False, True
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in params if p.kind in kinds]
+    needs = sum(p.default is inspect.Parameter.empty for p in positional) >= 2
+    return needs, needs or len(positional) >= 2 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 def _rowwise_sqnorm(t: torch.Tensor) -> torch.Tensor:

@@ -209,7 +209,15 @@ class PopulationRun:
         ckpt = self.dir / "checkpoint.pt"
         if ckpt.exists():
             state = read_checkpoint(ckpt)  # weights_only: a planted file is refused, never run
-            pop.flat.params.copy_(state["params"])
+            held = state["params"]
+            if not torch.is_tensor(held) or held.shape != pop.flat.params.shape:
+                got = tuple(held.shape) if torch.is_tensor(held) else type(held).__name__
+                raise ValueError(
+                    f"{ckpt} holds parameters of shape {got}, this population {tuple(pop.flat.params.shape)}: the data "
+                    "(a class-conditional pair's number of classes) changed since it was written; remove it to start "
+                    "the population again"
+                )
+            pop.flat.params.copy_(held)
             pop.opt.load_state_dict(state["opt"])
             for s, (d, z) in zip(pop.streams, state["streams"]):
                 s.data.set_state(d)
