@@ -59,8 +59,9 @@ def parse_values(text: str | None, name: str, kind=float) -> list | None:
     return values
 
 
+_NOT_PLANNED = ("out", "device", "threads", "progress")  # where and how it runs, not what it trains
 # options that say where and how a sweep runs, or that it never reads: not axes (two settings would train alike)
-NOT_AXES = ("device", "threads", "progress", "workers", "ckpt_every", "ckpt_minutes", "plot_every", "tensorboard")
+NOT_AXES = (*_NOT_PLANNED[1:], "workers", "ckpt_every", "ckpt_minutes", "plot_every", "tensorboard")
 NAME_MAX = 255  # bytes in one file name (a setting's folder)
 
 
@@ -410,7 +411,6 @@ def _plot(path: Path, rows: list[dict]) -> None:
 
 
 PLAN = "plan.json"
-_NOT_PLANNED = ("out", "device", "threads", "progress")  # where and how it runs, not what it trains
 
 
 def _plan(pops: list[list]) -> list[list]:
