@@ -16,6 +16,7 @@ import torch
 
 from .. import ops
 from ..contract import StageResult
+from ..inductor import torch_compile
 from .autograd import AutogradEngine
 from .batch import Batch
 from .mlp import MLPPair
@@ -29,7 +30,7 @@ class CompiledEngine:
             raise TypeError(f"CompiledEngine compiles the hand-derived engine (MLPPair), got {type(engine).__name__}")
         self.engine = engine
         self.name = f"{engine.name}+compile"
-        self._fn = torch.compile(engine.__call__, dynamic=False)
+        self._fn = torch_compile(engine.__call__, dynamic=False)
         self._ready = False
 
     def __call__(
@@ -59,7 +60,7 @@ def compile_engine(engine, penalties: Iterable[str] = ()):
     if isinstance(engine, AutogradEngine):
         why = second_order(engine, penalties)
         if why is None:
-            players = [torch.compile(m, dynamic=False) for m in (engine.D, engine.G)]
+            players = [torch_compile(m, dynamic=False) for m in (engine.D, engine.G)]
             compiled = copy.copy(engine)  # the same options, the players compiled (they share the parameters)
             compiled.D, compiled.G = players
             compiled.name = f"{engine.name}+compile"

@@ -15,6 +15,7 @@ import types
 import torch
 
 from ..contract import stage_caller
+from ..inductor import torch_compile
 
 _COMPILED: dict = {}
 
@@ -55,7 +56,7 @@ def compiled_stage():
     """The compiled stage function (one per process: compiled graphs are shared by every stepper that matches)."""
     fn = _COMPILED.get("stage")
     if fn is None:
-        fn = _COMPILED["stage"] = torch.compile(_stage, dynamic=False)
+        fn = _COMPILED["stage"] = torch_compile(_stage, dynamic=False)
     return fn
 
 
@@ -93,7 +94,7 @@ class CompiledStep:
         # a process compiles as the first did, and only one stepper's kinds of step count against its limit.
         fn = run_stages.__func__
         own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-        self.fn = torch.compile(types.MethodType(own, run_stages.__self__), fullgraph=True, dynamic=False, options=opts)
+        self.fn = torch_compile(types.MethodType(own, run_stages.__self__), fullgraph=True, dynamic=False, options=opts)
         self.warmed = not warmup  # (a caller that built everything itself traces at the first step: the trainer)
 
     def __call__(self, closure, kind: tuple[str, ...]):
