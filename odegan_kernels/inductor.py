@@ -1,21 +1,24 @@
 """What the package's torch.compile calls set up in Inductor first: ``torch_compile(fn, **kwargs)`` is torch.compile
-with the CPU vector-ISA probe remembered on disk.
+with the CPU vector-ISA probe's passes remembered on disk.
 
-Inductor (CPU) picks the vector instructions its C++ may use by building a small probe per candidate ISA and loading
-each in a fresh Python that imports torch (torch/_inductor/cpu_vec_isa.py, ``VecISA.check_build``), once per process:
-three imports of torch, 16.5 s on this project's 2-core machines, paid by every process that compiles for the CPU
-however warm its compile cache is (pytorch/pytorch#140970; measured in docs/RESULTS.md). Its answer depends on the
-compiler, torch and the CPU, so it is kept in a small JSON file in Inductor's cache folder under a key of those
-(``vec-isa-<key>.json``: the names of the ISAs that passed, data only) and read back by the next process, which then
-skips the probe. A file that is missing, unreadable, or names an ISA this torch does not know is ignored and the probe
-runs as before. ``torch._inductor.config.cpp.vec_isa_ok`` set by the user (or TORCHINDUCTOR_VEC_ISA_OK) is their
-answer, and nothing is remembered then. A probe that failed for a passing reason (a load that timed out) is
-remembered as failed too: delete the file to probe again.
+Inductor (CPU) picks the vector instructions its C++ may use by building a small probe per candidate ISA (and per
+extension: VNNI, AVX512-BF16, AMX) and loading each in a fresh Python that imports torch
+(torch/_inductor/cpu_vec_isa.py, ``VecISA.check_build``), once per process: three imports of torch, 15-30 s on this
+project's 2-core machines, paid by every process that compiles for the CPU however warm its compile cache is
+(pytorch/pytorch#140970; measured in docs/RESULTS.md). Only that build-and-load check is remembered: a pass is written
+as a small file in Inductor's cache folder (``vec-isa-<key>.ok``, holding the line ``pass``), under a key of
+everything its outcome depends on, taken when the check runs: the probe's source, the ISA's class and compiler flags
+at that moment, the C++ compiler Inductor would use then (its version text), torch's version and build, the Python
+executable, the CPU's capability and flags. A later check with the same key reads the file instead. Everything else
+is Inductor's own code, run as it always runs: which ISAs the CPU's flags allow, their order, and what a check sets
+(AVX512-BF16's flags, AMX's permission from the kernel). A failed check is not remembered (it may have failed for a
+passing reason: the next process checks again); a file whose content is not exactly that line is not believed (the
+check runs, and a pass rewrites it). ``torch._inductor.config.cpp.vec_isa_ok`` set by the user (or
+TORCHINDUCTOR_VEC_ISA_OK) is their answer: every check then runs as Inductor's own, nothing read or written.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import platform
@@ -26,33 +29,41 @@ import torch
 
 from .files import open_regular, write_file
 
+PASS = b"pass\n"
 _STATE: dict = {}
 
 
 def torch_compile(fn, **kwargs):
-    """``torch.compile(fn, **kwargs)``, the vector-ISA probe remembered first (remember_vec_isa)."""
+    """``torch.compile(fn, **kwargs)``, the vector-ISA probe's passes remembered first (remember_vec_isa)."""
     remember_vec_isa()
     return torch.compile(fn, **kwargs)
 
 
-def memo_path() -> Path | None:
-    """The file that holds this machine's probe answer (None where Inductor's CPU probe is not there to remember)."""
+def memo_path(vec_isa, code: str) -> Path | None:
+    """The file that remembers ``vec_isa.check_build(code)`` passing on this machine now (None where it cannot be
+    told: no C++ compiler to name, no CPU flags to read, no cache folder to make)."""
     try:
-        from torch._inductor import config
         from torch._inductor import cpu_vec_isa as isa
         from torch._inductor.cpp_builder import get_compiler_version_info, get_cpp_compiler
         from torch._inductor.runtime.cache_dir_utils import cache_dir
-    except ImportError:
-        return None
-    if config.cpp.vec_isa_ok is not None or not hasattr(isa, "valid_vec_isa_list"):
-        return None
-    try:
+
+        cxx = get_cpp_compiler()
+        compiler = get_compiler_version_info(cxx)
         cpu = sorted(isa.x86_isa_checker()) if platform.machine() in ("x86_64", "AMD64") else []
-        compiler = get_compiler_version_info(get_cpp_compiler())
-    except Exception:  # no C++ compiler: Inductor says so itself, in its own words
+        folder = Path(cache_dir())
+    except Exception:  # Inductor's own check then says what is wrong, in its own words
+        return None
+    if not compiler:
         return None
     key = json.dumps(
         [
+            code,
+            type(vec_isa).__module__,
+            type(vec_isa).__qualname__,
+            str(vec_isa),
+            vec_isa._arch_flags,
+            str(cxx),
+            compiler,
             torch.__version__,
             torch.version.git_version,
             sys.executable,
@@ -60,61 +71,55 @@ def memo_path() -> Path | None:
             platform.machine(),
             torch.backends.cpu.get_cpu_capability(),
             cpu,
-            compiler,
-            [(str(v), v._arch_flags) for v in isa.supported_vec_isa_list],
         ]
     )
-    return Path(cache_dir()) / f"vec-isa-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    return folder / f"vec-isa-{hashlib.sha256(key.encode()).hexdigest()[:32]}.ok"
 
 
-def _read(path: Path, known: dict) -> list | None:
+def _passed(path: Path) -> bool:
     try:
         with open_regular(path) as f:
-            names = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(names, list) or not all(isinstance(n, str) and n in known for n in names):
-        return None
-    return [known[n] for n in names]
+            return f.read(len(PASS) + 1) == PASS
+    except OSError:
+        return False
 
 
-def remembered(probe, path: Path, known: dict):
-    """``probe`` (a function returning the VecISA objects that passed) answered from ``path`` where that file holds
-    a list of names all in ``known`` ({name: VecISA}); otherwise probed, and the answer written there (atomically;
-    a folder that cannot be written is left as it is, and the next process probes again)."""
+def remembered(check):
+    """``check`` (VecISA.check_build: (vec_isa, code) -> whether the probe built and loaded) answered True from its
+    memo file where that holds exactly the line ``pass``; otherwise run, and a pass written there (atomically; a
+    folder that cannot be written is left as it is, and the next process checks again)."""
 
-    @functools.cache
-    def answer():
-        got = _read(path, known)
-        if got is not None:
-            return got
-        got = probe()
+    def check_build(vec_isa, code: str) -> bool:
+        from torch._inductor import config
+
+        if config.cpp.vec_isa_ok is not None:  # the user's answer: Inductor's own code, untouched
+            return check(vec_isa, code)
+        path = memo_path(vec_isa, code)
+        if path is not None and _passed(path):
+            return True
+        ok = check(vec_isa, code)
+        if ok and path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_file(path, PASS)
+            except OSError:
+                pass
+        return ok
+
+    check_build.unremembered = check
+    return check_build
+
+
+def remember_vec_isa() -> bool:
+    """Install the remembered check into Inductor, once per process; whether it is installed (False where this
+    torch's Inductor has no such check to remember)."""
+    if "installed" not in _STATE:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_file(path, json.dumps([str(v) for v in got]) + "\n")
-        except OSError:
-            pass
-        return got
-
-    return answer
-
-
-def remember_vec_isa() -> Path | None:
-    """Install the remembered probe into Inductor, once per process; the file it reads and writes, or None where
-    there is nothing to remember (no Inductor CPU probe, no C++ compiler, or the user's own vec_isa_ok)."""
-    if "installed" in _STATE:
-        return _STATE["installed"]
-    path = _STATE["installed"] = memo_path()
-    if path is None:
-        return None
-    from torch._inductor import config
-    from torch._inductor import cpu_vec_isa as isa
-
-    probe = isa.valid_vec_isa_list
-    answer = remembered(probe, path, {str(v): v for v in isa.supported_vec_isa_list})
-
-    def valid_vec_isa_list():
-        return probe() if config.cpp.vec_isa_ok is not None else answer()  # set since: the user's answer
-
-    isa.valid_vec_isa_list = valid_vec_isa_list
-    return path
+            from torch._inductor import cpu_vec_isa as isa
+        except ImportError:
+            isa = None
+        check = getattr(getattr(isa, "VecISA", None), "check_build", None)
+        _STATE["installed"] = callable(check)
+        if callable(check) and not hasattr(check, "unremembered"):
+            isa.VecISA.check_build = remembered(check)
+    return _STATE["installed"]

@@ -1,11 +1,14 @@
-"""odegan_kernels.inductor: Inductor's CPU vector-ISA probe (a fresh Python importing torch per candidate ISA, in every
-process that compiles for the CPU) answered from a file the first probing process wrote. The answer read back must
-be the probe's, a file that is not a clean answer must never be believed, and the user's own vec_isa_ok wins."""
+"""odegan_kernels.inductor: Inductor's CPU vector-ISA checks (each a probe built and loaded in a fresh Python that
+imports torch, in every process that compiles for the CPU) answered from the files where earlier processes wrote their
+passes. What Inductor concludes must be what it concludes unpatched, side effects included; a file that is not
+exactly a pass is never believed; a failure is never remembered; the user's own vec_isa_ok wins."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,97 +17,158 @@ from torch._inductor import cpu_vec_isa as isa
 
 from odegan_kernels import inductor
 
-KNOWN = {str(v): v for v in isa.supported_vec_isa_list}
-ANSWER = [v for v in isa.supported_vec_isa_list if str(v) in ("avx512", "avx2")]
+CODE = 'extern "C" void probe() {}\n'
 
 
-class Probe:
-    def __init__(self, answer):
-        self.answer, self.calls = answer, 0
+class Check:
+    def __init__(self, ok: bool):
+        self.ok, self.calls = ok, 0
 
-    def __call__(self):
+    def __call__(self, vec_isa, code):
         self.calls += 1
-        return list(self.answer)
+        return self.ok
 
 
-def test_the_first_process_probes_and_writes_the_next_reads(tmp_path):
-    path = tmp_path / "cache" / "vec-isa-key.json"
-    first = Probe(ANSWER)
-    assert inductor.remembered(first, path, KNOWN)() == ANSWER
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    if inductor.memo_path(isa.VecAVX2(), CODE) is None:
+        pytest.skip("no C++ compiler for Inductor here: nothing can be remembered")
+    return tmp_path
+
+
+def test_a_pass_is_remembered_and_read_back(cache):
+    first = Check(True)
+    assert inductor.remembered(first)(isa.VecAVX2(), CODE) is True
     assert first.calls == 1
-    assert json.loads(path.read_text()) == [str(v) for v in ANSWER]
-    later = Probe([])  # a later process: its probe would say otherwise, so a call to it shows
-    got = inductor.remembered(later, path, KNOWN)()
+    (path,) = cache.glob("vec-isa-*.ok")
+    assert path.read_bytes() == inductor.PASS
+    later = Check(False)  # a later process: a call to its check would show (and answer False)
+    assert inductor.remembered(later)(isa.VecAVX2(), CODE) is True
     assert later.calls == 0
-    assert got == ANSWER and all(g is k for g, k in zip(got, ANSWER))  # Inductor's own objects
-    empty = tmp_path / "none.json"  # "no ISA passed" is an answer too, remembered as such
-    inductor.remembered(Probe([]), empty, KNOWN)()
-    assert inductor.remembered(Probe(ANSWER), empty, KNOWN)() == []
 
 
-@pytest.mark.parametrize(
-    "content",
-    [b"not json", b'{"avx2": true}', b'["avx2", "avx9000"]', b"[1, 2]", b"\xff\xfe", b'"avx2"', b""],
-)
-def test_a_file_that_is_not_a_clean_answer_is_probed_over(tmp_path, content):
-    path = tmp_path / "vec-isa-key.json"
+def test_a_failure_is_not_remembered(cache):
+    check = inductor.remembered(Check(False))
+    assert check(isa.VecAVX2(), CODE) is False
+    assert not list(cache.glob("vec-isa-*"))
+    again = Check(True)
+    assert inductor.remembered(again)(isa.VecAVX2(), CODE) is True and again.calls == 1
+
+
+def test_the_key_moves_with_what_the_check_depends_on(cache, monkeypatch):
+    from torch._inductor import cpp_builder
+
+    avx2 = isa.VecAVX2()
+    here = inductor.memo_path(avx2, CODE)
+    assert here.parent == cache and here.name.startswith("vec-isa-")
+    assert inductor.memo_path(avx2, CODE + " ") != here  # another probe (AVX512-BF16's, AMX's)
+    assert inductor.memo_path(isa.VecAVX512(), CODE) != here  # another ISA
+    monkeypatch.setattr(cpp_builder, "get_compiler_version_info", lambda cxx: "another compiler")
+    assert inductor.memo_path(avx2, CODE) != here
+    monkeypatch.setattr(cpp_builder, "get_compiler_version_info", lambda cxx: "")
+    assert inductor.memo_path(avx2, CODE) is None  # no compiler to name: nothing remembered
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    monkeypatch.setattr(isa, "x86_isa_checker", lambda: ["avx2"])  # another CPU
+    assert inductor.memo_path(avx2, CODE) != here
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    assert inductor.memo_path(avx2, CODE) == here
+    monkeypatch.setattr(torch.version, "git_version", "another build")  # torch's build, at the same version
+    assert inductor.memo_path(avx2, CODE) != here
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache / "elsewhere"))  # read when the check runs
+    assert inductor.memo_path(avx2, CODE).parent == cache / "elsewhere"
+
+
+def test_the_users_vec_isa_ok_is_their_answer(cache):
+    inductor.remembered(Check(True))(isa.VecAVX2(), CODE)  # a pass on file
+    with config.patch({"cpp.vec_isa_ok": False}):
+        check = Check(False)
+        assert inductor.remembered(check)(isa.VecAVX2(), CODE) is False and check.calls == 1
+        inductor.remembered(Check(True))(isa.VecAVX512(), CODE)
+    assert len(list(cache.glob("vec-isa-*"))) == 1  # nothing written meanwhile
+
+
+@pytest.mark.parametrize("content", [b"pass", b"pass\n\n", b"PASS\n", b"pass\nmore", b"", b"\xff\xfe", b"p" * 10**6])
+def test_a_file_that_is_not_exactly_a_pass_is_checked_over(cache, content):
+    path = inductor.memo_path(isa.VecAVX2(), CODE)
     path.write_bytes(content)
-    probe = Probe(ANSWER)
-    assert inductor.remembered(probe, path, KNOWN)() == ANSWER
-    assert probe.calls == 1
-    assert json.loads(path.read_text()) == [str(v) for v in ANSWER]  # and the clean answer written over it
+    check = Check(True)
+    assert inductor.remembered(check)(isa.VecAVX2(), CODE) is True
+    assert check.calls == 1
+    assert path.read_bytes() == inductor.PASS  # the pass written over it
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
-def test_a_fifo_or_a_link_at_the_file_is_not_read_through(tmp_path):
-    fifo = tmp_path / "vec-isa-fifo.json"
-    os.mkfifo(fifo)
-    probe = Probe(ANSWER)
-    assert inductor.remembered(probe, fifo, KNOWN)() == ANSWER  # no hang on the FIFO
-    assert probe.calls == 1
-    elsewhere = tmp_path / "users-file.txt"
-    elsewhere.write_text("keep me\n")
-    link = tmp_path / "vec-isa-link.json"
-    link.symlink_to(elsewhere)
-    inductor.remembered(Probe(ANSWER), link, KNOWN)()
-    assert elsewhere.read_text() == "keep me\n"  # replaced the link, never wrote through it
-
-
-def test_a_folder_that_cannot_be_written_still_answers(tmp_path):
-    blocked = tmp_path / "a-file"
+def test_a_fifo_a_folder_or_a_link_at_the_file(cache, tmp_path):
+    path = inductor.memo_path(isa.VecAVX2(), CODE)
+    os.mkfifo(path)
+    check = Check(True)
+    assert inductor.remembered(check)(isa.VecAVX2(), CODE) is True and check.calls == 1  # no hang on the FIFO
+    os.unlink(path)
+    path.mkdir()
+    assert inductor.remembered(Check(True))(isa.VecAVX2(), CODE) is True  # a folder: checked, left alone
+    assert path.is_dir()
+    path.rmdir()
+    users = tmp_path / "users-file.txt"
+    users.write_text("keep me\n")
+    path.symlink_to(users)
+    inductor.remembered(Check(True))(isa.VecAVX2(), CODE)
+    assert users.read_text() == "keep me\n"  # the link replaced, never written through
+    blocked = cache / "a-file"
     blocked.write_text("")
-    probe = Probe(ANSWER)
-    assert inductor.remembered(probe, blocked / "vec-isa-key.json", KNOWN)() == ANSWER
-    assert probe.calls == 1
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(blocked)  # (restored by the fixture's monkeypatch)
+    check = Check(True)
+    assert inductor.remembered(check)(isa.VecAVX2(), CODE) is True and check.calls == 1  # a folder that cannot be made
+    assert inductor.memo_path(isa.VecAVX2(), CODE) is None
 
 
-def test_the_key_moves_with_what_the_answer_depends_on(monkeypatch, tmp_path):
-    from torch._inductor import cpp_builder
+CHILD = r"""
+import json, subprocess, sys
+loads = []
+real = subprocess.check_call
+def spy(cmd, *a, **k):
+    if isinstance(cmd, list) and any("LoadLibrary" in str(c) for c in cmd):
+        loads.append(1)
+    return real(cmd, *a, **k)
+subprocess.check_call = spy
+if sys.argv[1] == "remembered":
+    from odegan_kernels import inductor
+    assert inductor.remember_vec_isa()
+from torch._inductor import cpu_vec_isa as isa
+got = isa.valid_vec_isa_list()
+picked = isa.pick_vec_isa()
+print(json.dumps({
+    "isas": [type(v).__name__ for v in got],
+    "picked": type(picked).__name__,
+    "flags": picked.build_arch_flags() if got else None,
+    "extensions": [[getattr(v, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_fp16_supported")] for v in got],
+    "loads": len(loads),
+}))
+"""
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    here = inductor.memo_path()
-    if here is None:
-        pytest.skip("no Inductor CPU probe or C++ compiler here: nothing is remembered")
-    assert here.parent == tmp_path and here.name.startswith("vec-isa-")
-    monkeypatch.setattr(cpp_builder, "get_compiler_version_info", lambda cxx: "another compiler")
-    assert inductor.memo_path() != here
-    monkeypatch.undo()
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(isa, "x86_isa_checker", lambda: ["avx2"])  # another CPU
-    assert inductor.memo_path() != here
-    with config.patch({"cpp.vec_isa_ok": True}):  # the user's own answer: nothing to remember
-        assert inductor.memo_path() is None
-    assert inductor.memo_path() is not None
+
+def _child(mode: str, cache_dir) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+    env.pop("TORCHINDUCTOR_VEC_ISA_OK", None)
+    out = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_installed_inductor_answers_as_its_file_says():
-    path = inductor.remember_vec_isa()
-    if path is None:
-        pytest.skip("no Inductor CPU probe or C++ compiler here: nothing is remembered")
-    assert inductor.remember_vec_isa() == path  # once per process
-    got = isa.valid_vec_isa_list()
-    assert [str(v) for v in got] == json.loads(path.read_text())
-    assert isa.pick_vec_isa() in got or not got
-    fn = inductor.torch_compile(lambda x: x * 2 + 1)
-    x = torch.randn(7)
-    assert torch.equal(fn(x), x * 2 + 1)
+def test_inductor_concludes_what_it_concludes_unpatched(tmp_path):
+    """Three fresh processes: Inductor alone, then remembering into an empty cache, then reading it back. The ISAs,
+    the one picked, its compiler flags and what the checks set (AVX512-BF16, AMX-FP16) are the same in all three;
+    the last loads no probe."""
+    if inductor.memo_path(isa.VecAVX2(), CODE) is None:
+        pytest.skip("no C++ compiler for Inductor here: nothing can be remembered")
+    plain = _child("plain", tmp_path / "plain")
+    first = _child("remembered", tmp_path / "memo")
+    later = _child("remembered", tmp_path / "memo")
+    if plain["loads"] == 0:
+        pytest.skip("this CPU offers Inductor no vector ISA to check")
+    assert first["loads"] == plain["loads"]
+    assert later["loads"] == 0
+    for got in (first, later):
+        assert {k: v for k, v in got.items() if k != "loads"} == {k: v for k, v in plain.items() if k != "loads"}
+    assert list((tmp_path / "memo").glob("vec-isa-*.ok"))

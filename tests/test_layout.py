@@ -10,9 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "odegan_kernels"
 
-# Lower layers never import higher ones. graphs, distributed and inductor are generic mechanisms (capture a callable,
-# average a buffer, set up torch.compile) that the stepper and the engines use, so they sit below them; the closure contract sits below both the
-# integrator (ode) and the game, which know nothing of each other; the models are built for the game's conventions.
+# Lower layers never import higher ones. graphs, distributed and inductor are generic mechanisms (capture a
+# callable, average a buffer, set up torch.compile) that the stepper and the engines use, so they sit below them;
+# the closure contract sits below both the integrator (ode) and the game, which know nothing of each other; the
+# models are built for the game's conventions.
 LAYERS = [
     {"ops", "files"},
     {"flat"},
