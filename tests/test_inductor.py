@@ -77,15 +77,47 @@ def test_the_key_moves_with_what_the_check_depends_on(cache, monkeypatch):
     assert inductor.memo_path(avx2, CODE) == here
     monkeypatch.setattr(torch.version, "git_version", "another build")  # torch's build, at the same version
     assert inductor.memo_path(avx2, CODE) != here
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache / "elsewhere"))  # read when the check runs
-    assert inductor.memo_path(avx2, CODE).parent == cache / "elsewhere"
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    moved = [
+        lambda: monkeypatch.setattr(torch, "__version__", "0.0.0"),
+        lambda: monkeypatch.setattr(sys, "executable", "/another/python"),
+        lambda: monkeypatch.setenv("LD_LIBRARY_PATH", "/another/lib"),  # what the loading child links against
+        lambda: monkeypatch.setenv("TORCH_CUSTOM_PYTHONPATH", "/another/site"),  # which torch the child imports
+        lambda: monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "/another/g++"),
+    ]
+    for move in moved:
+        move()
+        assert inductor.memo_path(avx2, CODE) != here
+        monkeypatch.undo()
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    assert inductor.memo_path(avx2, CODE) == here
 
 
-def test_the_users_vec_isa_ok_is_their_answer(cache):
+def test_isas_that_print_alike_are_told_apart(cache):
+    neon, sve = isa.VecNEON(), isa.VecSVE256()  # ARM: both print as "asimd"
+    assert str(neon) == str(sve)
+    assert inductor.memo_path(neon, CODE) != inductor.memo_path(sve, CODE)
+
+
+def test_the_file_is_found_when_the_check_runs(cache, monkeypatch):
+    check = Check(True)
+    remembered = inductor.remembered(check)
+    remembered(isa.VecAVX2(), CODE)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache / "another"))  # a cache folder chosen later
+    remembered(isa.VecAVX2(), CODE)
+    assert check.calls == 2 and list((cache / "another").glob("vec-isa-*.ok"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    remembered(isa.VecAVX2(), CODE)
+    assert check.calls == 2
+
+
+@pytest.mark.parametrize("ok", [False, True])
+def test_the_users_vec_isa_ok_is_their_answer(cache, ok):
     inductor.remembered(Check(True))(isa.VecAVX2(), CODE)  # a pass on file
-    with config.patch({"cpp.vec_isa_ok": False}):
+    with config.patch({"cpp.vec_isa_ok": ok}):
         check = Check(False)
-        assert inductor.remembered(check)(isa.VecAVX2(), CODE) is False and check.calls == 1
+        assert inductor.remembered(check)(isa.VecAVX2(), CODE) is False and check.calls == 1  # not read
         inductor.remembered(Check(True))(isa.VecAVX512(), CODE)
     assert len(list(cache.glob("vec-isa-*"))) == 1  # nothing written meanwhile
 
