@@ -23,6 +23,7 @@ read or written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -53,7 +54,6 @@ ENV_KEYS = (
     "CXXFLAGS",
     "LDFLAGS",
 )
-_STATE: dict = {}
 
 
 def torch_compile(fn, **kwargs):
@@ -139,16 +139,17 @@ def remembered(check):
     return check_build
 
 
+@functools.cache
 def remember_vec_isa() -> bool:
     """Install the remembered check into Inductor, once per process; whether it is installed (False where this
     torch's Inductor has no such check to remember)."""
-    if "installed" not in _STATE:
-        try:
-            from torch._inductor import cpu_vec_isa as isa
-        except ImportError:
-            isa = None
-        check = getattr(getattr(isa, "VecISA", None), "check_build", None)
-        _STATE["installed"] = callable(check)
-        if callable(check) and not hasattr(check, "unremembered"):
-            isa.VecISA.check_build = remembered(check)
-    return _STATE["installed"]
+    try:
+        from torch._inductor import cpu_vec_isa as isa
+    except ImportError:
+        return False
+    check = getattr(getattr(isa, "VecISA", None), "check_build", None)
+    if not callable(check):
+        return False
+    if not hasattr(check, "unremembered"):
+        isa.VecISA.check_build = remembered(check)
+    return True
