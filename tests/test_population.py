@@ -230,10 +230,8 @@ def test_bad_input_one_line():
         Population([Config(**BASE, method="rk4"), Config(**BASE, method="euler", seed=1)])
     with pytest.raises(ValueError, match="at least one member"):
         Population([])
-    for opts in (dict(autocast=True, dtype="float32"), dict(problem="dirac")):
-        match = r"populations run (mog, .* or imagefolder, not|in the parameters. dtype, not autocast)"
-        with pytest.raises(ValueError, match=match):
-            Population([Config(**{**BASE, **opts})])
+    with pytest.raises(ValueError, match=r"populations run mog, .* or imagefolder, not problem='dirac'"):
+        Population([Config(**{**BASE, "problem": "dirac"})])
 
 
 def test_the_schedule_reads_each_members_own_step_count():

@@ -158,8 +158,8 @@ def test_a_retried_member_folds_in_only_its_good_steps():
 
 
 def test_what_populations_do_not_run_is_refused_in_one_line(tmp_path):
-    with pytest.raises(ValueError, match="not autocast=true"):
-        Population([Config(problem="mog", autocast=True, seed=s) for s in (0, 1)])
+    with pytest.raises(ValueError, match="not cuda_graph=true"):
+        Population([Config(problem="mog", cuda_graph=True, seed=s) for s in (0, 1)])
 
 
 CONDITIONAL = dict(workers=0, image_size=32, width=2, batch=4, eval_samples=8, dtype="float64", device="cpu",

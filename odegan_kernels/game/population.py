@@ -9,6 +9,7 @@ of the members' values, so its gradient is each member's own too. A population B
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -18,6 +19,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from .. import ops
 from ..contract import PenaltyTerm, StageResult
@@ -25,6 +28,7 @@ from .autograd import _accumulate
 from .batch import Batch, checked_players, penalty_names
 from .losses import ZERO_SUM, d_loss, g_loss, get_loss
 from .mlp import _checked_layers, checked_request
+from .penalties import _wide
 
 _LAYOUT = "grad and param do not obey the gradient layout contract"  # the [K, ...] leaves are strided views
 
@@ -60,15 +64,24 @@ class PopulationAutograd:
     """The population's game gradients through autograd, for any pair of nn.Modules: the members' forward is
     ``vmap(functional_call)`` over their [K, ...] parameters and buffers (BatchNorm's running statistics per member,
     updated in place), the AutogradEngine's evaluation otherwise (g_reg by double backward; r1, r2, wgan_gp and
-    consensus per member)."""
+    consensus per member). ``autocast``: the passes in bfloat16 where the AutogradEngine's autocast puts them
+    (float32 parameters; their gradients and the stage math stay float32)."""
 
     name = "population-autograd"
 
-    def __init__(self, flat, D: nn.Module, G: nn.Module, loss: str = "ns", weights=None) -> None:
+    def __init__(
+        self, flat, D: nn.Module, G: nn.Module, loss: str = "ns", weights=None, autocast: bool = False
+    ) -> None:
         get_loss(loss)
         if not hasattr(flat, "stacked"):
             raise TypeError("PopulationAutograd needs a population's FlatParams (FlatParams(..., members=K))")
-        self.flat, self.D, self.G, self.loss = flat, D, G, loss
+        if not isinstance(autocast, bool):
+            raise TypeError(f"autocast must be True or False, got {autocast!r}")
+        if autocast and flat.dtype != torch.float32:
+            raise ValueError(
+                f"autocast (bf16 passes over float32 parameters) needs float32 parameters, not {flat.dtype}"
+            )
+        self.flat, self.D, self.G, self.loss, self.autocast = flat, D, G, loss, autocast
         # a class-conditional pair (G(z, y), D(x, y)) needs a Batch with labels, an unconditional one one without
         self.needs_labels, self.takes_labels = _label_arity(G)
         self.num_classes = getattr(G, "num_classes", None) if self.takes_labels else None
@@ -121,40 +134,46 @@ class PopulationAutograd:
         c_fake = () if batch.y_fake is None else (batch.y_fake,)
         noise_r, noise_f = batch.noise if batch.noise is not None else (None, None)
         terms: dict[str, PenaltyTerm] = {}
-        if fake is None:
-            with torch.set_grad_enabled(run_g):
-                g = lambda p, b, z, *c: functional_call(self.G, (p, b), (z, *c))  # noqa: E731
-                fake = vmap(g)(self.pG, self.bG, batch.z, *c_fake)
-        x_fake = fake if run_g else fake.detach()
-        if noise_f is not None:  # instance noise on what D sees, as the AutogradEngine adds it
-            x_fake = x_fake + noise_f
-        if "r2" in pens and not x_fake.requires_grad:
-            x_fake.requires_grad_()
-        d_fake = self._d(x_fake, *c_fake)
-        lg = vmap(lambda o: g_loss(o, loss))(d_fake) if run_g else None
-        ld = None
-        x_real = real if noise_r is None else real + noise_r
-        if run_d:
-            if "r1" in pens:
-                x_real = x_real.detach().requires_grad_()
-            d_real = self._d(x_real, *c_real)
-            ld = vmap(lambda r, f: d_loss(r, f, loss))(d_real, d_fake)
-        for name in ("r1", "r2"):
-            if name in pens:
-                out_, x = (d_real, x_real) if name == "r1" else (d_fake, x_fake)
-                (g,) = torch.autograd.grad(out_.sum(), x, create_graph=True)
-                value = self._term(name, lambda g=g: _rowwise_sqnorm(g), lambda g=g: ops.sqnorm([g]))
-                terms[name] = PenaltyTerm((0,), value * (0.5 / nb))
-        if "wgan_gp" in pens:
-            mix = batch.mix
-            if mix is None:
-                raise ValueError("a population's WGAN-GP takes its interpolation weights from the batch (Batch.mix)")
-            u = mix.to(real.dtype).reshape(*mix.shape, *([1] * (real.dim() - 2)))
-            x_hat = (u * x_real.detach() + (1 - u) * x_fake.detach()).requires_grad_()
-            (g,) = torch.autograd.grad(self._d(x_hat, *c_real).sum(), x_hat, create_graph=True)
-            dev = torch.linalg.vector_norm(g.flatten(2), dim=2) - 1
-            value = self._term("wgan_gp", lambda: _rowwise_sqnorm(dev), lambda: ops.sqnorm([dev]))
-            terms["wgan_gp"] = PenaltyTerm((0,), value / nb)
+        # autocast where the AutogradEngine has it: the forwards and the penalties' values
+        amp = torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+        with amp, LowPrecisionConvs() if self.autocast else contextlib.nullcontext():
+            if fake is None:
+                with torch.set_grad_enabled(run_g):
+                    g = lambda p, b, z, *c: functional_call(self.G, (p, b), (z, *c))  # noqa: E731
+                    fake = vmap(g)(self.pG, self.bG, batch.z, *c_fake)
+            x_fake = fake if run_g else fake.detach()
+            if noise_f is not None:  # instance noise on what D sees, as the AutogradEngine adds it
+                x_fake = x_fake + noise_f
+            if "r2" in pens and not x_fake.requires_grad:
+                x_fake.requires_grad_()
+            d_fake = self._d(x_fake, *c_fake)
+            lg = vmap(lambda o: g_loss(o, loss))(d_fake) if run_g else None
+            ld = None
+            x_real = real if noise_r is None else real + noise_r
+            if run_d:
+                if "r1" in pens:
+                    x_real = x_real.detach().requires_grad_()
+                d_real = self._d(x_real, *c_real)
+                ld = vmap(lambda r, f: d_loss(r, f, loss))(d_real, d_fake)
+            for name in ("r1", "r2"):
+                if name in pens:
+                    out_, x = (d_real, x_real) if name == "r1" else (d_fake, x_fake)
+                    (g,) = torch.autograd.grad(out_.sum(), x, create_graph=True)
+                    g = _wide(g)  # (the fakes' gradient is bf16 under autocast: the squared norms reduce fp32)
+                    value = self._term(name, lambda g=g: _rowwise_sqnorm(g), lambda g=g: ops.sqnorm([g]))
+                    terms[name] = PenaltyTerm((0,), value * (0.5 / nb))
+            if "wgan_gp" in pens:
+                mix = batch.mix
+                if mix is None:
+                    raise ValueError(
+                        "a population's WGAN-GP takes its interpolation weights from the batch (Batch.mix)"
+                    )
+                u = mix.to(real.dtype).reshape(*mix.shape, *([1] * (real.dim() - 2)))
+                x_hat = (u * x_real.detach() + (1 - u) * x_fake.detach()).requires_grad_()
+                (g,) = torch.autograd.grad(self._d(x_hat, *c_real).sum(), x_hat, create_graph=True)
+                dev = torch.linalg.vector_norm(g.flatten(2), dim=2) - 1
+                value = self._term("wgan_gp", lambda: _rowwise_sqnorm(dev), lambda: ops.sqnorm([dev]))
+                terms["wgan_gp"] = PenaltyTerm((0,), value / nb)
         d_par, gp = list(self.pD.values()), list(self.pG.values()) if run_g else []
         keep = bool(pens)
         with warnings.catch_warnings():
@@ -163,7 +182,8 @@ class PopulationAutograd:
                 g_theta = torch.autograd.grad(ld.sum(), d_par, create_graph=True)
                 g_phi = torch.autograd.grad(lg.sum(), gp, create_graph=True)
                 v = [*g_theta, *g_phi]
-                value = self._term("consensus", lambda: sum(map(_rowwise_sqnorm, v)), lambda: ops.sqnorm(v))
+                with amp:
+                    value = self._term("consensus", lambda: sum(map(_rowwise_sqnorm, v)), lambda: ops.sqnorm(v))
                 terms["consensus"] = PenaltyTerm((0, 1), value * 0.5)
                 if need_d:
                     _accumulate(d_par, g_theta)
@@ -178,9 +198,11 @@ class PopulationAutograd:
                 if need_d:
                     torch.autograd.backward(ld.sum(), inputs=d_par, retain_graph=need_g or keep)
                 if need_g and greg:
-                    g_phi = torch.autograd.grad(lg.sum(), gp, create_graph=True)
+                    with amp:
+                        g_phi = torch.autograd.grad(lg.sum(), gp, create_graph=True)
+                        pen = ops.sqnorm(g_phi)
                     _accumulate(gp, g_phi)
-                    terms["g_reg"] = PenaltyTerm((0,), ops.sqnorm(g_phi))
+                    terms["g_reg"] = PenaltyTerm((0,), pen)
                 elif need_g:
                     torch.autograd.backward(lg.sum(), inputs=gp, retain_graph=keep)
         out = StageResult(fake=fake.detach(), terms=terms)
@@ -189,6 +211,36 @@ class PopulationAutograd:
         if need_g:
             out.loss_g = lg.detach().float()
         return out
+
+
+class LowPrecisionConvs(TorchFunctionMode):
+    """Convolutions in autocast's dtype under vmap, as autocast runs them outside it. vmap's batching rule turns
+    conv2d (and the other convolutions autocast lists) into aten.convolution before autocast sees the call, and the
+    CPU's autocast does not list aten.convolution (CUDA's does), so a population's convolutions would stay float32
+    on the CPU while its linear layers run in bfloat16. This casts a listed convolution's floating-point tensors to
+    autocast's dtype first, where autocast is on for their device. And vmap's BatchNorm refuses a bf16 input with
+    float32 statistics, which outside vmap is computed in float32 and returned in the input's dtype: here too."""
+
+    CONVS = frozenset(
+        (torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+         torch.conv_transpose3d)
+    )  # fmt: skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is None or not torch.is_autocast_enabled(x.device.type):
+            return func(*args, **kwargs)
+        if func in self.CONVS:
+            dt = torch.get_autocast_dtype(x.device.type)
+            args, kwargs = tuple(_cast(a, dt) for a in args), {k: _cast(v, dt) for k, v in kwargs.items()}
+        elif func is F.batch_norm and x.dtype in (torch.bfloat16, torch.float16):
+            return func(x.float(), *args[1:], **kwargs).to(x.dtype)
+        return func(*args, **kwargs)
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
 def _label_arity(module: nn.Module) -> tuple[bool, bool]:

@@ -50,8 +50,6 @@ def check_members(cfgs) -> None:
         )
     if c.cuda_graph:
         raise ValueError("populations run eagerly or with compile=true, not cuda_graph=true (not built yet)")
-    if c.autocast:
-        raise ValueError("populations run in the parameters' dtype, not autocast=true (not built yet)")
 
 
 def check_rank(rank, world) -> None:
@@ -104,7 +102,7 @@ def population_engine(cfg, flat, D, G, weights=None):
         raise ValueError(f"grads='mlp' cannot run here: {why}")
     if cfg.reg_method != "double_backward":
         raise ValueError("a population's autograd engine takes g_reg by double backward only")
-    return PopulationAutograd(flat, D, G, cfg.loss, weights=weights)
+    return PopulationAutograd(flat, D, G, cfg.loss, weights=weights, autocast=cfg.autocast)
 
 
 class Population:
