@@ -493,6 +493,18 @@ class PopulationParams(FlatParams):
         )
 
 
+def place(t: torch.Tensor) -> tuple:
+    """Where view ``t`` lies in its buffer, as Python ints: (shape, strides, storage offset)."""
+    return tuple(t.shape), t.stride(), t.storage_offset()
+
+
+def view_at(buf: torch.Tensor, where: tuple) -> torch.Tensor:
+    """``buf``'s view at ``where`` (place()): the same place in another buffer laid out as the first, from offset 0.
+    A traced step makes its views so, inside the trace, instead of reading views made outside it: inputs that alias
+    a mutated one are rebuilt from a synthetic base at every call (ode/compiled.py, TracedBuffers)."""
+    return torch.as_strided(buf, *where)
+
+
 def _stack_buffers(pname: str, mods) -> dict[str, torch.Tensor]:
     """Each buffer of the members' modules as one [K, ...] tensor, every member's buffer made a view of its row."""
     named = [dict(m.named_buffers()) for m in mods]

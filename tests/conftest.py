@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import pytest
@@ -68,3 +69,20 @@ def corrupt_once(trainer, at_step: int = 12) -> list:
 
     trainer.problem.real_batch = corrupt
     return hit
+
+
+@pytest.fixture
+def input_rebuilds(monkeypatch) -> list:
+    """Counts, while the test runs, the calls at which a compiled graph rebuilt inputs that alias a mutated one from a
+    synthetic base (AOTAutograd's merge_view_inputs at run time, told from its compile-time call by its missing
+    input descriptions): a traced step whose inputs do not alias makes none (ode/compiled.py, TracedBuffers)."""
+    wrappers = importlib.import_module("torch._functorch._aot_autograd.runtime_wrappers")
+    merge, calls = wrappers.merge_view_inputs, []
+
+    def counting(aot_config, fwd_inputs, fwd_inputs_descs, *args, **kwargs):
+        if fwd_inputs_descs is None:
+            calls.append(len(fwd_inputs))
+        return merge(aot_config, fwd_inputs, fwd_inputs_descs, *args, **kwargs)
+
+    monkeypatch.setattr(wrappers, "merge_view_inputs", counting)
+    return calls

@@ -54,11 +54,12 @@ def _run(opts, members, nudge=False):
 
 @pytest.mark.slow  # a trace: a minute cold on 2 cores
 @pytest.mark.parametrize("settings", SETTINGS)
-def test_a_compiled_population_follows_the_eager_one_and_its_members_solo_runs(settings):
+def test_a_compiled_population_follows_the_eager_one_and_its_members_solo_runs(settings, input_rebuilds):
     opts = {**OPTS, **SETTINGS[settings]}
     eager, _ = _run(opts, MIXED)
     nudged, _ = _run(opts, MIXED, nudge=True)
     traced, graphs = _run({**opts, "compile": True}, MIXED)
+    assert input_rebuilds == []  # the [K, ...] leaves and the buffers do not alias in the trace (TracedBuffers)
     assert type(traced.engine).__name__ == "PopulationMLP" and traced.opt.compiled_step is not None
     assert graphs == 1  # the whole step traced once: not eager pieces, no recompile for the members' own h, lambda
     tol = NUDGE_MARGIN * max(_rel(nudged.flat.params, eager.flat.params), 1e-15)

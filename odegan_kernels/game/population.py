@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import ops
 from ..contract import PenaltyTerm, StageResult
+from ..flat import place, view_at
 from .autograd import _accumulate
 from .batch import Batch, checked_players, penalty_names
 from .losses import ZERO_SUM, d_loss, g_loss, get_loss
@@ -350,6 +351,10 @@ class PopulationMLP:
         self.d_b = [pD[names[id(lin.bias)]] for lin in layers[0]]
         self.g_w = [pG[names[id(lin.weight)]] for lin in layers[1]]
         self.g_b = [pG[names[id(lin.bias)]] for lin in layers[1]]
+        # where each [K, ...] leaf lies in the flat buffers: the evaluation reads and writes views it makes there
+        # (of the parameters, of the gradients) rather than the leaves and their .grad, so that a traced step reads
+        # no tensor that aliases another (strided member views cannot be told apart from overlapping ones)
+        self.places = [[place(t) for t in ts] for ts in (self.d_w, self.d_b, self.g_w, self.g_b)]
 
     def attach_grads(self) -> None:
         """Make (or find again) the [K, ...] leaves' .grad views the evaluation accumulates into, now: a traced step
@@ -366,7 +371,9 @@ class PopulationMLP:
         players, greg, need_d, need_g = checked_request(batch, players, penalties, "PopulationAutograd")
         loss, values = self.loss, losses
         real, z, fake = batch.real, batch.z, batch.fake
-        dw, db, gw_, gb_ = self.d_w, self.d_b, self.g_w, self.g_b
+        dw, db, gw_, gb_ = ([view_at(self.flat.params, w) for w in ws] for ws in self.places)
+        into_d, into_g = ([tuple(view_at(self.flat.grads, w) for w in wb) for wb in zip(*self.places[i : i + 2])]
+                          for i in (0, 2))  # fmt: skip
         if fake is None:
             fake_t, g_hs = _forward(gw_, gb_, z.transpose(1, 2))
             fake = fake_t.transpose(1, 2).contiguous()
@@ -376,8 +383,6 @@ class PopulationMLP:
             real = real + noise_r
         x_fake = fake if noise_f is None else fake + noise_f
         nr = real.shape[1]
-        into_d = [(w.grad, b.grad) for w, b in zip(dw, db)]
-        into_g = [(w.grad, b.grad) for w, b in zip(gw_, gb_)]
         if need_d:
             logits, d_hs = _forward(dw, db, torch.cat([real, x_fake], 1).transpose(1, 2))
             logits = logits.squeeze(1)

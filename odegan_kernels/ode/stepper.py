@@ -14,7 +14,7 @@ import torch
 from .. import ops
 from ..contract import Stage, apply_penalties, check_reg, due, penalty_specs, returned, stage_caller
 from ..distributed import average_across_ranks
-from ..flat import FlatParams, PopulationParams
+from ..flat import FlatParams, PopulationParams, place, view_at
 from .populations import member_regs, per_segment
 from .tableau import Tableau, compile_tableau, get_tableau
 
@@ -134,7 +134,7 @@ class ODEStepper(torch.optim.Optimizer):
         self._reg_buf = self._reg_views = None
         if self._member_regs is not None and reg > 0:  # every member's D: r over the whole buffer, e per member
             self._reg_buf = torch.zeros(flat.numel, dtype=dt, device=dev)
-            self._reg_views = flat.views(self._reg_buf, 0)
+            self._reg_places = [place(v) for v in flat.views(self._reg_buf, 0)]  # its views, made at each use
         elif reg > 0 and (reg_at == "after_step" or compile == "step"):  # g_reg regularises player 0, the buffers'
             # first segment. A traced step takes it at the first stage through r too: lambda / b1 is then the stage
             # op's e, a tensor, so a change of lambda replays the same graph
@@ -161,9 +161,9 @@ class ODEStepper(torch.optim.Optimizer):
                 raise RuntimeError(
                     "distributed=True needs torch.distributed initialised first (torchrun, or dist.init_process_group)"
                 )
-        self.compiled = self.compiled_step = None
+        self.compiled = self.compiled_step = self._traced = None
         if compile is not False:
-            from .compiled import CompiledStages, CompiledStep, why_not_compiled
+            from .compiled import CompiledStages, CompiledStep, TracedBuffers, why_not_compiled
 
             why = why_not_compiled(compile, cuda_graph, distributed)
             if why is not None:
@@ -171,6 +171,8 @@ class ODEStepper(torch.optim.Optimizer):
             self.compiled = CompiledStages(self._stages, flat.segments, traced=compile == "step")
             if compile == "step":
                 self.compiled_step = CompiledStep(self._run_stages, flat.device)
+                if self._member_regs is None:  # a population's traced step reads the whole buffers (TracedBuffers)
+                    self._traced = TracedBuffers(flat, self._stages, self._reg_views)
                 self._scratch = (torch.empty_like(flat.params), torch.empty_like(flat.grads))  # (made outside it)
         self.graph = None
         if cuda_graph:
@@ -305,7 +307,8 @@ class ODEStepper(torch.optim.Optimizer):
         weights, into = dict(stage.penalties), None
         if "g_reg" in weights:
             if self._member_regs is not None:  # a population's g_reg: into r, weighted per member by the stage op
-                weights["g_reg"], into = 1.0, {"g_reg": self._reg_views}
+                # (views made here, so that a traced step reads r whole and no view of it made outside: TracedBuffers)
+                weights["g_reg"], into = 1.0, {"g_reg": [view_at(self._reg_buf, w) for w in self._reg_places]}
             elif self._reg_views is None:
                 weights["g_reg"] = self.reg_weight
             else:
@@ -364,7 +367,10 @@ class ODEStepper(torch.optim.Optimizer):
         first = None
         for i in range(nstages):
             if self.coupling == "joint" or i == 0:
-                flat.grads.zero_()  # attached at the step's start, checked after every call
+                if self._traced is None or kind is None:
+                    flat.grads.zero_()  # attached at the step's start, checked after every call
+                else:
+                    self._traced.zero_grads()
                 stage = self._stage(i, everyone, kind)
                 out = call(stage)
                 flat.check_grads()  # a closure that assigned p.grad = ... (or moved a p.data) would move nothing
@@ -377,6 +383,9 @@ class ODEStepper(torch.optim.Optimizer):
             takes_r = i == 0 if self.reg_at == "first_stage" else last
             if self.distributed:
                 self._average_across_ranks(last_stage=takes_r)
+            if self._traced is not None and kind is not None:  # traced: the buffers through the leaves' views
+                self._traced.stage(i, self.x0, self.acc, self._coeffs[i], takes_r)
+                continue
             if self.compiled is not None:
                 reg = self._reg_buf if takes_r else None
                 self.compiled(i, flat.params, flat.grads, self.x0, self.acc, self._coeffs[i], reg)
@@ -403,6 +412,16 @@ class ODEStepper(torch.optim.Optimizer):
     def _decoupled_gradients(self, call, i: int, kind: tuple[str, ...] | None = None) -> None:
         """Each player's gradient at its own stage point with every other player at the step's start."""
         flat = self.flat
+        if self._traced is not None and kind is not None:  # traced: the same, per leaf (TracedBuffers)
+
+            def evaluate(q: int) -> None:
+                stage = self._stage(i, (q,), kind)
+                out = call(stage)
+                flat.check_grads()
+                self._apply_penalties(out, stage)
+
+            self._traced.decoupled(self.x0, self._scratch, evaluate)
+            return
         if self._scratch is None:
             self._scratch = (torch.empty_like(flat.params), torch.empty_like(flat.grads))
         point, gstash = self._scratch
