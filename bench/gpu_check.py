@@ -202,8 +202,8 @@ def checks(part: str) -> list[Check]:
         ),
         Check(
             "gpu-tests",
-            "the kernel and op test files on the GPU at all their sizes, the GPU tests quick does not run, and a "
-            "population on the device against its members' solo runs",
+            "the kernel and op test files on the GPU at all their sizes, the GPU tests quick does not run, a "
+            "population on the device against its members' solo runs, and populations under autocast",
             [*PYTEST, *FULL_TESTS],
             [*PYTEST, "--collect-only", *FULL_TESTS],
             limit=130,

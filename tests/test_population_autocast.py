@@ -3,7 +3,7 @@ bf16 run's (the batched kernels round differently), so the contract is against f
 the same parameters and batch, is as far from its float64 value as the solo engine's bf16 field is (measured
 0.83-1.00 of it on the toy pair, 0.98-1.00 on the digits DCGAN, every penalty; docs/RESULTS.md), and ~1e4-1e5
 times farther than the population's float32 field. And every convolution and matrix product runs in bf16 as in the
-solo run: vmap turns conv2d into aten.convolution, which the CPU's autocast does not cast (LowPrecisionConvs).
+solo run: vmap turns conv2d into aten.convolution, which the CPU's autocast does not cast (AutocastUnderVmap).
 On a GPU the same tests run on the device (bench/gpu_check.py's full part)."""
 
 from __future__ import annotations
@@ -85,7 +85,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("pens", PENALTIES, ids=lambda p: "+".join(p))
 @pytest.mark.parametrize("kind", ["mog", "digits"])
-def test_a_members_bf16_field_is_as_far_from_float64_as_its_solo_runs(kind, pens):
+def test_a_members_bf16_field_is_as_far_from_float64_as_its_solo_runs(kind, pens, monkeypatch):
+    # float32 as float32 on a GPU too: cuDNN's convolutions default to TF32 (10-bit mantissas), ~1e-3 off (its
+    # matrix products do not: torch.get_float32_matmul_precision() is "highest" unless set)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     pairs, shape, z_dim = pairs_of(kind)
     batches = batches_of(kind, shape, z_dim, seed=100)
     f64 = [solo_field(pairs[k], batches[k], torch.float64, False, pens) for k in range(K)]
@@ -94,8 +97,8 @@ def test_a_members_bf16_field_is_as_far_from_float64_as_its_solo_runs(kind, pens
     pop32 = population_field(pairs, batches, torch.float32, False, pens)
     for k in range(K):
         e16, e_solo, e32 = rel(pop16[k], f64[k]), rel(solo16[k], f64[k]), rel(pop32[k], f64[k])
-        # measured 0.83-1.00 (mog), 0.98-1.00 (digits); with the convolutions left in float32, 0.62-0.74 (digits)
-        low = 0.6 if kind == "mog" else 0.8
+        # measured 0.83-1.00 (mog), 0.98-1.01 (digits); with the convolutions left in float32, 0.62-0.74 (digits)
+        low = 0.7 if kind == "mog" else 0.8
         assert low * e_solo <= e16 <= 1.5 * e_solo, (k, e16, e_solo)
         assert e16 >= 100 * e32, (k, e16, e32)  # autocast in effect (measured 3e4-1e5x; 21x at a ReLU switch)
 
@@ -123,23 +126,39 @@ class Dtypes(TorchDispatchMode):
 PRODUCTS = {"convolution", "convolution_backward", "mm", "addmm", "bmm", "baddbmm"}
 
 
-def test_every_convolution_and_product_of_a_population_runs_in_bf16_as_solo():
-    pairs, shape, z_dim = pairs_of("digits")
-    (x, z, mix), _ = batches_of("digits", shape, z_dim, seed=1)
+def layer_dtypes(*modules) -> list:
+    """Hooks that record each submodule's output dtype, in call order: (the list, the hooks' handles)."""
+    seen, handles = [], []
+    for root in modules:
+        for name, m in root.named_modules():
+            if name:
+                handles.append(m.register_forward_hook(lambda m, i, o, name=name: seen.append((name, o.dtype))))
+    return seen, handles
+
+
+@pytest.mark.parametrize("kind", ["mog", "digits"])
+def test_every_layer_of_a_population_runs_in_the_solo_runs_dtypes(kind):
+    """Every layer's output (linear, convolution, BatchNorm, activation) has the dtype it has in the solo bf16 run,
+    and every convolution and matrix product, forward and backward, runs in bf16 (an aten-level log)."""
+    pairs, shape, z_dim = pairs_of(kind)
+    (x, z, mix), _ = batches_of(kind, shape, z_dim, seed=1)
     D, G = (copy.deepcopy(m).to(DEVICE) for m in pairs[0])
     FlatParams(D=D, G=G)
+    solo_layers, handles = layer_dtypes(G, D)
     with Dtypes() as solo:
         AutogradEngine(D, G, autocast=True)(Batch(x.to(DEVICE), z.to(DEVICE)), (0, 1), ("r1",))
+    for h in handles:
+        h.remove()
     flat, eng = population_engine(pairs, torch.float32, True)
+    pop_layers, _ = layer_dtypes(eng.G, eng.D)
     xs, zs = (torch.stack([t] * K).to(DEVICE) for t in (x, z))
     with Dtypes() as pop:
         eng(Batch(xs, zs), (0, 1), ("r1",))
+    assert pop_layers == solo_layers and {torch.bfloat16} <= {dt for _, dt in solo_layers}, (pop_layers, solo_layers)
     for log in (solo, pop):
         assert set(log.of(PRODUCTS)) == {torch.bfloat16}, log.of(PRODUCTS)
-    assert pop.of({"convolution"})[torch.bfloat16] == solo.of({"convolution"})[torch.bfloat16] > 0
-    # BatchNorm: float32 over the bf16 input under vmap (its batching rule refuses the mixed dtypes), bf16 out
-    relus = solo.of({"leaky_relu"})
-    assert pop.of({"leaky_relu"}) == relus and set(relus) == {torch.bfloat16}
+    n = {"mog": "addmm", "digits": "convolution"}[kind]
+    assert sum(pop.of({n, "bmm"}).values()) >= solo.of({n})[torch.bfloat16] > 0
 
 
 def test_a_population_trains_with_autocast_and_the_mlp_engine_refuses_it():

@@ -135,9 +135,10 @@ class PopulationAutograd:
         c_fake = () if batch.y_fake is None else (batch.y_fake,)
         noise_r, noise_f = batch.noise if batch.noise is not None else (None, None)
         terms: dict[str, PenaltyTerm] = {}
-        # autocast where the AutogradEngine has it: the forwards and the penalties' values
+        # autocast where the AutogradEngine has it: the forwards and the penalties' values (its backward passes and
+        # the squared norms of gradients do not cast: they run in the dtypes their inputs have)
         amp = torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=self.autocast)
-        with amp, LowPrecisionConvs() if self.autocast else contextlib.nullcontext():
+        with amp, AutocastUnderVmap() if self.autocast else contextlib.nullcontext():
             if fake is None:
                 with torch.set_grad_enabled(run_g):
                     g = lambda p, b, z, *c: functional_call(self.G, (p, b), (z, *c))  # noqa: E731
@@ -183,8 +184,7 @@ class PopulationAutograd:
                 g_theta = torch.autograd.grad(ld.sum(), d_par, create_graph=True)
                 g_phi = torch.autograd.grad(lg.sum(), gp, create_graph=True)
                 v = [*g_theta, *g_phi]
-                with amp:
-                    value = self._term("consensus", lambda: sum(map(_rowwise_sqnorm, v)), lambda: ops.sqnorm(v))
+                value = self._term("consensus", lambda: sum(map(_rowwise_sqnorm, v)), lambda: ops.sqnorm(v))
                 terms["consensus"] = PenaltyTerm((0, 1), value * 0.5)
                 if need_d:
                     _accumulate(d_par, g_theta)
@@ -199,11 +199,9 @@ class PopulationAutograd:
                 if need_d:
                     torch.autograd.backward(ld.sum(), inputs=d_par, retain_graph=need_g or keep)
                 if need_g and greg:
-                    with amp:
-                        g_phi = torch.autograd.grad(lg.sum(), gp, create_graph=True)
-                        pen = ops.sqnorm(g_phi)
+                    g_phi = torch.autograd.grad(lg.sum(), gp, create_graph=True)
                     _accumulate(gp, g_phi)
-                    terms["g_reg"] = PenaltyTerm((0,), pen)
+                    terms["g_reg"] = PenaltyTerm((0,), ops.sqnorm(g_phi))
                 elif need_g:
                     torch.autograd.backward(lg.sum(), inputs=gp, retain_graph=keep)
         out = StageResult(fake=fake.detach(), terms=terms)
@@ -214,34 +212,39 @@ class PopulationAutograd:
         return out
 
 
-class LowPrecisionConvs(TorchFunctionMode):
-    """Convolutions in autocast's dtype under vmap, as autocast runs them outside it. vmap's batching rule turns
-    conv2d (and the other convolutions autocast lists) into aten.convolution before autocast sees the call, and the
-    CPU's autocast does not list aten.convolution (CUDA's does), so a population's convolutions would stay float32
-    on the CPU while its linear layers run in bfloat16. This casts a listed convolution's floating-point tensors to
-    autocast's dtype first, where autocast is on for their device. And vmap's BatchNorm refuses a bf16 input with
-    float32 statistics, which outside vmap is computed in float32 and returned in the input's dtype: here too."""
+class AutocastUnderVmap(TorchFunctionMode):
+    """Autocast's dtypes under vmap as outside it, for the layers autocast alone gets wrong there. vmap's batching
+    rules run before autocast sees a call: conv2d (and the other convolutions) becomes aten.convolution, which the
+    CPU's autocast does not cast (CUDA's does), so a population's convolutions would stay float32 on the CPU; a
+    linear layer becomes a bf16 product plus a float32 bias add, so its output would be float32 where a solo run's
+    is bf16. Both are called here with their float32 tensors cast to autocast's dtype first (float64 ones are left
+    alone, as autocast leaves them), where autocast is on for their device. And vmap's BatchNorm refuses a bf16
+    input with float32 statistics, which outside vmap is computed in float32 and returned in the input's dtype:
+    here too."""
 
-    CONVS = frozenset(
+    CAST = frozenset(
         (torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
-         torch.conv_transpose3d)
+         torch.conv_transpose3d, F.linear)
     )  # fmt: skip
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if x is None or not torch.is_autocast_enabled(x.device.type):
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
             return func(*args, **kwargs)
-        if func in self.CONVS:
+        if func in self.CAST:
             dt = torch.get_autocast_dtype(x.device.type)
             args, kwargs = tuple(_cast(a, dt) for a in args), {k: _cast(v, dt) for k, v in kwargs.items()}
         elif func is F.batch_norm and x.dtype in (torch.bfloat16, torch.float16):
-            return func(x.float(), *args[1:], **kwargs).to(x.dtype)
+            if args:
+                return func(x.float(), *args[1:], **kwargs).to(x.dtype)
+            return func(**{**kwargs, "input": x.float()}).to(x.dtype)
         return func(*args, **kwargs)
 
 
 def _cast(t, dtype):
-    return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    """A float32 tensor in ``dtype`` (what autocast casts); anything else as it is."""
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
 
 
 def _label_arity(module: nn.Module) -> tuple[bool, bool]:

@@ -15,7 +15,7 @@ import types
 import torch
 
 from ..contract import stage_caller
-from ..flat import place, view_at
+from ..flat import PopulationParams, place, view_at
 from ..inductor import torch_compile
 
 _COMPILED: dict = {}
@@ -76,19 +76,20 @@ class CompiledStages:
 
 
 class TracedBuffers:
-    """The flat buffers as a traced step (CompiledStep) touches them: only through the views the closure reads too,
-    each parameter leaf (a pair's parameters, a population's [K, ...] leaves) and its ``.grad``, and views made inside
-    the trace of the stepper's own buffers (x0, acc, the decoupled step's scratch), never a whole parameter or
-    gradient buffer. A trace that read both a buffer and its views would have inputs that alias a mutated one, which
-    AOTAutograd rebuilds from a synthetic base at every call (merge_view_inputs: 0.6-0.9 ms of a ~3 ms toy step
-    here); with none, it rebuilds nothing. The same stage math as ``_stage``, per leaf: a population's leaf takes
-    its members' coefficient rows, ``coeffs[player::nplayers]``, broadcast over the member axis."""
+    """A pair's flat buffers as its traced step (CompiledStep) touches them: only through the tensors the closure reads
+    too, each parameter and its ``.grad``, and views made inside the trace of the stepper's own buffers (x0, acc, the
+    decoupled step's scratch), never a whole parameter or gradient buffer. A trace that read both a buffer and its
+    views would have inputs that alias a mutated one, which AOTAutograd rebuilds from a synthetic base at every call
+    (merge_view_inputs: 0.6-0.9 ms of a ~3 ms toy step here); with none, it rebuilds nothing. The same stage math as
+    ``_stage``, per parameter. (A population's [K, ...] member views cannot be told from overlapping ones, so its
+    traced step reads the whole buffers instead, and its engine makes its views at each call: PopulationMLP.)"""
 
     def __init__(self, flat, stages, reg_views) -> None:
-        self.nplayers, self.members = flat.nplayers, getattr(flat, "members", None)
+        if isinstance(flat, PopulationParams) or flat.params.storage_offset() != 0:
+            raise ValueError("TracedBuffers takes a pair's FlatParams, whose buffers start their storage")
+        self.nplayers = flat.nplayers
         self.read_acc = tuple(st.a != 0 for st in stages)
-        # (leaf, its player, its view of r (the regulariser's buffer) or None, (shape, strides, offset) of the leaf
-        # in the parameter buffer, read here as Python ints)
+        # (parameter, its player, its view of r (the regulariser's buffer) or None, place(parameter): Python ints)
         self.leaves = []
         for q in range(flat.nplayers):
             params = flat.player_params(q)
@@ -103,9 +104,7 @@ class TracedBuffers:
         """Stage ``i``'s op (``coeffs``: its [segment, 5] rows) on every leaf; r where ``takes_r``."""
         with torch.no_grad():
             for leaf, q, r, where in self.leaves:
-                rows = coeffs[q] if self.members is None else coeffs[q :: self.nplayers]
-                shape = () if self.members is None else (self.members, *[1] * (len(where[0]) - 1))
-                a, b, c, d, e = (rows[..., j].reshape(shape) for j in range(5))
+                a, b, c, d, e = coeffs[q].unbind()
                 k = leaf.grad if r is None or not takes_r else leaf.grad + e * r
                 acc_v = view_at(acc, where)
                 new_acc = a * acc_v + b * k if self.read_acc[i] else b * k
