@@ -76,6 +76,7 @@ def input_rebuilds(monkeypatch) -> list:
     """Counts, while the test runs, the calls at which a compiled graph rebuilt inputs that alias a mutated one from a
     synthetic base (AOTAutograd's merge_view_inputs at run time, told from its compile-time call by its missing
     input descriptions): a traced step whose inputs do not alias makes none (ode/compiled.py, TracedBuffers)."""
+    importlib.import_module("torch._dynamo")  # first: imported alone, AOTAutograd's wrappers meet a circular import
     wrappers = importlib.import_module("torch._functorch._aot_autograd.runtime_wrappers")
     merge, calls = wrappers.merge_view_inputs, []
 
