@@ -171,7 +171,7 @@ class ODEStepper(torch.optim.Optimizer):
             self.compiled = CompiledStages(self._stages, flat.segments, traced=compile == "step")
             if compile == "step":
                 self.compiled_step = CompiledStep(self._run_stages, flat.device)
-                if self._member_regs is None:  # a population's traced step reads the whole buffers (TracedBuffers)
+                if not isinstance(flat, PopulationParams):  # a population's reads the whole buffers (TracedBuffers)
                     self._traced = TracedBuffers(flat, self._stages, self._reg_views)
                 self._scratch = (torch.empty_like(flat.params), torch.empty_like(flat.grads))  # (made outside it)
         self.graph = None
