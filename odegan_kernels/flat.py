@@ -453,7 +453,7 @@ class PopulationParams(FlatParams):
 
     def views(self, buf: torch.Tensor, player: int) -> list[torch.Tensor]:
         """Player ``player``'s [K, ...] views of ``buf``, a buffer laid out as the parameters (an optimiser's own)."""
-        return [self._view(buf, sp.shape[1:], off) for _, sp, off in self._stacked[player]]
+        return [view_at(buf, place(sp)) for _, sp, _ in self._stacked[player]]
 
     def stacked(self, player: int | str) -> dict[str, nn.Parameter]:
         """{parameter name: its [K, ...] leaf} of one player (by index or name), for torch.func.functional_call."""

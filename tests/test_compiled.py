@@ -161,17 +161,20 @@ def test_the_traced_step_agrees_with_eager_and_compiles_once(method, coupling, r
 @pytest.mark.parametrize("coupling", ["joint", "decoupled"])
 def test_a_traced_step_with_scalar_frozen_and_empty_parameters_equals_eager(coupling, input_rebuilds):
     """The traced step's per-parameter stage op (TracedBuffers) on parameters of every shape FlatParams takes: a
-    0-dim one, an empty one, a matrix, beside a tensor the closure reads that is no parameter; the eager step's to
-    1e-12 in float64 (measured 2.2e-16 after 4 steps: Inductor's tanh/sin/cos against eager's, an ulp), and no call
-    rebuilds an input."""
+    0-dim one, an empty one, a matrix, beside a tensor the closure reads that is no parameter; the eager step's in
+    float64 within the nudge's tolerance (measured 2.2e-16 after 4 steps: Inductor's tanh/sin/cos against eager's,
+    an ulp), and no call rebuilds an input."""
 
-    def run(compile):
+    def run(compile, nudge=False):
         torch.manual_seed(0)
         D = [torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(0, 3,
              dtype=torch.float64)), torch.nn.Parameter(torch.randn(2, 3, dtype=torch.float64))]  # fmt: skip
         G = [torch.nn.Parameter(torch.randn(3, dtype=torch.float64))]
         frozen = torch.randn(3, dtype=torch.float64)
         flat = FlatParams(D=D, G=G, dtype=torch.float64)
+        if nudge:
+            with torch.no_grad():
+                flat.params.copy_(torch.nextafter(flat.params, torch.full_like(flat.params, float("inf"))))
         st = ODEStepper(flat, "rk4", h=0.1, coupling=coupling, compile=compile, backend="foreach")
 
         @torch.no_grad()
@@ -186,9 +189,10 @@ def test_a_traced_step_with_scalar_frozen_and_empty_parameters_equals_eager(coup
         assert int((flat.params != start).sum()) == 10  # every parameter's every element moved (the rest: padding)
         return flat.params.clone()
 
-    eager, traced = run(False), run("step")
+    eager, nudged, traced = run(False), run(False, nudge=True), run("step")
     assert torch.isfinite(traced).all()
-    assert ((traced - eager).abs().max() / eager.abs().max()).item() <= 1e-12, (traced - eager).abs().max()
+    tol = NUDGE_MARGIN * max(_rel(nudged, eager), 1e-15)
+    assert _rel(traced, eager) <= tol, (_rel(traced, eager), tol)
     assert input_rebuilds == []
 
 

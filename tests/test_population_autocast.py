@@ -173,7 +173,8 @@ def test_a_population_trains_with_autocast_and_the_mlp_engine_refuses_it():
     for k in range(K):
         got, ref = pop.member_params(k), plain.member_params(k)
         assert torch.isfinite(got).all()
-        assert 1e-5 < ((got - ref).abs().max() / ref.abs().max()).item() < 0.1  # bf16, not float32, and close
+        # measured 5e-5 and 1.2e-4 after 3 steps; float32 against itself is 0 (the same arithmetic)
+        assert 1e-6 < ((got - ref).abs().max() / ref.abs().max()).item() < 0.1  # bf16, not float32, and close
     with pytest.raises(ValueError, match="grads='mlp' cannot run here: autocast"):
         Population([Config(**{**opts, "grads": "mlp"}, seed=s) for s in (0, 1)])
     pairs = [tuple(m.double() for m in mog_pair(2, 8, seed=s)) for s in range(K)]

@@ -350,14 +350,15 @@ class PopulationMLP:
         self.flat, self.loss = flat, loss
         pD, pG = flat.stacked(0), flat.stacked(1)
         names = {id(p): n for n, p in D.named_parameters()} | {id(p): n for n, p in G.named_parameters()}
-        self.d_w = [pD[names[id(lin.weight)]] for lin in layers[0]]
-        self.d_b = [pD[names[id(lin.bias)]] for lin in layers[0]]
-        self.g_w = [pG[names[id(lin.weight)]] for lin in layers[1]]
-        self.g_b = [pG[names[id(lin.bias)]] for lin in layers[1]]
-        # where each [K, ...] leaf lies in the flat buffers: the evaluation reads and writes views it makes there
-        # (of the parameters, of the gradients) rather than the leaves and their .grad, so that a traced step reads
-        # no tensor that aliases another (strided member views cannot be told apart from overlapping ones)
-        self.places = [[place(t) for t in ts] for ts in (self.d_w, self.d_b, self.g_w, self.g_b)]
+        # where each layer's [K, ...] weight and bias lie in the flat buffers (D's, then G's): the evaluation reads
+        # and writes views it makes there (of the parameters, of the gradients) rather than the leaves and their
+        # .grad, so that a traced step reads no tensor that aliases another (strided member views cannot be told
+        # apart from overlapping ones)
+        self.places = [
+            [place(stacked[names[id(getattr(lin, attr))]]) for lin in lins]
+            for lins, stacked in ((layers[0], pD), (layers[1], pG))
+            for attr in ("weight", "bias")
+        ]
 
     def attach_grads(self) -> None:
         """Make (or find again) the [K, ...] leaves' .grad views the evaluation accumulates into, now: a traced step
@@ -375,8 +376,8 @@ class PopulationMLP:
         loss, values = self.loss, losses
         real, z, fake = batch.real, batch.z, batch.fake
         dw, db, gw_, gb_ = ([view_at(self.flat.params, w) for w in ws] for ws in self.places)
-        into_d, into_g = ([tuple(view_at(self.flat.grads, w) for w in wb) for wb in zip(*self.places[i : i + 2])]
-                          for i in (0, 2))  # fmt: skip
+        gdw, gdb, ggw, ggb = ([view_at(self.flat.grads, w) for w in ws] for ws in self.places)
+        into_d, into_g = list(zip(gdw, gdb)), list(zip(ggw, ggb))
         if fake is None:
             fake_t, g_hs = _forward(gw_, gb_, z.transpose(1, 2))
             fake = fake_t.transpose(1, 2).contiguous()

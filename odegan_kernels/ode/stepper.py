@@ -134,7 +134,7 @@ class ODEStepper(torch.optim.Optimizer):
         self._reg_buf = self._reg_views = None
         if self._member_regs is not None and reg > 0:  # every member's D: r over the whole buffer, e per member
             self._reg_buf = torch.zeros(flat.numel, dtype=dt, device=dev)
-            self._reg_places = [place(v) for v in flat.views(self._reg_buf, 0)]  # its views, made at each use
+            self._reg_places = [place(p) for p in flat.player_params(0)]  # where its views lie, made at each use
         elif reg > 0 and (reg_at == "after_step" or compile == "step"):  # g_reg regularises player 0, the buffers'
             # first segment. A traced step takes it at the first stage through r too: lambda / b1 is then the stage
             # op's e, a tensor, so a change of lambda replays the same graph
